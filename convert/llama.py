@@ -20,7 +20,7 @@ from .errors import ConversionError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ARCH", "SUPPORTED_ARCHITECTURES", "SUPPORTED_MODEL_TYPES", "HParams", "hparams_from_config",
+    "ARCH", "SUPPORTED_ARCHITECTURES", "SUPPORTED_MODEL_TYPES", "HParams", "check_architecture", "hparams_from_config",
     "llama_metadata", "gguf_name", "expected_shapes", "qk_heads", "permute_qk", "unpermute_qk",
 ]  # fmt: skip
 
@@ -100,8 +100,8 @@ def hparams_from_config(config: dict[str, Any], source: Path) -> HParams:
             raise ConversionError(f"{source}: {flag}=true is not supported (llama GGUF files have no biases)")
     n_embd = _require(config, "hidden_size", source)
     n_head = _require(config, "num_attention_heads", source)
-    n_head_kv = config.get("num_key_value_heads") or n_head
-    head_dim = config.get("head_dim") or n_embd // n_head
+    n_head_kv = _require(config, "num_key_value_heads", source) if config.get("num_key_value_heads") is not None else n_head
+    head_dim = _require(config, "head_dim", source) if config.get("head_dim") is not None else n_embd // n_head
     if n_head % n_head_kv or head_dim % 2:
         raise ConversionError(
             f"{source}: num_attention_heads {n_head} must be a multiple of num_key_value_heads {n_head_kv}, "
@@ -113,7 +113,8 @@ def hparams_from_config(config: dict[str, Any], source: Path) -> HParams:
             f"llama GGUF files need head_dim = hidden_size / num_attention_heads"
         )
     if config.get("sliding_window"):
-        log.info("%s: sliding_window=%s is not recorded; attention will be full", source, config["sliding_window"])
+        log.warning("%s: sliding_window=%s is not recorded; attention will span the whole context",
+                    source, config["sliding_window"])
     return HParams(
         n_vocab=_require(config, "vocab_size", source),
         n_embd=n_embd,

@@ -169,7 +169,8 @@ class GGUFFile:
         if size < len(GGUF_MAGIC) + 4 + 8 + 8:
             raise GGUFError(f"{self.path}: {size} bytes is too short for a GGUF header (truncated file?)")
         with open(self.path, "rb") as f:
-            self._mm = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._mm = np.frombuffer(self._map, dtype=np.uint8)
         self.file_size = size
         cur = _Cursor(self._mm, str(self.path))
         self._parse(cur)
@@ -267,6 +268,17 @@ class GGUFFile:
             return raw.view(PLAIN_DTYPES[info.ggml_type]).reshape(info.shape)
         return raw.reshape(*info.shape[:-1], -1)
 
+    def release(self, name: str) -> None:
+        """Tell the OS this process is done with a tensor's pages (they stay in the page cache).
+
+        Streaming tools call it after each tensor so a file larger than RAM is not all resident.
+        """
+        info = self.tensors[name]
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
@@ -280,6 +292,7 @@ class GGUFFile:
     def close(self) -> None:
         """Drop the mapping; it is unmapped once no tensor view still refers to it."""
         self._mm = None
+        self._map = None
 
     def __enter__(self) -> "GGUFFile":
         return self

@@ -102,6 +102,9 @@ class atomic_output:
             self.file.close()
         finally:
             if exc_type is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp made it 0600
                 os.replace(self.tmp, self.path)
             else:
                 self.tmp.unlink(missing_ok=True)

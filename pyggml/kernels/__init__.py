@@ -1,0 +1,1 @@
+"""Compute kernels: `reference` (numpy, obviously correct), `cpu` (numba), later `cuda` (cupy)."""

@@ -1,0 +1,31 @@
+"""A weight matrix as the kernels see it: stored bytes (a view into the GGUF mmap) plus its type."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gguf.constants import GGMLType
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """A 2-D weight in its stored form. `raw` is (rows, stored row): uint8 blocks for quantized
+    types, float32 for F32, uint16 bits for F16/BF16. `shape` is the logical (rows, cols)."""
+
+    name: str
+    raw: np.ndarray
+    ggml_type: GGMLType
+    shape: tuple[int, int]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
