@@ -12,7 +12,8 @@ from __future__ import annotations
 import codecs
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from pyggml.gguf.constants import TokenType
 
@@ -85,6 +86,11 @@ class Tokenizer(ABC):
         self._special_ids: dict[str, int] = special
         alternatives = sorted(special, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+
+    @classmethod
+    @abstractmethod
+    def from_metadata(cls, metadata: Mapping[str, Any], **overrides: Any) -> "Tokenizer":
+        """Build from GGUF tokenizer.ggml.* metadata; keyword arguments override constructor arguments."""
 
     @property
     def n_vocab(self) -> int:

@@ -1,0 +1,144 @@
+"""Random-weight LLaMA models of real shapes, written as GGUF: benchmark and test subjects.
+
+Weights are drawn one tensor at a time (seeded per tensor, so any subset is reproducible) and
+streamed to the writer, so a 7B-shaped file needs no more memory than its largest tensor.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .gguf.constants import FILE_TYPE_OF, QUANTIZATION_VERSION, QUANTIZED_TYPES, GGMLType, Keys, TensorNames, TokenType
+from .gguf.writer import TensorPlan, write_gguf
+from .quant import codecs
+
+ARCH = "llama"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """LLaMA hyperparameters that decide tensor shapes."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab: int
+    ctx: int = 2048
+    rope_base: float = 10000.0
+    eps: float = 1e-5
+    tied: bool = False
+
+
+SHAPES: dict[str, Shape] = {
+    "tinyllama-1.1b": Shape(2048, 22, 32, 4, 5632, 32000, ctx=2048, eps=1e-5),
+    "llama-2-7b": Shape(4096, 32, 32, 32, 11008, 32000, ctx=4096, eps=1e-5),
+    "tiny": Shape(64, 2, 4, 2, 96, 300, ctx=128),
+}
+
+
+def synthetic_vocab(n_vocab: int) -> dict[str, object]:
+    """A valid SentencePiece-style vocabulary: unk, bos, eos, the 256 byte tokens, then filler pieces."""
+    if n_vocab < 3 + 256:
+        raise ValueError(f"a vocabulary needs at least {3 + 256} tokens, got {n_vocab}")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    tokens += [f"▁t{i}" for i in range(n_vocab - len(tokens))]
+    types += [TokenType.NORMAL] * (n_vocab - len(types))
+    return {
+        Keys.TOKENIZER_MODEL: "llama",
+        Keys.TOKENS: tokens,
+        Keys.SCORES: -np.arange(n_vocab, dtype=np.float32),
+        Keys.TOKEN_TYPE: np.array(types, dtype=np.int32),
+        Keys.BOS_ID: 1,
+        Keys.EOS_ID: 2,
+        Keys.UNK_ID: 0,
+        Keys.ADD_BOS: True,
+        Keys.ADD_EOS: False,
+    }
+
+
+def llama_metadata(shape: Shape, name: str, weight_type: GGMLType) -> dict[str, object]:
+    k = lambda key: Keys.arch(key, ARCH)  # noqa: E731
+    meta = {
+        Keys.ARCHITECTURE: ARCH,
+        Keys.NAME: name,
+        Keys.FILE_TYPE: int(FILE_TYPE_OF[weight_type]),
+        k(Keys.CONTEXT_LENGTH): shape.ctx,
+        k(Keys.EMBEDDING_LENGTH): shape.dim,
+        k(Keys.BLOCK_COUNT): shape.n_layers,
+        k(Keys.FEED_FORWARD_LENGTH): shape.ffn_dim,
+        k(Keys.HEAD_COUNT): shape.n_heads,
+        k(Keys.HEAD_COUNT_KV): shape.n_kv_heads,
+        k(Keys.ROPE_DIMENSION_COUNT): shape.dim // shape.n_heads,
+        k(Keys.ROPE_FREQ_BASE): float(shape.rope_base),
+        k(Keys.RMS_EPS): float(shape.eps),
+        k(Keys.VOCAB_SIZE): shape.vocab,
+    }
+    if weight_type in QUANTIZED_TYPES:
+        meta[Keys.QUANTIZATION_VERSION] = QUANTIZATION_VERSION
+    return meta
+
+
+def tensor_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> numpy-order shape (rows, cols)."""
+    head_dim = shape.dim // shape.n_heads
+    kv = shape.n_kv_heads * head_dim
+    out: dict[str, tuple[int, ...]] = {TensorNames.TOKEN_EMBD: (shape.vocab, shape.dim)}
+    for i in range(shape.n_layers):
+        per_layer = {
+            TensorNames.ATTN_NORM: (shape.dim,),
+            TensorNames.ATTN_Q: (shape.dim, shape.dim),
+            TensorNames.ATTN_K: (kv, shape.dim),
+            TensorNames.ATTN_V: (kv, shape.dim),
+            TensorNames.ATTN_OUTPUT: (shape.dim, shape.dim),
+            TensorNames.FFN_NORM: (shape.dim,),
+            TensorNames.FFN_GATE: (shape.ffn_dim, shape.dim),
+            TensorNames.FFN_UP: (shape.ffn_dim, shape.dim),
+            TensorNames.FFN_DOWN: (shape.dim, shape.ffn_dim),
+        }
+        out.update({name.format(i=i): s for name, s in per_layer.items()})
+    out[TensorNames.OUTPUT_NORM] = (shape.dim,)
+    if not shape.tied:
+        out[TensorNames.OUTPUT] = (shape.vocab, shape.dim)
+    return out
+
+
+def random_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """float32 weights with a realistic scale: norms near 1, matrices ~ N(0, 1/sqrt(cols))."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if len(shape) == 1:
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return (rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1])))
+
+
+def stored_type(shape: tuple[int, ...], weight_type: GGMLType) -> GGMLType:
+    if len(shape) == 1:
+        return GGMLType.F32
+    return weight_type if codecs.can_quantize(weight_type, shape[-1]) else GGMLType.F16
+
+
+def write_random_model(
+    path: str | os.PathLike,
+    shape: Shape | str,
+    weight_type: GGMLType = GGMLType.F16,
+    seed: int = 0,
+    vocab_metadata: dict[str, object] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> None:
+    """Write a random-weight LLaMA GGUF; `vocab_metadata` (tokenizer.* keys) defaults to a synthetic vocab."""
+    if isinstance(shape, str):
+        shape = SHAPES[shape]
+    meta = llama_metadata(shape, f"random-{shape.dim}x{shape.n_layers}", weight_type)
+    meta.update(vocab_metadata if vocab_metadata is not None else synthetic_vocab(shape.vocab))
+
+    def plan(name: str, s: tuple[int, ...]) -> TensorPlan:
+        t = stored_type(s, weight_type)
+        return TensorPlan(name, s, t, lambda: codecs.quantize(random_weight(name, s, seed), t))
+
+    write_gguf(path, meta, [plan(n, s) for n, s in tensor_shapes(shape).items()], progress=progress)

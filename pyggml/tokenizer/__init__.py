@@ -1,0 +1,37 @@
+"""Tokenizers built from a GGUF file's tokenizer.ggml.* metadata alone.
+
+    tok = load_tokenizer(gguf.metadata)
+    ids = tok.encode("Hello")            # BOS per tokenizer.ggml.add_bos_token
+    text = tok.decode(ids)
+    stream = tok.detokenizer()           # stream.feed(id) -> complete text, stream.flush() at the end
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pyggml.gguf.constants import Keys
+
+from .base import StreamingDetokenizer, Tokenizer, TokenizerError
+from .spm import SpmTokenizer
+
+__all__ = ["load_tokenizer", "Tokenizer", "StreamingDetokenizer", "TokenizerError", "SpmTokenizer"]
+
+# tokenizer.ggml.model -> tokenizer class. A byte-level BPE ("gpt2") goes in its own module beside spm.py.
+TOKENIZERS: dict[str, type[Tokenizer]] = {"llama": SpmTokenizer}
+UNSUPPORTED = {"gpt2": "byte-level BPE (GPT-2 style)"}
+
+
+def load_tokenizer(metadata: Mapping[str, Any], **overrides: Any) -> Tokenizer:
+    """The tokenizer a GGUF file's metadata describes; `overrides` go to its constructor."""
+    model = metadata.get(Keys.TOKENIZER_MODEL)
+    if model is None:
+        raise TokenizerError(f"GGUF metadata has no {Keys.TOKENIZER_MODEL}: the file carries no tokenizer")
+    cls = TOKENIZERS.get(model)
+    if cls is None:
+        what = f" ({UNSUPPORTED[model]})" if model in UNSUPPORTED else ""
+        raise TokenizerError(
+            f"{Keys.TOKENIZER_MODEL} = {model!r}{what} is not supported; "
+            f"pyggml tokenizes {', '.join(repr(m) for m in TOKENIZERS)} (SentencePiece) vocabularies"
+        )
+    return cls.from_metadata(metadata, **overrides)
