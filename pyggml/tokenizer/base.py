@@ -146,8 +146,8 @@ class Tokenizer(ABC):
         """True for tokens whose bytes may be part of a UTF-8 character (byte tokens)."""
 
     @abstractmethod
-    def _text_surface(self, token_id: int, at_start: bool, special: bool) -> tuple[str, bool]:
-        """(text, consumed_start_space) of a token that is not raw bytes.
+    def _text_surface(self, token_id: int, at_start: bool) -> tuple[str, bool]:
+        """(text, consumed_start_space) of a token that is not raw bytes; control tokens give "".
 
         `at_start` says no visible text precedes it, so a leading space the encoder added
         (SentencePiece's dummy prefix) may be dropped; the flag says one was.
@@ -203,9 +203,11 @@ class StreamingDetokenizer:
         out = self.flush()
         if self._start_space_seen or self._any_text:
             self._at_start = False
-        text, self._start_space_seen = tok._text_surface(token_id, self._at_start, self.special)
+        text, self._start_space_seen = tok._text_surface(token_id, self._at_start)
         if text:
             self._any_text = True
+        elif self.special and tok.token_types[token_id] == TokenType.CONTROL:
+            text = tok.tokens[token_id]  # shown, but not text: "<s>" + "▁Hello" still reads "<s>Hello"
         return out + text
 
     def flush(self) -> str:

@@ -331,12 +331,9 @@ class SpmTokenizer(Tokenizer):
     def is_raw_bytes(self, token_id: int) -> bool:
         return self.token_types[token_id] == TokenType.BYTE
 
-    def _text_surface(self, token_id: int, at_start: bool, special: bool) -> tuple[str, bool]:
-        t = self.token_types[token_id]
-        if t == TokenType.CONTROL:
-            return (self.tokens[token_id] if special else ""), False
-        if t == TokenType.UNKNOWN:
-            return self.unk_surface, False
+    def _text_surface(self, token_id: int, at_start: bool) -> tuple[str, bool]:
+        if self.token_types[token_id] in (TokenType.CONTROL, TokenType.UNKNOWN):
+            return self._surface[token_id], False
         piece = self.tokens[token_id]
         # sentencepiece drops the dummy-prefix space of the first piece; with
         # remove_extra_whitespaces it drops one from every piece until some text appears.
