@@ -1,0 +1,101 @@
+"""Compute backends. The model asks its layer's backend for every op, so a GPU backend and
+per-layer placement (n_gpu_layers) slot in beside the CPU one without touching the model.
+
+A backend owns: how weights are held (`load_weight`), where activations live (`to_device`,
+`to_host`), the KV cache storage of its layers (`kv_storage`), and the ops of the forward pass.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from typing import Protocol
+
+import numpy as np
+
+from .tensor import QWeight
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    name: str
+
+    def load_weight(self, w: QWeight) -> QWeight: ...
+    def load_vector(self, v: np.ndarray): ...
+    def to_device(self, x: np.ndarray): ...
+    def to_host(self, x) -> np.ndarray: ...
+    def kv_storage(self, shape: tuple[int, ...], path: str | None): ...
+    def empty(self, shape: tuple[int, ...]): ...
+    def matmul(self, w: QWeight, x, out=None): ...
+    def embed(self, w: QWeight, tokens: np.ndarray): ...
+    def rmsnorm(self, x, weight, eps: float): ...
+    def rope(self, x, positions: np.ndarray, inv_freq: np.ndarray): ...
+    def attention(self, q, k_cache, v_cache, start_pos: int): ...
+    def silu_mul(self, gate, up): ...
+
+
+def anonymous_array(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A zero-filled array backed by an anonymous memory mapping (pages are touched lazily)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+class CPUBackend:
+    """numba kernels on the CPU; activations are float32 numpy arrays."""
+
+    name = "cpu"
+
+    def __init__(self, n_threads: int | None = None):
+        from .kernels import cpu  # imports numba: only when a model is actually loaded
+
+        self.k = cpu
+        if n_threads:
+            import numba
+
+            numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
+
+    def load_weight(self, w: QWeight) -> QWeight:
+        if w.ggml_type not in self.k.SUPPORTED_TYPES:
+            raise NotImplementedError(f"{w.name}: the CPU backend cannot compute with {w.ggml_type.name} weights")
+        return w  # stays a view into the mmap
+
+    def load_vector(self, v: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(v, dtype=np.float32)
+
+    def to_device(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def empty(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.empty(shape, np.float32)
+
+    def kv_storage(self, shape: tuple[int, ...], path: str | os.PathLike | None) -> np.ndarray:
+        """KV cache memory: a named memory-mapped file, or an anonymous mapping."""
+        if path is None:
+            return anonymous_array(shape)
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape) if str(path).endswith(".npy") \
+            else np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
+
+    def matmul(self, w: QWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty((x.shape[0], w.rows), np.float32)
+        return self.k.matmul(w, x, out)
+
+    def embed(self, w: QWeight, tokens: np.ndarray) -> np.ndarray:
+        return self.k.dequantize_rows(w, tokens, np.empty((len(tokens), w.cols), np.float32))
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        return self.k.rmsnorm(x, weight, eps, np.empty_like(x))
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+        return self.k.rope(x, positions, inv_freq)
+
+    def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int) -> np.ndarray:
+        return self.k.attention(q, k_cache, v_cache, start_pos, np.empty_like(q))
+
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return self.k.silu_mul(gate, up, np.empty_like(gate))

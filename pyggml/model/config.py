@@ -1,0 +1,80 @@
+"""Hyperparameters of a LLaMA model, read from GGUF metadata alone."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..gguf.constants import Keys
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+class ModelError(ValueError):
+    """A GGUF file does not describe a model pyggml can run."""
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_vocab: int
+    dim: int  # embedding length
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    n_ctx_train: int
+    rope_dim: int  # dimensions of each head that RoPE rotates
+    rope_freq_base: float
+    rms_eps: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], source: str = "model") -> "LlamaConfig":
+        arch = meta.get(Keys.ARCHITECTURE)
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelError(f"{source}: general.architecture is {arch!r}; pyggml runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+        def get(key: str, default: Any = None, kind: type = int) -> Any:
+            full = Keys.arch(key, arch)
+            value = meta.get(full, default)
+            if value is None:
+                raise ModelError(f"{source}: metadata key {full!r} is missing")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ModelError(f"{source}: metadata key {full!r} is {value!r}, expected a number")
+            return kind(value)
+
+        n_heads = get(Keys.HEAD_COUNT)
+        dim = get(Keys.EMBEDDING_LENGTH)
+        tokens = meta.get(Keys.TOKENS)
+        n_vocab = meta.get(Keys.arch(Keys.VOCAB_SIZE, arch)) or (len(tokens) if tokens is not None else None)
+        if n_vocab is None:
+            raise ModelError(f"{source}: neither {Keys.arch(Keys.VOCAB_SIZE, arch)!r} nor {Keys.TOKENS!r} gives the vocabulary size")
+        cfg = cls(
+            n_vocab=int(n_vocab),
+            dim=dim,
+            n_layers=get(Keys.BLOCK_COUNT),
+            n_heads=n_heads,
+            n_kv_heads=get(Keys.HEAD_COUNT_KV, n_heads),
+            ffn_dim=get(Keys.FEED_FORWARD_LENGTH),
+            n_ctx_train=get(Keys.CONTEXT_LENGTH),
+            rope_dim=get(Keys.ROPE_DIMENSION_COUNT, dim // n_heads if n_heads else 0),
+            rope_freq_base=get(Keys.ROPE_FREQ_BASE, 10000.0, float),
+            rms_eps=get(Keys.RMS_EPS, 1e-5, float),
+        )
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "model") -> None:
+        for name in ("n_vocab", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_ctx_train"):
+            if getattr(self, name) <= 0:
+                raise ModelError(f"{source}: {name} = {getattr(self, name)} must be positive")
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ModelError(f"{source}: {self.dim} dims, {self.n_heads} heads and {self.n_kv_heads} KV heads do not divide evenly")
+        if self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
+            raise ModelError(f"{source}: rope.dimension_count {self.rope_dim} must be even and at most head_dim {self.head_dim}")

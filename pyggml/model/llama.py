@@ -1,0 +1,143 @@
+"""The LLaMA forward pass over weights that stay in the GGUF mmap.
+
+Blueprint (LlamaConfig) / weights (views into the file, each placed on a backend) / state
+(the KV cache) are separate; `forward(tokens, start_pos, cache)` -> logits.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..backends import Backend
+from ..gguf.constants import GGMLType, TensorNames
+from ..gguf.reader import GGUFFile
+from ..tensor import QWeight
+from .config import LlamaConfig, ModelError
+from .kvcache import KVCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Layer:
+    backend: Backend
+    attn_norm: np.ndarray  # (dim,)
+    wq: QWeight  # (dim, dim): rows permuted for adjacent-pair RoPE
+    wk: QWeight  # (kv_dim, dim)
+    wv: QWeight  # (kv_dim, dim)
+    wo: QWeight  # (dim, dim)
+    ffn_norm: np.ndarray  # (dim,)
+    w_gate: QWeight  # (ffn_dim, dim)
+    w_up: QWeight  # (ffn_dim, dim)
+    w_down: QWeight  # (dim, ffn_dim)
+
+
+class LlamaModel:
+    """Weights and forward pass of one LLaMA model. Stateless apart from the KV cache passed in."""
+
+    def __init__(self, gguf: GGUFFile, backends: Sequence[Backend], head_backend: Backend):
+        """`backends[i]` runs layer i; `head_backend` runs the embedding lookup, final norm and output."""
+        self.file = gguf
+        self.config = cfg = LlamaConfig.from_metadata(gguf.metadata, str(gguf.path))
+        if len(backends) != cfg.n_layers:
+            raise ValueError(f"{len(backends)} backends for {cfg.n_layers} layers")
+        self.head_backend = head_backend
+        # Token embeddings are gathered a few rows at a time on the CPU side of the head backend.
+        self.tok_embd = head_backend.load_weight(self._matrix(TensorNames.TOKEN_EMBD, (cfg.n_vocab, cfg.dim)))
+        self.output_norm = head_backend.load_vector(self._vector(TensorNames.OUTPUT_NORM, cfg.dim))
+        if TensorNames.OUTPUT in gguf.tensors:
+            self.output = head_backend.load_weight(self._matrix(TensorNames.OUTPUT, (cfg.n_vocab, cfg.dim)))
+        else:
+            self.output = self.tok_embd  # tied embeddings
+        self.layers = [self._layer(i, b) for i, b in enumerate(backends)]
+        half = np.arange(cfg.rope_dim // 2, dtype=np.float64)
+        self.inv_freq = cfg.rope_freq_base ** (-2.0 * half / cfg.rope_dim)  # (rope_dim/2,)
+
+    # --------------------------------------------------------------------------- weights
+    def _info(self, name: str, shape: tuple[int, ...]):
+        info = self.file.tensors.get(name)
+        if info is None:
+            raise ModelError(f"{self.file.path}: tensor {name!r} is missing")
+        if info.shape != shape:
+            raise ModelError(f"{self.file.path}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)}")
+        return info
+
+    def _matrix(self, name: str, shape: tuple[int, int]) -> QWeight:
+        info = self._info(name, shape)
+        return QWeight(name, self.file.tensor(name), info.ggml_type, shape)
+
+    def _vector(self, name: str, n: int) -> np.ndarray:
+        info = self._info(name, (n,))
+        if info.ggml_type not in (GGMLType.F32, GGMLType.F16):
+            raise ModelError(f"{self.file.path}: tensor {name!r} is {info.ggml_type.name}, expected F32 or F16")
+        return self.file.tensor(name).astype(np.float32)
+
+    def _layer(self, i: int, b: Backend) -> Layer:
+        cfg = self.config
+        n = lambda t: t.format(i=i)  # noqa: E731
+        m = lambda t, shape: b.load_weight(self._matrix(n(t), shape))  # noqa: E731
+        return Layer(
+            backend=b,
+            attn_norm=b.load_vector(self._vector(n(TensorNames.ATTN_NORM), cfg.dim)),
+            wq=m(TensorNames.ATTN_Q, (cfg.dim, cfg.dim)),
+            wk=m(TensorNames.ATTN_K, (cfg.kv_dim, cfg.dim)),
+            wv=m(TensorNames.ATTN_V, (cfg.kv_dim, cfg.dim)),
+            wo=m(TensorNames.ATTN_OUTPUT, (cfg.dim, cfg.dim)),
+            ffn_norm=b.load_vector(self._vector(n(TensorNames.FFN_NORM), cfg.dim)),
+            w_gate=m(TensorNames.FFN_GATE, (cfg.ffn_dim, cfg.dim)),
+            w_up=m(TensorNames.FFN_UP, (cfg.ffn_dim, cfg.dim)),
+            w_down=m(TensorNames.FFN_DOWN, (cfg.dim, cfg.ffn_dim)),
+        )
+
+    # ------------------------------------------------------------------------ forward
+    def _layer_forward(self, layer: Layer, li: int, x, positions: np.ndarray, start_pos: int, cache: KVCache):
+        """x: (n_tok, dim) on the layer's backend -> same, after attention and FFN residuals."""
+        cfg, b = self.config, layer.backend
+        n_tok = x.shape[0]
+        h = b.rmsnorm(x, layer.attn_norm, cfg.rms_eps)
+        q = b.matmul(layer.wq, h).reshape(n_tok, cfg.n_heads, cfg.head_dim)
+        k = b.matmul(layer.wk, h).reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
+        v = b.matmul(layer.wv, h).reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
+        b.rope(q, positions, self.inv_freq)
+        b.rope(k, positions, self.inv_freq)
+        k_cache, v_cache = cache.layer(li)  # (n_kv_heads, n_ctx, head_dim) each
+        k_cache[:, start_pos : start_pos + n_tok] = k.transpose(1, 0, 2)
+        v_cache[:, start_pos : start_pos + n_tok] = v.transpose(1, 0, 2)
+        att = b.attention(q, k_cache, v_cache, start_pos).reshape(n_tok, cfg.dim)
+        x = x + b.matmul(layer.wo, att)
+        h = b.rmsnorm(x, layer.ffn_norm, cfg.rms_eps)
+        a = b.silu_mul(b.matmul(layer.w_gate, h), b.matmul(layer.w_up, h))
+        return x + b.matmul(layer.w_down, a)
+
+    def hidden_states(self, tokens: np.ndarray, start_pos: int, cache: KVCache) -> tuple[object, Backend]:
+        """Run the layers on tokens at positions start_pos..; returns the final-normed (n_tok, dim)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n_tok = len(tokens)
+        if n_tok == 0:
+            raise ValueError("no tokens to evaluate")
+        if start_pos < 0 or start_pos + n_tok > cache.n_ctx:
+            raise ValueError(f"positions {start_pos}..{start_pos + n_tok - 1} do not fit the context of {cache.n_ctx} tokens")
+        if tokens.min() < 0 or tokens.max() >= self.config.n_vocab:
+            raise ValueError(f"token id out of range [0, {self.config.n_vocab})")
+        positions = np.arange(start_pos, start_pos + n_tok, dtype=np.int64)
+        x = self.head_backend.embed(self.tok_embd, tokens)
+        on = self.head_backend
+        for li, layer in enumerate(self.layers):
+            if layer.backend is not on:  # the hidden state crosses once per device boundary
+                x = layer.backend.to_device(on.to_host(x))
+                on = layer.backend
+            x = self._layer_forward(layer, li, x, positions, start_pos, cache)
+        if on is not self.head_backend:
+            x = self.head_backend.to_device(on.to_host(x))
+        return self.head_backend.rmsnorm(x, self.output_norm, self.config.rms_eps), self.head_backend
+
+    def forward(self, tokens: np.ndarray, start_pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Logits (float32) for the last token (n_vocab,), or for every token (n_tok, n_vocab)."""
+        h, b = self.hidden_states(tokens, start_pos, cache)
+        if not all_logits:
+            h = h[-1:]
+        logits = b.to_host(b.matmul(self.output, h))
+        return logits if all_logits else logits[0]
