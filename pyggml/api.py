@@ -209,7 +209,8 @@ class Llama:
     def _stream_text(self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int,
                      stop: Sequence[str], state: _Generation) -> Iterator[str]:
         """Text pieces of a generation; never half a UTF-8 character, never part of a stop string."""
-        detok = self.tokenizer.detokenizer()
+        # The prompt's text comes first, so the first generated token keeps its leading space.
+        detok = self.tokenizer.detokenizer(continuing=bool(self.tokenizer.decode(prompt_tokens)))
         pending = ""
         longest = max((len(s) for s in stop), default=0)
         for token in self.generate_tokens(prompt_tokens, params, max_tokens, state):
@@ -341,15 +342,16 @@ class Llama:
             self._fingerprint = model_fingerprint(self.file, self.config)
         return self._fingerprint
 
-    def save_state(self, path: str | os.PathLike) -> None:
-        """Save the context (tokens, KV cache, next-token logits) to a session file."""
-        to_host = self.model.head_backend.to_host
-        save_session(path, self._fp(), self.cache, self.tokens, self._logits, lambda a: np.asarray(_host(a)))
+    def save_state(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        """Save the context (tokens, KV cache, next-token logits, and any JSON-able `extra`) to a file."""
+        save_session(path, self._fp(), self.cache, self.tokens, self._logits, _host, extra)
 
-    def load_state(self, path: str | os.PathLike) -> None:
-        """Restore a context saved by save_state; refuses another model or context size (SessionError)."""
-        tokens, logits = load_session(path, self._fp(), self.cache, lambda a: a)
+    def load_state(self, path: str | os.PathLike) -> dict:
+        """Restore a context saved by save_state and return its `extra`; refuses a session of another
+        model or context size (SessionError)."""
+        tokens, logits, extra = load_session(path, self._fp(), self.cache, lambda a: a)
         self.tokens, self._logits = tokens, logits
+        return extra
 
 
 def _host(a):

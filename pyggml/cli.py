@@ -114,5 +114,151 @@ def inspect(path: Path, max_items: int, no_tensors: bool) -> None:
             click.echo("  " + line)
 
 
+def _print_timings(llm) -> None:
+    t = llm.timings
+    err = lambda s: click.echo(s, err=True)  # noqa: E731
+    err("")
+    err(f"load time        = {1000 * t.load_s:10.2f} ms")
+    if t.prompt_tokens:
+        err(f"prompt eval time = {1000 * t.prompt_s:10.2f} ms / {t.prompt_tokens:5d} tokens "
+            f"({1000 * t.prompt_s / t.prompt_tokens:8.2f} ms per token, {t.prompt_tps:8.2f} tokens per second)")
+    if t.gen_tokens:
+        err(f"eval time        = {1000 * t.gen_s:10.2f} ms / {t.gen_tokens:5d} runs   "
+            f"({1000 * t.gen_s / t.gen_tokens:8.2f} ms per token, {t.gen_tps:8.2f} tokens per second)")
+
+
+def _stream(pieces) -> bool:
+    """Print text pieces as they come; Ctrl-C stops this answer only. Returns False if interrupted."""
+    try:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        click.echo("\n[interrupted]", err=True)
+        return False
+    return True
+
+
+@main.command()
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False), help="GGUF model file.")
+@click.option("-p", "--prompt", help="Complete this prompt and exit (without it: interactive chat).")
+@click.option("-f", "--file", "prompt_file", type=click.Path(exists=True, dir_okay=False), help="Read the prompt from a file.")
+@click.option("-n", "--n-predict", default=-1, show_default=True, help="Tokens to generate (-1 = until done or the context is full).")
+@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size in tokens (0 = the model's).")
+@click.option("-b", "--batch-size", default=512, show_default=True, help="Prompt tokens processed per batch.")
+@click.option("--temp", default=0.8, show_default=True, help="Temperature (0 = greedy).")
+@click.option("--top-k", default=40, show_default=True)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--min-p", default=0.05, show_default=True)
+@click.option("--repeat-penalty", default=1.1, show_default=True)
+@click.option("--repeat-last-n", default=64, show_default=True)
+@click.option("-s", "--seed", type=int, default=None, help="RNG seed (default: random).")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("-ngl", "--n-gpu-layers", "--gpu-layers", default=0, show_default=True, help="Layers to offload to the GPU (-1 = all).")
+@click.option("--kv-file", type=click.Path(dir_okay=False), help="Back the KV cache by this file (default: anonymous memory).")
+@click.option("--session", "session_path", type=click.Path(dir_okay=False), help="Load the context from / save it to this file.")
+@click.option("--system", "system_prompt", help="System prompt for the chat.")
+@click.option("--stop", "stops", multiple=True, help="Stop when this text is generated (repeatable).")
+def run(model_path, prompt, prompt_file, n_predict, ctx_size, batch_size, temp, top_k, top_p, min_p, repeat_penalty,
+        repeat_last_n, seed, threads, n_gpu_layers, kv_file, session_path, system_prompt, stops) -> None:
+    """Run a model: complete a prompt (-p), or chat interactively."""
+    from .api import BackendUnavailableError, ContextFullError, Llama
+    from .gguf import GGUFError
+    from .model import ModelError
+    from .sampling import SamplingParams
+    from .session import SessionError
+    from .tokenizer import TokenizerError
+
+    try:
+        llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads, n_gpu_layers=n_gpu_layers,
+                    seed=seed, kv_path=kv_file)
+        params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                repeat_last_n=repeat_last_n, seed=seed)
+    except (GGUFError, ModelError, TokenizerError, BackendUnavailableError, ValueError, OSError) as e:
+        _fail(str(e))
+    extra = {}
+    if session_path and Path(session_path).exists():
+        try:
+            extra = llm.load_state(session_path)
+        except SessionError as e:
+            _fail(str(e))
+        click.echo(f"[session: restored {len(llm.tokens)} tokens from {session_path}]", err=True)
+    limit = n_predict if n_predict >= 0 else llm.n_ctx()
+    if prompt_file:
+        prompt = Path(prompt_file).read_text(encoding="utf-8")
+    try:
+        if prompt is not None:
+            state = llm_state = None  # noqa: F841
+            from .api import _Generation
+
+            gen = _Generation()
+            click.echo(prompt, nl=False)
+            _stream(llm._stream_text(llm.tokenize(prompt), params, limit, list(stops), gen))
+            click.echo()
+            if llm.context_full:
+                click.echo(f"[context full: {llm.n_ctx()} tokens; raise -c/--ctx-size]", err=True)
+            _print_timings(llm)
+        else:
+            extra = {"messages": _chat(llm, params, limit, system_prompt, list(stops), extra.get("messages"))}
+    except ContextFullError as e:
+        _fail(str(e))
+    if session_path:
+        llm.save_state(session_path, extra)
+        click.echo(f"[session: saved {len(llm.tokens)} tokens to {session_path}]", err=True)
+
+
+def _chat(llm, params, limit, system_prompt, stops, history) -> list:
+    """The interactive loop: a line in, a streamed answer out. /clear forgets, /exit or Ctrl-D quits."""
+    from .api import ContextFullError, _Generation
+    from .chat import ChatTemplateError
+
+    messages = list(history or [])
+    if not messages and system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    tty = sys.stdin.isatty()
+    click.echo("[chat: type a message; Ctrl-C stops an answer, /clear starts over, /exit or Ctrl-D quits]", err=True)
+    while True:
+        if tty:
+            click.echo("> ", nl=False)
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            click.echo()
+            break
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/clear":
+            messages = [m for m in messages if m["role"] == "system"]
+            llm.reset()
+            click.echo("[chat cleared]", err=True)
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            tokens = llm.chat_prompt_tokens(messages)
+            state = _Generation()
+            answer = []
+            pieces = llm._stream_text(tokens, params, limit, stops, state)
+            finished = _stream(answer.append(p) or p for p in pieces)
+        except ContextFullError as e:
+            messages.pop()
+            click.echo(f"[context full: {e}; /clear to start over]", err=True)
+            continue
+        except ChatTemplateError as e:
+            _fail(str(e))
+        click.echo()
+        messages.append({"role": "assistant", "content": "".join(answer)})
+        if llm.context_full:
+            click.echo(f"[context full: the answer was cut at {llm.n_ctx()} tokens; /clear to start over or raise -c]", err=True)
+        if not finished:
+            continue
+        _print_timings(llm)
+    return messages
+
+
 if __name__ == "__main__":
     main()

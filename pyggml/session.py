@@ -40,10 +40,12 @@ def model_fingerprint(f: GGUFFile, config: LlamaConfig) -> str:
     return h.hexdigest()
 
 
-def save_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, tokens: list[int], logits: np.ndarray | None, to_host) -> None:
+def save_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, tokens: list[int], logits: np.ndarray | None,
+                 to_host, extra: dict | None = None) -> None:
+    """`extra` is any JSON-able data the caller wants back (e.g. a chat history)."""
     n = len(tokens)
     header = json.dumps({"fingerprint": fingerprint, "n_ctx": cache.n_ctx, "tokens": [int(t) for t in tokens],
-                         "has_logits": logits is not None}).encode()
+                         "has_logits": logits is not None, "extra": extra or {}}).encode()
     with atomic_output(path) as out:
         out.write(MAGIC + struct.pack("<IQ", VERSION, len(header)) + header)
         for li in range(cache.config.n_layers):
@@ -53,8 +55,8 @@ def save_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, toke
             out.write(np.ascontiguousarray(logits, dtype=np.float32).tobytes())
 
 
-def load_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, to_device) -> tuple[list[int], np.ndarray | None]:
-    """Restore a session into `cache`; returns (tokens, last logits)."""
+def load_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, to_device) -> tuple[list[int], np.ndarray | None, dict]:
+    """Restore a session into `cache`; returns (tokens, last logits, extra)."""
     path = Path(path)
     cfg = cache.config
     try:
@@ -75,6 +77,7 @@ def load_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, to_d
             header = json.loads(f.read(hlen))
             tokens = [int(t) for t in header["tokens"]]
             n_ctx, saved_fp, has_logits = int(header["n_ctx"]), str(header["fingerprint"]), bool(header["has_logits"])
+            extra = dict(header.get("extra") or {})
         except (ValueError, KeyError, TypeError) as e:
             raise SessionError(f"{path}: corrupt session header ({e})") from None
         if saved_fp != fingerprint:
@@ -93,4 +96,4 @@ def load_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, to_d
                 data = np.frombuffer(f.read(4 * per_part), dtype=np.float32).reshape(cfg.n_kv_heads, n, cfg.head_dim)
                 part[:, :n] = to_device(data)
         logits = np.frombuffer(f.read(4 * cfg.n_vocab), dtype=np.float32).copy() if has_logits else None
-    return tokens, logits
+    return tokens, logits, extra

@@ -17,7 +17,7 @@ from typing import Any
 
 from pyggml.gguf.constants import TokenType
 
-__all__ = ["TokenizerError", "Tokenizer", "StreamingDetokenizer", "decode_utf8"]
+__all__ = ["TokenizerError", "Tokenizer", "StreamingDetokenizer"]
 
 REPLACEMENT_CHAR = "\ufffd"
 _PER_BYTE_REPLACE = "pyggml.replace_per_byte"
@@ -36,11 +36,6 @@ def _replace_per_byte(err: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error(_PER_BYTE_REPLACE, _replace_per_byte)
-
-
-def decode_utf8(data: bytes) -> str:
-    """UTF-8 -> str; each byte of a malformed or truncated sequence becomes one U+FFFD."""
-    return data.decode("utf-8", _PER_BYTE_REPLACE)
 
 
 class Tokenizer(ABC):
@@ -158,9 +153,9 @@ class Tokenizer(ABC):
         detok = StreamingDetokenizer(self, special)
         return "".join(detok.feed(i) for i in ids) + detok.flush()
 
-    def detokenizer(self, special: bool = False) -> "StreamingDetokenizer":
-        """A fresh streaming decoder for one generated sequence."""
-        return StreamingDetokenizer(self, special)
+    def detokenizer(self, special: bool = False, continuing: bool = False) -> "StreamingDetokenizer":
+        """A fresh streaming decoder for one sequence; see StreamingDetokenizer."""
+        return StreamingDetokenizer(self, special, continuing)
 
     def is_eog(self, token_id: int) -> bool:
         """True if generation ends at this token (end of sequence / turn)."""
@@ -178,21 +173,29 @@ class StreamingDetokenizer:
     tokens are held until it is complete. A byte sequence that cannot become valid UTF-8 turns
     into U+FFFD (one per byte, as sentencepiece decodes), as does an incomplete one when a
     text token follows it or at `flush`. The concatenated output equals `Tokenizer.decode`.
+
+    Like decode, it drops the space the encoder put before the first word (SentencePiece's dummy
+    prefix). When the ids continue text already shown, e.g. tokens generated after a prompt,
+    pass `continuing=True` to keep it: "▁time" after "Once upon a" must print " time".
+    `special` shows control tokens ("<s>") as text.
     """
 
-    def __init__(self, tokenizer: Tokenizer, special: bool = False):
+    def __init__(self, tokenizer: Tokenizer, special: bool = False, continuing: bool = False):
         self.tokenizer = tokenizer
         self.special = special
+        self.continuing = continuing
         self.reset()
 
     def reset(self) -> None:
+        """Start a new sequence."""
         self._bytes = codecs.getincrementaldecoder("utf-8")(_PER_BYTE_REPLACE)
         self._pending = False  # bytes are held in the decoder
         self._any_text = False  # some text (maybe still pending) has been produced
-        self._at_start = True  # no visible text yet: a dummy-prefix space may still be dropped
+        self._at_start = not self.continuing  # a dummy-prefix space may still be dropped
         self._start_space_seen = False
 
     def feed(self, token_id: int) -> str:
+        """The text this token completes ("" while a character is still incomplete)."""
         tok = self.tokenizer
         tok._check_id(token_id)
         if tok.is_raw_bytes(token_id):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pyggml.gguf.constants import Keys, TokenType
@@ -26,13 +26,14 @@ __all__ = ["SpmTokenizer", "SPACE", "DEFAULT_UNK_SURFACE"]
 
 SPACE = "\u2581"  # "▁", sentencepiece's escaped space
 DEFAULT_UNK_SURFACE = " \u2047 "  # " ⁇ ", what sentencepiece decodes <unk> to
-# Defaults llama.cpp assumes for a "llama" vocabulary that names no special ids.
-DEFAULT_BOS_ID, DEFAULT_EOS_ID, DEFAULT_UNK_ID = 1, 2, 0
+# Defaults llama.cpp assumes for a "llama" vocabulary that names no BOS/EOS.
+DEFAULT_BOS_ID, DEFAULT_EOS_ID = 1, 2
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPACE_RUN = re.compile(" {2,}")
 # Pieces the BPE may merge into (sentencepiece's `pieces_`); all others are only looked up whole.
 _MERGEABLE = (TokenType.NORMAL, TokenType.USER_DEFINED, TokenType.UNUSED)
+_KNOWN_TYPES = frozenset(int(t) for t in TokenType)
 
 
 class SpmTokenizer(Tokenizer):
@@ -42,6 +43,7 @@ class SpmTokenizer(Tokenizer):
     remove_extra_whitespaces. `precompiled_charsmap` is the normalizer's compiled rule (e.g.
     nmt_nfkc); None means the identity rule, which is what LLaMA tokenizers use. `unk_surface`
     is what <unk> decodes to (sentencepiece's trainer_spec.unk_surface, not stored in GGUF).
+    `eog_ids` are the tokens that end generation (default: EOS).
     """
 
     def __init__(
@@ -60,18 +62,22 @@ class SpmTokenizer(Tokenizer):
         remove_extra_whitespaces: bool = False,
         precompiled_charsmap: bytes | None = None,
         unk_surface: str = DEFAULT_UNK_SURFACE,
+        eog_ids: Iterable[int] | None = None,
     ):
         if len(scores) != len(tokens):
             raise TokenizerError(f"{len(tokens)} tokens but {len(scores)} scores")
         types = [int(t) for t in token_types]
-        for i, t in enumerate(types):
-            if t not in TokenType.__members__.values():
-                raise TokenizerError(f"token {i} ({tokens[i]!r}) has unknown token type {t}")
+        odd = [i for i, t in enumerate(types) if t not in _KNOWN_TYPES]
+        if odd:  # e.g. 0, "undefined" in llama.cpp: treat as ordinary pieces
+            log.warning("%d tokens have token types outside 1-6 (first: token %d, type %d); treated as normal",
+                        len(odd), odd[0], types[odd[0]])  # fmt: skip
+            for i in odd:
+                types[i] = TokenType.NORMAL
         if unk_id is None:
             unk_id = next((i for i, t in enumerate(types) if t == TokenType.UNKNOWN), None)
         super().__init__(
             tokens, types, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id, pad_id=pad_id,
-            add_bos=add_bos, add_eos=add_eos,
+            add_bos=add_bos, add_eos=add_eos, eog_ids=eog_ids,
         )  # fmt: skip
         self.add_space_prefix = bool(add_space_prefix)
         self.remove_extra_whitespaces = bool(remove_extra_whitespaces)
@@ -86,10 +92,11 @@ class SpmTokenizer(Tokenizer):
         self._byte_of: dict[int, int] = {}  # byte token id -> byte value
         byte_ids: dict[int, int] = {}  # byte value -> token id
         user: list[str] = []
+        repeats = []
         for i, (piece, t) in enumerate(zip(self.tokens, self.token_types)):
             if t in _MERGEABLE:
                 if piece in mergeable:
-                    log.warning("token %d (%r) repeats token %d; the first is used", i, piece, mergeable[piece])
+                    repeats.append(i)
                     continue
                 mergeable[piece] = i
                 self._score[piece] = float(scores[i])
@@ -105,6 +112,9 @@ class SpmTokenizer(Tokenizer):
                         raise TokenizerError(f"byte token {i} is {piece!r}, expected the form <0xAB>")
                     self._byte_of[i] = int(m.group(1), 16)
                     byte_ids.setdefault(int(m.group(1), 16), i)
+        if repeats:
+            log.warning("%d tokens repeat an earlier token's text (first: token %d, %r); the first of each is used",
+                        len(repeats), repeats[0], self.tokens[repeats[0]])  # fmt: skip
         self._piece_id = {**mergeable, **reserved}
         self._byte_fallback = bool(byte_ids)
         self._byte_ids = [byte_ids.get(b, self.unk_id) for b in range(256)]
@@ -308,7 +318,7 @@ class SpmTokenizer(Tokenizer):
                 ids.extend(self._byte_ids[b] for b in piece.encode("utf-8"))
             elif unk is None:
                 raise TokenizerError(f"{piece!r} is not in the vocabulary, which has neither <unk> nor byte tokens")
-            else:
+            elif not ids or ids[-1] != unk:  # sentencepiece merges a run of unknown pieces into one <unk>
                 ids.append(unk)
         return ids
 

@@ -1,0 +1,102 @@
+"""Every numba kernel against its numpy reference: all weight types, GQA, odd shapes, 1 token and a batch."""
+import numpy as np
+import pytest
+
+from pyggml.gguf import GGMLType
+from pyggml.kernels import cpu, reference as ref
+from pyggml.quant import codecs
+from pyggml.tensor import QWeight
+
+TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0]
+# (rows, cols): one row, one block, odd row counts, several blocks
+SHAPES = [(1, 32), (7, 32), (33, 64), (130, 256), (5, 96)]
+
+
+def _weight(rng, rows, cols, t, kind="normal"):
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if kind == "zero-block":
+        w[:, :32] = 0
+    elif kind == "extreme":
+        w[0, :32] *= 1e4
+        w[-1, -32:] *= 1e-6
+    raw = codecs.quantize(w, t)
+    return QWeight("w", raw, t, (rows, cols))
+
+
+def _tol(x, rows_cols):
+    return 1e-5 * (np.abs(x).max() + 1) * np.sqrt(rows_cols[1])
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["normal", "zero-block", "extreme"])
+def test_matvec_and_matmul_equal_reference(t, shape, kind):
+    rng = np.random.default_rng(hash((t, shape, kind)) % 2**32)
+    w = _weight(rng, *shape, t, kind)
+    x = rng.standard_normal(shape[1]).astype(np.float32)
+    want = ref.matmul(w.raw, t, x)
+    got = cpu.matvec(w, x, np.empty(shape[0], np.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=_tol(want, shape))
+    for n_tok in (1, 2, 9):
+        X = rng.standard_normal((n_tok, shape[1])).astype(np.float32)
+        want = ref.matmul(w.raw, t, X)
+        got = cpu.matmul(w, X, np.empty((n_tok, shape[0]), np.float32))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=_tol(want, shape))
+
+
+@pytest.mark.parametrize("t", TYPES + [GGMLType.Q6_K], ids=lambda t: t.name)
+def test_dequantize_rows_is_exact(t):
+    rng = np.random.default_rng(5)
+    cols = 256 * 2
+    if t is GGMLType.Q6_K:  # no encoder: random blocks with finite fp16 scales
+        raw = rng.integers(0, 256, (9, cols // 256 * 210), dtype=np.uint8)
+        raw.reshape(9, -1, 210)[:, :, 208:210] = np.array([0.01], np.float16).view(np.uint8)
+    else:
+        raw = codecs.quantize(rng.standard_normal((9, cols)).astype(np.float32), t)
+    w = QWeight("w", raw, t, (9, cols))
+    rows = np.array([8, 0, 3, 3])
+    got = cpu.dequantize_rows(w, rows, np.empty((4, cols), np.float32))
+    assert np.array_equal(got, ref.dequantize_weight(raw, t)[rows])
+    x = rng.standard_normal(cols).astype(np.float32)
+    want = ref.matmul(raw, t, x)
+    np.testing.assert_allclose(cpu.matvec(w, x, np.empty(9, np.float32)), want, rtol=1e-4, atol=_tol(want, (9, cols)))
+    with pytest.raises(IndexError):
+        cpu.dequantize_rows(w, np.array([9]), np.empty((1, cols), np.float32))
+
+
+def test_rmsnorm():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 67)).astype(np.float32) * 5
+    w = rng.standard_normal(67).astype(np.float32)
+    np.testing.assert_allclose(cpu.rmsnorm(x, w, 1e-5, np.empty_like(x)), ref.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rope_dim,head_dim", [(8, 8), (64, 64), (32, 64)])
+def test_rope_adjacent_pairs(rope_dim, head_dim):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 3, head_dim)).astype(np.float32)
+    pos = np.array([0, 1, 7, 100, 4095])
+    inv_freq = 10000.0 ** (-2.0 * np.arange(rope_dim // 2) / rope_dim)
+    want = ref.rope(x, pos, rope_dim, 10000.0)
+    got = cpu.rope(x.copy(), pos, inv_freq)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(got[..., rope_dim:], x[..., rope_dim:])
+
+
+@pytest.mark.parametrize("n_head,n_kv", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("n_tok,start", [(1, 0), (1, 9), (5, 0), (4, 7)])
+def test_attention_gqa_causal(n_head, n_kv, n_tok, start):
+    rng = np.random.default_rng(3)
+    hd, ctx = 16, 32
+    q = rng.standard_normal((n_tok, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((n_kv, ctx, hd)).astype(np.float32)
+    v = rng.standard_normal((n_kv, ctx, hd)).astype(np.float32)
+    k[:, start + n_tok :] = 1e6  # positions past the last token must not be read
+    got = cpu.attention(q, k, v, start, np.empty_like(q))
+    np.testing.assert_allclose(got, ref.attention(q, k, v, start), rtol=1e-4, atol=1e-5)
+
+
+def test_silu_mul():
+    rng = np.random.default_rng(4)
+    g, u = (rng.standard_normal((3, 50)).astype(np.float32) * 4 for _ in range(2))
+    np.testing.assert_allclose(cpu.silu_mul(g, u, np.empty_like(g)), ref.silu_mul(g, u), rtol=1e-5, atol=1e-6)
