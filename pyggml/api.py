@@ -58,7 +58,7 @@ class Timings:
 
 
 @dataclass
-class _Generation:
+class GenerationState:
     """State of one text generation: why it ended and how many tokens it made."""
 
     finish_reason: str | None = None
@@ -172,10 +172,10 @@ class Llama:
 
     # ---------------------------------------------------------------------- generation
     def generate_tokens(self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int,
-                        state: _Generation | None = None) -> Iterator[int]:
+                        state: GenerationState | None = None) -> Iterator[int]:
         """Yield sampled token ids after the prompt; stops at end-of-generation, max_tokens or a full
         context (state.finish_reason says which). The end-of-generation token is not yielded."""
-        state = state if state is not None else _Generation()
+        state = state if state is not None else GenerationState()
         t0 = time.perf_counter()
         n_cached = len(self.tokens)
         logits = self.eval(prompt_tokens)
@@ -206,8 +206,8 @@ class Llama:
         finally:
             self.timings.gen_s = time.perf_counter() - t0
 
-    def _stream_text(self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int,
-                     stop: Sequence[str], state: _Generation) -> Iterator[str]:
+    def stream_text(self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int,
+                     stop: Sequence[str], state: GenerationState) -> Iterator[str]:
         """Text pieces of a generation; never half a UTF-8 character, never part of a stop string."""
         # The prompt's text comes first, so the first generated token keeps its leading space.
         detok = self.tokenizer.detokenizer(continuing=bool(self.tokenizer.decode(prompt_tokens)))
@@ -245,7 +245,7 @@ class Llama:
         """Continue `prompt` (BOS added per the model). stream=True yields text pieces as they come."""
         params = self._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        pieces = self._stream_text(self.tokenize(prompt), params, max_tokens, stops, _Generation())
+        pieces = self.stream_text(self.tokenize(prompt), params, max_tokens, stops, GenerationState())
         return pieces if stream else "".join(pieces)
 
     def create_completion(self, prompt: str, max_tokens: int = 16, temperature: float = 0.8, top_k: int = 40,
@@ -255,8 +255,8 @@ class Llama:
         """OpenAI-shaped text completion (a dict, or chunks when stream=True)."""
         params = self._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        state = _Generation()
-        pieces = self._stream_text(self.tokenize(prompt), params, max_tokens, stops, state)
+        state = GenerationState()
+        pieces = self.stream_text(self.tokenize(prompt), params, max_tokens, stops, state)
         meta = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()), "model": self.model_path}
 
         def choice(text: str, finish: str | None) -> dict[str, Any]:
@@ -274,7 +274,7 @@ class Llama:
     __call__ = create_completion
 
     @staticmethod
-    def _usage(state: _Generation) -> dict[str, int]:
+    def _usage(state: GenerationState) -> dict[str, int]:
         return {"prompt_tokens": state.n_prompt, "completion_tokens": state.n_completion,
                 "total_tokens": state.n_prompt + state.n_completion}
 
@@ -298,8 +298,8 @@ class Llama:
         params = self._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         limit = max_tokens if max_tokens is not None and max_tokens > 0 else self.n_ctx()
-        state = _Generation()
-        pieces = self._stream_text(prompt, params, limit, stops, state)
+        state = GenerationState()
+        pieces = self.stream_text(prompt, params, limit, stops, state)
         meta = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
         if stream:
             def chunks() -> Iterator[dict[str, Any]]:

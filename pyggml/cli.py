@@ -188,12 +188,11 @@ def run(model_path, prompt, prompt_file, n_predict, ctx_size, batch_size, temp, 
         prompt = Path(prompt_file).read_text(encoding="utf-8")
     try:
         if prompt is not None:
-            state = llm_state = None  # noqa: F841
-            from .api import _Generation
+            from .api import GenerationState
 
-            gen = _Generation()
+            gen = GenerationState()
             click.echo(prompt, nl=False)
-            _stream(llm._stream_text(llm.tokenize(prompt), params, limit, list(stops), gen))
+            _stream(llm.stream_text(llm.tokenize(prompt), params, limit, list(stops), gen))
             click.echo()
             if llm.context_full:
                 click.echo(f"[context full: {llm.n_ctx()} tokens; raise -c/--ctx-size]", err=True)
@@ -209,7 +208,7 @@ def run(model_path, prompt, prompt_file, n_predict, ctx_size, batch_size, temp, 
 
 def _chat(llm, params, limit, system_prompt, stops, history) -> list:
     """The interactive loop: a line in, a streamed answer out. /clear forgets, /exit or Ctrl-D quits."""
-    from .api import ContextFullError, _Generation
+    from .api import ContextFullError, GenerationState
     from .chat import ChatTemplateError
 
     messages = list(history or [])
@@ -238,12 +237,18 @@ def _chat(llm, params, limit, system_prompt, stops, history) -> list:
             click.echo("[chat cleared]", err=True)
             continue
         messages.append({"role": "user", "content": line})
+        answer: list[str] = []
         try:
             tokens = llm.chat_prompt_tokens(messages)
-            state = _Generation()
-            answer = []
-            pieces = llm._stream_text(tokens, params, limit, stops, state)
-            finished = _stream(answer.append(p) or p for p in pieces)
+            pieces = llm.stream_text(tokens, params, limit, stops, GenerationState())
+            for piece in pieces:
+                answer.append(piece)
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+            finished = True
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the program
+            click.echo("\n[interrupted]", err=True)
+            finished = False
         except ContextFullError as e:
             messages.pop()
             click.echo(f"[context full: {e}; /clear to start over]", err=True)
