@@ -265,5 +265,24 @@ def _chat(llm, params, limit, system_prompt, stops, history) -> list:
     return messages
 
 
+@main.command()
+@click.option("-m", "--model", "models", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="GGUF file (repeatable).")
+@click.option("-p", "--n-prompt", default=128, show_default=True, help="Prompt tokens for the pp test (0 = skip).")
+@click.option("-n", "--n-gen", default=64, show_default=True, help="Generated tokens for the tg test (0 = skip).")
+@click.option("-r", "--repetitions", default=3, show_default=True)
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("-ngl", "--n-gpu-layers", default=0, show_default=True)
+def bench(models, n_prompt, n_gen, repetitions, threads, n_gpu_layers) -> None:
+    """Measure prompt processing and generation speed (markdown table, like llama-bench)."""
+    from .bench import bench_model, markdown_table
+
+    rows = []
+    for path in models:
+        click.echo(f"benchmarking {path} ...", err=True)
+        rows.append(bench_model(path, n_prompt, n_gen, repetitions, threads, n_gpu_layers))
+    click.echo(markdown_table(rows))
+
+
 if __name__ == "__main__":
     main()
