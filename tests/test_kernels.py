@@ -31,17 +31,26 @@ def _tol(x, rows_cols):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("kind", ["normal", "zero-block", "extreme"])
 def test_matvec_and_matmul_equal_reference(t, shape, kind):
+    """Float-activation types equal the float reference; int8-activation types (Q4_0/Q5_0/Q8_0) equal
+    the exact int8-activation reference up to float rounding, and differ from the float reference by
+    no more than the rounding of x to int8 blocks allows (stated bound, checked per output)."""
     rng = np.random.default_rng(hash((t, shape, kind)) % 2**32)
     w = _weight(rng, *shape, t, kind)
-    x = rng.standard_normal(shape[1]).astype(np.float32)
-    want = ref.matmul(w.raw, t, x)
-    got = cpu.matvec(w, x, np.empty(shape[0], np.float32))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=_tol(want, shape))
     for n_tok in (1, 2, 9):
         X = rng.standard_normal((n_tok, shape[1])).astype(np.float32)
-        want = ref.matmul(w.raw, t, X)
+        if kind == "extreme":
+            X[:, :32] *= 1e3
         got = cpu.matmul(w, X, np.empty((n_tok, shape[0]), np.float32))
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=_tol(want, shape))
+        if n_tok == 1:
+            assert np.array_equal(cpu.matvec(w, X[0], np.empty(shape[0], np.float32)), got[0])
+        want = ref.matmul(w.raw, t, X)
+        if t in cpu.INT8_ACTIVATION_TYPES:
+            exact = ref.matmul_int8_activations(w.raw, t, X)
+            np.testing.assert_allclose(got, exact, rtol=1e-4, atol=_tol(exact, shape))
+            bound = ref.int8_activation_error_bound(w.raw, t, X)
+            assert np.all(np.abs(got - want) <= bound * 1.001 + _tol(want, shape))
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=_tol(want, shape))
 
 
 @pytest.mark.parametrize("t", TYPES + [GGMLType.Q6_K], ids=lambda t: t.name)
@@ -58,8 +67,8 @@ def test_dequantize_rows_is_exact(t):
     got = cpu.dequantize_rows(w, rows, np.empty((4, cols), np.float32))
     assert np.array_equal(got, ref.dequantize_weight(raw, t)[rows])
     x = rng.standard_normal(cols).astype(np.float32)
-    want = ref.matmul(raw, t, x)
-    np.testing.assert_allclose(cpu.matvec(w, x, np.empty(9, np.float32)), want, rtol=1e-4, atol=_tol(want, (9, cols)))
+    exact = ref.matmul_int8_activations(raw, t, x) if t in cpu.INT8_ACTIVATION_TYPES else ref.matmul(raw, t, x)
+    np.testing.assert_allclose(cpu.matvec(w, x, np.empty(9, np.float32)), exact, rtol=1e-4, atol=_tol(exact, (9, cols)))
     with pytest.raises(IndexError):
         cpu.dequantize_rows(w, np.array([9]), np.empty((1, cols), np.float32))
 

@@ -1,9 +1,10 @@
 """numba CPU kernels. Public functions check shapes and types; the @njit kernels trust them.
 
-Weights stay in their stored GGUF block layout (views into the mmap): every matrix-vector
-product dequantizes on the fly, one block at a time, and never materialises a float copy of a
-weight matrix. Rows are split across threads with prange. fp16 scales are decoded through a
-65536-entry float32 table (numba has no float16 arithmetic on the CPU).
+Weights stay in their stored GGUF block layout (views into the mmap): every matrix product
+dequantizes on the fly, one block at a time, and never materialises a float copy of a weight
+matrix. Rows are split across threads with prange. The per-block dot products of the quantized
+types are explicit SIMD (kernels/simd.py) over int8-quantized activations; fp16 scales are
+decoded through a 65536-entry float32 table (numba has no float16 arithmetic on the CPU).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from numba import njit, prange
 
 from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
 from ..tensor import QWeight
+from .simd import HAS_F16_VECTOR, dot_f16, dot_q4_0, dot_q5_0, dot_q8_0
 
 # fp16 bit pattern -> float32 value.
 F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -127,87 +129,78 @@ def _decode_rows(code, raw, rows, out, table):
         _decode_row(code, raw[rows[i]], out[i], table)
 
 
-# ------------------------------------------------------------------- fused matrix x vector
-@njit(parallel=True, cache=True, fastmath=True)
-def _matvec_q4_0(w, x, out, table):
-    nb = x.size // QK
-    for r in prange(w.shape[0]):
-        row = w[r]
-        acc = np.float32(0.0)
+# ------------------------------------------------------------- activations as int8 blocks
+@njit(parallel=True, cache=True)
+def _quantize_activations(x, xq, xd, xs):
+    """x (n_tok, cols) -> int8 blocks of 32 like ggml's Q8_0: d = amax / 127, q = round(x / d)
+    (half away from zero); xs[t, b] = sum of the block's q, for the codes' bias correction."""
+    nb = x.shape[1] // QK
+    for t in prange(x.shape[0]):
         for b in range(nb):
-            o = b * _Q4_0
-            xo = b * QK
-            s = np.float32(0.0)
-            for j in range(_HALF):
-                q = row[o + 2 + j]
-                s += np.float32(np.int32(q & 15) - 8) * x[xo + j] + np.float32(np.int32(q >> 4) - 8) * x[xo + j + _HALF]
-            acc += _f16(row, o, table) * s
-        out[r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _matvec_q5_0(w, x, out, table):
-    nb = x.size // QK
-    for r in prange(w.shape[0]):
-        row = w[r]
-        acc = np.float32(0.0)
-        for b in range(nb):
-            o = b * _Q5_0
-            xo = b * QK
-            qh = np.uint32(row[o + 2]) | (np.uint32(row[o + 3]) << 8) | (np.uint32(row[o + 4]) << 16) | (np.uint32(row[o + 5]) << 24)
-            s = np.float32(0.0)
-            for j in range(_HALF):
-                q = row[o + 6 + j]
-                lo = np.int32(q & 15) | np.int32(((qh >> j) & 1) << 4)
-                hi = np.int32(q >> 4) | np.int32(((qh >> (j + _HALF)) & 1) << 4)
-                s += np.float32(lo - 16) * x[xo + j] + np.float32(hi - 16) * x[xo + j + _HALF]
-            acc += _f16(row, o, table) * s
-        out[r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _matvec_q8_0(w, wi8, x, out, table):
-    nb = x.size // QK
-    for r in prange(w.shape[0]):
-        row = w[r]
-        rowi = wi8[r]
-        acc = np.float32(0.0)
-        for b in range(nb):
-            o = b * _Q8_0
-            xo = b * QK
-            s = np.float32(0.0)
+            amax = np.float32(0.0)
             for j in range(QK):
-                s += np.float32(rowi[o + 2 + j]) * x[xo + j]
-            acc += _f16(row, o, table) * s
-        out[r] = acc
+                amax = max(amax, abs(x[t, b * QK + j]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            total = 0
+            for j in range(QK):
+                v = x[t, b * QK + j] * inv
+                q = np.int32(np.floor(abs(v) + np.float32(0.5)))
+                q = -q if v < 0 else q
+                xq[t, b * QK + j] = q
+                total += q
+            xd[t, b] = d
+            xs[t, b] = total
 
 
-@njit(parallel=True, cache=True, fastmath=True)
-def _matvec_f32(w, x, out):
+# ---------------------------------------------------- fused matrix x (batch of) vectors
+# out[t, r] = dot(W[r], x[t]). Threads split the rows; each weight row is read from memory once
+# and stays in L1 while every token of the batch uses it (decode is the batch of one).
+@njit(parallel=True, cache=True)
+def _matmul_q4_0(w, xq, xd, xs, out, table):
     for r in prange(w.shape[0]):
-        acc = np.float32(0.0)
-        row = w[r]
-        for j in range(x.size):
-            acc += row[j] * x[j]
-        out[r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _matvec_decoded(code, w, x, out, table):
-    """Any type: decode each row into a small buffer, then dot (F16, BF16, Q6_K)."""
-    for r in prange(w.shape[0]):
-        buf = np.empty(x.size, np.float32)
-        _decode_row(code, w[r], buf, table)
-        acc = np.float32(0.0)
-        for j in range(x.size):
-            acc += buf[j] * x[j]
-        out[r] = acc
+        for t in range(xq.shape[0]):
+            out[t, r] = dot_q4_0(w[r], xq[t], xd[t], xs[t], table)
 
 
 @njit(parallel=True, cache=True)
-def _decode_tile(code, raw, r0, out, table):
-    for i in prange(out.shape[0]):
-        _decode_row(code, raw[r0 + i], out[i], table)
+def _matmul_q5_0(w, xq, xd, xs, out, table):
+    for r in prange(w.shape[0]):
+        for t in range(xq.shape[0]):
+            out[t, r] = dot_q5_0(w[r], xq[t], xd[t], xs[t], table)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_q8_0(w, xq, xd, xs, out, table):
+    for r in prange(w.shape[0]):
+        for t in range(xq.shape[0]):
+            out[t, r] = dot_q8_0(w[r], xq[t], xd[t], xs[t], table)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_f16(w, x, out):
+    for r in prange(w.shape[0]):
+        for t in range(x.shape[0]):
+            out[t, r] = dot_f16(w[r], x[t])
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _matmul_decoded(code, w, x, out, table):
+    """Any type (F32, F16 without vector half support, BF16, Q6_K): decode each row into a small
+    buffer once, then dot it with every token."""
+    for r in prange(w.shape[0]):
+        buf = np.empty(x.shape[1], np.float32)
+        _decode_row(code, w[r], buf, table)
+        for t in range(x.shape[0]):
+            acc = np.float32(0.0)
+            xt = x[t]
+            for j in range(buf.size):
+                acc += buf[j] * xt[j]
+            out[t, r] = acc
+
+
+_INT8_KERNELS = {GGMLType.Q4_0: _matmul_q4_0, GGMLType.Q5_0: _matmul_q5_0, GGMLType.Q8_0: _matmul_q8_0}
+INT8_ACTIVATION_TYPES = frozenset(_INT8_KERNELS)
 
 
 # ----------------------------------------------------------------------------- other ops
@@ -287,45 +280,42 @@ def _bytes2d(raw: np.ndarray) -> np.ndarray:
     return raw.view(np.uint8) if raw.dtype != np.uint8 else raw
 
 
-def matvec(w: QWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out (rows,) = W @ x (cols,), dequantizing W block by block."""
-    assert x.shape == (w.cols,) and out.shape == (w.rows,) and x.dtype == np.float32
-    t = w.ggml_type
-    if t is GGMLType.Q4_0:
-        _matvec_q4_0(w.raw, x, out, F16_TABLE)
-    elif t is GGMLType.Q5_0:
-        _matvec_q5_0(w.raw, x, out, F16_TABLE)
-    elif t is GGMLType.Q8_0:
-        _matvec_q8_0(w.raw, w.raw.view(np.int8), x, out, F16_TABLE)
-    elif t is GGMLType.F32:
-        _matvec_f32(w.raw, x, out)
-    else:
-        _matvec_decoded(_code(w), _bytes2d(w.raw), x, out, F16_TABLE)
-    return out
-
-
-TILE_ROWS = 256  # rows decoded per tile in the batched path
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (n_tok, cols) -> (xq int8 (n_tok, cols), xd f32 (n_tok, cols/32), xs f32 (n_tok, cols/32))."""
+    n_tok, cols = x.shape
+    xq = np.empty((n_tok, cols), np.int8)
+    xd = np.empty((n_tok, cols // QK), np.float32)
+    xs = np.empty((n_tok, cols // QK), np.float32)
+    _quantize_activations(x, xq, xd, xs)
+    return xq, xd, xs
 
 
 def matmul(w: QWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out (n_tok, rows) = x (n_tok, cols) @ W.T for a batch of tokens.
+    """out (n_tok, rows) = x (n_tok, cols) @ W.T, dequantizing W on the fly, for one token or a batch.
 
-    Each tile of rows is decoded once into a small float32 buffer and multiplied with the whole
-    batch through BLAS, so the weights are read once per batch, not once per token.
+    Q4_0/Q5_0/Q8_0 weights multiply int8-quantized activations (blocks of 32, as llama.cpp does):
+    integer dot products per block, scaled in float. Other types multiply float activations.
     """
-    assert x.ndim == 2 and x.shape[1] == w.cols and out.shape == (x.shape[0], w.rows)
-    if x.shape[0] == 1:
-        matvec(w, x[0], out[0])
-        return out
-    if w.ggml_type is GGMLType.F32:
+    assert x.ndim == 2 and x.shape[1] == w.cols and out.shape == (x.shape[0], w.rows) and x.dtype == np.float32
+    x = np.ascontiguousarray(x)
+    t = w.ggml_type
+    kernel = _INT8_KERNELS.get(t)
+    if kernel is not None:
+        xq, xd, xs = quantize_activations(x)
+        kernel(w.raw, xq, xd, xs, out, F16_TABLE)
+    elif t is GGMLType.F32 and x.shape[0] > 1:
         np.matmul(x, w.raw.T, out=out)
-        return out
-    code, raw = _code(w), _bytes2d(w.raw)
-    tile = np.empty((min(TILE_ROWS, w.rows), w.cols), np.float32)
-    for r0 in range(0, w.rows, TILE_ROWS):
-        n = min(TILE_ROWS, w.rows - r0)
-        _decode_tile(code, raw, r0, tile[:n], F16_TABLE)
-        out[:, r0 : r0 + n] = x @ tile[:n].T
+    elif t is GGMLType.F16 and HAS_F16_VECTOR:
+        _matmul_f16(_bytes2d(w.raw), x, out)
+    else:
+        _matmul_decoded(_code(w), _bytes2d(w.raw), x, out, F16_TABLE)
+    return out
+
+
+def matvec(w: QWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (rows,) = W @ x (cols,): the batch of one."""
+    assert x.shape == (w.cols,) and out.shape == (w.rows,)
+    matmul(w, x.reshape(1, -1), out.reshape(1, -1))
     return out
 
 

@@ -19,6 +19,30 @@ def matmul(raw: np.ndarray, ggml_type: GGMLType, x: np.ndarray) -> np.ndarray:
     return (x.astype(np.float64) @ dequantize_weight(raw, ggml_type).astype(np.float64).T).astype(np.float32)
 
 
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """What the int8-activation kernels multiply: x rounded to int8 blocks of 32 (d = amax/127,
+    round half away from zero), returned dequantized as float64 (n_tok, cols)."""
+    blocks = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
+    d = np.abs(blocks).max(-1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    v = blocks * inv
+    q = np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+
+
+def matmul_int8_activations(raw: np.ndarray, ggml_type: GGMLType, x: np.ndarray) -> np.ndarray:
+    """The exact result the int8-activation kernels approximate only by float rounding."""
+    return (quantize_activations(x) @ dequantize_weight(raw, ggml_type).astype(np.float64).T).astype(np.float32)
+
+
+def int8_activation_error_bound(raw: np.ndarray, ggml_type: GGMLType, x: np.ndarray) -> np.ndarray:
+    """|W x - W q(x)| <= sum_j |W_rj| * d_x(block of j) / 2: the rounding of x to int8 blocks."""
+    d = np.abs(x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)).max(-1) / 127.0
+    half_step = np.repeat(d / 2, 32, axis=-1)  # (n_tok, cols)
+    return half_step.astype(np.float64) @ np.abs(dequantize_weight(raw, ggml_type).astype(np.float64)).T
+
+
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     x64 = x.astype(np.float64)
     return (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * w).astype(np.float32)
