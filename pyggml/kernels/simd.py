@@ -218,11 +218,11 @@ def dot_q5_0(typingctx, w_row, xq, xd, xsum, table):
     _check_args(w_row, xq, xd, xsum, table)
 
     def body(bld, w, wblk, xq_, xblk):
-        qh = _load_scalar(bld, w, bld.add(wblk, ir.Constant(_I64, 2)), _I32)
-        qh_v = bld.insert_element(ir.Constant(_vec(_I32, 32), ir.Undefined), qh, ir.Constant(_I32, 0))
-        qh_v = bld.shuffle_vector(qh_v, qh_v, ir.Constant(_vec(_I32, 32), [0] * 32))
-        mask = ir.Constant(_vec(_I32, 32), [ir.Constant(_I32, 1 << j) for j in range(32)])  # element j: bit j
-        on = bld.icmp_unsigned("!=", bld.and_(qh_v, mask), ir.Constant(_vec(_I32, 32), [ir.Constant(_I32, 0)] * 32))
+        # element j's 5th bit is bit j of qh: spread qh's byte j // 8 to lane j, test bit j % 8
+        qh = _load_vec(bld, w, bld.add(wblk, ir.Constant(_I64, 2)), _I8, 4)
+        spread = bld.shuffle_vector(qh, qh, ir.Constant(_vec(_I32, 32), [j // 8 for j in range(32)]))
+        bit = ir.Constant(_vec(_I8, 32), [ir.Constant(_I8, 1 << (j % 8)) for j in range(32)])
+        on = bld.icmp_unsigned("!=", bld.and_(spread, bit), _splat(_I8, 32, 0))
         high = bld.select(on, _splat(_I8, 32, 16), _splat(_I8, 32, 0))
         return _nibbles_times_x(bld, w, wblk, 6, xq_, xblk, high_bits=high)
 
