@@ -89,9 +89,6 @@ def _hsum(builder, v: ir.Value, n: int) -> ir.Value:
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
-UNROLL = 1  # accumulators per trip; LLVM's own unrolling of a single chain measured fastest (Q4_0, Q8_0)
-
-
 def _block_loop(context, builder, sig, args, block_bytes: int, body, bias: int = 0):
     """Emit: acc = 0; for b in range(nb): acc += (d_w[b] * d_x[b]) * (body(b) - bias * xsum[b]);
     return hsum(acc).
@@ -99,73 +96,47 @@ def _block_loop(context, builder, sig, args, block_bytes: int, body, bias: int =
     args = (w_row u8[:], xq i8[:], xd f32[:], xsum f32[:], table f32[:]). `body(builder, w, wblk,
     xq, xblk)` returns the block's <8 x i32> partial sums of q_w * q_x; the constant `bias` of the
     weight codes (8 for Q4_0, 16 for Q5_0) is taken off through xsum, the per-block sum of q_x.
-    The main loop takes UNROLL blocks per trip into UNROLL accumulators; a tail loop takes the rest.
+    One accumulator chain: LLVM's own unrolling of it measured faster than hand-split accumulators.
     """
     w, xq, xd, xsum, table = (_data(context, builder, t, a) for t, a in zip(sig.args, args))
     nb = _length(context, builder, sig.args[2], args[2])
     zero = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
     fzero = ir.Constant(_F32, 0.0)
+    entry = builder.block
+    loop = builder.append_basic_block("blocks")
+    done = builder.append_basic_block("done")
+    builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(_I64, 0)), loop, done)
 
-    def block(b, acc, corr):
-        wblk = builder.mul(b, ir.Constant(_I64, block_bytes))
-        xblk = builder.mul(b, ir.Constant(_I64, QK))
-        dbits = builder.zext(_load_scalar(builder, w, wblk, _I16), _I64)
-        scale = builder.fmul(builder.load(builder.gep(table, [dbits])), builder.load(builder.gep(xd, [b])), flags=_FAST)
-        partial = builder.sitofp(body(builder, w, wblk, xq, xblk), _vec(_F32, 8))
-        splat = builder.insert_element(ir.Constant(_vec(_F32, 8), ir.Undefined), scale, ir.Constant(_I32, 0))
-        splat = builder.shuffle_vector(splat, splat, ir.Constant(_vec(_I32, 8), [0] * 8))
-        acc = builder.fadd(acc, builder.fmul(partial, splat, flags=_FAST), flags=_FAST)
-        if bias:
-            corr = builder.fadd(corr, builder.fmul(scale, builder.load(builder.gep(xsum, [b])), flags=_FAST), flags=_FAST)
-        return acc, corr
-
-    def loop(start, stop, step, n_acc, accs, corrs):
-        """for b in range(start, stop - step + 1, step): blocks b .. b+step-1 into n_acc accumulators."""
-        pre = builder.block
-        body_bb = builder.append_basic_block("blocks")
-        after = builder.append_basic_block("after")
-        last = builder.sub(stop, ir.Constant(_I64, step - 1))
-        builder.cbranch(builder.icmp_signed("<", start, last), body_bb, after)
-        builder.position_at_end(body_bb)
-        b = builder.phi(_I64)
-        b.add_incoming(start, pre)
-        acc_phis = [builder.phi(_vec(_F32, 8)) for _ in range(n_acc)]
-        corr_phis = [builder.phi(_F32) for _ in range(n_acc)]
-        for phi, a in zip(acc_phis + corr_phis, accs + corrs):
-            phi.add_incoming(a, pre)
-        new_accs, new_corrs = list(acc_phis), list(corr_phis)
-        for k in range(step):
-            new_accs[k % n_acc], new_corrs[k % n_acc] = block(builder.add(b, ir.Constant(_I64, k)),
-                                                              new_accs[k % n_acc], new_corrs[k % n_acc])
-        b_next = builder.add(b, ir.Constant(_I64, step))
-        end_bb = builder.block
-        b.add_incoming(b_next, end_bb)
-        for phi, a in zip(acc_phis + corr_phis, new_accs + new_corrs):
-            phi.add_incoming(a, end_bb)
-        builder.cbranch(builder.icmp_signed("<", b_next, last), body_bb, after)
-        builder.position_at_end(after)
-        outs = []
-        for init, new in zip(accs + corrs, new_accs + new_corrs):
-            phi = builder.phi(init.type)
-            phi.add_incoming(init, pre)
-            phi.add_incoming(new, end_bb)
-            outs.append(phi)
-        done_b = builder.phi(_I64)
-        done_b.add_incoming(start, pre)
-        done_b.add_incoming(b_next, end_bb)
-        return done_b, outs[:n_acc], outs[n_acc:]
-
-    b, accs, corrs = loop(ir.Constant(_I64, 0), nb, UNROLL, UNROLL, [zero] * UNROLL, [fzero] * UNROLL)
-    acc = accs[0]
-    for a in accs[1:]:
-        acc = builder.fadd(acc, a, flags=_FAST)
-    corr = corrs[0]
-    for c in corrs[1:]:
-        corr = builder.fadd(corr, c, flags=_FAST)
-    _, (acc,), (corr,) = loop(b, nb, 1, 1, [acc], [corr])
-    total = _hsum(builder, acc, 8)
+    builder.position_at_end(loop)
+    b, acc, corr = builder.phi(_I64), builder.phi(_vec(_F32, 8)), builder.phi(_F32)
+    b.add_incoming(ir.Constant(_I64, 0), entry)
+    acc.add_incoming(zero, entry)
+    corr.add_incoming(fzero, entry)
+    wblk = builder.mul(b, ir.Constant(_I64, block_bytes))
+    xblk = builder.mul(b, ir.Constant(_I64, QK))
+    dbits = builder.zext(_load_scalar(builder, w, wblk, _I16), _I64)
+    scale = builder.fmul(builder.load(builder.gep(table, [dbits])), builder.load(builder.gep(xd, [b])), flags=_FAST)
+    partial = builder.sitofp(body(builder, w, wblk, xq, xblk), _vec(_F32, 8))
+    splat = builder.insert_element(ir.Constant(_vec(_F32, 8), ir.Undefined), scale, ir.Constant(_I32, 0))
+    splat = builder.shuffle_vector(splat, splat, ir.Constant(_vec(_I32, 8), [0] * 8))
+    new_acc = builder.fadd(acc, builder.fmul(partial, splat, flags=_FAST), flags=_FAST)
+    new_corr = corr
     if bias:
-        total = builder.fsub(total, builder.fmul(corr, ir.Constant(_F32, float(bias))))
+        xs = builder.load(builder.gep(xsum, [b]))
+        new_corr = builder.fadd(corr, builder.fmul(scale, xs, flags=_FAST), flags=_FAST)
+    b_next = builder.add(b, ir.Constant(_I64, 1))
+    for phi, value in ((b, b_next), (acc, new_acc), (corr, new_corr)):
+        phi.add_incoming(value, builder.block)
+    builder.cbranch(builder.icmp_signed("<", b_next, nb), loop, done)
+
+    builder.position_at_end(done)
+    final_acc, final_corr = builder.phi(_vec(_F32, 8)), builder.phi(_F32)
+    for phi, init, value in ((final_acc, zero, new_acc), (final_corr, fzero, new_corr)):
+        phi.add_incoming(init, entry)
+        phi.add_incoming(value, loop)
+    total = _hsum(builder, final_acc, 8)
+    if bias:
+        total = builder.fsub(total, builder.fmul(final_corr, ir.Constant(_F32, float(bias))))
     return total
 
 
