@@ -18,6 +18,7 @@ import numpy as np
 
 from pyggml.gguf.constants import FILE_TYPE_OF, QUANTIZATION_VERSION, QUANTIZED_TYPES, GGMLType, Keys, TensorNames
 from pyggml.gguf.writer import TensorPlan, write_gguf
+from pyggml.quantize import FALLBACK_TYPE, stored_type
 
 from .errors import ConversionError, read_json_object
 from .llama import ARCH, HParams, expected_shapes, gguf_name, hparams_from_config, llama_metadata, permute_qk, qk_heads
@@ -32,8 +33,6 @@ CONFIG_FILE = "config.json"
 HF_DIR_SUFFIX = "-hf"  # stripped from the directory name to name the model: stories260K-hf -> stories260K
 # Types the converter writes, by their command-line names.
 OUTTYPES: dict[str, GGMLType] = {t.name.lower(): t for t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0)}
-FALLBACK_TYPE = GGMLType.F16  # for matrices whose rows do not fill whole quantization blocks
-NORM_TYPE = GGMLType.F32  # 1-D tensors (norms) are never converted
 
 
 @dataclass(frozen=True)
@@ -109,14 +108,10 @@ def _map_tensors(checkpoint: dict[str, LazyTensor], hp: HParams, model_dir: Path
 
 def _stored_type(shape: tuple[int, ...], outtype: GGMLType) -> tuple[GGMLType, str | None]:
     """The type a tensor is stored as, and why it differs from `outtype` when it does."""
-    if len(shape) == 1:
-        return NORM_TYPE, None
-    if outtype in QUANTIZED_TYPES:
-        from pyggml.quant.codecs import can_quantize
-
-        if not can_quantize(outtype, shape[-1]):
-            return FALLBACK_TYPE, f"row length {shape[-1]} does not fill whole {outtype.name} blocks"
-    return outtype, None
+    used = stored_type(shape, outtype)
+    if used is outtype or len(shape) < 2:
+        return used, None
+    return used, f"row length {shape[-1]} does not fill whole {outtype.name} blocks"
 
 
 def _load(src: LazyTensor, ggml_type: GGMLType, n_head: int | None) -> np.ndarray:

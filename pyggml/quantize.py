@@ -33,6 +33,7 @@ TARGET_TYPES: dict[str, GGMLType] = {
     "f32": GGMLType.F32,
 }
 FALLBACK_TYPE = GGMLType.F16  # for rows that block types cannot cut (llama.cpp's last resort too)
+NORM_TYPE = GGMLType.F32  # 1-D tensors (norms) are never quantized
 CHUNK_ELEMENTS = 1 << 22  # rows are re-encoded in chunks of about this many weights (16 MiB as f32)
 
 
@@ -67,23 +68,19 @@ def default_output_path(in_path: Path, type_name: str) -> Path:
     return in_path.with_name(f"{stem}-{type_name}.gguf")
 
 
+def stored_type(shape: tuple[int, ...], wanted: GGMLType) -> GGMLType:
+    """The type a tensor of `shape` is stored as when `wanted` is asked for: 1-D tensors (norms)
+    stay F32; rows that do not fill whole blocks fall back to F16. Shared by quantize, convert and
+    the random-model generator."""
+    if len(shape) < 2:
+        return NORM_TYPE
+    return wanted if shape[-1] % TYPE_TRAITS[wanted].block_size == 0 else FALLBACK_TYPE
+
+
 def choose_type(info: TensorInfo, qtype: GGMLType, output_type: GGMLType | None) -> GGMLType:
-    """The stored type of one tensor: 1-D tensors (norms) stay F32; rows that do not fill
-    whole blocks fall back to F16; output.weight may be given its own type."""
-    if len(info.shape) < 2:
-        return GGMLType.F32
+    """`stored_type`, with output.weight optionally given its own type."""
     wanted = output_type if (info.name == TensorNames.OUTPUT and output_type is not None) else qtype
-    if info.shape[-1] % TYPE_TRAITS[wanted].block_size:
-        return FALLBACK_TYPE
-    return wanted
-
-
-def dequantize_rows(src: np.ndarray, ggml_type: GGMLType, rows: slice) -> np.ndarray:
-    """float32 rows of a stored tensor (2-D view: rows x stored row)."""
-    part = src[rows]
-    if ggml_type is GGMLType.F32:
-        return np.asarray(part, dtype=np.float32)
-    return codecs.dequantize(part, ggml_type)
+    return stored_type(info.shape, wanted)
 
 
 def _reencode(src: np.ndarray, src_type: GGMLType, shape: tuple[int, ...], dst_type: GGMLType) -> np.ndarray:
@@ -97,7 +94,7 @@ def _reencode(src: np.ndarray, src_type: GGMLType, shape: tuple[int, ...], dst_t
     step = max(1, CHUNK_ELEMENTS // n_cols)
     for r in range(0, n_rows, step):
         rows = slice(r, min(r + step, n_rows))
-        x = dequantize_rows(flat_src, src_type, rows)
+        x = codecs.dequantize(flat_src[rows], src_type)
         out[rows] = codecs.quantize(x, dst_type).reshape(rows.stop - rows.start, -1)
     return out
 

@@ -15,6 +15,7 @@ import numpy as np
 from .gguf.constants import FILE_TYPE_OF, QUANTIZATION_VERSION, QUANTIZED_TYPES, GGMLType, Keys, TensorNames, TokenType
 from .gguf.writer import TensorPlan, write_gguf
 from .quant import codecs
+from .quantize import stored_type
 
 ARCH = "llama"
 
@@ -115,12 +116,6 @@ def random_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     if len(shape) == 1:
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     return (rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1])))
-
-
-def stored_type(shape: tuple[int, ...], weight_type: GGMLType) -> GGMLType:
-    if len(shape) == 1:
-        return GGMLType.F32
-    return weight_type if codecs.can_quantize(weight_type, shape[-1]) else GGMLType.F16
 
 
 def write_random_model(

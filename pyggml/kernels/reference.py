@@ -9,8 +9,6 @@ from ..quant import codecs
 
 def dequantize_weight(raw: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
     """Stored weight (rows, stored row) -> float32 (rows, cols)."""
-    if ggml_type is GGMLType.F32:
-        return np.asarray(raw, dtype=np.float32)
     return codecs.dequantize(raw, ggml_type)
 
 
