@@ -12,8 +12,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -21,7 +20,7 @@ import numpy as np
 from .backends import CPUBackend
 from .chat import chat_template_of, render_chat, strip_leading_bos
 from .gguf.reader import GGUFFile
-from .model import LlamaModel
+from .model import LlamaConfig, LlamaModel
 from .model.kvcache import KVCache
 from .sampling import Sampler, SamplingParams
 from .session import load_session, model_fingerprint, save_session
@@ -102,10 +101,9 @@ class Llama:
         self.model_path = str(model_path)
         self.file = GGUFFile(model_path)
         self.tokenizer = load_tokenizer(self.file.metadata)
-        cfg_n_layers = int(self.file.metadata.get(f"{self.file.architecture}.block_count", 0) or 0)
-        backends, head = make_backends(cfg_n_layers, n_gpu_layers, n_threads)
-        self.model = LlamaModel(self.file, backends, head)
-        self.config = self.model.config
+        self.config = LlamaConfig.from_metadata(self.file.metadata, str(self.file.path))
+        backends, head = make_backends(self.config.n_layers, n_gpu_layers, n_threads)
+        self.model = LlamaModel(self.file, self.config, backends, head)
         if n_ctx <= 0:
             n_ctx = self.config.n_ctx_train
         self.cache = KVCache(self.config, n_ctx, backends, kv_path)
@@ -184,7 +182,7 @@ class Llama:
         self.timings.gen_tokens, self.timings.gen_s = 0, 0.0
         state.n_prompt = len(prompt_tokens)
         seed = params.seed if params.seed is not None else self.seed
-        sampler = Sampler(params if seed == params.seed else SamplingParams(**{**params.__dict__, "seed": seed}))
+        sampler = Sampler(replace(params, seed=seed))
         self.context_full = False
         t0 = time.perf_counter()
         try:

@@ -38,10 +38,11 @@ class Layer:
 class LlamaModel:
     """Weights and forward pass of one LLaMA model. Stateless apart from the KV cache passed in."""
 
-    def __init__(self, gguf: GGUFFile, backends: Sequence[Backend], head_backend: Backend):
-        """`backends[i]` runs layer i; `head_backend` runs the embedding lookup, final norm and output."""
+    def __init__(self, gguf: GGUFFile, config: LlamaConfig, backends: Sequence[Backend], head_backend: Backend):
+        """`config` is LlamaConfig.from_metadata(gguf.metadata); `backends[i]` runs layer i;
+        `head_backend` runs the embedding lookup, final norm and output."""
         self.file = gguf
-        self.config = cfg = LlamaConfig.from_metadata(gguf.metadata, str(gguf.path))
+        self.config = cfg = config
         if len(backends) != cfg.n_layers:
             raise ValueError(f"{len(backends)} backends for {cfg.n_layers} layers")
         self.head_backend = head_backend
