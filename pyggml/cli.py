@@ -127,10 +127,13 @@ def _print_timings(llm) -> None:
             f"({1000 * t.gen_s / t.gen_tokens:8.2f} ms per token, {t.gen_tps:8.2f} tokens per second)")
 
 
-def _stream(pieces) -> bool:
-    """Print text pieces as they come; Ctrl-C stops this answer only. Returns False if interrupted."""
+def _stream(pieces, into: list[str] | None = None) -> bool:
+    """Print text pieces as they come (and collect them in `into`); Ctrl-C stops this answer only.
+    Returns False if interrupted."""
     try:
         for piece in pieces:
+            if into is not None:
+                into.append(piece)
             click.echo(piece, nl=False)
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -238,17 +241,12 @@ def _chat(llm, params, limit, system_prompt, stops, history) -> list:
             continue
         messages.append({"role": "user", "content": line})
         answer: list[str] = []
+
+        def turn():  # rendering and prompt processing run inside _stream, so Ctrl-C covers them too
+            yield from llm.stream_text(llm.chat_prompt_tokens(messages), params, limit, stops, GenerationState())
+
         try:
-            tokens = llm.chat_prompt_tokens(messages)
-            pieces = llm.stream_text(tokens, params, limit, stops, GenerationState())
-            for piece in pieces:
-                answer.append(piece)
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
-            finished = True
-        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the program
-            click.echo("\n[interrupted]", err=True)
-            finished = False
+            finished = _stream(turn(), answer)
         except ContextFullError as e:
             messages.pop()
             click.echo(f"[context full: {e}; /clear to start over]", err=True)
