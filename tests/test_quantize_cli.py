@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 from pyggml.cli import main
 from pyggml.gguf import GGMLType, GGUFFile
-from pyggml.quant import codecs
 from pyggml.quantize import QuantizeError, default_output_path, quantize_file
 from pyggml.synthetic import Shape, write_random_model
 

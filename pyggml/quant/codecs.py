@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from pyggml.gguf.constants import PLAIN_DTYPES, QK, QK_K, TYPE_TRAITS, GGMLType
+from pyggml.gguf.constants import PLAIN_DTYPES, QK_K, TYPE_TRAITS, GGMLType
 
 __all__ = ["QuantError", "row_nbytes", "can_quantize", "quantize", "dequantize", "QUANTIZABLE_TYPES"]
 
