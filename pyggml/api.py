@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backends import CPUBackend
+from .backends import BackendUnavailableError, CPUBackend
 from .chat import chat_template_of, render_chat, strip_leading_bos
 from .gguf.reader import GGUFFile
 from .model import LlamaConfig, LlamaModel
@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 
 class ContextFullError(ValueError):
     """The prompt does not fit in the context window."""
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested device placement cannot be made on this machine."""
 
 
 @dataclass
@@ -66,21 +62,27 @@ class GenerationState:
     text: list[str] = field(default_factory=list)
 
 
-def make_backends(n_layers: int, n_gpu_layers: int, n_threads: int | None):
-    """Per-layer backends and the head backend. n_gpu_layers: 0 = CPU only, -1 = all on the GPU."""
+def make_backends(gguf: GGUFFile, config: LlamaConfig, n_gpu_layers: int, n_threads: int | None, n_ctx: int, n_batch: int):
+    """Per-layer backends and the head backend. n_gpu_layers: 0 = CPU only, -1 (or >= n_layers) = all
+    on the GPU. The GPU memory the placement needs is checked before anything is uploaded."""
     cpu = CPUBackend(n_threads)
+    n_layers = config.n_layers
     if n_gpu_layers == 0:
         return [cpu] * n_layers, cpu
     try:
-        from .cuda.backend import CUDABackend
+        from .cuda.backend import CUDABackend, check_fits
+        gpu = CUDABackend()
     except ImportError as e:
-        raise BackendUnavailableError(f"n_gpu_layers={n_gpu_layers} needs the cuda backend and cupy "
-                                      f"(pip install 'pyggml[cuda]') on a machine with an NVIDIA GPU: {e}") from None
-    gpu = CUDABackend()
+        raise BackendUnavailableError(f"n_gpu_layers={n_gpu_layers} needs cupy (pip install 'pyggml[cuda]') "
+                                      f"and an NVIDIA GPU: {e}") from None
+    except Exception as e:  # cupy is there but no usable GPU or driver
+        raise BackendUnavailableError(f"n_gpu_layers={n_gpu_layers}: no usable CUDA GPU ({type(e).__name__}: {e})") from None
     n_gpu = n_layers if n_gpu_layers < 0 or n_gpu_layers >= n_layers else n_gpu_layers
+    plan = check_fits(gguf, config, n_gpu, n_ctx, n_batch, gpu.free_memory())
+    gpu.expect_upload(plan.weight_bytes)
     # The last n_gpu layers go to the GPU (as llama.cpp offloads), the head too when all layers do.
     backends = [cpu] * (n_layers - n_gpu) + [gpu] * n_gpu
-    return backends, (gpu if n_gpu == n_layers else cpu)
+    return backends, (gpu if plan.head_on_gpu else cpu)
 
 
 class Llama:
@@ -102,10 +104,10 @@ class Llama:
         self.file = GGUFFile(model_path)
         self.tokenizer = load_tokenizer(self.file.metadata)
         self.config = LlamaConfig.from_metadata(self.file.metadata, str(self.file.path))
-        backends, head = make_backends(self.config.n_layers, n_gpu_layers, n_threads)
-        self.model = LlamaModel(self.file, self.config, backends, head)
         if n_ctx <= 0:
             n_ctx = self.config.n_ctx_train
+        backends, head = make_backends(self.file, self.config, n_gpu_layers, n_threads, n_ctx, max(1, n_batch))
+        self.model = LlamaModel(self.file, self.config, backends, head)
         self.cache = KVCache(self.config, n_ctx, backends, kv_path)
         self.n_batch = max(1, n_batch)
         self.seed = seed

@@ -18,6 +18,10 @@ from .tensor import QWeight
 log = logging.getLogger(__name__)
 
 
+class BackendUnavailableError(RuntimeError):
+    """The requested device placement cannot be made on this machine."""
+
+
 class Backend(Protocol):
     name: str
 

@@ -1,6 +1,7 @@
 """Benchmarks in the spirit of llama-bench: prompt processing (pp) and token generation (tg)
-in tokens/s, with tg's achieved weight-read bandwidth as a share of this machine's read
-bandwidth, measured in the same run with the same threads."""
+in tokens/s, with tg's achieved weight-read bandwidth as a share of the bandwidth measured in
+the same run: this machine's streaming read with the same threads, or, with every layer on the
+GPU (-ngl), the GPU's device-to-device copy bandwidth (bytes read + written per second)."""
 from __future__ import annotations
 
 import math
@@ -62,12 +63,33 @@ def measure_read_bandwidth(n_bytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> 
     return a.nbytes / best
 
 
-def weight_bytes_per_token(llm) -> int:
-    """Bytes of weights one decode step reads: every layer matrix, the output head, one embedding row."""
+def measure_device_copy_bandwidth(n_bytes: int = BANDWIDTH_BYTES, repeats: int = 10) -> float:
+    """Best-of-N device-to-device copy of a large buffer on the GPU, counting bytes read plus written, in bytes/s."""
+    import cupy as cp
+
+    a = cp.ones(n_bytes // 4, cp.float32)
+    b = cp.empty_like(a)
+    b[...] = a
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    best = math.inf
+    for _ in range(repeats):
+        start.record()
+        b[...] = a
+        stop.record()
+        stop.synchronize()
+        best = min(best, cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return 2 * a.nbytes / best
+
+
+def weight_bytes_per_token(llm, backend: str | None = None) -> int:
+    """Bytes of weights one decode step reads: every layer matrix, the output head, one embedding row;
+    with `backend` ("cpu", "cuda"), only what that backend reads."""
     m = llm.model
-    total = sum(w.nbytes for layer in m.layers for w in (layer.wq, layer.wk, layer.wv, layer.wo,
-                                                        layer.w_gate, layer.w_up, layer.w_down))
-    return total + m.output.nbytes + m.tok_embd.nbytes // m.tok_embd.rows
+    total = sum(w.nbytes for layer in m.layers if backend in (None, layer.backend.name)
+                for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
+    if backend in (None, m.head_backend.name):
+        total += m.output.nbytes + m.tok_embd.nbytes // m.tok_embd.rows
+    return total
 
 
 def run_pp(llm, n_prompt: int, repetitions: int, rng: np.random.Generator) -> BenchResult:
@@ -111,28 +133,32 @@ def bench_model(model_path: str, n_prompt: int = 128, n_gen: int = 64, repetitio
         results.append(run_pp(llm, n_prompt, repetitions, rng))
     if n_gen > 0:
         results.append(run_tg(llm, n_gen, repetitions, rng))
-    bw = measure_read_bandwidth()
+    all_on_gpu = llm.model.head_backend.name == "cuda"
+    n_gpu = sum(layer.backend.name == "cuda" for layer in llm.model.layers)
+    bw = measure_device_copy_bandwidth() if all_on_gpu else measure_read_bandwidth()
     return {
         "model": Path(model_path).name,
         "size": Path(model_path).stat().st_size,
         "params": sum(t.n_elements for t in llm.file),
+        "backend": f"cuda ngl={n_gpu}" + ("" if all_on_gpu else f" + cpu {threads} thr") if n_gpu else f"cpu {threads} thr",
         "threads": threads,
-        "bytes_per_token": weight_bytes_per_token(llm),
+        "bytes_per_token": weight_bytes_per_token(llm, None if all_on_gpu or not n_gpu else "cpu"),
         "read_bw": bw,
+        "bw_kind": "GPU copy" if all_on_gpu else ("CPU read, CPU layers' weights" if n_gpu else "CPU read"),
         "results": results,
     }
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | size | params | backend | threads | test | t/s | weights GB/s | share of read bw |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | size | params | backend | test | t/s | weights GB/s | share of measured bw |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for res in r["results"]:
             gbs = share = ""
             if res.test.startswith("tg"):
                 achieved = r["bytes_per_token"] * res.mean
                 gbs = f"{achieved / 1e9:.1f}"
-                share = f"{100 * achieved / r['read_bw']:.0f}% of {r['read_bw'] / 1e9:.1f}"
-            lines.append(f"| {r['model']} | {r['size'] / 2**20:.0f} MiB | {r['params'] / 1e9:.2f} B | cpu | {r['threads']} "
+                share = f"{100 * achieved / r['read_bw']:.0f}% of {r['bw_kind']} {r['read_bw'] / 1e9:.1f}"
+            lines.append(f"| {r['model']} | {r['size'] / 2**20:.0f} MiB | {r['params'] / 1e9:.2f} B | {r['backend']} "
                          f"| {res.test} | {res.mean:.2f} ± {res.std:.2f} | {gbs} | {share} |")
     return "\n".join(lines)

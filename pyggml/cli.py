@@ -282,5 +282,63 @@ def bench(models, n_prompt, n_gen, repetitions, threads, n_gpu_layers) -> None:
     click.echo(markdown_table(rows))
 
 
+@main.command()
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="GGUF file to measure (the quantized one with --kl-base).")
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text to score (UTF-8).")
+@click.option("-c", "--ctx-size", default=512, show_default=True, help="Tokens per chunk; the second half of each is scored.")
+@click.option("-b", "--batch-size", default=512, show_default=True, help="Tokens evaluated per forward pass.")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("-ngl", "--n-gpu-layers", "--gpu-layers", default=0, show_default=True, help="Layers to offload to the GPU (-1 = all).")
+@click.option("--chunks", "n_chunks", default=-1, show_default=True, help="Chunks to evaluate (-1 = all the text has).")
+@click.option("--kl-base", "kl_base", type=click.Path(exists=True, dir_okay=False),
+              help="Base model (e.g. f16) to compare against: KL divergence, PPL of both, top-1 agreement.")
+def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layers, n_chunks, kl_base) -> None:
+    """Perplexity of a model over a text (as llama.cpp's perplexity tool), or its KL divergence from a base model."""
+    import time
+
+    from .api import BackendUnavailableError, Llama
+    from .gguf import GGUFError
+    from .model import ModelError
+    from .perplexity import (KL_CHUNK_HEADER, PerplexityError, kl_chunk_line, kl_divergence, kl_summary,
+                             perplexity_summary)
+    from .perplexity import perplexity as measure
+    from .tokenizer import TokenizerError
+
+    err = lambda s: click.echo(s, err=True)  # noqa: E731
+    text = Path(text_file).read_text(encoding="utf-8")
+
+    def on_chunk(result) -> None:
+        if result.n_done == 1:
+            err(f"perplexity: {result.n_text_tokens} tokens, {result.n_chunks} chunks of {result.n_ctx}, "
+                f"batch size {batch_size}")
+            if kl_base:
+                click.echo(KL_CHUNK_HEADER)
+        if kl_base:
+            click.echo(kl_chunk_line(result))
+        else:
+            click.echo(f"[{result.n_done}]{result.ppl().value:.4f},", nl=False)
+        sys.stdout.flush()
+
+    try:
+        llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads, n_gpu_layers=n_gpu_layers)
+        base = Llama(kl_base, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads,
+                     n_gpu_layers=n_gpu_layers) if kl_base else None
+        t0 = time.perf_counter()
+        if base is not None:
+            result = kl_divergence(llm, base, text, n_chunks=n_chunks, on_chunk=on_chunk)
+            lines = kl_summary(result)
+        else:
+            result = measure(llm, text, n_chunks=n_chunks, on_chunk=on_chunk)
+            click.echo()
+            lines = perplexity_summary(result)
+    except (PerplexityError, GGUFError, ModelError, TokenizerError, BackendUnavailableError, ValueError, OSError) as e:
+        _fail(str(e))
+    for line in lines:
+        click.echo(line)
+    seconds = time.perf_counter() - t0
+    err(f"perplexity: {result.n_done} chunks in {seconds:.2f} s")
+
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -125,8 +126,10 @@ def write_random_model(
     seed: int = 0,
     vocab_metadata: dict[str, object] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    workers: int | None = None,
 ) -> None:
-    """Write a random-weight LLaMA GGUF; `vocab_metadata` (tokenizer.* keys) defaults to a synthetic vocab."""
+    """Write a random-weight LLaMA GGUF; `vocab_metadata` (tokenizer.* keys) defaults to a synthetic vocab.
+    Tensors are drawn on `workers` threads (default: one per CPU); the bytes do not depend on it."""
     if isinstance(shape, str):
         shape = SHAPES[shape]
     meta = llama_metadata(shape, f"random-{shape.dim}x{shape.n_layers}", weight_type)
@@ -136,4 +139,26 @@ def write_random_model(
         t = stored_type(s, weight_type)
         return TensorPlan(name, s, t, lambda: codecs.quantize(random_weight(name, s, seed), t))
 
-    write_gguf(path, meta, [plan(n, s) for n, s in tensor_shapes(shape).items()], progress=progress)
+    plans = [plan(n, s) for n, s in tensor_shapes(shape).items()]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        write_gguf(path, meta, plans, progress=progress)
+        return
+    with ThreadPoolExecutor(workers) as pool:  # numpy's generators and ufuncs release the GIL
+        write_gguf(path, meta, _prefetched(plans, pool, workers), progress=progress)
+
+
+def _prefetched(plans: list[TensorPlan], pool: ThreadPoolExecutor, ahead: int) -> list[TensorPlan]:
+    """The same plans, each load() also starting the next `ahead` loads on the pool (the writer
+    still receives the tensors one at a time, in order)."""
+    pending: dict[int, object] = {}
+
+    def loader(i: int) -> Callable[[], np.ndarray]:
+        def load() -> np.ndarray:
+            for j in range(i, min(i + ahead, len(plans))):
+                if j not in pending:
+                    pending[j] = pool.submit(plans[j].load)
+            return pending.pop(i).result()
+        return load
+
+    return [TensorPlan(p.name, p.shape, p.ggml_type, loader(i)) for i, p in enumerate(plans)]

@@ -131,7 +131,7 @@ def test_wheel_ships_convert_inside_pyggml(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "pyggml/convert/__init__.py" in names and "pyggml/convert/llama.py" in names
     assert not any(n.startswith("convert/") for n in names)
-    sources = {str(p.relative_to(REPO)) for p in (REPO / "pyggml").rglob("*.py")}
+    sources = {str(p.relative_to(REPO)) for ext in ("*.py", "*.cu") for p in (REPO / "pyggml").rglob(ext)}
     assert sources <= set(names), f"missing from the wheel: {sorted(sources - set(names))}"
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True)

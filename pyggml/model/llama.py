@@ -113,9 +113,7 @@ class LlamaModel:
         a = b.silu_mul(b.matmul(layer.w_gate, h), b.matmul(layer.w_up, h))
         return x + b.matmul(layer.w_down, a)
 
-    def hidden_states(self, tokens: np.ndarray, start_pos: int, cache: KVCache) -> tuple[object, Backend]:
-        """Run the layers on tokens at positions start_pos..; returns the final-normed (n_tok, dim)."""
-        tokens = np.asarray(tokens, dtype=np.int64)
+    def _check(self, tokens: np.ndarray, start_pos: int, cache: KVCache) -> None:
         n_tok = len(tokens)
         if n_tok == 0:
             raise ValueError("no tokens to evaluate")
@@ -123,20 +121,47 @@ class LlamaModel:
             raise ValueError(f"positions {start_pos}..{start_pos + n_tok - 1} do not fit the context of {cache.n_ctx} tokens")
         if tokens.min() < 0 or tokens.max() >= self.config.n_vocab:
             raise ValueError(f"token id out of range [0, {self.config.n_vocab})")
+
+    def segments(self) -> list[tuple[Backend, list[int]]]:
+        """Runs of consecutive layers on one backend, in order."""
+        runs: list[tuple[Backend, list[int]]] = []
+        for i, layer in enumerate(self.layers):
+            if runs and runs[-1][0] is layer.backend:
+                runs[-1][1].append(i)
+            else:
+                runs.append((layer.backend, [i]))
+        return runs
+
+    def hidden_states(self, tokens: np.ndarray, start_pos: int, cache: KVCache) -> tuple[object, Backend]:
+        """Run the layers on tokens at positions start_pos..; returns the final-normed (n_tok, dim)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        self._check(tokens, start_pos, cache)
+        n_tok = len(tokens)
         positions = np.arange(start_pos, start_pos + n_tok, dtype=np.int64)
         x = self.head_backend.embed(self.tok_embd, tokens)
         on = self.head_backend
-        for li, layer in enumerate(self.layers):
-            if layer.backend is not on:  # the hidden state crosses once per device boundary
-                x = layer.backend.to_device(on.to_host(x))
-                on = layer.backend
-            x = self._layer_forward(layer, li, x, positions, start_pos, cache)
+        for backend, ids in self.segments():
+            if backend is not on:  # the hidden state crosses once per device boundary
+                x = backend.to_device(on.to_host(x))
+                on = backend
+            fused = getattr(backend, "decode_layers", None) if n_tok == 1 else None
+            if fused is not None:  # one token: the backend runs its layers as one captured step
+                x = fused(self, ids, x, start_pos, cache)
+                continue
+            for li in ids:
+                x = self._layer_forward(self.layers[li], li, x, positions, start_pos, cache)
         if on is not self.head_backend:
             x = self.head_backend.to_device(on.to_host(x))
         return self.head_backend.rmsnorm(x, self.output_norm, self.config.rms_eps), self.head_backend
 
     def forward(self, tokens: np.ndarray, start_pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Logits (float32) for the last token (n_vocab,), or for every token (n_tok, n_vocab)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        whole = getattr(self.head_backend, "decode_forward", None)
+        if whole is not None and len(tokens) == 1 and all(layer.backend is self.head_backend for layer in self.layers):
+            self._check(tokens, start_pos, cache)
+            logits = whole(self, int(tokens[0]), start_pos, cache)
+            return logits.reshape(1, -1) if all_logits else logits
         h, b = self.hidden_states(tokens, start_pos, cache)
         if not all_logits:
             h = h[-1:]

@@ -1,0 +1,477 @@
+"""CUDABackend: the Backend protocol on an NVIDIA GPU through cupy.
+
+- Weights are uploaded once, as the file's bytes (GGUF block layout), and never dequantized
+  into a float copy: decode products read the blocks directly (kernels.cu, `mmv`).
+- One token (decode) runs as a CUDA graph: the layers of this backend (and the embedding lookup
+  and output head when they are here too) are captured once per KV cache and replayed; the token
+  and position travel in one 16-byte copy, the logits (or the hidden state) come back in one.
+- A prompt batch dequantizes one weight matrix at a time into a reused fp16 scratch tile and
+  multiplies on the tensor cores (cuBLAS, fp32 accumulate and output); attention is batched
+  matrix products with a causal softmax.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from typing import Sequence
+
+import numpy as np
+
+from ..backends import BackendUnavailableError
+from ..gguf.constants import GGMLType, TensorNames
+from ..tensor import QWeight
+
+log = logging.getLogger(__name__)
+
+TYPE_CODES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.BF16: 2, GGMLType.Q4_0: 3,
+              GGMLType.Q5_0: 4, GGMLType.Q8_0: 5, GGMLType.Q6_K: 6}
+SUPPORTED_TYPES = frozenset(TYPE_CODES)
+INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0})  # multiply int8 activations
+FLOAT_VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # 8-wide loads when cols % 8 == 0
+CHUNK_TYPES = {GGMLType.Q4_0: 18, GGMLType.Q8_0: 34}  # 16-byte loads over activations laid out like the blocks
+MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
+PATH_GROUP, PATH_CHUNK, PATH_ANY = 0, 1, 2
+UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 2, GGMLType.F16: 2, GGMLType.BF16: 2}
+CHUNK_UNROLL = 2
+K_SPLITS = (1, 2, 4)  # warps per row pair: more warps in flight for matrices of few rows
+
+
+def k_split(t: GGMLType, path: int, pairs: int) -> int:
+    """Warps per row pair, from tools/bench_gpu_kernels.py on an H200: splitting the columns of
+    matrices with few rows helps the 2-byte loads of the group path and Q8_0's chunks, not Q4_0's."""
+    if path == PATH_GROUP and pairs <= 2048:
+        return 4
+    if path == PATH_CHUNK and t is GGMLType.Q8_0 and pairs <= 8192:
+        return 2
+    return 1
+WARPS = 8  # warps (row pairs) per block of the matvec
+ATT_SPLITS = 16  # decode attention: key ranges per head, merged by attn_combine
+MARGIN = 512 << 20  # GPU memory left free for cuBLAS workspaces, cupy's pool and the driver
+CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
+
+
+class GPUMemoryError(BackendUnavailableError):
+    """The layers asked for do not fit in the GPU's free memory."""
+
+
+# ---------------------------------------------------------------------------- memory plan
+@dataclass(frozen=True)
+class OffloadPlan:
+    """GPU memory needed by a placement, worked out from the file before anything is uploaded."""
+
+    n_gpu_layers: int
+    head_on_gpu: bool
+    weight_bytes: int
+    kv_bytes: int
+    scratch_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.scratch_bytes
+
+
+def plan_offload(gguf, config, n_gpu: int, n_ctx: int, n_batch: int) -> OffloadPlan:
+    """Bytes on the GPU for the last `n_gpu` layers (and the head when n_gpu == all)."""
+    cfg = config
+    head = n_gpu == cfg.n_layers
+    per_layer = []
+    for i in range(cfg.n_layers):
+        per_layer.append(sum(info.nbytes for name, info in gguf.tensors.items() if name.startswith(f"blk.{i}.")))
+    weights = sum(per_layer[cfg.n_layers - n_gpu:])
+    matrices = [info for name, info in gguf.tensors.items() if name.startswith(f"blk.{cfg.n_layers - 1}.") and len(info.shape) == 2]
+    if head:
+        for name in (TensorNames.TOKEN_EMBD, TensorNames.OUTPUT, TensorNames.OUTPUT_NORM):
+            if name in gguf.tensors:
+                weights += gguf.tensors[name].nbytes
+                if name != TensorNames.OUTPUT_NORM:
+                    matrices.append(gguf.tensors[name])
+    kv = n_gpu * 2 * cfg.n_kv_heads * n_ctx * cfg.head_dim * 4
+    # prompt batches: the largest matrix as fp16, activations of n_batch tokens, attention scores
+    largest = max((int(np.prod(m.shape)) for m in matrices), default=0) * 2 if n_gpu else 0
+    acts = n_batch * (4 * cfg.dim + 3 * cfg.ffn_dim) * 4 + n_batch * max(cfg.dim, cfg.ffn_dim) * 2
+    scores = cfg.n_heads * n_batch * n_ctx * 4 * 2
+    decode = (4 * max(cfg.dim, cfg.ffn_dim) + cfg.n_vocab) * 4 + cfg.n_heads * ATT_SPLITS * (cfg.head_dim + 2) * 4
+    scratch = (largest + acts + scores + decode) if n_gpu else 0
+    return OffloadPlan(n_gpu, head, weights, kv, scratch)
+
+
+def check_fits(gguf, config, n_gpu: int, n_ctx: int, n_batch: int, free: int) -> OffloadPlan:
+    """The plan for n_gpu layers, or GPUMemoryError naming how many layers would fit."""
+    plan = plan_offload(gguf, config, n_gpu, n_ctx, n_batch)
+    log.info("GPU memory needed for %d layers%s: %.2f GiB (weights %.2f, KV cache %.2f, scratch %.2f); %.2f GiB free",
+             n_gpu, " and the head" if plan.head_on_gpu else "", plan.total / 2**30, plan.weight_bytes / 2**30,
+             plan.kv_bytes / 2**30, plan.scratch_bytes / 2**30, free / 2**30)
+    if plan.total + MARGIN <= free:
+        return plan
+    fits = max((n for n in range(n_gpu) if plan_offload(gguf, config, n, n_ctx, n_batch).total + MARGIN <= free), default=0)
+    raise GPUMemoryError(
+        f"{gguf.path}: {n_gpu} layers on the GPU need {plan.total / 2**30:.2f} GiB (weights {plan.weight_bytes / 2**30:.2f}, "
+        f"KV cache for {n_ctx} tokens {plan.kv_bytes / 2**30:.2f}, scratch {plan.scratch_bytes / 2**30:.2f}) but only "
+        f"{(free - MARGIN) / 2**30:.2f} GiB is free; try --n-gpu-layers {fits}" + (" or a smaller context" if fits else ""))
+
+
+# -------------------------------------------------------------------------------- kernels
+_MODULE = None
+
+
+def _kernel_names() -> list[str]:
+    names = []
+    for t, code in TYPE_CODES.items():
+        names += [f"get_rows<{code}>", f"dequant_f16<{code}>"]
+        for mode in (MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV):
+            names.append(f"mmv<{code}, {mode}, 1, {PATH_ANY}, 1>")
+            for ks in K_SPLITS:
+                if t in UNROLL:
+                    names.append(f"mmv<{code}, {mode}, {UNROLL[t]}, {PATH_GROUP}, {ks}>")
+                if t in CHUNK_TYPES:
+                    names.append(f"mmv<{code}, {mode}, {CHUNK_UNROLL}, {PATH_CHUNK}, {ks}>")
+    return names
+
+
+def _module():
+    """kernels.cu compiled for this GPU (cupy keeps the binary in its on-disk kernel cache)."""
+    global _MODULE
+    if _MODULE is None:
+        import cupy as cp
+
+        src = resources.files(__package__).joinpath("kernels.cu").read_text()
+        _MODULE = cp.RawModule(code=src, options=("-std=c++17",), name_expressions=_kernel_names())
+    return _MODULE
+
+
+def _ptr(a) -> np.uint64:
+    return np.uint64(0 if a is None else a.data.ptr)
+
+
+class Arranged:
+    """An input's int8 values laid out like Q4_0 (two planes) and Q8_0 weight rows, zero under the
+    scales: what the chunked products read (kernels.cu, dot_rows_chunk). Zeroed once; producers
+    write only the value positions."""
+
+    def __init__(self, cp, width: int):
+        blocks = (width + 31) // 32
+        self.plane = 16 * ((18 * blocks + 15) // 16)
+        self.a4 = cp.zeros(2 * self.plane, np.uint8)
+        self.a8 = cp.zeros(16 * ((34 * blocks + 15) // 16), np.uint8)
+
+    def args(self) -> tuple:
+        """What the producers take: both layouts."""
+        return (_ptr(self.a4), np.int64(self.plane), _ptr(self.a8))
+
+    def args_for(self, t: GGMLType) -> tuple:
+        """What a chunked product of type t reads: its layout and the plane stride."""
+        return (_ptr(self.a4), np.int64(self.plane)) if t is GGMLType.Q4_0 else (_ptr(self.a8), np.int64(0))
+
+
+NO_ARRANGED = (np.uint64(0), np.int64(0), np.uint64(0))
+
+
+class _Workspace:
+    """Fixed buffers of the decode graph (their addresses are baked into it)."""
+
+    def __init__(self, cp, cfg):
+        width = max(cfg.dim, cfg.ffn_dim)
+        self.io = cp.zeros(2, np.int64)  # token, position
+        self.x = cp.zeros(cfg.dim, np.float32)  # the residual stream
+        self.h = cp.zeros(width, np.float32)  # a normed input in float ...
+        self.hq = cp.zeros(width, np.int8)  # ... and as int8 blocks
+        self.hd = cp.zeros(width // 32 + 1, np.float32)
+        self.ha = Arranged(cp, width)
+        self.q = cp.zeros(cfg.dim, np.float32)
+        self.att = cp.zeros(cfg.dim, np.float32)
+        self.act = cp.zeros(cfg.ffn_dim, np.float32)
+        self.up = cp.zeros(cfg.ffn_dim, np.float32)
+        self.part = cp.zeros(cfg.n_heads * ATT_SPLITS * (cfg.head_dim + 2), np.float32)
+        self.logits = cp.zeros(cfg.n_vocab, np.float32)
+
+
+class CUDABackend:
+    """cupy kernels on one GPU; activations are float32 cupy arrays."""
+
+    name = "cuda"
+
+    def __init__(self, device: int = 0):
+        import cupy as cp
+
+        self.cp = cp
+        self.device = cp.cuda.Device(device)
+        self.device.use()
+        self.mod = _module()
+        self.fn = {n: self.mod.get_function(n) for n in _kernel_names()}
+        for n in ("quantize_q8", "rmsnorm", "attn_partial", "attn_combine", "to_f16", "rope", "causal_softmax", "silu_mul"):
+            self.fn[n] = self.mod.get_function(n)
+        self.stream = cp.cuda.Stream(non_blocking=True)  # decode graphs are captured and replayed here
+        self.io_host = cp.cuda.alloc_pinned_memory(16)
+        self.io_np = np.frombuffer(self.io_host, np.int64, 2)
+        self._graphs: dict = {}
+        self._ws: dict[int, _Workspace] = {}
+        self._inv_freq: dict[bytes, object] = {}
+        self._scratch = None  # fp16 tile of one dequantized matrix (prompt batches)
+        self.uploaded = 0
+        self.expected = 0
+
+    # ---------------------------------------------------------------------- memory, upload
+    def free_memory(self) -> int:
+        free, _ = self.cp.cuda.runtime.memGetInfo()
+        return int(free) + int(self.cp.get_default_memory_pool().free_bytes())
+
+    def expect_upload(self, n_bytes: int) -> None:
+        """Announce how many weight bytes load_weight/load_vector will upload (for the progress line)."""
+        self.expected, self.uploaded = n_bytes, 0
+
+    def _progress(self, n: int) -> None:
+        self.uploaded += n
+        if self.expected and sys.stderr.isatty():
+            end = "\n" if self.uploaded >= self.expected else ""
+            sys.stderr.write(f"\ruploading weights to the GPU: {self.uploaded / 2**20:,.0f} / {self.expected / 2**20:,.0f} MiB{end}")
+            sys.stderr.flush()
+
+    def load_weight(self, w: QWeight) -> QWeight:
+        if w.ggml_type not in SUPPORTED_TYPES:
+            raise NotImplementedError(f"{w.name}: the CUDA backend cannot compute with {w.ggml_type.name} weights")
+        raw = np.ascontiguousarray(w.raw).view(np.uint8).reshape(w.rows, -1)
+        dev = self.cp.asarray(raw)
+        self._progress(raw.nbytes)
+        return QWeight(w.name, dev, w.ggml_type, w.shape)
+
+    def load_vector(self, v: np.ndarray):
+        a = self.cp.asarray(np.ascontiguousarray(v, dtype=np.float32))
+        self._progress(a.nbytes)
+        return a
+
+    def to_device(self, x):
+        return self.cp.ascontiguousarray(self.cp.asarray(x, dtype=np.float32))
+
+    def to_host(self, x) -> np.ndarray:
+        return self.cp.asnumpy(x)
+
+    def empty(self, shape: tuple[int, ...]):
+        return self.cp.empty(shape, np.float32)
+
+    def kv_storage(self, shape: tuple[int, ...], path):
+        if path is not None:
+            log.info("the KV cache of GPU layers lives in GPU memory; %s is not used for them", path)
+        return self.cp.zeros(shape, np.float32)
+
+    # ------------------------------------------------------------------------ kernel launch
+    def _mmv(self, mode: int, w: QWeight, n0: int, cols: int, xq, xd, xf, out, *, xa: Arranged | None = None, w1=None,
+             w2=None, n1: int = 0, rb: int = 0, re: int = 0, kc=None, vc=None, io=None, inv_freq=None, head_dim: int = 0,
+             n_rot: int = 0, n_ctx: int = 0):
+        """Launch the decode product `mmv` (see kernels.cu) for one weight type."""
+        t = w.ggml_type
+        ld = w.raw.shape[1] * w.raw.itemsize
+        if t in CHUNK_TYPES and ld % 16 == 0 and xa is not None and xq is not None:
+            path, unroll = PATH_CHUNK, CHUNK_UNROLL
+        elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and xq is None):
+            path, unroll = PATH_ANY, 1
+            if xf is None:
+                raise ValueError(f"{w.name}: the general product needs the float input")
+        else:
+            path, unroll = PATH_GROUP, UNROLL[t]
+        if mode == MODE_SILU:
+            pairs = n0
+        elif mode == MODE_QKV:
+            pairs = (re - rb) // 2
+        else:
+            pairs = (n0 + 1) // 2
+        ks = k_split(t, path, pairs)
+        name = f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>"
+        per_block = WARPS // ks
+        self.fn[name](((pairs + per_block - 1) // per_block,), (32 * WARPS,),
+                      (_ptr(w.raw), _ptr(w1.raw if w1 is not None else None), _ptr(w2.raw if w2 is not None else None),
+                       np.int64(ld), np.int32(n0), np.int32(n1), np.int32(cols), np.int32(rb), np.int32(re),
+                       _ptr(xq), _ptr(xd), _ptr(xf), *(xa.args_for(t) if path == PATH_CHUNK else NO_ARRANGED[:2]), _ptr(out), _ptr(kc), _ptr(vc), _ptr(io), _ptr(inv_freq),
+                       np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx)))
+
+    def _quantize(self, x, q, d, xa: Arranged | None = None) -> None:
+        n = x.size
+        self.fn["quantize_q8"](((n + 255) // 256,), (256,), (x, np.int32(n), q, d, *(xa.args() if xa else NO_ARRANGED)))
+
+    def _rmsnorm(self, x, w, eps: float, out, q=None, d=None, xa: Arranged | None = None) -> None:
+        """RMSNorm of each row; for one row with q given, also its int8 blocks (and arranged copies)."""
+        rows, n = (1, x.size) if x.ndim == 1 else x.shape
+        quant = q is not None and n % 32 == 0 and rows == 1
+        self.fn["rmsnorm"]((rows,), (min(1024, 32 * ((n + 31) // 32)),),
+                           (x, w, np.float32(eps), np.int32(n), out, _ptr(q if quant else None), _ptr(d if quant else None),
+                            *(xa.args() if quant and xa else NO_ARRANGED)))
+
+    def _inv_freq_dev(self, inv_freq: np.ndarray):
+        key = np.asarray(inv_freq, np.float64).tobytes()
+        if key not in self._inv_freq:
+            self._inv_freq[key] = self.cp.asarray(np.asarray(inv_freq, np.float64))
+        return self._inv_freq[key]
+
+    # ----------------------------------------------------------------- the Backend protocol
+    def matmul(self, w: QWeight, x, out=None):
+        cp = self.cp
+        n_tok = x.shape[0]
+        if out is None:
+            out = cp.empty((n_tok, w.rows), np.float32)
+        if n_tok == 1:  # a matrix-vector product straight from the blocks
+            xf = cp.ascontiguousarray(x[0])
+            xq = xd = xa = None
+            if w.ggml_type in INT8_INPUT_TYPES:
+                xq, xd = cp.empty(w.cols, np.int8), cp.empty(w.cols // 32, np.float32)
+                xa = Arranged(cp, w.cols) if w.ggml_type in CHUNK_TYPES else None
+                self._quantize(xf, xq, xd, xa)
+            self._mmv(MODE_STORE, w, w.rows, w.cols, xq, xd, xf, out, xa=xa)
+            return out
+        if w.ggml_type is GGMLType.F32:  # nothing to dequantize: an fp32 product keeps F32 models exact
+            return cp.matmul(x, w.raw.view(np.float32).T, out=out)
+        # a batch: dequantize the matrix to fp16 once, multiply on the tensor cores
+        n = w.rows * w.cols
+        if self._scratch is None or self._scratch.size < n:
+            self._scratch = cp.empty(n, np.float16)
+        w16 = self._scratch[:n]
+        ld = w.raw.shape[1] * w.raw.itemsize
+        self.fn[f"dequant_f16<{TYPE_CODES[w.ggml_type]}>"](((w.cols + 255) // 256, w.rows), (256,),
+                                                         (w.raw, np.int64(ld), np.int32(w.cols), w16))
+        x16 = cp.empty(x.shape, np.float16)
+        self.fn["to_f16"](((x.size + 255) // 256,), (256,), (cp.ascontiguousarray(x), np.int64(x.size), x16))
+        one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+        handle = cp.cuda.device.get_cublas_handle()
+        # column-major view: out^T (rows, n_tok) = W (rows, cols) @ x^T (cols, n_tok)
+        cp.cuda.cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, n_tok, w.cols,
+                              one.ctypes.data, w16.data.ptr, CUDA_R_16F, w.cols, x16.data.ptr, CUDA_R_16F, w.cols,
+                              zero.ctypes.data, out.data.ptr, CUDA_R_32F, w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        return out
+
+    def embed(self, w: QWeight, tokens: np.ndarray):
+        ids = self.cp.asarray(np.asarray(tokens, np.int64))
+        out = self.cp.empty((len(ids), w.cols), np.float32)
+        self._get_rows(w, ids, out, len(ids))
+        return out
+
+    def _get_rows(self, w: QWeight, ids, out, n: int) -> None:
+        ld = w.raw.shape[1] * w.raw.itemsize
+        self.fn[f"get_rows<{TYPE_CODES[w.ggml_type]}>"](((w.cols + 255) // 256, n), (256,),
+                                                       (w.raw, np.int64(ld), ids, np.int32(w.cols), out))
+
+    def rmsnorm(self, x, weight, eps: float):
+        out = self.cp.empty_like(x)
+        self._rmsnorm(x, weight, eps, out)
+        return out
+
+    def rope(self, x, positions: np.ndarray, inv_freq: np.ndarray):
+        n_tok, n_heads, head_dim = x.shape
+        pos = self.cp.asarray(np.asarray(positions, np.int64))
+        pairs = n_tok * n_heads * head_dim // 2
+        self.fn["rope"](((pairs + 255) // 256,), (256,), (x, pos, np.int32(n_tok), np.int32(n_heads), np.int32(head_dim),
+                                                          self._inv_freq_dev(inv_freq), np.int32(2 * len(inv_freq))))
+        return x
+
+    def attention(self, q, k_cache, v_cache, start_pos: int):
+        """Causal GQA for n_tok queries at start_pos..: batched products and a masked softmax."""
+        cp = self.cp
+        n_tok, n_heads, head_dim = q.shape
+        n_kv = k_cache.shape[0]
+        group = n_heads // n_kv
+        n_keys = start_pos + n_tok
+        qg = q.reshape(n_tok, n_kv, group, head_dim).transpose(1, 2, 0, 3).reshape(n_kv, group * n_tok, head_dim)
+        scores = cp.matmul(qg, k_cache[:, :n_keys].transpose(0, 2, 1))  # (n_kv, group*n_tok, n_keys)
+        scores *= np.float32(1.0 / math.sqrt(head_dim))
+        rows = scores.shape[0] * scores.shape[1]
+        self.fn["causal_softmax"]((rows,), (256,), (scores, np.int32(n_tok), np.int32(n_keys), np.int32(start_pos)))
+        out = cp.matmul(scores, v_cache[:, :n_keys])  # (n_kv, group*n_tok, head_dim)
+        return cp.ascontiguousarray(out.reshape(n_kv, group, n_tok, head_dim).transpose(2, 0, 1, 3).reshape(n_tok, n_heads, head_dim))
+
+    def silu_mul(self, gate, up):
+        out = self.cp.empty_like(gate)
+        self.fn["silu_mul"](((gate.size + 255) // 256,), (256,), (gate, up, np.int64(gate.size), out))
+        return out
+
+    # ------------------------------------------------------------------------ decode graphs
+    def _workspace(self, model) -> _Workspace:
+        ws = self._ws.get(id(model))
+        if ws is None:
+            ws = self._ws[id(model)] = _Workspace(self.cp, model.config)
+        return ws
+
+    def _decode_ops(self, model, layer_ids: Sequence[int], cache, ws: _Workspace, embed: bool, head: bool) -> None:
+        """Launch one token's work on the current stream, reading the token and position from ws.io."""
+        cfg = model.config
+        inv_freq = self._inv_freq_dev(model.inv_freq)
+        hd = cfg.head_dim
+        if embed:
+            self._get_rows(model.tok_embd, ws.io, ws.x, 1)
+        for li in layer_ids:
+            L = model.layers[li]
+            kc, vc = cache.layer(li)
+            self._rmsnorm(ws.x, L.attn_norm, cfg.rms_eps, ws.h, ws.hq, ws.hd, xa=ws.ha)
+            qkv = (L.wq, L.wk, L.wv)
+            segments = [(0, cfg.dim + 2 * cfg.kv_dim)] if len({w.ggml_type for w in qkv}) == 1 else \
+                [(0, cfg.dim), (cfg.dim, cfg.dim + cfg.kv_dim), (cfg.dim + cfg.kv_dim, cfg.dim + 2 * cfg.kv_dim)]
+            for rb, re in segments:
+                w = L.wq if rb == 0 else (L.wk if rb == cfg.dim else L.wv)
+                self._mmv(MODE_QKV, w, cfg.dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.q, xa=ws.ha, w1=L.wk, w2=L.wv, n1=cfg.kv_dim,
+                          rb=rb, re=re, kc=kc, vc=vc, io=ws.io, inv_freq=inv_freq, head_dim=hd, n_rot=cfg.rope_dim,
+                          n_ctx=cache.n_ctx)
+            self.fn["attn_partial"]((cfg.n_heads, ATT_SPLITS), (128,),
+                                    (ws.q, kc, vc, ws.io, np.int32(cache.n_ctx), np.int32(hd), np.int32(cfg.n_heads // cfg.n_kv_heads),
+                                     np.float32(1.0 / math.sqrt(hd)), ws.part))
+            fused_q = hd % 32 == 0
+            self.fn["attn_combine"]((cfg.n_heads,), (32 * ((hd + 31) // 32),),
+                                    (ws.part, np.int32(ATT_SPLITS), np.int32(hd), ws.att, _ptr(ws.hq if fused_q else None),
+                                     _ptr(ws.hd if fused_q else None), *(ws.ha.args() if fused_q else NO_ARRANGED)))
+            if not fused_q and cfg.dim % 32 == 0:
+                self._quantize(ws.att, ws.hq, ws.hd, ws.ha)
+            self._mmv(MODE_ADD, L.wo, cfg.dim, cfg.dim, ws.hq, ws.hd, ws.att, ws.x, xa=ws.ha)
+            self._rmsnorm(ws.x, L.ffn_norm, cfg.rms_eps, ws.h, ws.hq, ws.hd, xa=ws.ha)
+            if L.w_gate.ggml_type == L.w_up.ggml_type:
+                self._mmv(MODE_SILU, L.w_gate, cfg.ffn_dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.act, w1=L.w_up, xa=ws.ha)
+            else:  # two products, then SwiGLU
+                self._mmv(MODE_STORE, L.w_gate, cfg.ffn_dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.act, xa=ws.ha)
+                self._mmv(MODE_STORE, L.w_up, cfg.ffn_dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.up, xa=ws.ha)
+                self.fn["silu_mul"](((cfg.ffn_dim + 255) // 256,), (256,), (ws.act, ws.up, np.int64(cfg.ffn_dim), ws.act))
+            if cfg.ffn_dim % 32 == 0:
+                self._quantize(ws.act, ws.hq, ws.hd, ws.ha)
+            self._mmv(MODE_ADD, L.w_down, cfg.dim, cfg.ffn_dim, ws.hq, ws.hd, ws.act, ws.x, xa=ws.ha)
+        if head:
+            self._rmsnorm(ws.x, model.output_norm, cfg.rms_eps, ws.h, ws.hq, ws.hd, xa=ws.ha)
+            self._mmv(MODE_STORE, model.output, cfg.n_vocab, cfg.dim, ws.hq, ws.hd, ws.h, ws.logits, xa=ws.ha)
+
+    def _graph(self, model, layer_ids: Sequence[int], cache, embed: bool, head: bool):
+        """The captured decode step for these layers and this cache (captured on first use)."""
+        ws = self._workspace(model)
+        kv = cache.layer(layer_ids[0])[0] if layer_ids else None
+        key = (id(model), tuple(layer_ids), None if kv is None else kv.data.ptr, cache.n_ctx, embed, head)
+        g = self._graphs.get(key)
+        if g is None:
+            s = self.stream
+            self._inv_freq_dev(model.inv_freq)  # nothing may be allocated while capturing
+            with s:
+                s.begin_capture()
+                try:
+                    self._decode_ops(model, layer_ids, cache, ws, embed, head)
+                finally:
+                    g = s.end_capture()
+            if len(self._graphs) >= 8:  # caches come and go (embeddings use scratch ones): keep a few
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = g
+        return g, ws
+
+    def _launch(self, g, ws: _Workspace, token: int, pos: int) -> None:
+        cp = self.cp
+        s = self.stream
+        s.wait_event(cp.cuda.get_current_stream().record())  # after whatever the caller queued
+        self.io_np[0], self.io_np[1] = token, pos
+        ws.io.data.copy_from_host_async(ctypes.c_void_p(self.io_host.ptr), 16, stream=s)
+        g.launch(stream=s)
+        cp.cuda.get_current_stream().wait_event(s.record())
+
+    def decode_layers(self, model, layer_ids: Sequence[int], x, start_pos: int, cache):
+        """One token through this backend's layers: (1, dim) hidden state in -> (1, dim) out (on the GPU)."""
+        g, ws = self._graph(model, layer_ids, cache, embed=False, head=False)
+        ws.x[...] = self.cp.asarray(x, np.float32).reshape(-1)
+        self._launch(g, ws, 0, start_pos)
+        return ws.x.reshape(1, -1).copy()
+
+    def decode_forward(self, model, token: int, start_pos: int, cache) -> np.ndarray:
+        """One token through the whole model (all layers and the head here): next-token logits on the host."""
+        g, ws = self._graph(model, range(len(model.layers)), cache, embed=True, head=True)
+        self._launch(g, ws, token, start_pos)
+        return self.cp.asnumpy(ws.logits)

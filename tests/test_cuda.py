@@ -1,0 +1,156 @@
+"""The GPU backend against the references: each weight type's products against the numpy kernels,
+whole-model logits against the CPU backend (full and partial offload, prompt batches and captured
+decode steps), and the stories260K greedy reference. Skipped without cupy and a CUDA GPU; run on
+the GPU machine (see README, "GPU").
+
+Stated tolerances, as max |gpu - reference| / max |reference|:
+- decode products (int8 or float activations, as the CPU kernels): 1e-4 (float summation order);
+- prompt products (fp16 tensor-core GEMM, fp32 accumulate): 5e-3 (fp16 rounding of W and x);
+- whole-model logits vs the CPU backend, float weights: 2e-3.
+- quantized weights, decode steps alone: 2e-2. Both backends round activations to int8 blocks the
+  same way, but a 1e-7 float difference (summation order) now and then moves a value across a
+  rounding boundary; one such flip shifts logits by ~1e-3..1e-2 and carries to later positions.
+- quantized weights, prompt logits and the decode steps that follow them: 5e-2 (the CPU prompt path
+  rounds activations to int8, the GPU one multiplies in fp16, so the KV caches differ by that).
+- in every case the same top token at >= 90% of positions.
+"""
+import numpy as np
+import pytest
+
+from pyggml import Llama
+from pyggml.gguf import GGMLType
+from pyggml.gguf.constants import QK_K, TYPE_TRAITS
+from pyggml.kernels import reference
+from pyggml.quant import codecs
+from pyggml.synthetic import Shape, write_random_model
+from pyggml.tensor import QWeight
+
+cp = pytest.importorskip("cupy")
+try:
+    if cp.cuda.runtime.getDeviceCount() < 1:
+        raise RuntimeError("no device")
+except Exception as e:  # noqa: BLE001 - any failure to reach a GPU means: skip
+    pytest.skip(f"no CUDA GPU: {e}", allow_module_level=True)
+
+from pyggml.cuda.backend import CUDABackend  # noqa: E402
+
+INT8 = (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)
+FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+SHAPES = {  # head_dim 64 (fused attention quantization) and head_dim 8 with GQA 4:1
+    "hd64": Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=300, ctx=64),
+    "hd8": Shape(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, ffn_dim=96, vocab=300, ctx=64, rope_base=500000.0),
+}
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    return CUDABackend()
+
+
+def rel_err(got, want) -> float:
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+
+
+def random_weight(t: GGMLType, rows: int, cols: int, rng) -> np.ndarray:
+    if t is GGMLType.Q6_K:  # no encoder: random blocks with sane fp16 scales
+        size = TYPE_TRAITS[t].type_size
+        raw = rng.integers(0, 256, (rows, cols // QK_K, size), dtype=np.uint8)
+        raw[..., size - 2 : size] = np.float16(0.01 * rng.random((rows, cols // QK_K)) + 1e-3)[..., None].view(np.uint8)
+        return raw.reshape(rows, -1)
+    return codecs.quantize(rng.standard_normal((rows, cols), dtype=np.float32), t)
+
+
+CASES = [(t, c) for t in INT8 for c in (256, 96)] + [(t, c) for t in FLOATS for c in (256, 100)] + [(GGMLType.Q6_K, 512)]
+
+
+@pytest.mark.parametrize("t, cols", CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_decode_product_matches_reference(gpu, t, cols):
+    rng = np.random.default_rng(cols)
+    rows = 37  # odd: the last warp's pair has one row
+    raw = random_weight(t, rows, cols, rng)
+    w = gpu.load_weight(QWeight("w", raw, t, (rows, cols)))
+    x = rng.standard_normal((1, cols), dtype=np.float32)
+    got = gpu.matmul(w, gpu.to_device(x)).get()
+    want = (reference.matmul_int8_activations if t in INT8 else reference.matmul)(raw, t, x)
+    assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("t", INT8 + FLOATS + (GGMLType.Q6_K,), ids=lambda t: t.name)
+def test_prompt_product_matches_reference(gpu, t):
+    rng = np.random.default_rng(3)
+    rows, cols = 70, 512
+    raw = random_weight(t, rows, cols, rng)
+    w = gpu.load_weight(QWeight("w", raw, t, (rows, cols)))
+    x = rng.standard_normal((9, cols), dtype=np.float32)
+    got = gpu.matmul(w, gpu.to_device(x)).get()
+    assert rel_err(got, reference.matmul(raw, t, x)) < 5e-3
+
+
+def test_embedding_rows_match_codecs(gpu):
+    rng = np.random.default_rng(5)
+    for t in INT8 + FLOATS + (GGMLType.Q6_K,):
+        raw = random_weight(t, 20, 256, rng)
+        w = gpu.load_weight(QWeight("w", raw, t, (20, 256)))
+        ids = np.array([3, 0, 19, 3])
+        np.testing.assert_array_equal(gpu.embed(w, ids).get(), codecs.dequantize(raw, t)[ids].astype(np.float32))
+
+
+@pytest.fixture(scope="module", params=[(s, t) for s in SHAPES for t in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0,
+                                                                         GGMLType.F16, GGMLType.F32, GGMLType.BF16)],
+                ids=lambda p: f"{p[0]}-{p[1].name}")
+def random_model(request, tmp_path_factory):
+    shape, t = request.param
+    path = tmp_path_factory.mktemp("gpu") / f"{shape}-{t.name}.gguf"
+    write_random_model(path, SHAPES[shape], t, seed=11)
+    return path
+
+
+def run(path, n_gpu_layers):
+    """Prompt logits (all positions) and six decode steps' logits."""
+    llm = Llama(path, n_ctx=40, n_gpu_layers=n_gpu_layers)
+    prompt = np.array([1, 17, 299, 5, 42, 42, 100, 3, 250, 7, 8])
+    batch = llm.model.forward(prompt, 0, llm.cache, all_logits=True)
+    steps = [llm.model.forward(np.array([t]), len(prompt) + i, llm.cache) for i, t in enumerate([9, 4, 4, 200, 13, 1])]
+    return batch, np.stack(steps)
+
+
+@pytest.mark.parametrize("n_gpu_layers", [-1, 1], ids=["all", "one-layer"])
+def test_model_on_gpu_matches_cpu(random_model, n_gpu_layers):
+    cpu_batch, cpu_steps = run(random_model, 0)
+    gpu_batch, gpu_steps = run(random_model, n_gpu_layers)
+    print(f"{random_model.name} ngl={n_gpu_layers}: prompt {rel_err(gpu_batch, cpu_batch):.2e}, "
+          f"decode {rel_err(gpu_steps, cpu_steps):.2e}")
+    tol = 5e-2 if GGMLType[random_model.stem.split("-")[1]] in INT8 else 2e-3
+    assert rel_err(gpu_steps, cpu_steps) < tol
+    assert rel_err(gpu_batch, cpu_batch) < tol
+    assert (gpu_batch.argmax(1) == cpu_batch.argmax(1)).mean() >= 0.9
+    assert (gpu_steps.argmax(1) == cpu_steps.argmax(1)).mean() >= 0.9
+
+
+def test_decode_graph_replays_at_every_position(random_model):
+    """The captured step reads its position from the device: 30 steps match 30 fresh prefills' last logits."""
+    llm = Llama(random_model, n_ctx=40, n_gpu_layers=-1)
+    ref = Llama(random_model, n_ctx=40, n_gpu_layers=0)
+    tokens = [1] + [int(t) for t in np.random.default_rng(0).integers(3, 300, 29)]
+    got = [llm.model.forward(np.array([t]), i, llm.cache) for i, t in enumerate(tokens)]
+    want = [ref.model.forward(np.array([t]), i, ref.cache) for i, t in enumerate(tokens)]
+    print(f"{random_model.name}: 30 decode steps {rel_err(np.stack(got), np.stack(want)):.2e}")
+    tol = 2e-2 if GGMLType[random_model.stem.split("-")[1]] in INT8 else 2e-3
+    assert rel_err(np.stack(got), np.stack(want)) < tol
+    assert (np.stack(got).argmax(1) == np.stack(want).argmax(1)).mean() >= 0.9
+
+
+def test_stories_greedy_unchanged_on_gpu(stories_dir, tmp_path):
+    from pyggml.convert import convert_hf_to_gguf
+    from pyggml.sampling import SamplingParams
+
+    path = convert_hf_to_gguf(stories_dir, tmp_path / "s-f32.gguf", outtype="f32")
+    greedy = SamplingParams(temperature=0, repeat_penalty=1.0)
+    out = {}
+    for ngl in (0, -1, 2):
+        llm = Llama(path, n_ctx=512, n_gpu_layers=ngl)
+        prompt = llm.tokenize("Once upon a time")
+        out[ngl] = list(llm.generate_tokens(prompt, greedy, 252))
+    ref = (stories_dir / "reference_greedy.txt").read_text(encoding="utf-8")
+    assert llm.tokenizer.decode(prompt + out[-1]) + "\n" == ref  # run.c prints a newline after the generation
+    assert out[-1] == out[0] == out[2]

@@ -1,0 +1,97 @@
+"""Time the GPU decode product (mmv in pyggml/cuda/kernels.cu) alone on Llama-2-7B-sized matrices:
+achieved weight GB/s against the device copy bandwidth measured in the same run, per type and
+unroll factor. Needs cupy and an NVIDIA GPU.
+
+    python tools/bench_gpu_kernels.py
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from importlib import resources
+
+import cupy as cp
+import numpy as np
+
+from pyggml.bench import measure_device_copy_bandwidth
+from pyggml.cuda.backend import CHUNK_TYPES, MODE_ADD, MODE_SILU, MODE_STORE, PATH_CHUNK, PATH_GROUP, TYPE_CODES, WARPS, Arranged
+from pyggml.gguf.constants import TYPE_TRAITS, GGMLType
+
+TYPES = (GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F16)
+VARIANTS = [(PATH_GROUP, 4, 1), (PATH_GROUP, 4, 4), (PATH_CHUNK, 2, 1), (PATH_CHUNK, 2, 2), (PATH_CHUNK, 2, 4),
+            (PATH_CHUNK, 4, 4)]  # (path, unroll, warps per row pair)
+# (label, rows, cols, mode): the matrices of one 7B layer and the output head
+MATRICES = [("wq 4096x4096", 4096, 4096, MODE_STORE), ("gate+up 2x11008x4096", 11008, 4096, MODE_SILU),
+            ("down 4096x11008", 4096, 11008, MODE_ADD), ("output 32000x4096", 32000, 4096, MODE_STORE)]
+BURST = 40
+COPIES = 4  # rotate among weight copies so the 60 MB L2 does not serve repeats
+
+
+def random_blocks(t: GGMLType, rows: int, cols: int) -> cp.ndarray:
+    tr = TYPE_TRAITS[t]
+    row_bytes = cols // tr.block_size * tr.type_size
+    raw = cp.random.randint(0, 256, (rows, row_bytes), dtype=cp.uint8)
+    if t is GGMLType.F16:  # small finite halves
+        return cp.random.standard_normal((rows, cols), dtype=cp.float32).astype(cp.float16).view(cp.uint8)
+    scales = raw.reshape(rows, -1, tr.type_size)
+    scales[:, :, 0:2] = cp.asarray(np.array([0.01], np.float16).view(np.uint8))
+    return raw
+
+
+def main() -> int:
+    src = resources.files("pyggml.cuda").joinpath("kernels.cu").read_text()
+    variants = {t: [v for v in VARIANTS if v[0] == PATH_GROUP or t in CHUNK_TYPES] for t in TYPES}
+    names = [f"mmv<{TYPE_CODES[t]}, {m}, {u}, {p}, {k}>" for t in TYPES for p, u, k in variants[t] for m in (MODE_STORE, MODE_ADD, MODE_SILU)]
+    mod = cp.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
+    copy_bw = measure_device_copy_bandwidth()
+    print(f"device copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s")
+    print("| type | matrix | variant | us | weight GB/s | share of copy bw |")
+    print("|---|---|---|---|---|---|")
+    for t in TYPES:
+        for label, rows, cols, mode in MATRICES:
+            n_mat = 2 if mode == MODE_SILU else 1
+            ws = [[random_blocks(t, rows, cols) for _ in range(n_mat)] for _ in range(COPIES)]
+            xf = cp.random.standard_normal(cols, dtype=cp.float32)
+            xq = cp.random.randint(-127, 128, cols, dtype=cp.int8)
+            xd = cp.full(cols // 32, 0.01, cp.float32)
+            xa = Arranged(cp, cols)
+            xa.a4[...] = cp.random.randint(-127, 128, xa.a4.size, dtype=cp.int8).view(cp.uint8)
+            xa.a8[...] = cp.random.randint(-127, 128, xa.a8.size, dtype=cp.int8).view(cp.uint8)
+            out = cp.zeros(rows, cp.float32)
+            pairs = rows if mode == MODE_SILU else rows // 2
+            nbytes = sum(w.nbytes for w in ws[0])
+            for p, u, k in variants[t]:
+                fn = mod.get_function(f"mmv<{TYPE_CODES[t]}, {mode}, {u}, {p}, {k}>")
+
+                def launch(i: int) -> None:
+                    w = ws[i % COPIES]
+                    w1 = w[1] if n_mat == 2 else w[0]
+                    fn(((pairs + WARPS // k - 1) // (WARPS // k),), (32 * WARPS,),
+                       (w[0], w1, w1, np.int64(w[0].shape[1]), np.int32(rows), np.int32(0), np.int32(cols),
+                        np.int32(0), np.int32(0), xq, xd, xf, *xa.args_for(t), out, np.uint64(0), np.uint64(0), np.uint64(0),
+                        np.uint64(0), np.int32(0), np.int32(0), np.int32(0)))
+
+                stream = cp.cuda.Stream(non_blocking=True)
+                with stream:  # a captured burst, as the decode graph runs them: no host launch gaps in the time
+                    launch(0)
+                    stream.begin_capture()
+                    for i in range(BURST):
+                        launch(i)
+                    graph = stream.end_capture()
+                    graph.launch(stream)
+                    times = []
+                    for _ in range(7):
+                        a, b = cp.cuda.Event(), cp.cuda.Event()
+                        a.record(stream)
+                        graph.launch(stream)
+                        b.record(stream)
+                        b.synchronize()
+                        times.append(cp.cuda.get_elapsed_time(a, b) * 1e3 / BURST)
+                us = statistics.median(times)
+                gbs = nbytes / us / 1e3
+                print(f"| {t.name} | {label} | {'chunk' if p == PATH_CHUNK else 'group'} U={u} KS={k} | {us:.1f} | {gbs:.0f} | {100 * gbs * 1e9 / copy_bw:.0f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
