@@ -1,18 +1,15 @@
 """HF -> GGUF conversion: Q/K permutation, the real stories260K model, sharded bf16, errors."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import pyggml
 from pyggml.gguf.constants import (
     QUANTIZATION_VERSION,
     GGMLType,
@@ -23,24 +20,12 @@ from pyggml.gguf.constants import (
     ValueType,
 )
 from pyggml.gguf.reader import GGUFFile
+from pyggml.convert import ConversionError, convert_hf_to_gguf, permute_qk, unpermute_qk
+from pyggml.convert import safetensors_io
+from pyggml.convert.tokenizer import normalizer_flags
 from pyggml.quant.codecs import dequantize, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
-
-try:
-    import pyggml.convert  # installed: pyproject maps convert/ to pyggml.convert
-except ModuleNotFoundError:  # a bare source checkout: make the same mapping by hand
-    _spec = importlib.util.spec_from_file_location(
-        "pyggml.convert", ROOT / "convert" / "__init__.py", submodule_search_locations=[str(ROOT / "convert")]
-    )
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["pyggml.convert"] = _module
-    _spec.loader.exec_module(_module)
-    pyggml.convert = _module
-
-from pyggml.convert import ConversionError, convert_hf_to_gguf, permute_qk, unpermute_qk  # noqa: E402
-from pyggml.convert import safetensors_io  # noqa: E402
-from pyggml.convert.tokenizer import normalizer_flags  # noqa: E402
 
 MODELS = Path(os.environ.get("PYGGML_TEST_MODELS", ROOT.parent / "shared" / "models"))
 STORIES = MODELS / "stories260K-hf"

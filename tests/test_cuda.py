@@ -17,9 +17,9 @@ Stated tolerances, as max |gpu - reference| / max |reference|:
 import numpy as np
 import pytest
 
+from conftest import random_q6_k
 from pyggml import Llama
 from pyggml.gguf import GGMLType
-from pyggml.gguf.constants import QK_K, TYPE_TRAITS
 from pyggml.kernels import reference
 from pyggml.quant import codecs
 from pyggml.synthetic import Shape, write_random_model
@@ -53,10 +53,7 @@ def rel_err(got, want) -> float:
 
 def random_weight(t: GGMLType, rows: int, cols: int, rng) -> np.ndarray:
     if t is GGMLType.Q6_K:  # no encoder: random blocks with sane fp16 scales
-        size = TYPE_TRAITS[t].type_size
-        raw = rng.integers(0, 256, (rows, cols // QK_K, size), dtype=np.uint8)
-        raw[..., size - 2 : size] = np.float16(0.01 * rng.random((rows, cols // QK_K)) + 1e-3)[..., None].view(np.uint8)
-        return raw.reshape(rows, -1)
+        return random_q6_k(rng, rows, cols, 1e-3, 1.1e-2)
     return codecs.quantize(rng.standard_normal((rows, cols), dtype=np.float32), t)
 
 

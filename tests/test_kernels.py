@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from conftest import random_q6_k
 from pyggml.gguf import GGMLType
 from pyggml.kernels import cpu, reference as ref
 from pyggml.quant import codecs
@@ -58,8 +59,7 @@ def test_dequantize_rows_is_exact(t):
     rng = np.random.default_rng(5)
     cols = 256 * 2
     if t is GGMLType.Q6_K:  # no encoder: random blocks with finite fp16 scales
-        raw = rng.integers(0, 256, (9, cols // 256 * 210), dtype=np.uint8)
-        raw.reshape(9, -1, 210)[:, :, 208:210] = np.array([0.01], np.float16).view(np.uint8)
+        raw = random_q6_k(rng, 9, cols, 0.01, 0.01)
     else:
         raw = codecs.quantize(rng.standard_normal((9, cols)).astype(np.float32), t)
     w = QWeight("w", raw, t, (9, cols))

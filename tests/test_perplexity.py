@@ -1,6 +1,5 @@
 """Perplexity and KL divergence against plain numpy computations on the real stories260K model;
 a file whose output head is Q6_K (as llama.cpp's quantizer writes) against the gguf package."""
-import importlib.util
 import math
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import pyggml
 from pyggml import Llama
 from pyggml.cli import main
 from pyggml.gguf import GGMLType
@@ -20,22 +18,12 @@ from pyggml.perplexity import PerplexityError, kl_divergence, perplexity, text_c
 from pyggml.quantize import quantize_file
 from pyggml.synthetic import Shape, llama_metadata, random_weight, synthetic_vocab, tensor_shapes, write_random_model
 
+from conftest import random_q6_k
+from pyggml.convert import convert_hf_to_gguf
+from test_model import numpy_llama_logits
+
 REPO = Path(__file__).resolve().parent.parent
 TEXT = (REPO / "tests" / "data" / "ppl_text.txt").read_text(encoding="utf-8")
-
-try:
-    import pyggml.convert  # installed: pyproject maps convert/ to pyggml.convert
-except ModuleNotFoundError:  # a bare source checkout: make the same mapping by hand (as test_convert does)
-    _spec = importlib.util.spec_from_file_location(
-        "pyggml.convert", REPO / "convert" / "__init__.py", submodule_search_locations=[str(REPO / "convert")]
-    )
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["pyggml.convert"] = _module
-    _spec.loader.exec_module(_module)
-    pyggml.convert = _module
-
-from pyggml.convert import convert_hf_to_gguf  # noqa: E402
-from test_model import numpy_llama_logits  # noqa: E402
 
 N_CTX = 64
 N_CHUNKS = 4
@@ -178,14 +166,6 @@ def test_tools_script_help():
 Q6_K_SHAPE = Shape(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab=300, ctx=32)
 
 
-def _random_q6_k(rows: int, cols: int, seed: int) -> np.ndarray:
-    """Random Q6_K super-blocks (210 bytes per 256 weights) with fp16 scales d that keep weights near N(0, 0.1)."""
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, cols // 256, 210), dtype=np.uint8)
-    raw[:, :, 208:210] = rng.uniform(5e-5, 1.5e-4, raw.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
-    return raw.reshape(rows, -1)
-
-
 def _write(path, output_plan):
     meta = llama_metadata(Q6_K_SHAPE, "q6_k-head", GGMLType.F32)
     meta.update(synthetic_vocab(Q6_K_SHAPE.vocab))
@@ -198,7 +178,7 @@ def _write(path, output_plan):
 def test_q6_k_output_head_runs_against_gguf_package(tmp_path):
     gguf = pytest.importorskip("gguf")
     shape = (Q6_K_SHAPE.vocab, Q6_K_SHAPE.dim)
-    raw = _random_q6_k(*shape, seed=2)
+    raw = random_q6_k(np.random.default_rng(2), *shape, 5e-5, 1.5e-4)  # weights near N(0, 0.1)
     q6 = tmp_path / "q6_k-head.gguf"
     _write(q6, TensorPlan(TensorNames.OUTPUT, shape, GGMLType.Q6_K, lambda: raw))
     # the same model with the head dequantized by the gguf package: the oracle for the numpy forward

@@ -10,22 +10,16 @@ from __future__ import annotations
 import io
 import json
 import random
-import sys
 import unicodedata
 from pathlib import Path
 
 import pytest
 
 from pyggml.gguf import GGUFFile, Keys, TokenType, write_gguf
+from pyggml.convert.tokenizer import _varint, tokenizer_metadata
 from pyggml.tokenizer import SpmTokenizer, StreamingDetokenizer, Tokenizer, TokenizerError, load_tokenizer
 
 spm = pytest.importorskip("sentencepiece")
-
-try:
-    from pyggml.convert.tokenizer import tokenizer_metadata
-except ImportError:  # not installed: convert/ is importable from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from convert.tokenizer import tokenizer_metadata
 
 N_STRINGS = 2200  # generated strings per real tokenizer
 SPACE = "\u2581"
@@ -386,17 +380,6 @@ def _proto_fields(buf: bytes):
             size = {1: 8, 5: 4}[wire]
             value, pos = buf[pos : pos + size], pos + size
         yield key >> 3, wire, value, buf[start:pos]
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, pos
 
 
 def _encode_varint(v: int) -> bytes:
