@@ -23,12 +23,11 @@ import numpy as np
 
 from ..backends import BackendUnavailableError
 from ..gguf.constants import GGMLType, TensorNames
-from ..tensor import QWeight
+from ..tensor import KERNEL_TYPE_CODES, QWeight
 
 log = logging.getLogger(__name__)
 
-TYPE_CODES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.BF16: 2, GGMLType.Q4_0: 3,
-              GGMLType.Q5_0: 4, GGMLType.Q8_0: 5, GGMLType.Q6_K: 6}
+TYPE_CODES = KERNEL_TYPE_CODES  # the T of kernels.cu's templates
 SUPPORTED_TYPES = frozenset(TYPE_CODES)
 INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0})  # multiply int8 activations
 FLOAT_VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # 8-wide loads when cols % 8 == 0
@@ -78,10 +77,8 @@ def plan_offload(gguf, config, n_gpu: int, n_ctx: int, n_batch: int) -> OffloadP
     """Bytes on the GPU for the last `n_gpu` layers (and the head when n_gpu == all)."""
     cfg = config
     head = n_gpu == cfg.n_layers
-    per_layer = []
-    for i in range(cfg.n_layers):
-        per_layer.append(sum(info.nbytes for name, info in gguf.tensors.items() if name.startswith(f"blk.{i}.")))
-    weights = sum(per_layer[cfg.n_layers - n_gpu:])
+    on_gpu = tuple(f"blk.{i}." for i in range(cfg.n_layers - n_gpu, cfg.n_layers))
+    weights = sum(info.nbytes for name, info in gguf.tensors.items() if name.startswith(on_gpu))
     matrices = [info for name, info in gguf.tensors.items() if name.startswith(f"blk.{cfg.n_layers - 1}.") and len(info.shape) == 2]
     if head:
         for name in (TensorNames.TOKEN_EMBD, TensorNames.OUTPUT, TensorNames.OUTPUT_NORM):
@@ -202,7 +199,7 @@ class CUDABackend:
         self.device.use()
         self.mod = _module()
         self.fn = {n: self.mod.get_function(n) for n in _kernel_names()}
-        for n in ("quantize_q8", "rmsnorm", "attn_partial", "attn_combine", "to_f16", "rope", "causal_softmax", "silu_mul"):
+        for n in ("quantize_q8", "rmsnorm", "attn_partial", "attn_combine", "rope", "causal_softmax", "silu_mul"):
             self.fn[n] = self.mod.get_function(n)
         self.stream = cp.cuda.Stream(non_blocking=True)  # decode graphs are captured and replayed here
         self.io_host = cp.cuda.alloc_pinned_memory(16)
@@ -330,8 +327,7 @@ class CUDABackend:
         ld = w.raw.shape[1] * w.raw.itemsize
         self.fn[f"dequant_f16<{TYPE_CODES[w.ggml_type]}>"](((w.cols + 255) // 256, w.rows), (256,),
                                                          (w.raw, np.int64(ld), np.int32(w.cols), w16))
-        x16 = cp.empty(x.shape, np.float16)
-        self.fn["to_f16"](((x.size + 255) // 256,), (256,), (cp.ascontiguousarray(x), np.int64(x.size), x16))
+        x16 = cp.ascontiguousarray(x, dtype=np.float16)
         one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
         handle = cp.cuda.device.get_cublas_handle()
         # column-major view: out^T (rows, n_tok) = W (rows, cols) @ x^T (cols, n_tok)

@@ -1,7 +1,7 @@
 // pyggml's CUDA kernels, compiled once by cupy (NVRTC) and cached on disk; backend.py drives them.
 //
 // Weights stay in their GGUF block layout in device memory (the file's bytes, row after row);
-// every kernel that reads a weight dequantizes it on the fly. Type codes match kernels/cpu.py.
+// every kernel that reads a weight dequantizes it on the fly. Type codes: pyggml/tensor.py.
 //
 // Decode (one token) matrix-vector products: a warp owns two output rows and walks them together,
 // each lane taking 8 weights of every 256 (a quarter of a 32-weight block), several groups in
@@ -192,42 +192,46 @@ __device__ __forceinline__ float dot_f(const WF<T>& w, const XF& x) {
 }
 
 // Dot products of two rows with the input, summed over the warp. U groups per lane in flight.
+// One group of 8 weights, whatever the type: the quantized types pair int8 activations with block
+// fragments, the float types float activations with 8 consecutive weights.
+__device__ constexpr bool is_float_type(int T) { return T == T_F32 || T == T_F16 || T == T_BF16; }
+
+template <int T>
+__device__ __forceinline__ auto load_x(const Input& in, int g) {
+    if constexpr (is_float_type(T)) return load_xf(in, g);
+    else return load_xq<T>(in, g);
+}
+
+template <int T>
+__device__ __forceinline__ auto load_w(const u8* __restrict__ row, int g) {
+    if constexpr (is_float_type(T)) return load_wf<T>(row, g);
+    else return load_wq<T>(row, g);
+}
+
+template <int T, class W, class X>
+__device__ __forceinline__ float dot_group(const W& w, const X& x, int g) {
+    if constexpr (is_float_type(T)) return dot_f<T>(w, x);
+    else return dot_q<T>(w, x, g);
+}
+
 // The KS warps of a row pair take interleaved stripes of 32*U groups (ks = this warp's stripe).
 template <int T, int U, int KS>
 __device__ __forceinline__ float2 dot_rows(const u8* __restrict__ r0, const u8* __restrict__ r1, const Input& in, int cols, int ks) {
     const int lane = threadIdx.x & 31;
+    const int ng = cols / 8;
     float a0 = 0.f, a1 = 0.f;
-    if constexpr (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) {
-        const int ng = cols / 8;
-        for (int g0 = lane + 32 * U * ks; g0 < ng; g0 += 32 * U * KS) {
-            XQ x[U];
-            WQ<T> w0[U], w1[U];
+    for (int g0 = lane + 32 * U * ks; g0 < ng; g0 += 32 * U * KS) {
+        decltype(load_x<T>(in, 0)) x[U];
+        decltype(load_w<T>(r0, 0)) w0[U], w1[U];
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int g = g0 + 32 * u;
-                if (g < ng) { x[u] = load_xq<T>(in, g); w0[u] = load_wq<T>(r0, g); w1[u] = load_wq<T>(r1, g); }
-            }
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int g = g0 + 32 * u;
-                if (g < ng) { a0 += dot_q<T>(w0[u], x[u], g); a1 += dot_q<T>(w1[u], x[u], g); }
-            }
+        for (int u = 0; u < U; u++) {
+            const int g = g0 + 32 * u;
+            if (g < ng) { x[u] = load_x<T>(in, g); w0[u] = load_w<T>(r0, g); w1[u] = load_w<T>(r1, g); }
         }
-    } else if constexpr (T == T_F32 || T == T_F16 || T == T_BF16) {
-        const int ng = cols / 8;
-        for (int g0 = lane + 32 * U * ks; g0 < ng; g0 += 32 * U * KS) {
-            XF x[U];
-            WF<T> w0[U], w1[U];
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int g = g0 + 32 * u;
-                if (g < ng) { x[u] = load_xf(in, g); w0[u] = load_wf<T>(r0, g); w1[u] = load_wf<T>(r1, g); }
-            }
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int g = g0 + 32 * u;
-                if (g < ng) { a0 += dot_f<T>(w0[u], x[u]); a1 += dot_f<T>(w1[u], x[u]); }
-            }
+        for (int u = 0; u < U; u++) {
+            const int g = g0 + 32 * u;
+            if (g < ng) { a0 += dot_group<T>(w0[u], x[u], g); a1 += dot_group<T>(w1[u], x[u], g); }
         }
     }
     return make_float2(a0, a1);
@@ -554,10 +558,6 @@ __global__ void dequant_f16(const u8* __restrict__ w, i64 ld, int cols, __half* 
     const u8* row = w + (i64)blockIdx.y * ld;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x)
         out[(i64)blockIdx.y * cols + i] = __float2half(dequant<T>(row, i));
-}
-
-extern "C" __global__ void to_f16(const float* __restrict__ x, i64 n, __half* __restrict__ out) {
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) out[i] = __float2half(x[i]);
 }
 
 // RoPE in place on x (n_tok, n_heads, head_dim) at positions pos[t]; one thread per pair.

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
-from ..tensor import QWeight
+from ..tensor import KERNEL_TYPE_CODES, QWeight
 from .simd import HAS_F16_VECTOR, dot_f16, dot_q4_0, dot_q5_0, dot_q8_0
 
 # fp16 bit pattern -> float32 value.
@@ -24,9 +24,7 @@ _Q8_0 = TYPE_TRAITS[GGMLType.Q8_0].type_size
 _Q6_K = TYPE_TRAITS[GGMLType.Q6_K].type_size
 _HALF = QK // 2
 
-# Type codes for the generic row decoder (numba dispatches on ints, not enums).
-_CODES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.BF16: 2, GGMLType.Q4_0: 3,
-          GGMLType.Q5_0: 4, GGMLType.Q8_0: 5, GGMLType.Q6_K: 6}
+_CODES = KERNEL_TYPE_CODES  # for the generic row decoder
 SUPPORTED_TYPES = frozenset(_CODES)
 
 
