@@ -54,6 +54,22 @@ def test_matvec_and_matmul_equal_reference(t, shape, kind):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=_tol(want, shape))
 
 
+@pytest.mark.parametrize("t", sorted(cpu.INT8_ACTIVATION_TYPES, key=lambda t: t.value), ids=lambda t: t.name)
+def test_int8_products_over_groups_tiles_and_panels(t):
+    """The int8 kernels' structure at its edges: rows of 8-block groups plus a tail (one token), full
+    and partial row x token tiles, and a batch long enough that the columns are split into panels.
+    Each equals the exact int8-activation reference up to float rounding."""
+    rng = np.random.default_rng(11)
+    rows, cols = 2 * cpu.TILE_ROWS + 3, 32 * 19  # 19 blocks: two groups of 8 and 3 more
+    w = _weight(rng, rows, cols, t)
+    n_panel = cpu.PANEL_BYTES // (32 * 8)  # tokens for which a panel is 8 blocks: 19 = 8 + 8 + 3
+    for n_tok in (1, cpu.TILE_TOKENS + 1, n_panel + 1):
+        X = rng.standard_normal((n_tok, cols)).astype(np.float32)
+        got = cpu.matmul(w, X, np.empty((n_tok, rows), np.float32))
+        exact = ref.matmul_int8_activations(w.raw, t, X)
+        np.testing.assert_allclose(got, exact, rtol=1e-4, atol=_tol(exact, (rows, cols)))
+
+
 @pytest.mark.parametrize("t", TYPES + [GGMLType.Q6_K], ids=lambda t: t.name)
 def test_dequantize_rows_is_exact(t):
     rng = np.random.default_rng(5)

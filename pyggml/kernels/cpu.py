@@ -9,11 +9,12 @@ decoded through a 65536-entry float32 table (numba has no float16 arithmetic on 
 from __future__ import annotations
 
 import numpy as np
+import numba
 from numba import njit, prange
 
 from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
 from ..tensor import KERNEL_TYPE_CODES, QWeight
-from .simd import HAS_F16_VECTOR, dot_f16, dot_q4_0, dot_q5_0, dot_q8_0
+from .simd import HAS_F16_VECTOR, dot_f16, tile_kernel
 
 # fp16 bit pattern -> float32 value.
 F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -128,51 +129,122 @@ def _decode_rows(code, raw, rows, out, table):
 
 
 # ------------------------------------------------------------- activations as int8 blocks
+@njit(inline="always")
+def _quantize_row(x, xq, xd, xc):
+    """One row x (cols,) -> int8 blocks of 32 like ggml's Q8_0: d = amax / 127, q = round(x / d),
+    half away from zero; xd[b] = d, xc[b] = d * (sum of the block's q), which takes the Q4_0 / Q5_0
+    codes' bias off a one-token product."""
+    for b in range(x.size // QK):
+        amax = np.float32(0.0)
+        for j in range(QK):
+            amax = max(amax, abs(x[b * QK + j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        total = 0
+        for j in range(QK):
+            v = x[b * QK + j] * inv
+            q = np.int32(np.floor(abs(v) + np.float32(0.5)))
+            q = -q if v < 0 else q
+            xq[b * QK + j] = q
+            total += q
+        xd[b] = d
+        xc[b] = d * np.float32(total)
+
+
 @njit(parallel=True, cache=True)
-def _quantize_activations(x, xq, xd, xs):
-    """x (n_tok, cols) -> int8 blocks of 32 like ggml's Q8_0: d = amax / 127, q = round(x / d)
-    (half away from zero); xs[t, b] = sum of the block's q, for the codes' bias correction."""
-    nb = x.shape[1] // QK
+def _quantize_activations(x, xq, xd, xc):
     for t in prange(x.shape[0]):
-        for b in range(nb):
-            amax = np.float32(0.0)
-            for j in range(QK):
-                amax = max(amax, abs(x[t, b * QK + j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            total = 0
-            for j in range(QK):
-                v = x[t, b * QK + j] * inv
-                q = np.int32(np.floor(abs(v) + np.float32(0.5)))
-                q = -q if v < 0 else q
-                xq[t, b * QK + j] = q
-                total += q
-            xd[t, b] = d
-            xs[t, b] = total
+        _quantize_row(x[t], xq[t], xd[t], xc[t])
 
 
 # ---------------------------------------------------- fused matrix x (batch of) vectors
-# out[t, r] = dot(W[r], x[t]). Threads split the rows; each weight row is read from memory once
-# and stays in L1 while every token of the batch uses it (decode is the batch of one).
-@njit(parallel=True, cache=True)
-def _matmul_q4_0(w, xq, xd, xs, out, table):
-    for r in prange(w.shape[0]):
-        for t in range(xq.shape[0]):
-            out[t, r] = dot_q4_0(w[r], xq[t], xd[t], xs[t], table)
+# out[t, r] = dot(W[r], x[t]). One token (decode): each thread streams its rows one at a time (measured
+# here, reading several rows side by side streams slower from memory). A batch (prompt): TILE_ROWS x
+# TILE_TOKENS tiles, so a weight block is decoded once per TILE_TOKENS tokens and an activation block
+# loaded once per TILE_ROWS rows; the activations are swept in column panels of about PANEL_BYTES, which
+# stay in L2 while every row of the thread's share passes over them. Edge tiles use smaller kernels.
+TILE_ROWS, TILE_TOKENS = 4, 4
+PANEL_BYTES = 1 << 17
+ROWS_PER_TASK = 64
+_TILES = {t: (tile_kernel(t, TILE_ROWS, TILE_TOKENS), tile_kernel(t, TILE_ROWS, 1), tile_kernel(t, 1, 1))
+          for t in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)}
+_Q4_0_T, _Q4_0_R, _Q4_0_1 = _TILES[GGMLType.Q4_0]
+_Q5_0_T, _Q5_0_R, _Q5_0_1 = _TILES[GGMLType.Q5_0]
+_Q8_0_T, _Q8_0_R, _Q8_0_1 = _TILES[GGMLType.Q8_0]
+
+
+@njit(inline="always")
+def _tile(code, shape, w, r, xq, xd, xc, t, b0, b1, out, table):
+    """Dispatch on the weight type (3 Q4_0, 4 Q5_0, 5 Q8_0) and tile shape (0 full, 1 rows x 1, 2 one)."""
+    if code == 3:
+        if shape == 0:
+            _Q4_0_T(w, r, xq, xd, xc, t, b0, b1, out, table)
+        elif shape == 1:
+            _Q4_0_R(w, r, xq, xd, xc, t, b0, b1, out, table)
+        else:
+            _Q4_0_1(w, r, xq, xd, xc, t, b0, b1, out, table)
+    elif code == 4:
+        if shape == 0:
+            _Q5_0_T(w, r, xq, xd, xc, t, b0, b1, out, table)
+        elif shape == 1:
+            _Q5_0_R(w, r, xq, xd, xc, t, b0, b1, out, table)
+        else:
+            _Q5_0_1(w, r, xq, xd, xc, t, b0, b1, out, table)
+    else:
+        if shape == 0:
+            _Q8_0_T(w, r, xq, xd, xc, t, b0, b1, out, table)
+        elif shape == 1:
+            _Q8_0_R(w, r, xq, xd, xc, t, b0, b1, out, table)
+        else:
+            _Q8_0_1(w, r, xq, xd, xc, t, b0, b1, out, table)
+
+
+@njit(inline="always")
+def _int8_rows(code, w, r0, r1, xq, xd, xc, b0, b1, out, table):
+    """out[:, r0:r1] (+)= W[r0:r1, blocks b0:b1] . x[:, blocks b0:b1]."""
+    n_tok = xq.shape[0]
+    r = r0
+    if n_tok > 1:
+        while r + TILE_ROWS <= r1:
+            t = 0
+            while t + TILE_TOKENS <= n_tok:
+                _tile(code, 0, w, r, xq, xd, xc, t, b0, b1, out, table)
+                t += TILE_TOKENS
+            while t < n_tok:
+                _tile(code, 1, w, r, xq, xd, xc, t, b0, b1, out, table)
+                t += 1
+            r += TILE_ROWS
+    while r < r1:
+        for t in range(n_tok):
+            _tile(code, 2, w, r, xq, xd, xc, t, b0, b1, out, table)
+        r += 1
+
+
+@njit(cache=True)
+def int8_dot_rows(code, w, r0, r1, xq, xd, xc, nb, out, table):
+    """One token: out[0, r] = W[r] . x over the first nb blocks, for r0 <= r < r1."""
+    for r in range(r0, r1):
+        if code == 3:
+            _Q4_0_1(w, r, xq, xd, xc, 0, 0, nb, out, table)
+        elif code == 4:
+            _Q5_0_1(w, r, xq, xd, xc, 0, 0, nb, out, table)
+        else:
+            _Q8_0_1(w, r, xq, xd, xc, 0, 0, nb, out, table)
 
 
 @njit(parallel=True, cache=True)
-def _matmul_q5_0(w, xq, xd, xs, out, table):
-    for r in prange(w.shape[0]):
-        for t in range(xq.shape[0]):
-            out[t, r] = dot_q5_0(w[r], xq[t], xd[t], xs[t], table)
-
-
-@njit(parallel=True, cache=True)
-def _matmul_q8_0(w, xq, xd, xs, out, table):
-    for r in prange(w.shape[0]):
-        for t in range(xq.shape[0]):
-            out[t, r] = dot_q8_0(w[r], xq[t], xd[t], xs[t], table)
+def _matmul_int8(code, w, xq, xd, xc, out, table, n_tasks):
+    rows, n_tok, nb = w.shape[0], xq.shape[0], xd.shape[1]
+    if n_tok == 1:
+        for i in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+            int8_dot_rows(code, w, i * ROWS_PER_TASK, min(rows, (i + 1) * ROWS_PER_TASK), xq, xd, xc, nb, out, table)
+    else:
+        panel = max(8, min(nb, PANEL_BYTES // (QK * n_tok)))
+        for task in prange(n_tasks):  # one contiguous row range per thread, the panels in order
+            r0 = rows * task // n_tasks
+            r1 = rows * (task + 1) // n_tasks
+            for b0 in range(0, nb, panel):
+                _int8_rows(code, w, r0, r1, xq, xd, xc, b0, min(nb, b0 + panel), out, table)
 
 
 @njit(parallel=True, cache=True)
@@ -197,8 +269,7 @@ def _matmul_decoded(code, w, x, out, table):
             out[t, r] = acc
 
 
-_INT8_KERNELS = {GGMLType.Q4_0: _matmul_q4_0, GGMLType.Q5_0: _matmul_q5_0, GGMLType.Q8_0: _matmul_q8_0}
-INT8_ACTIVATION_TYPES = frozenset(_INT8_KERNELS)
+INT8_ACTIVATION_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0))
 
 
 # ----------------------------------------------------------------------------- other ops
@@ -279,13 +350,14 @@ def _bytes2d(raw: np.ndarray) -> np.ndarray:
 
 
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (n_tok, cols) -> (xq int8 (n_tok, cols), xd f32 (n_tok, cols/32), xs f32 (n_tok, cols/32))."""
+    """x (n_tok, cols) -> (xq int8 (n_tok, cols), xd f32 (n_tok, cols/32), xc f32 (n_tok, cols/32)):
+    codes, scales, scale * code sums."""
     n_tok, cols = x.shape
     xq = np.empty((n_tok, cols), np.int8)
     xd = np.empty((n_tok, cols // QK), np.float32)
-    xs = np.empty((n_tok, cols // QK), np.float32)
-    _quantize_activations(x, xq, xd, xs)
-    return xq, xd, xs
+    xc = np.empty((n_tok, cols // QK), np.float32)
+    _quantize_activations(x, xq, xd, xc)
+    return xq, xd, xc
 
 
 def matmul(w: QWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -297,10 +369,9 @@ def matmul(w: QWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     assert x.ndim == 2 and x.shape[1] == w.cols and out.shape == (x.shape[0], w.rows) and x.dtype == np.float32
     x = np.ascontiguousarray(x)
     t = w.ggml_type
-    kernel = _INT8_KERNELS.get(t)
-    if kernel is not None:
-        xq, xd, xs = quantize_activations(x)
-        kernel(w.raw, xq, xd, xs, out, F16_TABLE)
+    if t in INT8_ACTIVATION_TYPES:
+        xq, xd, xc = quantize_activations(x)
+        _matmul_int8(_CODES[t], w.raw, xq, xd, xc, out, F16_TABLE, numba.get_num_threads())
     elif t is GGMLType.F32 and x.shape[0] > 1:
         np.matmul(x, w.raw.T, out=out)
     elif t is GGMLType.F16 and HAS_F16_VECTOR:
