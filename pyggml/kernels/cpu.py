@@ -166,70 +166,29 @@ def _quantize_activations(x, xq, xd, xc):
 TILE_ROWS, TILE_TOKENS = 4, 4
 PANEL_BYTES = 1 << 17
 ROWS_PER_TASK = 64
-_TILES = {t: (tile_kernel(t, TILE_ROWS, TILE_TOKENS), tile_kernel(t, TILE_ROWS, 1), tile_kernel(t, 1, 1))
-          for t in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)}
-_Q4_0_T, _Q4_0_R, _Q4_0_1 = _TILES[GGMLType.Q4_0]
-_Q5_0_T, _Q5_0_R, _Q5_0_1 = _TILES[GGMLType.Q5_0]
-_Q8_0_T, _Q8_0_R, _Q8_0_1 = _TILES[GGMLType.Q8_0]
+# tiles of every int8 type (they branch on the type code once per call): full, rows x 1 token, one
+_FULL_TILE, _ROWS_TILE, _ONE_TILE = tile_kernel(TILE_ROWS, TILE_TOKENS), tile_kernel(TILE_ROWS, 1), tile_kernel(1, 1)
 
 
-@njit(inline="always")
-def _tile(code, shape, w, r, xq, xd, xc, t, b0, b1, out, table):
-    """Dispatch on the weight type (3 Q4_0, 4 Q5_0, 5 Q8_0) and tile shape (0 full, 1 rows x 1, 2 one)."""
-    if code == 3:
-        if shape == 0:
-            _Q4_0_T(w, r, xq, xd, xc, t, b0, b1, out, table)
-        elif shape == 1:
-            _Q4_0_R(w, r, xq, xd, xc, t, b0, b1, out, table)
-        else:
-            _Q4_0_1(w, r, xq, xd, xc, t, b0, b1, out, table)
-    elif code == 4:
-        if shape == 0:
-            _Q5_0_T(w, r, xq, xd, xc, t, b0, b1, out, table)
-        elif shape == 1:
-            _Q5_0_R(w, r, xq, xd, xc, t, b0, b1, out, table)
-        else:
-            _Q5_0_1(w, r, xq, xd, xc, t, b0, b1, out, table)
-    else:
-        if shape == 0:
-            _Q8_0_T(w, r, xq, xd, xc, t, b0, b1, out, table)
-        elif shape == 1:
-            _Q8_0_R(w, r, xq, xd, xc, t, b0, b1, out, table)
-        else:
-            _Q8_0_1(w, r, xq, xd, xc, t, b0, b1, out, table)
-
-
-@njit(inline="always")
+@njit(cache=True)
 def _int8_rows(code, w, r0, r1, xq, xd, xc, b0, b1, out, table):
-    """out[:, r0:r1] (+)= W[r0:r1, blocks b0:b1] . x[:, blocks b0:b1]."""
+    """out[:, r0:r1] (+)= W[r0:r1, blocks b0:b1] . x[:, blocks b0:b1] (3 Q4_0, 4 Q5_0, 5 Q8_0)."""
     n_tok = xq.shape[0]
     r = r0
     if n_tok > 1:
         while r + TILE_ROWS <= r1:
             t = 0
             while t + TILE_TOKENS <= n_tok:
-                _tile(code, 0, w, r, xq, xd, xc, t, b0, b1, out, table)
+                _FULL_TILE(code, w, r, xq, xd, xc, t, b0, b1, out, table)
                 t += TILE_TOKENS
             while t < n_tok:
-                _tile(code, 1, w, r, xq, xd, xc, t, b0, b1, out, table)
+                _ROWS_TILE(code, w, r, xq, xd, xc, t, b0, b1, out, table)
                 t += 1
             r += TILE_ROWS
     while r < r1:
         for t in range(n_tok):
-            _tile(code, 2, w, r, xq, xd, xc, t, b0, b1, out, table)
+            _ONE_TILE(code, w, r, xq, xd, xc, t, b0, b1, out, table)
         r += 1
-
-
-@njit(cache=True)
-def int8_dot_rows(code, w, r0, r1, xq, xd, xc, nb, out, table):
-    """One token: out[0, r] = W[r] . x over the first nb blocks, for r0 <= r < r1."""
-    for r in range(r0, r1):
-        if code == 3:
-            _Q4_0_1(w, r, xq, xd, xc, 0, 0, nb, out, table)
-        elif code == 4:
-            _Q5_0_1(w, r, xq, xd, xc, 0, 0, nb, out, table)
-        else:
-            _Q8_0_1(w, r, xq, xd, xc, 0, 0, nb, out, table)
 
 
 @njit(parallel=True, cache=True)
@@ -237,7 +196,7 @@ def _matmul_int8(code, w, xq, xd, xc, out, table, n_tasks):
     rows, n_tok, nb = w.shape[0], xq.shape[0], xd.shape[1]
     if n_tok == 1:
         for i in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-            int8_dot_rows(code, w, i * ROWS_PER_TASK, min(rows, (i + 1) * ROWS_PER_TASK), xq, xd, xc, nb, out, table)
+            _int8_rows(code, w, i * ROWS_PER_TASK, min(rows, (i + 1) * ROWS_PER_TASK), xq, xd, xc, 0, nb, out, table)
     else:
         panel = max(8, min(nb, PANEL_BYTES // (QK * n_tok)))
         for task in prange(n_tasks):  # one contiguous row range per thread, the panels in order

@@ -21,6 +21,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..gguf.constants import QK, TYPE_TRAITS, GGMLType
+from ..tensor import KERNEL_TYPE_CODES
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _FAST = ("fast",)
@@ -220,13 +221,96 @@ _TILE_ARGS = (types.Array(types.uint8, 2, "C"), types.int64, types.Array(types.i
               types.int64, types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C"))
 
 
-def tile_kernel(ggml_type: GGMLType, n_rows: int, n_tok: int):
-    """An intrinsic `tile(w, r0, xq, xd, xc, t0, b0, b1, out, table)` that computes the n_rows x n_tok
+def _emit_tile(context, builder, sig, args, fmt: _Format, n_rows: int, n_tok: int) -> None:
+    """The loop of `tile_kernel` for one weight format (sig, args: the tile's, without the code)."""
+    scalar_bias = bool(fmt.bias) and n_tok == 1
+    grouped = n_rows == 1 and n_tok == 1
+    wa, xqa, xda, xca, outa, tablea = (context.make_array(sig.args[k])(context, builder, args[k])
+                                       for k in (0, 2, 3, 4, 8, 9))
+    row0, tok0, b0, b1 = args[1], args[5], args[6], args[7]
+    row_bytes = cgutils.unpack_tuple(builder, wa.shape, 2)[1]
+    cols = cgutils.unpack_tuple(builder, xqa.shape, 2)[1]
+    nb = cgutils.unpack_tuple(builder, xda.shape, 2)[1]
+    out_cols = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
+    const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    row_off = [builder.mul(builder.add(row0, const(i)), row_bytes) for i in range(n_rows)]
+    tok = [builder.add(tok0, const(j)) for j in range(n_tok)]
+    x_off = [builder.mul(t, cols) for t in tok]
+    d_off = [builder.mul(t, nb) for t in tok]
+
+    zero = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
+    acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)] for _ in range(n_rows)]
+    corr = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(n_rows)]
+
+    def block(b):  # every pair's products over block b
+        wblk = builder.mul(b, const(fmt.block_bytes))
+        xblk = builder.mul(b, const(QK))
+        x = [_load_vec(builder, xqa.data, builder.add(x_off[j], xblk), _I8, 32) for j in range(n_tok)]
+        bias = [None if scalar_bias else fmt.bias_term(builder, v) for v in x]
+        dx = [_splat_value(builder, builder.load(builder.gep(xda.data, [builder.add(d_off[j], b)])), 8)
+              for j in range(n_tok)]
+        for i in range(n_rows):
+            at = builder.add(row_off[i], wblk)
+            dw = _load_f16_splat(builder, wa.data, at, tablea.data)
+            codes = fmt.codes(builder, wa.data, at)
+            prepared = fmt.prepare(builder, codes)
+            for j in range(n_tok):
+                partial = builder.sitofp(fmt.times(builder, codes, prepared, x[j], bias[j]), _vec(_F32, 8))
+                scaled = builder.fmul(builder.fmul(partial, dw, flags=_FAST), dx[j], flags=_FAST)
+                builder.store(builder.fadd(builder.load(acc[i][j]), scaled, flags=_FAST), acc[i][j])
+            if scalar_bias:
+                xc_b = builder.load(builder.gep(xca.data, [builder.add(d_off[0], b)]))
+                d = builder.extract_element(dw, ir.Constant(_I32, 0))
+                builder.store(builder.fadd(builder.load(corr[i]), builder.fmul(d, xc_b, flags=_FAST),
+                                           flags=_FAST), corr[i])
+
+    if grouped:  # one row, one token: eight blocks at a time, their scales as vectors
+        acc8 = cgutils.alloca_once_value(builder, zero)
+        corr8 = cgutils.alloca_once_value(builder, zero)
+        n8 = builder.sdiv(builder.sub(b1, b0), const(8))
+        with cgutils.for_range(builder, n8) as loop:
+            g = builder.add(b0, builder.mul(loop.index, const(8)))
+            sums = []
+            for k in range(8):
+                at = builder.add(row_off[0], builder.mul(builder.add(g, const(k)), const(fmt.block_bytes)))
+                x = _load_vec(builder, xqa.data, builder.add(x_off[0], builder.mul(builder.add(g, const(k)), const(QK))), _I8, 32)
+                codes = fmt.codes(builder, wa.data, at)
+                sums.append(fmt.times(builder, codes, fmt.prepare(builder, codes), x, None))
+            totals = _transpose_sum8(builder, sums)  # lane k: block g + k
+            dw = _load_f16x8(builder, wa.data, builder.add(row_off[0], builder.mul(g, const(fmt.block_bytes))),
+                             fmt.block_bytes, tablea.data)
+            dx = _load_vec(builder, xda.data, builder.mul(builder.add(d_off[0], g), const(4)), _F32, 8)
+            scaled = builder.fmul(builder.sitofp(totals, _vec(_F32, 8)), builder.fmul(dw, dx, flags=_FAST), flags=_FAST)
+            builder.store(builder.fadd(builder.load(acc8), scaled, flags=_FAST), acc8)
+            if fmt.bias:
+                xc8 = _load_vec(builder, xca.data, builder.mul(builder.add(d_off[0], g), const(4)), _F32, 8)
+                builder.store(builder.fadd(builder.load(corr8), builder.fmul(dw, xc8, flags=_FAST), flags=_FAST), corr8)
+        b0 = builder.add(b0, builder.mul(n8, const(8)))  # the last < 8 blocks one at a time, below
+
+    with cgutils.for_range_slice(builder, b0, b1, const(1), inc=True) as (b, _):
+        block(b)
+    first = builder.icmp_signed("==", args[6], const(0))
+    if grouped:
+        builder.store(builder.fadd(builder.load(acc[0][0]), builder.load(acc8), flags=_FAST), acc[0][0])
+        corr_total = builder.fadd(builder.load(corr[0]), _hsum(builder, builder.load(corr8), 8), flags=_FAST)
+        builder.store(corr_total, corr[0])
+    for i in range(n_rows):
+        for j in range(n_tok):
+            p = builder.gep(outa.data, [builder.add(builder.mul(tok[j], out_cols), builder.add(row0, const(i)))])
+            total = _hsum(builder, builder.load(acc[i][j]), 8)
+            if scalar_bias:
+                total = builder.fsub(total, builder.fmul(builder.load(corr[i]), ir.Constant(_F32, float(fmt.bias))))
+            builder.store(builder.select(first, total, builder.fadd(builder.load(p), total)), p)
+
+
+def tile_kernel(n_rows: int, n_tok: int):
+    """An intrinsic `tile(code, w, r0, xq, xd, xc, t0, b0, b1, out, table)` that computes the n_rows x n_tok
     block out[t0 + j, r0 + i] = dot(W[r0 + i], x[t0 + j]) of a product with int8-block activations,
     over the blocks b0 .. b1 of the rows: stored when b0 == 0, added to out otherwise (a caller that
     splits the columns keeps the activations it reuses in cache).
 
-    w: the weight's stored rows (uint8, rows x row bytes); xq/xd/xc: the activations as int8 blocks,
+    code: the weight type (KERNEL_TYPE_CODES: Q4_0, Q5_0 or Q8_0; the loop for each is emitted, and
+    one branch per call picks it); w: the weight's stored rows (uint8, rows x row bytes); xq/xd/xc: the activations as int8 blocks,
     their scales, and scale * sum of the block's codes (n_tok x cols, n_tok x blocks twice);
     table: fp16 -> f32 (used without F16C only).
     Each weight block is decoded once and used for every token of the tile; each activation block is
@@ -240,100 +324,26 @@ def tile_kernel(ggml_type: GGMLType, n_rows: int, n_tok: int):
     of the per-block loop, measured here). The caller guarantees r0 + n_rows <= rows and
     t0 + n_tok <= tokens.
     """
-    fmt = _FORMATS[ggml_type]
-    scalar_bias = bool(fmt.bias) and n_tok == 1
-    grouped = n_rows == 1 and n_tok == 1
+    formats = [(KERNEL_TYPE_CODES[t], fmt) for t, fmt in _FORMATS.items()]
 
     @intrinsic
-    def tile(typingctx, w, r0, xq, xd, xc, t0, b0, b1, out, table):
+    def tile(typingctx, code, w, r0, xq, xd, xc, t0, b0, b1, out, table):
         for got, want in zip((w, r0, xq, xd, xc, t0, b0, b1, out, table), _TILE_ARGS):
             if isinstance(want, types.Array) and not (isinstance(got, types.Array) and got.dtype == want.dtype
                                                       and got.ndim == want.ndim):
-                raise TypeError(f"{fmt.name} tile expects {want}, got {got}")
-        sig = types.void(w, types.int64, xq, xd, xc, types.int64, types.int64, types.int64, out, table)
+                raise TypeError(f"int8 tile expects {want}, got {got}")
+        sig = types.void(types.int64, w, types.int64, xq, xd, xc, types.int64, types.int64, types.int64, out, table)
 
         def codegen(context, builder, sig, args):
-            wa, xqa, xda, xca, outa, tablea = (context.make_array(sig.args[k])(context, builder, args[k])
-                                               for k in (0, 2, 3, 4, 8, 9))
-            row0, tok0, b0, b1 = args[1], args[5], args[6], args[7]
-            row_bytes = cgutils.unpack_tuple(builder, wa.shape, 2)[1]
-            cols = cgutils.unpack_tuple(builder, xqa.shape, 2)[1]
-            nb = cgutils.unpack_tuple(builder, xda.shape, 2)[1]
-            out_cols = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
-            const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            row_off = [builder.mul(builder.add(row0, const(i)), row_bytes) for i in range(n_rows)]
-            tok = [builder.add(tok0, const(j)) for j in range(n_tok)]
-            x_off = [builder.mul(t, cols) for t in tok]
-            d_off = [builder.mul(t, nb) for t in tok]
-
-            zero = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
-            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)] for _ in range(n_rows)]
-            corr = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(n_rows)]
-
-            def block(b):  # every pair's products over block b
-                wblk = builder.mul(b, const(fmt.block_bytes))
-                xblk = builder.mul(b, const(QK))
-                x = [_load_vec(builder, xqa.data, builder.add(x_off[j], xblk), _I8, 32) for j in range(n_tok)]
-                bias = [None if scalar_bias else fmt.bias_term(builder, v) for v in x]
-                dx = [_splat_value(builder, builder.load(builder.gep(xda.data, [builder.add(d_off[j], b)])), 8)
-                      for j in range(n_tok)]
-                for i in range(n_rows):
-                    at = builder.add(row_off[i], wblk)
-                    dw = _load_f16_splat(builder, wa.data, at, tablea.data)
-                    codes = fmt.codes(builder, wa.data, at)
-                    prepared = fmt.prepare(builder, codes)
-                    for j in range(n_tok):
-                        partial = builder.sitofp(fmt.times(builder, codes, prepared, x[j], bias[j]), _vec(_F32, 8))
-                        scaled = builder.fmul(builder.fmul(partial, dw, flags=_FAST), dx[j], flags=_FAST)
-                        builder.store(builder.fadd(builder.load(acc[i][j]), scaled, flags=_FAST), acc[i][j])
-                    if scalar_bias:
-                        xc_b = builder.load(builder.gep(xca.data, [builder.add(d_off[0], b)]))
-                        d = builder.extract_element(dw, ir.Constant(_I32, 0))
-                        builder.store(builder.fadd(builder.load(corr[i]), builder.fmul(d, xc_b, flags=_FAST),
-                                                   flags=_FAST), corr[i])
-
-            if grouped:  # one row, one token: eight blocks at a time, their scales as vectors
-                acc8 = cgutils.alloca_once_value(builder, zero)
-                corr8 = cgutils.alloca_once_value(builder, zero)
-                n8 = builder.sdiv(builder.sub(b1, b0), const(8))
-                with cgutils.for_range(builder, n8) as loop:
-                    g = builder.add(b0, builder.mul(loop.index, const(8)))
-                    sums = []
-                    for k in range(8):
-                        at = builder.add(row_off[0], builder.mul(builder.add(g, const(k)), const(fmt.block_bytes)))
-                        x = _load_vec(builder, xqa.data, builder.add(x_off[0], builder.mul(builder.add(g, const(k)), const(QK))), _I8, 32)
-                        codes = fmt.codes(builder, wa.data, at)
-                        sums.append(fmt.times(builder, codes, fmt.prepare(builder, codes), x, None))
-                    totals = _transpose_sum8(builder, sums)  # lane k: block g + k
-                    dw = _load_f16x8(builder, wa.data, builder.add(row_off[0], builder.mul(g, const(fmt.block_bytes))),
-                                     fmt.block_bytes, tablea.data)
-                    dx = _load_vec(builder, xda.data, builder.mul(builder.add(d_off[0], g), const(4)), _F32, 8)
-                    scaled = builder.fmul(builder.sitofp(totals, _vec(_F32, 8)), builder.fmul(dw, dx, flags=_FAST), flags=_FAST)
-                    builder.store(builder.fadd(builder.load(acc8), scaled, flags=_FAST), acc8)
-                    if fmt.bias:
-                        xc8 = _load_vec(builder, xca.data, builder.mul(builder.add(d_off[0], g), const(4)), _F32, 8)
-                        builder.store(builder.fadd(builder.load(corr8), builder.fmul(dw, xc8, flags=_FAST), flags=_FAST), corr8)
-                b0 = builder.add(b0, builder.mul(n8, const(8)))  # the last < 8 blocks one at a time, below
-
-            with cgutils.for_range_slice(builder, b0, b1, const(1), inc=True) as (b, _):
-                block(b)
-            first = builder.icmp_signed("==", args[6], const(0))
-            if grouped:
-                builder.store(builder.fadd(builder.load(acc[0][0]), builder.load(acc8), flags=_FAST), acc[0][0])
-                corr_total = builder.fadd(builder.load(corr[0]), _hsum(builder, builder.load(corr8), 8), flags=_FAST)
-                builder.store(corr_total, corr[0])
-            for i in range(n_rows):
-                for j in range(n_tok):
-                    p = builder.gep(outa.data, [builder.add(builder.mul(tok[j], out_cols), builder.add(row0, const(i)))])
-                    total = _hsum(builder, builder.load(acc[i][j]), 8)
-                    if scalar_bias:
-                        total = builder.fsub(total, builder.fmul(builder.load(corr[i]), ir.Constant(_F32, float(fmt.bias))))
-                    builder.store(builder.select(first, total, builder.fadd(builder.load(p), total)), p)
+            inner = types.void(*sig.args[1:])
+            for value, fmt in formats:
+                with builder.if_then(builder.icmp_signed("==", args[0], ir.Constant(_I64, value))):
+                    _emit_tile(context, builder, inner, args[1:], fmt, n_rows, n_tok)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    tile.__name__ = f"tile_{fmt.name}_{n_rows}x{n_tok}"
+    tile.__name__ = f"tile_{n_rows}x{n_tok}"
     return tile
 
 
