@@ -137,6 +137,38 @@ def test_decode_graph_replays_at_every_position(random_model):
     assert (np.stack(got).argmax(1) == np.stack(want).argmax(1)).mean() >= 0.9
 
 
+def test_decode_attention_over_many_key_ranges(tmp_path):
+    """Past 128 keys the decode attention cuts the keys into ranges and merges them (attn_combine):
+    decode steps from position 150 to 420 (1 to 4 ranges) against the CPU backend."""
+    path = tmp_path / "long.gguf"
+    write_random_model(path, Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=300, ctx=512),
+                       GGMLType.F32, seed=5)
+    tokens = [int(t) for t in np.random.default_rng(2).integers(3, 300, 420)]
+    logits = {}
+    for ngl in (0, -1):
+        llm = Llama(path, n_ctx=512, n_gpu_layers=ngl)
+        llm.model.forward(np.array(tokens[:150]), 0, llm.cache)
+        logits[ngl] = np.stack([llm.model.forward(np.array([t]), 150 + i, llm.cache) for i, t in enumerate(tokens[150:])])
+    print(f"decode at 150..419: {rel_err(logits[-1], logits[0]):.2e}")
+    assert rel_err(logits[-1], logits[0]) < 2e-3
+    assert (logits[-1].argmax(1) == logits[0].argmax(1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("n_gpu_layers", [-1, 1], ids=["all", "one-layer"])
+def test_programmatic_launch_changes_nothing(random_model, n_gpu_layers):
+    """Decode graphs with programmatic (early) launches give the same bits as ordinary launches:
+    a kernel that read or wrote before its pdl_wait would race and move the logits."""
+    if not CUDABackend().pdl:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    steps = {}
+    for pdl in (False, True):
+        llm = Llama(random_model, n_ctx=40, n_gpu_layers=n_gpu_layers)
+        next(L.backend for L in llm.model.layers if L.backend.name == "cuda").pdl = pdl
+        tokens = [int(t) for t in np.random.default_rng(1).integers(3, 300, 25)]
+        steps[pdl] = np.stack([llm.model.forward(np.array([t]), i, llm.cache) for i, t in enumerate(tokens)])
+    np.testing.assert_array_equal(steps[True], steps[False])
+
+
 def test_stories_greedy_unchanged_on_gpu(stories_dir, tmp_path):
     from pyggml.convert import convert_hf_to_gguf
     from pyggml.sampling import SamplingParams

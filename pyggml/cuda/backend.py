@@ -34,8 +34,8 @@ FLOAT_VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # 8
 CHUNK_TYPES = {GGMLType.Q4_0: 18, GGMLType.Q8_0: 34}  # 16-byte loads over activations laid out like the blocks
 MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
 PATH_GROUP, PATH_CHUNK, PATH_ANY = 0, 1, 2
-UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 2, GGMLType.F16: 2, GGMLType.BF16: 2}
-CHUNK_UNROLL = 2
+UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
+CHUNK_UNROLL = 3
 K_SPLITS = (1, 2, 4)  # warps per row pair: more warps in flight for matrices of few rows
 
 
@@ -48,7 +48,13 @@ def k_split(t: GGMLType, path: int, pairs: int) -> int:
         return 2
     return 1
 WARPS = 8  # warps (row pairs) per block of the matvec
-ATT_SPLITS = 16  # decode attention: key ranges per head, merged by attn_combine
+ATT_SPLITS = 16  # decode attention: at most this many key ranges per head, merged by attn_combine
+ATT_THREADS = 256  # attn_partial's block (kernels.cu, ATT_WARPS); head_dim may not exceed it
+
+
+def attn_per_lane(head_dim: int) -> int:
+    """attn_partial's PER: dimensions per lane, head_dim / 32 rounded up to a power of two."""
+    return 1 << max(0, math.ceil(math.log2(max(1, head_dim) / 32)))
 MARGIN = 512 << 20  # GPU memory left free for cuBLAS workspaces, cupy's pool and the driver
 CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
 
@@ -116,7 +122,7 @@ _MODULE = None
 
 
 def _kernel_names() -> list[str]:
-    names = []
+    names = [f"attn_partial<{per}>" for per in (1, 2, 4, 8)]
     for t, code in TYPE_CODES.items():
         names += [f"get_rows<{code}>", f"dequant_f16<{code}>"]
         for mode in (MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV):
@@ -167,6 +173,45 @@ class Arranged:
 NO_ARRANGED = (np.uint64(0), np.int64(0), np.uint64(0))
 
 
+# ------------------------------------------------------------- programmatic dependent launch
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: a 4-byte id, then an 8-aligned 64-byte value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
+
+
+class ProgrammaticLauncher:
+    """Launches a kernel through the driver's cuLaunchKernelEx with programmatic stream
+    serialization: it may start while the kernel before it on the stream still runs, and waits for
+    that kernel's results itself (pdl_wait in kernels.cu). Captured into a graph, this becomes a
+    programmatic edge, which hides most of the gap between the decode step's ~290 small kernels."""
+
+    def __init__(self):
+        self.cuda = ctypes.CDLL("libcuda.so.1")
+        self.cuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                               ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        self.attr = _LaunchAttribute(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+        self.attr.value[0] = 1
+
+    def __call__(self, fn, grid: tuple, block: tuple, args: tuple, stream_ptr: int) -> None:
+        values = [np.asarray(np.uint64(a.data.ptr) if hasattr(a, "data") and hasattr(a.data, "ptr") else a) for a in args]
+        params = (ctypes.c_void_p * len(values))(*[v.ctypes.data for v in values])
+        grid3, block3 = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+        config = _LaunchConfig((ctypes.c_uint * 3)(*grid3), (ctypes.c_uint * 3)(*block3), 0, stream_ptr,
+                               ctypes.pointer(self.attr), 1)
+        status = self.cuda.cuLaunchKernelEx(ctypes.byref(config), fn.kernel.ptr, params, None)
+        if status != 0:
+            name = ctypes.c_char_p()
+            self.cuda.cuGetErrorName(status, ctypes.byref(name))
+            raise RuntimeError(f"cuLaunchKernelEx failed: {name.value.decode() if name.value else status}")
+
+
 class _Workspace:
     """Fixed buffers of the decode graph (their addresses are baked into it)."""
 
@@ -185,6 +230,13 @@ class _Workspace:
         self.part = cp.zeros(cfg.n_heads * ATT_SPLITS * (cfg.head_dim + 2), np.float32)
         self.logits = cp.zeros(cfg.n_vocab, np.float32)
 
+    def int8_for(self, *consumers: QWeight) -> tuple:
+        """(q, d, arranged) for a producer whose output feeds these weights: the int8 buffers when
+        any of them multiplies int8 activations, else (None, None, None): float weights read ws.h."""
+        if any(w.ggml_type in INT8_INPUT_TYPES for w in consumers):
+            return self.hq, self.hd, self.ha
+        return None, None, None
+
 
 class CUDABackend:
     """cupy kernels on one GPU; activations are float32 cupy arrays."""
@@ -199,7 +251,7 @@ class CUDABackend:
         self.device.use()
         self.mod = _module()
         self.fn = {n: self.mod.get_function(n) for n in _kernel_names()}
-        for n in ("quantize_q8", "rmsnorm", "attn_partial", "attn_combine", "rope", "causal_softmax", "silu_mul"):
+        for n in ("quantize_q8", "rmsnorm", "rmsnorm_row", "attn_combine", "rope", "causal_softmax", "silu_mul"):
             self.fn[n] = self.mod.get_function(n)
         self.stream = cp.cuda.Stream(non_blocking=True)  # decode graphs are captured and replayed here
         self.io_host = cp.cuda.alloc_pinned_memory(16)
@@ -208,6 +260,11 @@ class CUDABackend:
         self._ws: dict[int, _Workspace] = {}
         self._inv_freq: dict[bytes, object] = {}
         self._scratch = None  # fp16 tile of one dequantized matrix (prompt batches)
+        # decode graphs use programmatic launches on Hopper and newer (compute capability 9.0+)
+        self.pdl = int(self.device.compute_capability) >= 90
+        self._launcher = None
+        # while a decode graph is captured with pdl: False until its first kernel, then True
+        self._programmatic: bool | None = None
         self.uploaded = 0
         self.expected = 0
 
@@ -255,6 +312,19 @@ class CUDABackend:
         return self.cp.zeros(shape, np.float32)
 
     # ------------------------------------------------------------------------ kernel launch
+    def _call(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
+        """Launch kernel `name`; in a decode graph captured with pdl, every kernel after the first
+        is launched programmatically (the first follows the copy of the token and position)."""
+        if self._programmatic is False:
+            self._programmatic = True
+            self.fn[name](grid, block, args)
+        elif self._programmatic:
+            if self._launcher is None:
+                self._launcher = ProgrammaticLauncher()
+            self._launcher(self.fn[name], grid, block, args, self.cp.cuda.get_current_stream().ptr)
+        else:
+            self.fn[name](grid, block, args)
+
     def _mmv(self, mode: int, w: QWeight, n0: int, cols: int, xq, xd, xf, out, *, xa: Arranged | None = None, w1=None,
              w2=None, n1: int = 0, rb: int = 0, re: int = 0, kc=None, vc=None, io=None, inv_freq=None, head_dim: int = 0,
              n_rot: int = 0, n_ctx: int = 0):
@@ -278,7 +348,7 @@ class CUDABackend:
         ks = k_split(t, path, pairs)
         name = f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>"
         per_block = WARPS // ks
-        self.fn[name](((pairs + per_block - 1) // per_block,), (32 * WARPS,),
+        self._call(name, ((pairs + per_block - 1) // per_block,), (32 * WARPS,),
                       (_ptr(w.raw), _ptr(w1.raw if w1 is not None else None), _ptr(w2.raw if w2 is not None else None),
                        np.int64(ld), np.int32(n0), np.int32(n1), np.int32(cols), np.int32(rb), np.int32(re),
                        _ptr(xq), _ptr(xd), _ptr(xf), *(xa.args_for(t) if path == PATH_CHUNK else NO_ARRANGED[:2]), _ptr(out), _ptr(kc), _ptr(vc), _ptr(io), _ptr(inv_freq),
@@ -286,15 +356,18 @@ class CUDABackend:
 
     def _quantize(self, x, q, d, xa: Arranged | None = None) -> None:
         n = x.size
-        self.fn["quantize_q8"](((n + 255) // 256,), (256,), (x, np.int32(n), q, d, *(xa.args() if xa else NO_ARRANGED)))
+        self._call("quantize_q8", ((n + 255) // 256,), (256,), (x, np.int32(n), q, d, *(xa.args() if xa else NO_ARRANGED)))
 
     def _rmsnorm(self, x, w, eps: float, out, q=None, d=None, xa: Arranged | None = None) -> None:
         """RMSNorm of each row; for one row with q given, also its int8 blocks (and arranged copies)."""
         rows, n = (1, x.size) if x.ndim == 1 else x.shape
-        quant = q is not None and n % 32 == 0 and rows == 1
-        self.fn["rmsnorm"]((rows,), (min(1024, 32 * ((n + 31) // 32)),),
-                           (x, w, np.float32(eps), np.int32(n), out, _ptr(q if quant else None), _ptr(d if quant else None),
-                            *(xa.args() if quant and xa else NO_ARRANGED)))
+        if rows > 1:
+            self._call("rmsnorm", (rows,), (min(1024, 32 * ((n + 31) // 32)),), (x, w, np.float32(eps), np.int32(n), out))
+            return
+        quant = q is not None and n % 32 == 0
+        self._call("rmsnorm_row", ((n + 255) // 256,), (256,),
+                   (x, w, np.float32(eps), np.int32(n), out, _ptr(q if quant else None), _ptr(d if quant else None),
+                    *(xa.args() if quant and xa else NO_ARRANGED)))
 
     def _inv_freq_dev(self, inv_freq: np.ndarray):
         key = np.asarray(inv_freq, np.float64).tobytes()
@@ -344,7 +417,7 @@ class CUDABackend:
 
     def _get_rows(self, w: QWeight, ids, out, n: int) -> None:
         ld = w.raw.shape[1] * w.raw.itemsize
-        self.fn[f"get_rows<{TYPE_CODES[w.ggml_type]}>"](((w.cols + 255) // 256, n), (256,),
+        self._call(f"get_rows<{TYPE_CODES[w.ggml_type]}>", ((w.cols + 255) // 256, n), (256,),
                                                        (w.raw, np.int64(ld), ids, np.int32(w.cols), out))
 
     def rmsnorm(self, x, weight, eps: float):
@@ -392,13 +465,15 @@ class CUDABackend:
         cfg = model.config
         inv_freq = self._inv_freq_dev(model.inv_freq)
         hd = cfg.head_dim
+        if hd > ATT_THREADS:
+            raise NotImplementedError(f"the CUDA decode attention handles head_dim <= {ATT_THREADS}, not {hd}")
         if embed:
             self._get_rows(model.tok_embd, ws.io, ws.x, 1)
         for li in layer_ids:
             L = model.layers[li]
             kc, vc = cache.layer(li)
-            self._rmsnorm(ws.x, L.attn_norm, cfg.rms_eps, ws.h, ws.hq, ws.hd, xa=ws.ha)
             qkv = (L.wq, L.wk, L.wv)
+            self._rmsnorm(ws.x, L.attn_norm, cfg.rms_eps, ws.h, *ws.int8_for(*qkv))
             segments = [(0, cfg.dim + 2 * cfg.kv_dim)] if len({w.ggml_type for w in qkv}) == 1 else \
                 [(0, cfg.dim), (cfg.dim, cfg.dim + cfg.kv_dim), (cfg.dim + cfg.kv_dim, cfg.dim + 2 * cfg.kv_dim)]
             for rb, re in segments:
@@ -406,28 +481,29 @@ class CUDABackend:
                 self._mmv(MODE_QKV, w, cfg.dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.q, xa=ws.ha, w1=L.wk, w2=L.wv, n1=cfg.kv_dim,
                           rb=rb, re=re, kc=kc, vc=vc, io=ws.io, inv_freq=inv_freq, head_dim=hd, n_rot=cfg.rope_dim,
                           n_ctx=cache.n_ctx)
-            self.fn["attn_partial"]((cfg.n_heads, ATT_SPLITS), (128,),
-                                    (ws.q, kc, vc, ws.io, np.int32(cache.n_ctx), np.int32(hd), np.int32(cfg.n_heads // cfg.n_kv_heads),
-                                     np.float32(1.0 / math.sqrt(hd)), ws.part))
-            fused_q = hd % 32 == 0
-            self.fn["attn_combine"]((cfg.n_heads,), (32 * ((hd + 31) // 32),),
-                                    (ws.part, np.int32(ATT_SPLITS), np.int32(hd), ws.att, _ptr(ws.hq if fused_q else None),
-                                     _ptr(ws.hd if fused_q else None), *(ws.ha.args() if fused_q else NO_ARRANGED)))
-            if not fused_q and cfg.dim % 32 == 0:
-                self._quantize(ws.att, ws.hq, ws.hd, ws.ha)
+            q, d, xa = ws.int8_for(L.wo)
+            fused_q = q is not None and hd % 32 == 0
+            int8_out = (_ptr(q), _ptr(d), *xa.args()) if fused_q else (_ptr(None), _ptr(None), *NO_ARRANGED)
+            self._call(f"attn_partial<{attn_per_lane(hd)}>", (cfg.n_heads, ATT_SPLITS), (ATT_THREADS,),
+                       (ws.q, kc, vc, ws.io, np.int32(cache.n_ctx), np.int32(hd), np.int32(cfg.n_heads // cfg.n_kv_heads),
+                        np.float32(1.0 / math.sqrt(hd)), ws.part, ws.att, *int8_out))
+            self._call("attn_combine", (cfg.n_heads,), (32 * ((hd + 31) // 32),),
+                       (ws.part, ws.io, np.int32(ATT_SPLITS), np.int32(hd), ws.att, *int8_out))
+            if q is not None and not fused_q:
+                self._quantize(ws.att, q, d, xa)
             self._mmv(MODE_ADD, L.wo, cfg.dim, cfg.dim, ws.hq, ws.hd, ws.att, ws.x, xa=ws.ha)
-            self._rmsnorm(ws.x, L.ffn_norm, cfg.rms_eps, ws.h, ws.hq, ws.hd, xa=ws.ha)
+            self._rmsnorm(ws.x, L.ffn_norm, cfg.rms_eps, ws.h, *ws.int8_for(L.w_gate, L.w_up))
             if L.w_gate.ggml_type == L.w_up.ggml_type:
                 self._mmv(MODE_SILU, L.w_gate, cfg.ffn_dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.act, w1=L.w_up, xa=ws.ha)
             else:  # two products, then SwiGLU
                 self._mmv(MODE_STORE, L.w_gate, cfg.ffn_dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.act, xa=ws.ha)
                 self._mmv(MODE_STORE, L.w_up, cfg.ffn_dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.up, xa=ws.ha)
-                self.fn["silu_mul"](((cfg.ffn_dim + 255) // 256,), (256,), (ws.act, ws.up, np.int64(cfg.ffn_dim), ws.act))
-            if cfg.ffn_dim % 32 == 0:
+                self._call("silu_mul", ((cfg.ffn_dim + 255) // 256,), (256,), (ws.act, ws.up, np.int64(cfg.ffn_dim), ws.act))
+            if ws.int8_for(L.w_down)[0] is not None:
                 self._quantize(ws.act, ws.hq, ws.hd, ws.ha)
             self._mmv(MODE_ADD, L.w_down, cfg.dim, cfg.ffn_dim, ws.hq, ws.hd, ws.act, ws.x, xa=ws.ha)
         if head:
-            self._rmsnorm(ws.x, model.output_norm, cfg.rms_eps, ws.h, ws.hq, ws.hd, xa=ws.ha)
+            self._rmsnorm(ws.x, model.output_norm, cfg.rms_eps, ws.h, *ws.int8_for(model.output))
             self._mmv(MODE_STORE, model.output, cfg.n_vocab, cfg.dim, ws.hq, ws.hd, ws.h, ws.logits, xa=ws.ha)
 
     def _graph(self, model, layer_ids: Sequence[int], cache, embed: bool, head: bool):
@@ -441,9 +517,11 @@ class CUDABackend:
             self._inv_freq_dev(model.inv_freq)  # nothing may be allocated while capturing
             with s:
                 s.begin_capture()
+                self._programmatic = False if self.pdl else None
                 try:
                     self._decode_ops(model, layer_ids, cache, ws, embed, head)
                 finally:
+                    self._programmatic = None
                     g = s.end_capture()
             if len(self._graphs) >= 8:  # caches come and go (embeddings use scratch ones): keep a few
                 self._graphs.pop(next(iter(self._graphs)))

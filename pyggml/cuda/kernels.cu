@@ -37,6 +37,23 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+// Programmatic dependent launch (sm_90+): the decode graph launches each kernel while the one
+// before it still runs. pdl_trigger lets the next kernel's blocks start; pdl_wait blocks until the
+// previous kernel has finished and its writes are visible, so every kernel calls it before it reads
+// or writes anything another kernel of the step touches (weights are read-only and may come
+// earlier). Launched the ordinary way, both are no-ops.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const u8* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // Bit k (k < 4) of t moves to bit 0 of byte k: 4 high bits of Q5_0 become byte-wise bits.
 __device__ __forceinline__ u32 spread4(u32 t) { return (t * 0x00204081u) & 0x01010101u; }
 
@@ -314,13 +331,17 @@ __device__ __forceinline__ float2 dot_rows_any(const u8* __restrict__ r0, const 
 }
 
 // Rotate the adjacent pair (a, b) at dimension `dd` of a head by position `pos` (RoPE, GGML "normal" mode).
+// The angle is formed and reduced to [-pi, pi] in double, then rotated with the fast float sincos
+// (absolute error < 4e-7 there): double-precision sincos made the QKV product's epilogue heavy.
 __device__ __forceinline__ void rope_pair(float& a, float& b, int dd, i64 pos, const double* __restrict__ inv_freq, int n_rot) {
     if (dd >= n_rot) return;
-    double s, c;
-    sincos((double)pos * inv_freq[dd / 2], &s, &c);
-    const float fa = a, fb = b, fc = (float)c, fs = (float)s;
-    a = fa * fc - fb * fs;
-    b = fa * fs + fb * fc;
+    const double theta = (double)pos * inv_freq[dd / 2];
+    const double two_pi = 6.283185307179586;
+    float s, c;
+    __sincosf((float)(theta - rint(theta / two_pi) * two_pi), &s, &c);
+    const float fa = a, fb = b;
+    a = fa * c - fb * s;
+    b = fa * s + fb * c;
 }
 
 // One launch = one product and its epilogue. Each warp owns a "pair" p:
@@ -367,6 +388,25 @@ __global__ void __launch_bounds__(256) mmv(const u8* __restrict__ w0, const u8* 
             r1 = row + 1 < n0 ? r0 + ld : r0;  // an odd last row computes itself twice
         }
     }
+    pdl_trigger();
+    if (valid) {  // start this warp's rows towards L2 while the previous kernel finishes
+        const unsigned long long a0 = (unsigned long long)r0 >> 7, a1 = (unsigned long long)r1 >> 7;
+        const int lines = (int)(((unsigned long long)(r0 + ld - 1) >> 7) - a0) + 1;
+        for (int i = lane + 32 * ks; i < lines; i += 32 * KS) {
+            prefetch_l2((const u8*)((a0 + i) << 7));
+            if (r1 != r0) prefetch_l2((const u8*)((a1 + i) << 7));
+        }
+    }
+    if (MODE == MODE_QKV && rb == 0) {  // and the cached keys and values attention will read next
+        const i64 bytes = ep.io[1] * ep.head_dim * 4;  // keys 0..pos-1 of one KV head (pos is written here)
+        const i64 lines = (bytes + 127) >> 7, all = 2 * (n1 / ep.head_dim) * lines;
+        for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < all; i += (i64)gridDim.x * blockDim.x) {
+            const i64 kv = i / lines;
+            const float* base = ((kv & 1) ? ep.vc : ep.kc) + (kv >> 1) * ep.n_ctx * ep.head_dim;
+            prefetch_l2((const u8*)base + 128 * (i % lines));
+        }
+    }
+    pdl_wait();
     float2 s = make_float2(0.f, 0.f);
     if (valid) {
         if constexpr (PATH == PATH_ANY) s = dot_rows_any<T>(r0, r1, in.f, cols);
@@ -422,15 +462,15 @@ __device__ __forceinline__ void quantize_block(float v, int i, signed char* __re
 
 extern "C" __global__ void quantize_q8(const float* __restrict__ x, int n, signed char* __restrict__ q, float* __restrict__ d,
                                        u8* a4, i64 plane, u8* a8) {
+    pdl_trigger();
+    pdl_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i - (threadIdx.x & 31) >= n) return;  // whole warps only: n % 32 == 0
     quantize_block(x[i], i, q, d, Arranged{a4, plane, a8});
 }
 
-// RMSNorm of `rows` rows of n, one block per row; with q != nullptr also the int8 blocks of the result.
-extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w, float eps, int n,
-                                   float* __restrict__ out, signed char* __restrict__ q, float* __restrict__ d,
-                                   u8* a4, i64 plane, u8* a8) {
+// RMSNorm of `rows` rows of n (a prompt batch), one block per row.
+extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w, float eps, int n, float* __restrict__ out) {
     __shared__ float part[32];
     const float* xr = x + (i64)blockIdx.x * n;
     float ss = 0.f;
@@ -446,97 +486,190 @@ extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __r
     __syncthreads();
     const float scale = rsqrtf(part[0] / n + eps);
     float* o = out + (i64)blockIdx.x * n;
-    for (int i0 = 0; i0 < n; i0 += blockDim.x) {  // blockDim.x is a multiple of 32, so warps stay whole
-        const int i = i0 + threadIdx.x;
-        const float v = i < n ? xr[i] * scale * w[i] : 0.f;
-        if (i < n) o[i] = v;
-        if (q != nullptr && i0 + (threadIdx.x & ~31) < n) quantize_block(v, i, q, d, Arranged{a4, plane, a8});  // one row
+    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
+}
+
+// RMSNorm of one row (a decode step), spread over blocks of 256: each block sums the squares of the
+// whole row (16 KB at most, from L2), then normalises its own 256 elements and, with q != nullptr
+// (n % 32 == 0), quantizes them to int8 blocks for the next product.
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __restrict__ x, const float* __restrict__ w, float eps,
+        int n, float* __restrict__ out, signed char* __restrict__ q, float* __restrict__ d, u8* a4, i64 plane, u8* a8) {
+    __shared__ float part[8];
+    pdl_trigger();
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    const float wi = i < n ? w[i] : 0.f;  // the norm's weight is constant: read it before the wait
+    pdl_wait();
+    float ss = 0.f;
+    if (n % 4 == 0) {
+        const float4* x4 = (const float4*)x;
+#pragma unroll 4
+        for (int k = threadIdx.x; k < n / 4; k += 256) {
+            const float4 v = x4[k];
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+    } else {
+#pragma unroll 4
+        for (int k = threadIdx.x; k < n; k += 256) ss += x[k] * x[k];
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x / 32] = ss;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) total += part[k];
+    const float v = i < n ? x[i] * rsqrtf(total / n + eps) * wi : 0.f;
+    if (i < n) out[i] = v;
+    if (q != nullptr && i - (int)(threadIdx.x & 31) < n) quantize_block(v, i, q, d, Arranged{a4, plane, a8});
+}
+
+// Decode attention for the n = io[1]+1 keys in the cache. The keys are cut into n_active =
+// min(n_split, ceil(n / ATT_RANGE)) ranges, one block of 8 warps per (head, range); blocks past
+// n_active return at once. Lane l holds dimensions l*PER .. l*PER+PER-1 of the head (PER = head_dim
+// / 32 rounded up to a power of two). Warp w takes keys w, w+8, ... of the range, KB = 32/PER at a
+// time: it loads their K and V rows together (one memory latency per batch, not per key), reduces
+// the KB scores across the lanes and folds them into its running (max, sum, output); then the 8
+// warps merge. With n_active == 1 the block writes the normalised output (and its int8 blocks)
+// itself, else its (max, sum, unnormalised output) for attn_combine. head_dim <= 256.
+#define ATT_WARPS 8
+#define ATT_RANGE 128  // fewest keys a range is cut to
+
+__device__ __forceinline__ int attn_ranges(int n, int n_split) { return min(n_split, (n + ATT_RANGE - 1) / ATT_RANGE); }
+
+template <int PER>
+__device__ __forceinline__ void load_dims(const float* __restrict__ row, int lane, int head_dim, float (&x)[PER]) {
+    const int d0 = lane * PER;
+    if (d0 + PER <= head_dim && head_dim % PER == 0) {
+        if constexpr (PER == 8) {
+            const float4 a = ((const float4*)(row + d0))[0], b = ((const float4*)(row + d0))[1];
+            x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+        } else if constexpr (PER == 4) {
+            const float4 a = *(const float4*)(row + d0);
+            x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+        } else if constexpr (PER == 2) {
+            const float2 a = *(const float2*)(row + d0);
+            x[0] = a.x; x[1] = a.y;
+        } else {
+            x[0] = row[d0];
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < PER; e++) x[e] = d0 + e < head_dim ? row[d0 + e] : 0.f;
     }
 }
 
-// Decode attention, split over the keys: block (h, s) takes keys [s*chunk, (s+1)*chunk) of the
-// n = io[1]+1 in the cache, one warp per key at a time with an online softmax, and writes its
-// partial (max, sum, unnormalised output) for attn_combine. head_dim <= 256.
-#define ATT_WARPS 4
-extern "C" __global__ void __launch_bounds__(128) attn_partial(const float* __restrict__ q, const float* __restrict__ kc,
+template <int PER>
+__global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __restrict__ q, const float* __restrict__ kc,
         const float* __restrict__ vc, const i64* __restrict__ io, int n_ctx, int head_dim, int group, float scale,
-        float* __restrict__ part) {
-    const int h = blockIdx.x, s = blockIdx.y, n_split = gridDim.y;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int n = (int)io[1] + 1;
-    const int chunk = (n + n_split - 1) / n_split;
+        float* __restrict__ part, float* __restrict__ out, signed char* __restrict__ oq, float* __restrict__ od,
+        u8* a4, i64 plane, u8* a8) {
+    constexpr int KB = 32 / PER;
+    __shared__ float sm[ATT_WARPS], sl[ATT_WARPS], sacc[ATT_WARPS][256];
+    pdl_trigger();
+    const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int n = (int)io[1] + 1;  // io is written before the step starts
+    const int n_active = attn_ranges(n, gridDim.y);
+    if (s >= n_active) return;
+    const int chunk = (n + n_active - 1) / n_active;
     const int t0 = s * chunk, t1 = min(n, t0 + chunk);
-    const int per = (head_dim + 31) / 32;
-    float qv[8], acc[8];
-    for (int e = 0; e < 8; e++) {
-        const int dd = lane + 32 * e;
-        qv[e] = (e < per && dd < head_dim) ? q[h * head_dim + dd] * scale : 0.f;
-        acc[e] = 0.f;
-    }
     const float* K = kc + (i64)(h / group) * n_ctx * head_dim;
     const float* V = vc + (i64)(h / group) * n_ctx * head_dim;
+    pdl_wait();
+    float qv[PER], acc[PER];
+    load_dims<PER>(q + h * head_dim, lane, head_dim, qv);
+#pragma unroll
+    for (int e = 0; e < PER; e++) { qv[e] *= scale; acc[e] = 0.f; }
     float m = NEG_INF, l = 0.f;
-    for (int t = t0 + warp; t < t1; t += ATT_WARPS) {
-        float sc = 0.f;
-        for (int e = 0; e < per; e++) {
-            const int dd = lane + 32 * e;
-            if (dd < head_dim) sc += qv[e] * K[(i64)t * head_dim + dd];
+    for (int tb = t0 + warp; tb < t1; tb += ATT_WARPS * KB) {
+        float k[KB][PER], v[KB][PER], sc[KB];
+#pragma unroll
+        for (int j = 0; j < KB; j++) {
+            const int t = tb + ATT_WARPS * j;
+            if (t < t1) {
+                load_dims<PER>(K + (i64)t * head_dim, lane, head_dim, k[j]);
+                load_dims<PER>(V + (i64)t * head_dim, lane, head_dim, v[j]);
+            }
         }
-        sc = warp_sum(sc);
-        const float mn = fmaxf(m, sc), c = expf(m - mn), pr = expf(sc - mn);
-        l = l * c + pr;
-        for (int e = 0; e < per; e++) {
-            const int dd = lane + 32 * e;
-            acc[e] = acc[e] * c + (dd < head_dim ? pr * V[(i64)t * head_dim + dd] : 0.f);
+        float mb = m;
+#pragma unroll
+        for (int j = 0; j < KB; j++) {
+            float a = 0.f;
+#pragma unroll
+            for (int e = 0; e < PER; e++) a += qv[e] * k[j][e];
+            sc[j] = tb + ATT_WARPS * j < t1 ? warp_sum(a) : NEG_INF;
+            mb = fmaxf(mb, sc[j]);
         }
-        m = mn;
+        const float c = expf(m - mb);  // 0 on the first batch (m = -inf)
+        l *= c;
+#pragma unroll
+        for (int e = 0; e < PER; e++) acc[e] *= c;
+#pragma unroll
+        for (int j = 0; j < KB; j++) {
+            if (tb + ATT_WARPS * j < t1) {
+                const float p = expf(sc[j] - mb);
+                l += p;
+#pragma unroll
+                for (int e = 0; e < PER; e++) acc[e] += p * v[j][e];
+            }
+        }
+        m = mb;
     }
-    // combine the warps of this block
-    __shared__ float sm[ATT_WARPS], sl[ATT_WARPS], sacc[ATT_WARPS][256];
+    // merge the warps
     if (lane == 0) { sm[warp] = m; sl[warp] = l; }
-    for (int e = 0; e < per; e++) {
-        const int dd = lane + 32 * e;
-        if (dd < head_dim) sacc[warp][dd] = acc[e];
-    }
+#pragma unroll
+    for (int e = 0; e < PER; e++) if (lane * PER + e < head_dim) sacc[warp][lane * PER + e] = acc[e];
     __syncthreads();
+    const int tid = threadIdx.x;
+    if (tid >= head_dim) return;  // one thread per output dimension from here; whole warps when head_dim % 32 == 0
     float M = NEG_INF;
+#pragma unroll
     for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm[w]);
-    float* out = part + ((i64)h * n_split + s) * (head_dim + 2);
-    for (int dd = threadIdx.x; dd < head_dim; dd += blockDim.x) {
-        float v = 0.f;
-        for (int w = 0; w < ATT_WARPS; w++) if (sm[w] > NEG_INF) v += sacc[w][dd] * expf(sm[w] - M);
-        out[2 + dd] = v;
+    float L = 0.f, val = 0.f;
+#pragma unroll
+    for (int w = 0; w < ATT_WARPS; w++) {
+        const float f = sm[w] > NEG_INF ? expf(sm[w] - M) : 0.f;  // a warp with no keys has m = -inf
+        L += sl[w] * f;
+        val += sacc[w][tid] * f;
     }
-    if (threadIdx.x == 0) {
-        float L = 0.f;
-        for (int w = 0; w < ATT_WARPS; w++) if (sm[w] > NEG_INF) L += sl[w] * expf(sm[w] - M);
-        out[0] = M;
-        out[1] = L;
+    if (n_active > 1) {
+        float* po = part + ((i64)h * gridDim.y + s) * (head_dim + 2);
+        po[2 + tid] = val;
+        if (tid == 0) { po[0] = M; po[1] = L; }
+        return;
     }
+    val /= L;
+    out[h * head_dim + tid] = val;
+    if (oq != nullptr) quantize_block(val, h * head_dim + tid, oq, od, Arranged{a4, plane, a8});
 }
 
-// Merge the splits of each head: out[h*head_dim + d]; with q != nullptr (head_dim % 32 == 0) also
-// the int8 blocks of the output for the next product.
-extern "C" __global__ void attn_combine(const float* __restrict__ part, int n_split, int head_dim, float* __restrict__ out,
-                                       signed char* __restrict__ q, float* __restrict__ d, u8* a4, i64 plane, u8* a8) {
-    const int h = blockIdx.x;
-    const float* p = part + (i64)h * n_split * (head_dim + 2);
-    float M = NEG_INF;
-    for (int s = 0; s < n_split; s++) M = fmaxf(M, p[s * (head_dim + 2)]);
-    float L = 0.f;
-    for (int s = 0; s < n_split; s++) {
-        const float m = p[s * (head_dim + 2)];
-        if (m > NEG_INF) L += p[s * (head_dim + 2) + 1] * expf(m - M);
+// Merge the ranges of each head when there was more than one (see attn_partial): out[h*head_dim + d];
+// with q != nullptr (head_dim % 32 == 0) also the int8 blocks of the output for the next product.
+// The first warp turns the ranges' (max, sum) into one weight each (n_split <= 32); then every
+// output element is one weighted sum.
+extern "C" __global__ void attn_combine(const float* __restrict__ part, const i64* __restrict__ io, int n_split, int head_dim,
+                                       float* __restrict__ out, signed char* __restrict__ q, float* __restrict__ d, u8* a4,
+                                       i64 plane, u8* a8) {
+    __shared__ float weight[32];
+    pdl_trigger();
+    const int n_active = attn_ranges((int)io[1] + 1, n_split);
+    pdl_wait();  // also when there is nothing to do: this grid ends only after attn_partial's
+    if (n_active == 1) return;  // attn_partial wrote the output
+    const int h = blockIdx.x, stride = head_dim + 2;
+    const float* p = part + (i64)h * n_split * stride;
+    if (threadIdx.x < 32) {
+        const int s = threadIdx.x;
+        const float m = s < n_active ? p[s * stride] : NEG_INF;
+        const float M = warp_max(m);
+        const float e = s < n_active ? expf(m - M) : 0.f;
+        const float L = warp_sum(e * (s < n_active ? p[s * stride + 1] : 0.f));
+        weight[s] = e / L;
     }
+    __syncthreads();
     for (int i0 = 0; i0 < head_dim; i0 += blockDim.x) {
         const int dd = i0 + threadIdx.x;
         float v = 0.f;
         if (dd < head_dim) {
-            for (int s = 0; s < n_split; s++) {
-                const float m = p[s * (head_dim + 2)];
-                if (m > NEG_INF) v += p[s * (head_dim + 2) + 2 + dd] * expf(m - M);
-            }
-            v /= L;
+#pragma unroll 4
+            for (int s = 0; s < n_active; s++) v += weight[s] * p[s * stride + 2 + dd];
             out[h * head_dim + dd] = v;
         }
         if (q != nullptr && i0 + (threadIdx.x & ~31) < head_dim) quantize_block(v, h * head_dim + dd, q, d, Arranged{a4, plane, a8});
@@ -547,6 +680,8 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, int n_sp
 // out[i, :] = row ids[i] of w, dequantized; ids are int64 (for one token: io[0]).
 template <int T>
 __global__ void get_rows(const u8* __restrict__ w, i64 ld, const i64* __restrict__ ids, int cols, float* __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();
     const u8* row = w + ids[blockIdx.y] * ld;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x)
         out[(i64)blockIdx.y * cols + i] = dequant<T>(row, i);
@@ -604,6 +739,8 @@ extern "C" __global__ void causal_softmax(float* __restrict__ s, int n_tok, int 
 }
 
 extern "C" __global__ void silu_mul(const float* g, const float* u, i64 n, float* out) {
+    pdl_trigger();
+    pdl_wait();
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         out[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }
