@@ -5,6 +5,8 @@
 - One token (decode) runs as a CUDA graph: the layers of this backend (and the embedding lookup
   and output head when they are here too) are captured once per KV cache and replayed; the token
   and position travel in one 16-byte copy, the logits (or the hidden state) come back in one.
+  On compute capability 9.0+ the kernels of the graph are launched programmatically (each may
+  start while the one before it finishes; kernels.cu's pdl_wait keeps the order of their data).
 - A prompt batch dequantizes one weight matrix at a time into a reused fp16 scratch tile and
   multiplies on the tensor cores (cuBLAS, fp32 accumulate and output); attention is batched
   matrix products with a causal softmax.
@@ -35,17 +37,16 @@ CHUNK_TYPES = {GGMLType.Q4_0: 18, GGMLType.Q8_0: 34}  # 16-byte loads over activ
 MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
 PATH_GROUP, PATH_CHUNK, PATH_ANY = 0, 1, 2
 UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
-CHUNK_UNROLL = 3
+CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
 K_SPLITS = (1, 2, 4)  # warps per row pair: more warps in flight for matrices of few rows
 
 
 def k_split(t: GGMLType, path: int, pairs: int) -> int:
-    """Warps per row pair, from tools/bench_gpu_kernels.py on an H200: splitting the columns of
-    matrices with few rows helps the 2-byte loads of the group path and Q8_0's chunks, not Q4_0's."""
+    """Warps per row pair, measured on an H200 (whole decode steps, 7B shapes): splitting the columns
+    of matrices with few rows helps the group path (Q5_0's 2-byte loads, the float types), not the
+    chunked one (Q4_0, Q8_0: 1 beat 2 and 4 for Q8_0 by 1%)."""
     if path == PATH_GROUP and pairs <= 2048:
         return 4
-    if path == PATH_CHUNK and t is GGMLType.Q8_0 and pairs <= 8192:
-        return 2
     return 1
 WARPS = 8  # warps (row pairs) per block of the matvec
 ATT_SPLITS = 16  # decode attention: at most this many key ranges per head, merged by attn_combine
@@ -131,7 +132,7 @@ def _kernel_names() -> list[str]:
                 if t in UNROLL:
                     names.append(f"mmv<{code}, {mode}, {UNROLL[t]}, {PATH_GROUP}, {ks}>")
                 if t in CHUNK_TYPES:
-                    names.append(f"mmv<{code}, {mode}, {CHUNK_UNROLL}, {PATH_CHUNK}, {ks}>")
+                    names.append(f"mmv<{code}, {mode}, {CHUNK_UNROLL[t]}, {PATH_CHUNK}, {ks}>")
     return names
 
 
@@ -332,7 +333,7 @@ class CUDABackend:
         t = w.ggml_type
         ld = w.raw.shape[1] * w.raw.itemsize
         if t in CHUNK_TYPES and ld % 16 == 0 and xa is not None and xq is not None:
-            path, unroll = PATH_CHUNK, CHUNK_UNROLL
+            path, unroll = PATH_CHUNK, CHUNK_UNROLL[t]
         elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and xq is None):
             path, unroll = PATH_ANY, 1
             if xf is None:

@@ -40,8 +40,9 @@ __device__ __forceinline__ float warp_max(float v) {
 // Programmatic dependent launch (sm_90+): the decode graph launches each kernel while the one
 // before it still runs. pdl_trigger lets the next kernel's blocks start; pdl_wait blocks until the
 // previous kernel has finished and its writes are visible, so every kernel calls it before it reads
-// or writes anything another kernel of the step touches (weights are read-only and may come
-// earlier). Launched the ordinary way, both are no-ops.
+// or writes anything another kernel of the step touches. Launched the ordinary way, both are no-ops.
+// (Prefetching the weight rows, or the KV cache, to L2 before the wait was tried: no gain, and the
+// rows cost 2-15% of decode speed.)
 __device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");
@@ -52,7 +53,6 @@ __device__ __forceinline__ void pdl_wait() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void prefetch_l2(const u8* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // Bit k (k < 4) of t moves to bit 0 of byte k: 4 high bits of Q5_0 become byte-wise bits.
 __device__ __forceinline__ u32 spread4(u32 t) { return (t * 0x00204081u) & 0x01010101u; }
@@ -389,23 +389,6 @@ __global__ void __launch_bounds__(256) mmv(const u8* __restrict__ w0, const u8* 
         }
     }
     pdl_trigger();
-    if (valid) {  // start this warp's rows towards L2 while the previous kernel finishes
-        const unsigned long long a0 = (unsigned long long)r0 >> 7, a1 = (unsigned long long)r1 >> 7;
-        const int lines = (int)(((unsigned long long)(r0 + ld - 1) >> 7) - a0) + 1;
-        for (int i = lane + 32 * ks; i < lines; i += 32 * KS) {
-            prefetch_l2((const u8*)((a0 + i) << 7));
-            if (r1 != r0) prefetch_l2((const u8*)((a1 + i) << 7));
-        }
-    }
-    if (MODE == MODE_QKV && rb == 0) {  // and the cached keys and values attention will read next
-        const i64 bytes = ep.io[1] * ep.head_dim * 4;  // keys 0..pos-1 of one KV head (pos is written here)
-        const i64 lines = (bytes + 127) >> 7, all = 2 * (n1 / ep.head_dim) * lines;
-        for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < all; i += (i64)gridDim.x * blockDim.x) {
-            const i64 kv = i / lines;
-            const float* base = ((kv & 1) ? ep.vc : ep.kc) + (kv >> 1) * ep.n_ctx * ep.head_dim;
-            prefetch_l2((const u8*)base + 128 * (i % lines));
-        }
-    }
     pdl_wait();
     float2 s = make_float2(0.f, 0.f);
     if (valid) {
@@ -531,7 +514,9 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __res
 // warps merge. With n_active == 1 the block writes the normalised output (and its int8 blocks)
 // itself, else its (max, sum, unnormalised output) for attn_combine. head_dim <= 256.
 #define ATT_WARPS 8
+#ifndef ATT_RANGE
 #define ATT_RANGE 128  // fewest keys a range is cut to
+#endif
 
 __device__ __forceinline__ int attn_ranges(int n, int n_split) { return min(n_split, (n + ATT_RANGE - 1) / ATT_RANGE); }
 
