@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ class Backend(Protocol):
     def kv_storage(self, shape: tuple[int, ...], path: str | None): ...
     def empty(self, shape: tuple[int, ...]): ...
     def matmul(self, w: QWeight, x, out=None): ...
+    def matmuls(self, weights: Sequence[QWeight], x) -> list: ...  # several weights, one input
     def embed(self, w: QWeight, tokens: np.ndarray): ...
     def rmsnorm(self, x, weight, eps: float): ...
     def rope(self, x, positions: np.ndarray, inv_freq: np.ndarray): ...
@@ -88,6 +89,9 @@ class CPUBackend:
         if out is None:
             out = np.empty((x.shape[0], w.rows), np.float32)
         return self.k.matmul(w, x, out)
+
+    def matmuls(self, weights: Sequence[QWeight], x: np.ndarray) -> list[np.ndarray]:
+        return self.k.matmuls(weights, x, [np.empty((x.shape[0], w.rows), np.float32) for w in weights])
 
     def embed(self, w: QWeight, tokens: np.ndarray) -> np.ndarray:
         return self.k.dequantize_rows(w, tokens, np.empty((len(tokens), w.cols), np.float32))

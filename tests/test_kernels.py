@@ -70,6 +70,18 @@ def test_int8_products_over_groups_tiles_and_panels(t):
         np.testing.assert_allclose(got, exact, rtol=1e-4, atol=_tol(exact, (rows, cols)))
 
 
+@pytest.mark.parametrize("n_tok", [1, 6])
+def test_matmuls_equal_separate_products(n_tok):
+    """Several weights of one input (q, k, v; gate, up), mixed int8 and float types: one shared
+    quantization of the input gives the same bits as a product at a time."""
+    rng = np.random.default_rng(3)
+    weights = [_weight(rng, rows, 64, t) for rows, t in ((40, GGMLType.Q4_0), (9, GGMLType.F16), (9, GGMLType.Q8_0))]
+    X = rng.standard_normal((n_tok, 64)).astype(np.float32)
+    got = cpu.matmuls(weights, X, [np.empty((n_tok, w.rows), np.float32) for w in weights])
+    for w, g in zip(weights, got):
+        assert np.array_equal(g, cpu.matmul(w, X, np.empty((n_tok, w.rows), np.float32)))
+
+
 @pytest.mark.parametrize("t", TYPES + [GGMLType.Q6_K], ids=lambda t: t.name)
 def test_dequantize_rows_is_exact(t):
     rng = np.random.default_rng(5)

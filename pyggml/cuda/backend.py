@@ -410,6 +410,9 @@ class CUDABackend:
                               zero.ctypes.data, out.data.ptr, CUDA_R_32F, w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
         return out
 
+    def matmuls(self, weights: Sequence[QWeight], x) -> list:
+        return [self.matmul(w, x) for w in weights]
+
     def embed(self, w: QWeight, tokens: np.ndarray):
         ids = self.cp.asarray(np.asarray(tokens, np.int64))
         out = self.cp.empty((len(ids), w.cols), np.float32)

@@ -8,6 +8,8 @@ decoded through a 65536-entry float32 table (numba has no float16 arithmetic on 
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import numba
 from numba import njit, prange
@@ -319,17 +321,18 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return xq, xd, xc
 
 
-def matmul(w: QWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+def matmul(w: QWeight, x: np.ndarray, out: np.ndarray, quantized: tuple | None = None) -> np.ndarray:
     """out (n_tok, rows) = x (n_tok, cols) @ W.T, dequantizing W on the fly, for one token or a batch.
 
     Q4_0/Q5_0/Q8_0 weights multiply int8-quantized activations (blocks of 32, as llama.cpp does):
     integer dot products per block, scaled in float. Other types multiply float activations.
+    `quantized` is quantize_activations(x) when the caller already has it.
     """
     assert x.ndim == 2 and x.shape[1] == w.cols and out.shape == (x.shape[0], w.rows) and x.dtype == np.float32
     x = np.ascontiguousarray(x)
     t = w.ggml_type
     if t in INT8_ACTIVATION_TYPES:
-        xq, xd, xc = quantize_activations(x)
+        xq, xd, xc = quantized if quantized is not None else quantize_activations(x)
         _matmul_int8(_CODES[t], w.raw, xq, xd, xc, out, F16_TABLE, numba.get_num_threads())
     elif t is GGMLType.F32 and x.shape[0] > 1:
         np.matmul(x, w.raw.T, out=out)
@@ -338,6 +341,14 @@ def matmul(w: QWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     else:
         _matmul_decoded(_code(w), _bytes2d(w.raw), x, out, F16_TABLE)
     return out
+
+
+def matmuls(weights: Sequence[QWeight], x: np.ndarray, outs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Products of one input with several weights (q, k and v; gate and up): the int8 activations
+    are made once for all of them."""
+    x = np.ascontiguousarray(x)
+    quantized = quantize_activations(x) if any(w.ggml_type in INT8_ACTIVATION_TYPES for w in weights) else None
+    return [matmul(w, x, out, quantized) for w, out in zip(weights, outs)]
 
 
 def matvec(w: QWeight, x: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -99,9 +99,10 @@ class LlamaModel:
         cfg, b = self.config, layer.backend
         n_tok = x.shape[0]
         h = b.rmsnorm(x, layer.attn_norm, cfg.rms_eps)
-        q = b.matmul(layer.wq, h).reshape(n_tok, cfg.n_heads, cfg.head_dim)
-        k = b.matmul(layer.wk, h).reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
-        v = b.matmul(layer.wv, h).reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
+        q, k, v = b.matmuls((layer.wq, layer.wk, layer.wv), h)
+        q = q.reshape(n_tok, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
         b.rope(q, positions, self.inv_freq)
         b.rope(k, positions, self.inv_freq)
         k_cache, v_cache = cache.layer(li)  # (n_kv_heads, n_ctx, head_dim) each
@@ -110,7 +111,7 @@ class LlamaModel:
         att = b.attention(q, k_cache, v_cache, start_pos).reshape(n_tok, cfg.dim)
         x = x + b.matmul(layer.wo, att)
         h = b.rmsnorm(x, layer.ffn_norm, cfg.rms_eps)
-        a = b.silu_mul(b.matmul(layer.w_gate, h), b.matmul(layer.w_up, h))
+        a = b.silu_mul(*b.matmuls((layer.w_gate, layer.w_up), h))
         return x + b.matmul(layer.w_down, a)
 
     def _check(self, tokens: np.ndarray, start_pos: int, cache: KVCache) -> None:
