@@ -155,10 +155,10 @@ def test_decode_attention_over_many_key_ranges(tmp_path):
 
 
 @pytest.mark.parametrize("n_gpu_layers", [-1, 1], ids=["all", "one-layer"])
-def test_programmatic_launch_changes_nothing(random_model, n_gpu_layers):
+def test_programmatic_launch_changes_nothing(gpu, random_model, n_gpu_layers):
     """Decode graphs with programmatic (early) launches give the same bits as ordinary launches:
     a kernel that read or wrote before its pdl_wait would race and move the logits."""
-    if not CUDABackend().pdl:
+    if not gpu.pdl:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     steps = {}
     for pdl in (False, True):

@@ -38,10 +38,10 @@ MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
 PATH_GROUP, PATH_CHUNK, PATH_ANY = 0, 1, 2
 UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
 CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
-K_SPLITS = (1, 2, 4)  # warps per row pair: more warps in flight for matrices of few rows
+K_SPLITS = {PATH_GROUP: (1, 4), PATH_CHUNK: (1,)}  # the warps per row pair k_split can choose, per path
 
 
-def k_split(t: GGMLType, path: int, pairs: int) -> int:
+def k_split(path: int, pairs: int) -> int:
     """Warps per row pair, measured on an H200 (whole decode steps, 7B shapes): splitting the columns
     of matrices with few rows helps the group path (Q5_0's 2-byte loads, the float types), not the
     chunked one (Q4_0, Q8_0: 1 beat 2 and 4 for Q8_0 by 1%)."""
@@ -51,13 +51,13 @@ def k_split(t: GGMLType, path: int, pairs: int) -> int:
 WARPS = 8  # warps (row pairs) per block of the matvec
 ATT_SPLITS = 16  # decode attention: at most this many key ranges per head, merged by attn_combine
 ATT_THREADS = 256  # attn_partial's block (kernels.cu, ATT_WARPS); head_dim may not exceed it
+MARGIN = 512 << 20  # GPU memory left free for cuBLAS workspaces, cupy's pool and the driver
+CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
 
 
 def attn_per_lane(head_dim: int) -> int:
     """attn_partial's PER: dimensions per lane, head_dim / 32 rounded up to a power of two."""
     return 1 << max(0, math.ceil(math.log2(max(1, head_dim) / 32)))
-MARGIN = 512 << 20  # GPU memory left free for cuBLAS workspaces, cupy's pool and the driver
-CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
 
 
 class GPUMemoryError(BackendUnavailableError):
@@ -128,11 +128,10 @@ def _kernel_names() -> list[str]:
         names += [f"get_rows<{code}>", f"dequant_f16<{code}>"]
         for mode in (MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV):
             names.append(f"mmv<{code}, {mode}, 1, {PATH_ANY}, 1>")
-            for ks in K_SPLITS:
-                if t in UNROLL:
-                    names.append(f"mmv<{code}, {mode}, {UNROLL[t]}, {PATH_GROUP}, {ks}>")
-                if t in CHUNK_TYPES:
-                    names.append(f"mmv<{code}, {mode}, {CHUNK_UNROLL[t]}, {PATH_CHUNK}, {ks}>")
+            if t in UNROLL:
+                names += [f"mmv<{code}, {mode}, {UNROLL[t]}, {PATH_GROUP}, {ks}>" for ks in K_SPLITS[PATH_GROUP]]
+            if t in CHUNK_TYPES:
+                names += [f"mmv<{code}, {mode}, {CHUNK_UNROLL[t]}, {PATH_CHUNK}, {ks}>" for ks in K_SPLITS[PATH_CHUNK]]
     return names
 
 
@@ -316,15 +315,14 @@ class CUDABackend:
     def _call(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
         """Launch kernel `name`; in a decode graph captured with pdl, every kernel after the first
         is launched programmatically (the first follows the copy of the token and position)."""
-        if self._programmatic is False:
-            self._programmatic = True
-            self.fn[name](grid, block, args)
-        elif self._programmatic:
+        if self._programmatic:
             if self._launcher is None:
                 self._launcher = ProgrammaticLauncher()
             self._launcher(self.fn[name], grid, block, args, self.cp.cuda.get_current_stream().ptr)
-        else:
-            self.fn[name](grid, block, args)
+            return
+        if self._programmatic is False:  # the graph's first kernel: the ones after it are programmatic
+            self._programmatic = True
+        self.fn[name](grid, block, args)
 
     def _mmv(self, mode: int, w: QWeight, n0: int, cols: int, xq, xd, xf, out, *, xa: Arranged | None = None, w1=None,
              w2=None, n1: int = 0, rb: int = 0, re: int = 0, kc=None, vc=None, io=None, inv_freq=None, head_dim: int = 0,
@@ -346,7 +344,7 @@ class CUDABackend:
             pairs = (re - rb) // 2
         else:
             pairs = (n0 + 1) // 2
-        ks = k_split(t, path, pairs)
+        ks = k_split(path, pairs)
         name = f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>"
         per_block = WARPS // ks
         self._call(name, ((pairs + per_block - 1) // per_block,), (32 * WARPS,),

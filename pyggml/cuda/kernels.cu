@@ -514,9 +514,7 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __res
 // warps merge. With n_active == 1 the block writes the normalised output (and its int8 blocks)
 // itself, else its (max, sum, unnormalised output) for attn_combine. head_dim <= 256.
 #define ATT_WARPS 8
-#ifndef ATT_RANGE
 #define ATT_RANGE 128  // fewest keys a range is cut to
-#endif
 
 __device__ __forceinline__ int attn_ranges(int n, int n_split) { return min(n_split, (n + ATT_RANGE - 1) / ATT_RANGE); }
 
