@@ -38,18 +38,21 @@ MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
 PATH_GROUP, PATH_CHUNK, PATH_ANY = 0, 1, 2
 UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
 CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
-K_SPLITS = {PATH_GROUP: (1, 4), PATH_CHUNK: (1,)}  # the warps per row pair k_split can choose, per path
+K_SPLITS = {PATH_GROUP: (1, 4), PATH_CHUNK: (1,)}  # the warps per row pair k_split can choose, per path (ADD: 1)
 
 
 def k_split(path: int, pairs: int) -> int:
     """Warps per row pair, measured on an H200 (whole decode steps, 7B shapes): splitting the columns
     of matrices with few rows helps the group path (Q5_0's 2-byte loads, the float types), not the
-    chunked one (Q4_0, Q8_0: 1 beat 2 and 4 for Q8_0 by 1%)."""
+    chunked one (Q4_0, Q8_0: 1 beat 2 and 4 for Q8_0 by 1%). ADD products always take 1 (_plan):
+    for f16, one warp per pair with the next RMSNorm folded beat 4 warps and its own RMSNorm kernel,
+    3574 against 3735 us per token."""
     if path == PATH_GROUP and pairs <= 2048:
         return 4
     return 1
-WARPS = 8  # warps (row pairs) per block of the matvec
-ATT_SPLITS = 16  # decode attention: at most this many key ranges per head, merged by attn_combine
+WARPS = 8  # warps (row pairs) per block of the matvec ...
+ADD_WARPS = 16  # ... but 16 for an ADD product with one warp per pair (kernels.cu): one 32-row group
+ATT_SPLITS = 16  # decode attention: at most this many key ranges per head (kernels.cu, attn_partial)
 ATT_THREADS = 256  # attn_partial's block (kernels.cu, ATT_WARPS); head_dim may not exceed it
 MARGIN = 512 << 20  # GPU memory left free for cuBLAS workspaces, cupy's pool and the driver
 CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
@@ -129,7 +132,8 @@ def _kernel_names() -> list[str]:
         for mode in (MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV):
             names.append(f"mmv<{code}, {mode}, 1, {PATH_ANY}, 1>")
             if t in UNROLL:
-                names += [f"mmv<{code}, {mode}, {UNROLL[t]}, {PATH_GROUP}, {ks}>" for ks in K_SPLITS[PATH_GROUP]]
+                names += [f"mmv<{code}, {mode}, {UNROLL[t]}, {PATH_GROUP}, {ks}>" for ks in K_SPLITS[PATH_GROUP]
+                          if ks == 1 or mode != MODE_ADD]
             if t in CHUNK_TYPES:
                 names += [f"mmv<{code}, {mode}, {CHUNK_UNROLL[t]}, {PATH_CHUNK}, {ks}>" for ks in K_SPLITS[PATH_CHUNK]]
     return names
@@ -212,30 +216,51 @@ class ProgrammaticLauncher:
             raise RuntimeError(f"cuLaunchKernelEx failed: {name.value.decode() if name.value else status}")
 
 
+class Int8Input:
+    """An input's int8 blocks for the next product: values, scales, and the arranged copies."""
+
+    def __init__(self, cp, width: int):
+        self.q = cp.zeros(width, np.int8)
+        self.d = cp.zeros(width // 32 + 1, np.float32)
+        self.arranged = Arranged(cp, width)
+
+    def args(self) -> tuple:
+        """What a producer writes: q, d and both arranged layouts."""
+        return (_ptr(self.q), _ptr(self.d), *self.arranged.args())
+
+
+NO_INT8 = (np.uint64(0), np.uint64(0), *NO_ARRANGED)
+NO_FOLD = (np.uint64(0), np.uint64(0), *NO_INT8, np.uint64(0))
+
+
 class _Workspace:
-    """Fixed buffers of the decode graph (their addresses are baked into it)."""
+    """Fixed buffers of the decode graph (their addresses are baked into it).
+
+    Two sets of int8 inputs take turns, because an ADD product that folds the next RMSNorm (Fold in
+    kernels.cu) writes the next product's int8 input while its other blocks still read theirs:
+    `a` is the attention output's and the SwiGLU output's, `b` the normed residual's."""
 
     def __init__(self, cp, cfg):
         width = max(cfg.dim, cfg.ffn_dim)
         self.io = cp.zeros(2, np.int64)  # token, position
         self.x = cp.zeros(cfg.dim, np.float32)  # the residual stream
-        self.h = cp.zeros(width, np.float32)  # a normed input in float ...
-        self.hq = cp.zeros(width, np.int8)  # ... and as int8 blocks
-        self.hd = cp.zeros(width // 32 + 1, np.float32)
-        self.ha = Arranged(cp, width)
+        self.h = cp.zeros(width, np.float32)  # a normed input in float (deferred: times the norm weight only)
+        self.a = Int8Input(cp, width)
+        self.b = Int8Input(cp, width)
+        self.ss = cp.zeros(width // 32 + 1, np.float32)  # a deferred norm's sums of squares per 32 rows
         self.q = cp.zeros(cfg.dim, np.float32)
         self.att = cp.zeros(cfg.dim, np.float32)
         self.act = cp.zeros(cfg.ffn_dim, np.float32)
         self.up = cp.zeros(cfg.ffn_dim, np.float32)
         self.part = cp.zeros(cfg.n_heads * ATT_SPLITS * (cfg.head_dim + 2), np.float32)
+        self.att_cnt = cp.zeros(cfg.n_heads, np.int32)  # key ranges finished per head (back to 0 after)
         self.logits = cp.zeros(cfg.n_vocab, np.float32)
 
-    def int8_for(self, *consumers: QWeight) -> tuple:
-        """(q, d, arranged) for a producer whose output feeds these weights: the int8 buffers when
-        any of them multiplies int8 activations, else (None, None, None): float weights read ws.h."""
-        if any(w.ggml_type in INT8_INPUT_TYPES for w in consumers):
-            return self.hq, self.hd, self.ha
-        return None, None, None
+    @staticmethod
+    def int8_for(into: Int8Input, *consumers: QWeight) -> Int8Input | None:
+        """`into` when any of these weights multiplies int8 activations, else None (float weights
+        read the float input)."""
+        return into if any(w.ggml_type in INT8_INPUT_TYPES for w in consumers) else None
 
 
 class CUDABackend:
@@ -251,11 +276,13 @@ class CUDABackend:
         self.device.use()
         self.mod = _module()
         self.fn = {n: self.mod.get_function(n) for n in _kernel_names()}
-        for n in ("quantize_q8", "rmsnorm", "rmsnorm_row", "attn_combine", "rope", "causal_softmax", "silu_mul"):
+        for n in ("quantize_q8", "rmsnorm", "rmsnorm_row", "rope", "causal_softmax", "silu_mul"):
             self.fn[n] = self.mod.get_function(n)
         self.stream = cp.cuda.Stream(non_blocking=True)  # decode graphs are captured and replayed here
         self.io_host = cp.cuda.alloc_pinned_memory(16)
         self.io_np = np.frombuffer(self.io_host, np.int64, 2)
+        self._queued, self._done = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
+        self._logits_host = self._logits_np = None  # pinned memory the logits come back through
         self._graphs: dict = {}
         self._ws: dict[int, _Workspace] = {}
         self._inv_freq: dict[bytes, object] = {}
@@ -326,32 +353,50 @@ class CUDABackend:
 
     def _mmv(self, mode: int, w: QWeight, n0: int, cols: int, xq, xd, xf, out, *, xa: Arranged | None = None, w1=None,
              w2=None, n1: int = 0, rb: int = 0, re: int = 0, kc=None, vc=None, io=None, inv_freq=None, head_dim: int = 0,
-             n_rot: int = 0, n_ctx: int = 0):
-        """Launch the decode product `mmv` (see kernels.cu) for one weight type."""
+             n_rot: int = 0, n_ctx: int = 0, nss=None, eps: float = 0.0, fold: tuple = NO_FOLD):
+        """Launch the decode product `mmv` (see kernels.cu) for one weight type. nss: the input is a
+        deferred RMSNorm's (its sums of squares, eps); fold: what an ADD or SILU product hands on
+        (_fold)."""
         t = w.ggml_type
         ld = w.raw.shape[1] * w.raw.itemsize
-        if t in CHUNK_TYPES and ld % 16 == 0 and xa is not None and xq is not None:
+        pairs = n0 if mode == MODE_SILU else ((re - rb) // 2 if mode == MODE_QKV else (n0 + 1) // 2)
+        path, unroll, ks, warps = self._plan(mode, w, n0, cols, int8=xq is not None, arranged=xa is not None,
+                                             general=xf is not None, pairs=pairs)
+        name = f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>"
+        per_block = warps // ks
+        self._call(name, ((pairs + per_block - 1) // per_block,), (32 * warps,),
+                   (_ptr(w.raw), _ptr(w1.raw if w1 is not None else None), _ptr(w2.raw if w2 is not None else None),
+                    np.int64(ld), np.int32(n0), np.int32(n1), np.int32(cols), np.int32(rb), np.int32(re),
+                    _ptr(xq), _ptr(xd), _ptr(xf), *(xa.args_for(t) if path == PATH_CHUNK else NO_ARRANGED[:2]),
+                    _ptr(nss), np.float32(eps), _ptr(out), _ptr(kc), _ptr(vc), _ptr(io), _ptr(inv_freq),
+                    np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx), *fold))
+
+    @staticmethod
+    def _plan(mode: int, w: QWeight, n0: int, cols: int, *, int8: bool, arranged: bool, general: bool = True,
+              pairs: int | None = None) -> tuple:
+        """(path, unroll, warps per row pair, warps per block) of the decode product, given whether
+        its int8 input, the arranged copy of it, and the float input are there."""
+        t = w.ggml_type
+        ld = w.raw.shape[1] * w.raw.itemsize
+        if t in CHUNK_TYPES and ld % 16 == 0 and int8 and arranged:
             path, unroll = PATH_CHUNK, CHUNK_UNROLL[t]
-        elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and xq is None):
+        elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and not int8):
             path, unroll = PATH_ANY, 1
-            if xf is None:
+            if not general:
                 raise ValueError(f"{w.name}: the general product needs the float input")
         else:
             path, unroll = PATH_GROUP, UNROLL[t]
-        if mode == MODE_SILU:
-            pairs = n0
-        elif mode == MODE_QKV:
-            pairs = (re - rb) // 2
-        else:
-            pairs = (n0 + 1) // 2
-        ks = k_split(path, pairs)
-        name = f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>"
-        per_block = WARPS // ks
-        self._call(name, ((pairs + per_block - 1) // per_block,), (32 * WARPS,),
-                      (_ptr(w.raw), _ptr(w1.raw if w1 is not None else None), _ptr(w2.raw if w2 is not None else None),
-                       np.int64(ld), np.int32(n0), np.int32(n1), np.int32(cols), np.int32(rb), np.int32(re),
-                       _ptr(xq), _ptr(xd), _ptr(xf), *(xa.args_for(t) if path == PATH_CHUNK else NO_ARRANGED[:2]), _ptr(out), _ptr(kc), _ptr(vc), _ptr(io), _ptr(inv_freq),
-                       np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx)))
+        if mode == MODE_ADD:  # one warp per pair: blocks of whole 32-row groups, which fold the next norm
+            return path, unroll, 1, ADD_WARPS
+        if pairs is None:
+            pairs = n0 if mode == MODE_SILU else (n0 + 1) // 2
+        return path, unroll, k_split(path, pairs), WARPS
+
+    @staticmethod
+    def _fold(ws: _Workspace, norm, into: Int8Input | None) -> tuple:
+        """mmv's Fold arguments: the RMSNorm of the residual with weight `norm`, deferred, into ws.h
+        and ws.ss, and with `into` its int8 blocks."""
+        return (_ptr(norm), _ptr(ws.h), *(into.args() if into else NO_INT8), _ptr(ws.ss))
 
     def _quantize(self, x, q, d, xa: Arranged | None = None) -> None:
         n = x.size
@@ -463,55 +508,86 @@ class CUDABackend:
         return ws
 
     def _decode_ops(self, model, layer_ids: Sequence[int], cache, ws: _Workspace, embed: bool, head: bool) -> None:
-        """Launch one token's work on the current stream, reading the token and position from ws.io."""
+        """Launch one token's work on the current stream, reading the token and position from ws.io.
+
+        Per layer: the QKV product (RoPE, K and V into the cache), attention, the output projection
+        (adds to the residual and folds the FFN's RMSNorm), gate and up with SwiGLU, its int8
+        quantization, the down projection (adds, and folds the next RMSNorm). The graph's first
+        RMSNorm is the only one run as a kernel."""
         cfg = model.config
         inv_freq = self._inv_freq_dev(model.inv_freq)
         hd = cfg.head_dim
+        eps = cfg.rms_eps
         if hd > ATT_THREADS:
             raise NotImplementedError(f"the CUDA decode attention handles head_dim <= {ATT_THREADS}, not {hd}")
         if embed:
             self._get_rows(model.tok_embd, ws.io, ws.x, 1)
-        for li in layer_ids:
+        folded = False  # the next norm was deferred by the product before it (ws.h, ws.ss)
+
+        def normed(weight, consumers) -> tuple:
+            """(int8 input, nss) for products reading the RMSNorm of the residual with `weight`."""
+            b = ws.int8_for(ws.b, *consumers)
+            if folded:
+                return b, ws.ss
+            self._rmsnorm(ws.x, weight, eps, ws.h, *((b.q, b.d, b.arranged) if b else ()))
+            return b, None
+
+        def operands(x: Int8Input | None) -> tuple:
+            return (x.q, x.d) if x else (None, None)
+
+        for i, li in enumerate(layer_ids):
             L = model.layers[li]
             kc, vc = cache.layer(li)
             qkv = (L.wq, L.wk, L.wv)
-            self._rmsnorm(ws.x, L.attn_norm, cfg.rms_eps, ws.h, *ws.int8_for(*qkv))
+            b, nss = normed(L.attn_norm, qkv)
             segments = [(0, cfg.dim + 2 * cfg.kv_dim)] if len({w.ggml_type for w in qkv}) == 1 else \
                 [(0, cfg.dim), (cfg.dim, cfg.dim + cfg.kv_dim), (cfg.dim + cfg.kv_dim, cfg.dim + 2 * cfg.kv_dim)]
             for rb, re in segments:
                 w = L.wq if rb == 0 else (L.wk if rb == cfg.dim else L.wv)
-                self._mmv(MODE_QKV, w, cfg.dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.q, xa=ws.ha, w1=L.wk, w2=L.wv, n1=cfg.kv_dim,
-                          rb=rb, re=re, kc=kc, vc=vc, io=ws.io, inv_freq=inv_freq, head_dim=hd, n_rot=cfg.rope_dim,
-                          n_ctx=cache.n_ctx)
-            q, d, xa = ws.int8_for(L.wo)
-            fused_q = q is not None and hd % 32 == 0
-            int8_out = (_ptr(q), _ptr(d), *xa.args()) if fused_q else (_ptr(None), _ptr(None), *NO_ARRANGED)
+                self._mmv(MODE_QKV, w, cfg.dim, cfg.dim, *operands(b), ws.h, ws.q, xa=b and b.arranged, w1=L.wk, w2=L.wv,
+                          n1=cfg.kv_dim, rb=rb, re=re, kc=kc, vc=vc, io=ws.io, inv_freq=inv_freq, head_dim=hd,
+                          n_rot=cfg.rope_dim, n_ctx=cache.n_ctx, nss=nss, eps=eps)
+            a = ws.int8_for(ws.a, L.wo)
+            fused_q = a is not None and hd % 32 == 0
             self._call(f"attn_partial<{attn_per_lane(hd)}>", (cfg.n_heads, ATT_SPLITS), (ATT_THREADS,),
                        (ws.q, kc, vc, ws.io, np.int32(cache.n_ctx), np.int32(hd), np.int32(cfg.n_heads // cfg.n_kv_heads),
-                        np.float32(1.0 / math.sqrt(hd)), ws.part, ws.att, *int8_out))
-            self._call("attn_combine", (cfg.n_heads,), (32 * ((hd + 31) // 32),),
-                       (ws.part, ws.io, np.int32(ATT_SPLITS), np.int32(hd), ws.att, *int8_out))
-            if q is not None and not fused_q:
-                self._quantize(ws.att, q, d, xa)
-            self._mmv(MODE_ADD, L.wo, cfg.dim, cfg.dim, ws.hq, ws.hd, ws.att, ws.x, xa=ws.ha)
-            self._rmsnorm(ws.x, L.ffn_norm, cfg.rms_eps, ws.h, *ws.int8_for(L.w_gate, L.w_up))
+                        np.float32(1.0 / math.sqrt(hd)), ws.part, ws.att_cnt, ws.att, *(a.args() if fused_q else NO_INT8)))
+            if a is not None and not fused_q:
+                self._quantize(ws.att, a.q, a.d, a.arranged)
+            b = ws.int8_for(ws.b, L.w_gate, L.w_up)
+            self._mmv(MODE_ADD, L.wo, cfg.dim, cfg.dim, *operands(a), ws.att, ws.x, xa=a and a.arranged,
+                      fold=self._fold(ws, L.ffn_norm, b))
+            folded = True
+            b, nss = normed(L.ffn_norm, (L.w_gate, L.w_up))
             if L.w_gate.ggml_type == L.w_up.ggml_type:
-                self._mmv(MODE_SILU, L.w_gate, cfg.ffn_dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.act, w1=L.w_up, xa=ws.ha)
+                self._mmv(MODE_SILU, L.w_gate, cfg.ffn_dim, cfg.dim, *operands(b), ws.h, ws.act, w1=L.w_up,
+                          xa=b and b.arranged, nss=nss, eps=eps)
             else:  # two products, then SwiGLU
-                self._mmv(MODE_STORE, L.w_gate, cfg.ffn_dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.act, xa=ws.ha)
-                self._mmv(MODE_STORE, L.w_up, cfg.ffn_dim, cfg.dim, ws.hq, ws.hd, ws.h, ws.up, xa=ws.ha)
+                self._mmv(MODE_STORE, L.w_gate, cfg.ffn_dim, cfg.dim, *operands(b), ws.h, ws.act, xa=b and b.arranged,
+                          nss=nss, eps=eps)
+                self._mmv(MODE_STORE, L.w_up, cfg.ffn_dim, cfg.dim, *operands(b), ws.h, ws.up, xa=b and b.arranged,
+                          nss=nss, eps=eps)
                 self._call("silu_mul", ((cfg.ffn_dim + 255) // 256,), (256,), (ws.act, ws.up, np.int64(cfg.ffn_dim), ws.act))
-            if ws.int8_for(L.w_down)[0] is not None:
-                self._quantize(ws.act, ws.hq, ws.hd, ws.ha)
-            self._mmv(MODE_ADD, L.w_down, cfg.dim, cfg.ffn_dim, ws.hq, ws.hd, ws.act, ws.x, xa=ws.ha)
+            a = ws.int8_for(ws.a, L.w_down)
+            if a is not None:
+                self._quantize(ws.act, a.q, a.d, a.arranged)
+            if i + 1 < len(layer_ids):  # the down projection folds the next RMSNorm: the next layer's ...
+                N = model.layers[layer_ids[i + 1]]
+                nxt = (N.attn_norm, (N.wq, N.wk, N.wv))
+            else:  # ... the output's, or none when the hidden state leaves the GPU here
+                nxt = (model.output_norm, (model.output,)) if head else (None, ())
+            folded = nxt[0] is not None
+            self._mmv(MODE_ADD, L.w_down, cfg.dim, cfg.ffn_dim, *operands(a), ws.act, ws.x, xa=a and a.arranged,
+                      fold=self._fold(ws, nxt[0], ws.int8_for(ws.b, *nxt[1])) if folded else NO_FOLD)
         if head:
-            self._rmsnorm(ws.x, model.output_norm, cfg.rms_eps, ws.h, *ws.int8_for(model.output))
-            self._mmv(MODE_STORE, model.output, cfg.n_vocab, cfg.dim, ws.hq, ws.hd, ws.h, ws.logits, xa=ws.ha)
+            b, nss = normed(model.output_norm, (model.output,))
+            self._mmv(MODE_STORE, model.output, cfg.n_vocab, cfg.dim, *operands(b), ws.h, ws.logits, xa=b and b.arranged,
+                      nss=nss, eps=eps)
 
     def _graph(self, model, layer_ids: Sequence[int], cache, embed: bool, head: bool):
         """The captured decode step for these layers and this cache (captured on first use)."""
         ws = self._workspace(model)
-        kv = cache.layer(layer_ids[0])[0] if layer_ids else None
+        kv = cache.storage(layer_ids[0]) if layer_ids else None  # not cache.layer: cupy indexing costs ~10 us a token
         key = (id(model), tuple(layer_ids), None if kv is None else kv.data.ptr, cache.n_ctx, embed, head)
         g = self._graphs.get(key)
         if g is None:
@@ -533,11 +609,13 @@ class CUDABackend:
     def _launch(self, g, ws: _Workspace, token: int, pos: int) -> None:
         cp = self.cp
         s = self.stream
-        s.wait_event(cp.cuda.get_current_stream().record())  # after whatever the caller queued
+        self._queued.record(cp.cuda.get_current_stream())
+        s.wait_event(self._queued)  # after whatever the caller queued
         self.io_np[0], self.io_np[1] = token, pos
         ws.io.data.copy_from_host_async(ctypes.c_void_p(self.io_host.ptr), 16, stream=s)
         g.launch(stream=s)
-        cp.cuda.get_current_stream().wait_event(s.record())
+        self._done.record(s)
+        cp.cuda.get_current_stream().wait_event(self._done)
 
     def decode_layers(self, model, layer_ids: Sequence[int], x, start_pos: int, cache):
         """One token through this backend's layers: (1, dim) hidden state in -> (1, dim) out (on the GPU)."""
@@ -550,4 +628,10 @@ class CUDABackend:
         """One token through the whole model (all layers and the head here): next-token logits on the host."""
         g, ws = self._graph(model, range(len(model.layers)), cache, embed=True, head=True)
         self._launch(g, ws, token, start_pos)
-        return self.cp.asnumpy(ws.logits)
+        n = ws.logits.size
+        if self._logits_np is None or self._logits_np.size != n:
+            self._logits_host = self.cp.cuda.alloc_pinned_memory(4 * n)
+            self._logits_np = np.frombuffer(self._logits_host, np.float32, n)
+        ws.logits.data.copy_to_host_async(ctypes.c_void_p(self._logits_host.ptr), 4 * n, stream=self.stream)
+        self.stream.synchronize()
+        return self._logits_np.copy()  # the pinned buffer is the next token's

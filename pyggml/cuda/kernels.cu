@@ -344,6 +344,24 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, int dd, i64 pos, c
     b = fa * s + fb * c;
 }
 
+// x (n) -> int8 blocks of 32: d = amax/127, q = round-half-away(x/d). One warp per block.
+// Element i of the input also goes where the chunked products read it (dot_rows_chunk): a4 (Q4_0:
+// two planes, `plane` bytes apart) and a8 (Q8_0); the scale positions there stay zero.
+struct Arranged { u8* a4; i64 plane; u8* a8; };
+
+__device__ __forceinline__ void quantize_block(float v, int i, signed char* __restrict__ q, float* __restrict__ d, Arranged ar) {
+    const float amax = warp_max(fabsf(v));
+    const float dd = amax / 127.f;
+    const float inv = dd == 0.f ? 0.f : 1.f / dd;
+    const float t = v * inv;
+    const signed char qi = (signed char)copysignf(floorf(fabsf(t) + 0.5f), t);
+    const int b = i / QK, j = i % QK;
+    q[i] = qi;
+    if ((threadIdx.x & 31) == 0) d[b] = dd;
+    if (ar.a4 != nullptr) ar.a4[(j < 16 ? 0 : ar.plane) + b * 18 + 2 + (j & 15)] = (u8)qi;
+    if (ar.a8 != nullptr) ar.a8[b * 34 + 2 + j] = (u8)qi;
+}
+
 // One launch = one product and its epilogue. Each warp owns a "pair" p:
 //   STORE/ADD: rows 2p, 2p+1 of w0 (n0 rows) -> out[row] = / += dot
 //   SILU:      row p of w0 (gate) and of w1 (up) -> out[p] = silu(gate) * up
@@ -358,16 +376,52 @@ struct Epilogue {
     int head_dim, n_rot, n_ctx;
 };
 
+// What an ADD product prepares for the next product, so that no RMSNorm kernel runs in between:
+// the next RMSNorm, deferred. Its blocks hold one 32-row group each (ADD_WARPS warps, one per row
+// pair) and fold it from shared memory:
+//   ss[group] = sum of squares of the group's new residual rows;
+//   y = residual * nw, not yet divided by the rms: the next product scales its dot products by
+//   rsqrt(mean square + eps) (mmv's nss), the same thing since a product is linear;
+//   with q != nullptr, y's int8 blocks (and arranged copies) for an int8 product.
+// (Folding SwiGLU's int8 quantization too, whose 32-row groups come from four blocks, through a
+// global counter per group: 100 us per 7B token slower than its own kernel.)
+struct Fold {
+    const float* nw;
+    float* y;
+    signed char* q;
+    float* d;
+    u8* a4;
+    i64 plane;
+    u8* a8;
+    float* ss;
+};
+
+// Group g of the residual (lane i holds row 32g+i, 0 past n): ss, y and the int8 blocks.
+__device__ __forceinline__ void fold_group(const Fold& f, float v, int g, int n) {
+    const int i = g * QK + (threadIdx.x & 31);
+    const float sq = warp_sum(v * v);
+    if ((threadIdx.x & 31) == 0) f.ss[g] = sq;
+    if (i < n) v *= f.nw[i];
+    if (i < n) f.y[i] = v;
+    if (f.q != nullptr) quantize_block(v, i, f.q, f.d, Arranged{f.a4, f.plane, f.a8});
+}
+
 enum { PATH_GROUP = 0, PATH_CHUNK = 1, PATH_ANY = 2 };
 
+// nss != nullptr: the input is a deferred RMSNorm's y (see Fold), and nss the sums of squares of
+// its ceil(cols / 32) groups; the dot products are scaled by rsqrt(mean square + eps).
+#define ADD_WARPS 16  // an ADD product with KS == 1: 32 rows per block, one group to fold
+
 template <int T, int MODE, int U, int PATH, int KS>
-__global__ void __launch_bounds__(256) mmv(const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
+__global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS : 256) mmv(const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
         i64 ld, int n0, int n1, int cols, int rb, int re, const int* xq, const float* xd, const float* xf, const u8* xa, i64 plane,
-        float* out, float* kc, float* vc, const i64* io, const double* inv_freq, int head_dim, int n_rot, int n_ctx) {
+        const float* nss, float eps, float* out, float* kc, float* vc, const i64* io, const double* inv_freq, int head_dim,
+        int n_rot, int n_ctx, const float* fnw, float* fy, signed char* fq, float* fd, u8* fa4, i64 fplane, u8* fa8, float* fss) {
     const Input in{xq, xd, xf};
     const Epilogue ep{out, kc, vc, io, inv_freq, head_dim, n_rot, n_ctx};
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int p = blockIdx.x * (8 / KS) + warp / KS, ks = warp % KS;  // 8 warps: 8/KS row pairs, KS warps each
+    constexpr int W = MODE == MODE_ADD && KS == 1 ? ADD_WARPS : 8;  // warps per block
+    const int p = blockIdx.x * (W / KS) + warp / KS, ks = warp % KS;  // W/KS row pairs, KS warps each
     const u8 *r0 = w0, *r1 = w0;
     int row = 2 * p;
     bool valid;
@@ -390,6 +444,10 @@ __global__ void __launch_bounds__(256) mmv(const u8* __restrict__ w0, const u8* 
     }
     pdl_trigger();
     pdl_wait();
+    const int n_groups = (cols + QK - 1) / QK;  // of a deferred norm: loaded now, summed after the products
+    float nsv[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) nsv[j] = nss != nullptr && lane + 32 * j < n_groups ? nss[lane + 32 * j] : 0.f;
     float2 s = make_float2(0.f, 0.f);
     if (valid) {
         if constexpr (PATH == PATH_ANY) s = dot_rows_any<T>(r0, r1, in.f, cols);
@@ -399,50 +457,52 @@ __global__ void __launch_bounds__(256) mmv(const u8* __restrict__ w0, const u8* 
     s.x = warp_sum(s.x);
     s.y = warp_sum(s.y);
     if constexpr (KS > 1) {  // add up the stripes of each pair
-        __shared__ float2 part[8];
+        __shared__ float2 part[W];
         if (lane == 0) part[warp] = s;
         __syncthreads();
         if (ks == 0) for (int k = 1; k < KS; k++) { s.x += part[warp + k].x; s.y += part[warp + k].y; }
     }
-    if (!valid || ks != 0 || lane != 0) return;
-    if (MODE == MODE_STORE) {
-        ep.out[row] = s.x;
-        if (row + 1 < n0) ep.out[row + 1] = s.y;
-    } else if (MODE == MODE_ADD) {
-        ep.out[row] += s.x;
-        if (row + 1 < n0) ep.out[row + 1] += s.y;
-    } else if (MODE == MODE_SILU) {
-        ep.out[p] = s.x / (1.f + expf(-s.x)) * s.y;
-    } else {
-        const i64 pos = ep.io[1];
-        const int r = row < n0 ? row : (row < n0 + n1 ? row - n0 : row - n0 - n1);
-        const int dd = r % ep.head_dim, head = r / ep.head_dim;
-        if (row < n0 + n1) rope_pair(s.x, s.y, dd, pos, ep.inv_freq, ep.n_rot);
-        float* dst = row < n0 ? ep.out + r : (row < n0 + n1 ? ep.kc : ep.vc) + ((i64)head * ep.n_ctx + pos) * ep.head_dim + dd;
-        dst[0] = s.x;
-        dst[1] = s.y;
+    if (nss != nullptr) {
+        float t = nsv[0] + nsv[1] + nsv[2] + nsv[3];
+        for (int k = lane + 128; k < n_groups; k += 32) t += nss[k];
+        const float scale = rsqrtf(warp_sum(t) / cols + eps);
+        s.x *= scale;
+        s.y *= scale;
+    }
+    const Fold fold{fnw, fy, fq, fd, fa4, fplane, fa8, fss};
+    __shared__ float vals[MODE == MODE_ADD ? 2 * W : 1];  // ADD: the block's new residual rows
+    if (valid && ks == 0 && lane == 0) {
+        if (MODE == MODE_STORE) {
+            ep.out[row] = s.x;
+            if (row + 1 < n0) ep.out[row + 1] = s.y;
+        } else if (MODE == MODE_ADD) {
+            const float x0 = ep.out[row] + s.x, x1 = row + 1 < n0 ? ep.out[row + 1] + s.y : 0.f;
+            ep.out[row] = x0;
+            if (row + 1 < n0) ep.out[row + 1] = x1;
+            vals[2 * (warp / KS)] = x0;
+            vals[2 * (warp / KS) + 1] = x1;
+        } else if (MODE == MODE_SILU) {
+            ep.out[p] = s.x / (1.f + expf(-s.x)) * s.y;
+        } else {
+            const i64 pos = ep.io[1];
+            const int r = row < n0 ? row : (row < n0 + n1 ? row - n0 : row - n0 - n1);
+            const int dd = r % ep.head_dim, head = r / ep.head_dim;
+            if (row < n0 + n1) rope_pair(s.x, s.y, dd, pos, ep.inv_freq, ep.n_rot);
+            float* dst = row < n0 ? ep.out + r : (row < n0 + n1 ? ep.kc : ep.vc) + ((i64)head * ep.n_ctx + pos) * ep.head_dim + dd;
+            dst[0] = s.x;
+            dst[1] = s.y;
+        }
+    }
+    if constexpr (MODE == MODE_ADD && KS == 1) {
+        if (fold.nw != nullptr) {  // the block's 32 rows are group blockIdx.x
+            __syncthreads();
+            const int i = blockIdx.x * QK + lane;
+            if (warp == 0) fold_group(fold, i < n0 ? vals[lane] : 0.f, blockIdx.x, n0);
+        }
     }
 }
 
 // ------------------------------------------------------------------------- small decode ops
-// x (n) -> int8 blocks of 32: d = amax/127, q = round-half-away(x/d). One warp per block.
-// Element i of the input also goes where the chunked products read it (dot_rows_chunk): a4 (Q4_0:
-// two planes, `plane` bytes apart) and a8 (Q8_0); the scale positions there stay zero.
-struct Arranged { u8* a4; i64 plane; u8* a8; };
-
-__device__ __forceinline__ void quantize_block(float v, int i, signed char* __restrict__ q, float* __restrict__ d, Arranged ar) {
-    const float amax = warp_max(fabsf(v));
-    const float dd = amax / 127.f;
-    const float inv = dd == 0.f ? 0.f : 1.f / dd;
-    const float t = v * inv;
-    const signed char qi = (signed char)copysignf(floorf(fabsf(t) + 0.5f), t);
-    const int b = i / QK, j = i % QK;
-    q[i] = qi;
-    if ((threadIdx.x & 31) == 0) d[b] = dd;
-    if (ar.a4 != nullptr) ar.a4[(j < 16 ? 0 : ar.plane) + b * 18 + 2 + (j & 15)] = (u8)qi;
-    if (ar.a8 != nullptr) ar.a8[b * 34 + 2 + j] = (u8)qi;
-}
-
 extern "C" __global__ void quantize_q8(const float* __restrict__ x, int n, signed char* __restrict__ q, float* __restrict__ d,
                                        u8* a4, i64 plane, u8* a8) {
     pdl_trigger();
@@ -512,7 +572,8 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __res
 // time: it loads their K and V rows together (one memory latency per batch, not per key), reduces
 // the KB scores across the lanes and folds them into its running (max, sum, output); then the 8
 // warps merge. With n_active == 1 the block writes the normalised output (and its int8 blocks)
-// itself, else its (max, sum, unnormalised output) for attn_combine. head_dim <= 256.
+// itself. Otherwise each block leaves its (max, sum, unnormalised output) in `part` and counts
+// itself in cnt[head]; the last block of the head merges the ranges (merge_ranges). head_dim <= 256.
 #define ATT_WARPS 8
 #define ATT_RANGE 128  // fewest keys a range is cut to
 
@@ -540,11 +601,34 @@ __device__ __forceinline__ void load_dims(const float* __restrict__ row, int lan
     }
 }
 
+// The last block of a head merges its n_active ranges (<= 32) from `part` (read from L2: the other
+// blocks wrote them): the first warp turns each range's (max, sum) into one weight, then thread d
+// forms output dimension d (blockDim >= head_dim) and, with q != nullptr, its int8 blocks.
+__device__ __forceinline__ void merge_ranges(const float* p, int n_active, int head_dim, float* __restrict__ out,
+                                             signed char* __restrict__ q, float* __restrict__ d, int base, Arranged ar) {
+    __shared__ float weight[32];
+    const int stride = head_dim + 2, tid = threadIdx.x;
+    if (tid < 32) {
+        const float m = tid < n_active ? __ldcg(p + tid * stride) : NEG_INF;
+        const float M = warp_max(m);
+        const float e = tid < n_active ? expf(m - M) : 0.f;
+        const float L = warp_sum(e * (tid < n_active ? __ldcg(p + tid * stride + 1) : 0.f));
+        weight[tid] = e / L;
+    }
+    __syncthreads();
+    if (tid >= head_dim) return;  // whole warps when head_dim % 32 == 0
+    float v = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < n_active; s++) v += weight[s] * __ldcg(p + s * stride + 2 + tid);
+    out[tid] = v;
+    if (q != nullptr) quantize_block(v, base + tid, q, d, ar);
+}
+
 template <int PER>
 __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __restrict__ q, const float* __restrict__ kc,
         const float* __restrict__ vc, const i64* __restrict__ io, int n_ctx, int head_dim, int group, float scale,
-        float* __restrict__ part, float* __restrict__ out, signed char* __restrict__ oq, float* __restrict__ od,
-        u8* a4, i64 plane, u8* a8) {
+        float* __restrict__ part, int* __restrict__ cnt, float* __restrict__ out, signed char* __restrict__ oq,
+        float* __restrict__ od, u8* a4, i64 plane, u8* a8) {
     constexpr int KB = 32 / PER;
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS], sacc[ATT_WARPS][256];
     pdl_trigger();
@@ -601,8 +685,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
 #pragma unroll
     for (int e = 0; e < PER; e++) if (lane * PER + e < head_dim) sacc[warp][lane * PER + e] = acc[e];
     __syncthreads();
-    const int tid = threadIdx.x;
-    if (tid >= head_dim) return;  // one thread per output dimension from here; whole warps when head_dim % 32 == 0
+    const int tid = threadIdx.x;  // one thread per output dimension from here
     float M = NEG_INF;
 #pragma unroll
     for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm[w]);
@@ -611,52 +694,29 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
     for (int w = 0; w < ATT_WARPS; w++) {
         const float f = sm[w] > NEG_INF ? expf(sm[w] - M) : 0.f;  // a warp with no keys has m = -inf
         L += sl[w] * f;
-        val += sacc[w][tid] * f;
+        if (tid < head_dim) val += sacc[w][tid] * f;
     }
-    if (n_active > 1) {
-        float* po = part + ((i64)h * gridDim.y + s) * (head_dim + 2);
-        po[2 + tid] = val;
-        if (tid == 0) { po[0] = M; po[1] = L; }
+    const Arranged ar{a4, plane, a8};
+    if (n_active == 1) {
+        if (tid >= head_dim) return;  // whole warps when head_dim % 32 == 0
+        val /= L;
+        out[h * head_dim + tid] = val;
+        if (oq != nullptr) quantize_block(val, h * head_dim + tid, oq, od, ar);
         return;
     }
-    val /= L;
-    out[h * head_dim + tid] = val;
-    if (oq != nullptr) quantize_block(val, h * head_dim + tid, oq, od, Arranged{a4, plane, a8});
-}
-
-// Merge the ranges of each head when there was more than one (see attn_partial): out[h*head_dim + d];
-// with q != nullptr (head_dim % 32 == 0) also the int8 blocks of the output for the next product.
-// The first warp turns the ranges' (max, sum) into one weight each (n_split <= 32); then every
-// output element is one weighted sum.
-extern "C" __global__ void attn_combine(const float* __restrict__ part, const i64* __restrict__ io, int n_split, int head_dim,
-                                       float* __restrict__ out, signed char* __restrict__ q, float* __restrict__ d, u8* a4,
-                                       i64 plane, u8* a8) {
-    __shared__ float weight[32];
-    pdl_trigger();
-    const int n_active = attn_ranges((int)io[1] + 1, n_split);
-    pdl_wait();  // also when there is nothing to do: this grid ends only after attn_partial's
-    if (n_active == 1) return;  // attn_partial wrote the output
-    const int h = blockIdx.x, stride = head_dim + 2;
-    const float* p = part + (i64)h * n_split * stride;
-    if (threadIdx.x < 32) {
-        const int s = threadIdx.x;
-        const float m = s < n_active ? p[s * stride] : NEG_INF;
-        const float M = warp_max(m);
-        const float e = s < n_active ? expf(m - M) : 0.f;
-        const float L = warp_sum(e * (s < n_active ? p[s * stride + 1] : 0.f));
-        weight[s] = e / L;
-    }
+    const int stride = head_dim + 2;
+    float* ph = part + (i64)h * gridDim.y * stride;
+    if (tid < head_dim) ph[s * stride + 2 + tid] = val;
+    if (tid == 0) { ph[s * stride] = M; ph[s * stride + 1] = L; }
+    __threadfence();
+    __shared__ int last;
     __syncthreads();
-    for (int i0 = 0; i0 < head_dim; i0 += blockDim.x) {
-        const int dd = i0 + threadIdx.x;
-        float v = 0.f;
-        if (dd < head_dim) {
-#pragma unroll 4
-            for (int s = 0; s < n_active; s++) v += weight[s] * p[s * stride + 2 + dd];
-            out[h * head_dim + dd] = v;
-        }
-        if (q != nullptr && i0 + (threadIdx.x & ~31) < head_dim) quantize_block(v, h * head_dim + dd, q, d, Arranged{a4, plane, a8});
-    }
+    if (tid == 0) last = atomicAdd(cnt + h, 1) == n_active - 1;
+    __syncthreads();
+    if (!last) return;
+    if (tid == 0) cnt[h] = 0;  // for the next step
+    __threadfence();
+    merge_ranges(ph, n_active, head_dim, out + h * head_dim, oq, od, h * head_dim, ar);
 }
 
 // ---------------------------------------------------------------------- gathers and batches

@@ -40,6 +40,10 @@ class KVCache:
         store, j = self._index[i]
         return store[j, 0], store[j, 1]
 
+    def storage(self, i: int):
+        """The array that holds layer i's keys and values (allocated once, never moved)."""
+        return self._index[i][0]
+
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for _, s, _ in self._storage.values())
