@@ -138,8 +138,9 @@ def test_decode_graph_replays_at_every_position(random_model):
 
 
 def test_decode_attention_over_many_key_ranges(tmp_path):
-    """Past 128 keys the decode attention cuts the keys into ranges and merges them (attn_combine):
-    decode steps from position 150 to 420 (1 to 4 ranges) against the CPU backend."""
+    """Past 128 keys the decode attention cuts the keys into ranges, and the last block of each head
+    to finish merges them (attn_partial): decode steps from position 150 to 420 (1 to 4 ranges)
+    against the CPU backend."""
     path = tmp_path / "long.gguf"
     write_random_model(path, Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=300, ctx=512),
                        GGMLType.F32, seed=5)
@@ -150,6 +151,23 @@ def test_decode_attention_over_many_key_ranges(tmp_path):
         llm.model.forward(np.array(tokens[:150]), 0, llm.cache)
         logits[ngl] = np.stack([llm.model.forward(np.array([t]), 150 + i, llm.cache) for i, t in enumerate(tokens[150:])])
     print(f"decode at 150..419: {rel_err(logits[-1], logits[0]):.2e}")
+    assert rel_err(logits[-1], logits[0]) < 2e-3
+    assert (logits[-1].argmax(1) == logits[0].argmax(1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("t", [GGMLType.F16, GGMLType.F32], ids=lambda t: t.name)
+def test_decode_folds_a_norm_whose_last_group_is_partial(tmp_path, t):
+    """The products that add to the residual fold the next RMSNorm over 32-row groups; with dim 40
+    the second group has 8 rows (float weights: int8 ones need multiples of 32). 12 decode steps
+    against the CPU backend."""
+    path = tmp_path / "dim40.gguf"
+    write_random_model(path, Shape(dim=40, n_layers=2, n_heads=5, n_kv_heads=5, ffn_dim=72, vocab=300, ctx=64), t, seed=9)
+    tokens = [int(v) for v in np.random.default_rng(4).integers(3, 300, 12)]
+    logits = {}
+    for ngl in (0, -1):
+        llm = Llama(path, n_ctx=64, n_gpu_layers=ngl)
+        logits[ngl] = np.stack([llm.model.forward(np.array([v]), i, llm.cache) for i, v in enumerate(tokens)])
+    print(f"dim 40 {t.name}: {rel_err(logits[-1], logits[0]):.2e}")
     assert rel_err(logits[-1], logits[0]) < 2e-3
     assert (logits[-1].argmax(1) == logits[0].argmax(1)).mean() >= 0.9
 

@@ -14,7 +14,8 @@ import cupy as cp
 import numpy as np
 
 from pyggml.bench import measure_device_copy_bandwidth
-from pyggml.cuda.backend import CHUNK_TYPES, MODE_ADD, MODE_SILU, MODE_STORE, PATH_CHUNK, PATH_GROUP, TYPE_CODES, WARPS, Arranged
+from pyggml.cuda.backend import (ADD_WARPS, CHUNK_TYPES, MODE_ADD, MODE_SILU, MODE_STORE, NO_FOLD, PATH_CHUNK, PATH_GROUP,
+                                 TYPE_CODES, WARPS, Arranged)
 from pyggml.gguf.constants import TYPE_TRAITS, GGMLType
 
 TYPES = (GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F16)
@@ -62,14 +63,15 @@ def main() -> int:
             nbytes = sum(w.nbytes for w in ws[0])
             for p, u, k in variants[t]:
                 fn = mod.get_function(f"mmv<{TYPE_CODES[t]}, {mode}, {u}, {p}, {k}>")
+                warps = ADD_WARPS if mode == MODE_ADD and k == 1 else WARPS  # as kernels.cu's mmv
 
                 def launch(i: int) -> None:
                     w = ws[i % COPIES]
                     w1 = w[1] if n_mat == 2 else w[0]
-                    fn(((pairs + WARPS // k - 1) // (WARPS // k),), (32 * WARPS,),
+                    fn(((pairs + warps // k - 1) // (warps // k),), (32 * warps,),
                        (w[0], w1, w1, np.int64(w[0].shape[1]), np.int32(rows), np.int32(0), np.int32(cols),
-                        np.int32(0), np.int32(0), xq, xd, xf, *xa.args_for(t), out, np.uint64(0), np.uint64(0), np.uint64(0),
-                        np.uint64(0), np.int32(0), np.int32(0), np.int32(0)))
+                        np.int32(0), np.int32(0), xq, xd, xf, *xa.args_for(t), np.uint64(0), np.float32(0), out,
+                        np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0), np.int32(0), np.int32(0), np.int32(0), *NO_FOLD))
 
                 stream = cp.cuda.Stream(non_blocking=True)
                 with stream:  # a captured burst, as the decode graph runs them: no host launch gaps in the time
