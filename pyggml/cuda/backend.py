@@ -44,7 +44,7 @@ K_SPLITS = {PATH_GROUP: (1, 4), PATH_CHUNK: (1,)}  # the warps per row pair k_sp
 def k_split(path: int, pairs: int) -> int:
     """Warps per row pair, measured on an H200 (whole decode steps, 7B shapes): splitting the columns
     of matrices with few rows helps the group path (Q5_0's 2-byte loads, the float types), not the
-    chunked one (Q4_0, Q8_0: 1 beat 2 and 4 for Q8_0 by 1%). ADD products always take 1 (_plan):
+    chunked one (Q4_0, Q8_0: 1 beat 2 and 4 for Q8_0 by 1%). ADD products always take 1 (_mmv):
     for f16, one warp per pair with the next RMSNorm folded beat 4 warps and its own RMSNorm kernel,
     3574 against 3735 us per token."""
     if path == PATH_GROUP and pairs <= 2048:
@@ -355,13 +355,22 @@ class CUDABackend:
              w2=None, n1: int = 0, rb: int = 0, re: int = 0, kc=None, vc=None, io=None, inv_freq=None, head_dim: int = 0,
              n_rot: int = 0, n_ctx: int = 0, nss=None, eps: float = 0.0, fold: tuple = NO_FOLD):
         """Launch the decode product `mmv` (see kernels.cu) for one weight type. nss: the input is a
-        deferred RMSNorm's (its sums of squares, eps); fold: what an ADD or SILU product hands on
-        (_fold)."""
+        deferred RMSNorm's (its sums of squares, eps); fold: the next RMSNorm an ADD product folds (_fold)."""
         t = w.ggml_type
         ld = w.raw.shape[1] * w.raw.itemsize
+        if t in CHUNK_TYPES and ld % 16 == 0 and xa is not None and xq is not None:
+            path, unroll = PATH_CHUNK, CHUNK_UNROLL[t]
+        elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and xq is None):
+            path, unroll = PATH_ANY, 1
+            if xf is None:
+                raise ValueError(f"{w.name}: the general product needs the float input")
+        else:
+            path, unroll = PATH_GROUP, UNROLL[t]
         pairs = n0 if mode == MODE_SILU else ((re - rb) // 2 if mode == MODE_QKV else (n0 + 1) // 2)
-        path, unroll, ks, warps = self._plan(mode, w, n0, cols, int8=xq is not None, arranged=xa is not None,
-                                             general=xf is not None, pairs=pairs)
+        if mode == MODE_ADD:  # one warp per pair: blocks of whole 32-row groups, which fold the next norm
+            ks, warps = 1, ADD_WARPS
+        else:
+            ks, warps = k_split(path, pairs), WARPS
         name = f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>"
         per_block = warps // ks
         self._call(name, ((pairs + per_block - 1) // per_block,), (32 * warps,),
@@ -370,27 +379,6 @@ class CUDABackend:
                     _ptr(xq), _ptr(xd), _ptr(xf), *(xa.args_for(t) if path == PATH_CHUNK else NO_ARRANGED[:2]),
                     _ptr(nss), np.float32(eps), _ptr(out), _ptr(kc), _ptr(vc), _ptr(io), _ptr(inv_freq),
                     np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx), *fold))
-
-    @staticmethod
-    def _plan(mode: int, w: QWeight, n0: int, cols: int, *, int8: bool, arranged: bool, general: bool = True,
-              pairs: int | None = None) -> tuple:
-        """(path, unroll, warps per row pair, warps per block) of the decode product, given whether
-        its int8 input, the arranged copy of it, and the float input are there."""
-        t = w.ggml_type
-        ld = w.raw.shape[1] * w.raw.itemsize
-        if t in CHUNK_TYPES and ld % 16 == 0 and int8 and arranged:
-            path, unroll = PATH_CHUNK, CHUNK_UNROLL[t]
-        elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and not int8):
-            path, unroll = PATH_ANY, 1
-            if not general:
-                raise ValueError(f"{w.name}: the general product needs the float input")
-        else:
-            path, unroll = PATH_GROUP, UNROLL[t]
-        if mode == MODE_ADD:  # one warp per pair: blocks of whole 32-row groups, which fold the next norm
-            return path, unroll, 1, ADD_WARPS
-        if pairs is None:
-            pairs = n0 if mode == MODE_SILU else (n0 + 1) // 2
-        return path, unroll, k_split(path, pairs), WARPS
 
     @staticmethod
     def _fold(ws: _Workspace, norm, into: Int8Input | None) -> tuple:

@@ -401,16 +401,19 @@ __device__ __forceinline__ void fold_group(const Fold& f, float v, int g, int n)
     const int i = g * QK + (threadIdx.x & 31);
     const float sq = warp_sum(v * v);
     if ((threadIdx.x & 31) == 0) f.ss[g] = sq;
-    if (i < n) v *= f.nw[i];
-    if (i < n) f.y[i] = v;
+    if (i < n) {
+        v *= f.nw[i];
+        f.y[i] = v;
+    }
     if (f.q != nullptr) quantize_block(v, i, f.q, f.d, Arranged{f.a4, f.plane, f.a8});
 }
 
 enum { PATH_GROUP = 0, PATH_CHUNK = 1, PATH_ANY = 2 };
 
+#define ADD_WARPS 16  // an ADD product with KS == 1: 32 rows per block, one group to fold
+
 // nss != nullptr: the input is a deferred RMSNorm's y (see Fold), and nss the sums of squares of
 // its ceil(cols / 32) groups; the dot products are scaled by rsqrt(mean square + eps).
-#define ADD_WARPS 16  // an ADD product with KS == 1: 32 rows per block, one group to fold
 
 template <int T, int MODE, int U, int PATH, int KS>
 __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS : 256) mmv(const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
