@@ -38,6 +38,9 @@ MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
 PATH_GROUP, PATH_CHUNK, PATH_ANY = 0, 1, 2
 UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
 CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
+# ADD products run one 16-warp block per SM (kernels.cu), so registers cost them no occupancy: Q4_0's
+# take 3 chunks in flight (7B q4_0 graph replay 1767 -> 1746 us per token; 4: 1748)
+ADD_CHUNK_UNROLL = {GGMLType.Q4_0: 3, GGMLType.Q8_0: 3}
 K_SPLITS = {PATH_GROUP: (1, 4), PATH_CHUNK: (1,)}  # the warps per row pair k_split can choose, per path (ADD: 1)
 
 
@@ -135,7 +138,8 @@ def _kernel_names() -> list[str]:
                 names += [f"mmv<{code}, {mode}, {UNROLL[t]}, {PATH_GROUP}, {ks}>" for ks in K_SPLITS[PATH_GROUP]
                           if ks == 1 or mode != MODE_ADD]
             if t in CHUNK_TYPES:
-                names += [f"mmv<{code}, {mode}, {CHUNK_UNROLL[t]}, {PATH_CHUNK}, {ks}>" for ks in K_SPLITS[PATH_CHUNK]]
+                unroll = ADD_CHUNK_UNROLL[t] if mode == MODE_ADD else CHUNK_UNROLL[t]
+                names += [f"mmv<{code}, {mode}, {unroll}, {PATH_CHUNK}, {ks}>" for ks in K_SPLITS[PATH_CHUNK]]
     return names
 
 
@@ -359,7 +363,7 @@ class CUDABackend:
         t = w.ggml_type
         ld = w.raw.shape[1] * w.raw.itemsize
         if t in CHUNK_TYPES and ld % 16 == 0 and xa is not None and xq is not None:
-            path, unroll = PATH_CHUNK, CHUNK_UNROLL[t]
+            path, unroll = PATH_CHUNK, (ADD_CHUNK_UNROLL if mode == MODE_ADD else CHUNK_UNROLL)[t]
         elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and xq is None):
             path, unroll = PATH_ANY, 1
             if xf is None:
