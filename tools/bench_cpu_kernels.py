@@ -1,0 +1,101 @@
+"""Time the CPU decode row-dots (pyggml/kernels/simd.py) alone, with and without software prefetch:
+weight GB/s of a matrix-vector product over 16 TinyLlama-sized matrices (5632 x 2048) taken in turn,
+so that they stream from memory, not from the cache; the variants alternate in one run, next to
+this machine's read bandwidth measured in the same run.
+
+    python tools/bench_cpu_kernels.py [-t THREADS] [--prefetch 0,1024,3072] [--types Q4_0,F16] [--shape 2048x5632]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from pyggml.bench import measure_read_bandwidth
+from pyggml.gguf.constants import TYPE_TRAITS, GGMLType
+from pyggml.kernels import cpu, simd
+from pyggml.tensor import KERNEL_TYPE_CODES
+
+MATRICES, ROUNDS = 16, 8
+
+
+def random_rows(t: GGMLType, rows: int, cols: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if t is GGMLType.F16:
+        return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+    tr = TYPE_TRAITS[t]
+    raw = rng.integers(0, 256, (rows, cols // tr.block_size * tr.type_size), dtype=np.uint8)
+    raw.reshape(rows, -1, tr.type_size)[:, :, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    return raw
+
+
+def int8_product(prefetch: int):
+    tile = simd.tile_kernel(1, 1, prefetch)
+
+    @njit(parallel=True)
+    def product(code, w, xq, xd, xc, out, table):  # _matmul_int8's decode loop
+        rows, nb = w.shape[0], xd.shape[1]
+        for i in prange((rows + cpu.ROWS_PER_TASK - 1) // cpu.ROWS_PER_TASK):
+            for r in range(i * cpu.ROWS_PER_TASK, min(rows, (i + 1) * cpu.ROWS_PER_TASK)):
+                tile(code, w, r, xq, xd, xc, 0, 0, nb, out, table)
+    return product
+
+
+def f16_product(prefetch: int):
+    dot = simd.f16_dot_kernel(prefetch)
+
+    @njit(parallel=True)
+    def product(w, x, out):  # _matmul_f16 for one token
+        for r in prange(w.shape[0]):
+            out[0, r] = dot(w[r], x[0])
+    return product
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--prefetch", default=f"0,{simd.INT8_PREFETCH},{simd.F16_PREFETCH}",
+                    help="prefetch distances in bytes, 0 = none (default: none and the two in use)")
+    ap.add_argument("--types", default="Q4_0,Q5_0,Q8_0,F16")
+    ap.add_argument("--shape", default="5632x2048", help="rows x cols (default: TinyLlama's gate and up)")
+    args = ap.parse_args()
+    rows, cols = (int(v) for v in args.shape.split("x"))
+    numba.set_num_threads(args.threads)
+    distances = list(dict.fromkeys(int(v) for v in args.prefetch.split(",")))
+    x = np.random.default_rng(1).standard_normal((1, cols)).astype(np.float32)
+    xq, xd, xc = cpu.quantize_activations(x)
+    out = np.empty((1, rows), np.float32)
+    print(f"{args.threads} threads; {MATRICES} matrices of {rows} x {cols}, each product timed {ROUNDS} x 2 times")
+    print("| type | prefetch bytes | median GB/s | best GB/s | read bandwidth GB/s |")
+    print("|---|---|---|---|---|")
+    for name in args.types.split(","):
+        t = GGMLType[name]
+        ws = [random_rows(t, rows, cols, s) for s in range(MATRICES)]
+        if t is GGMLType.F16:
+            kernels = {d: f16_product(d) for d in distances}
+            run = {d: (lambda w, k=k: k(w, x, out)) for d, k in kernels.items()}
+        else:
+            code = KERNEL_TYPE_CODES[t]
+            kernels = {d: int8_product(d) for d in distances}
+            run = {d: (lambda w, k=k: k(code, w, xq, xd, xc, out, cpu.F16_TABLE)) for d, k in kernels.items()}
+        for d in distances:  # compile
+            run[d](ws[0])
+        rates = {d: [] for d in distances}
+        for _ in range(ROUNDS):  # the variants take turns, so the machine's drift falls on all of them
+            for d in distances:
+                t0 = time.perf_counter()
+                for w in ws * 2:
+                    run[d](w)
+                rates[d].append(2 * sum(w.nbytes for w in ws) / (time.perf_counter() - t0) / 1e9)
+        bw = measure_read_bandwidth() / 1e9
+        for d in distances:
+            print(f"| {name} | {d} | {statistics.median(rates[d]):.1f} | {max(rates[d]):.1f} | {bw:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
