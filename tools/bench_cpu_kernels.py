@@ -1,7 +1,7 @@
 """Time the CPU decode row-dots (pyggml/kernels/simd.py) alone, with and without software prefetch:
-weight GB/s of a matrix-vector product over 16 TinyLlama-sized matrices (5632 x 2048) taken in turn,
-so that they stream from memory, not from the cache; the variants alternate in one run, next to
-this machine's read bandwidth measured in the same run.
+weight GB/s of a matrix-vector product over TinyLlama-sized matrices (5632 x 2048) taken in turn,
+512 MiB of them, so that they stream from memory, not from the cache; the variants alternate in one
+run, next to this machine's read bandwidth measured in the same run.
 
     python tools/bench_cpu_kernels.py [-t THREADS] [--prefetch 0,1024,3072] [--types Q4_0,F16] [--shape 2048x5632]
 """
@@ -20,7 +20,7 @@ from pyggml.gguf.constants import TYPE_TRAITS, GGMLType
 from pyggml.kernels import cpu, simd
 from pyggml.tensor import KERNEL_TYPE_CODES
 
-MATRICES, ROUNDS = 16, 8
+TOTAL_BYTES, ROUNDS = 512 << 20, 8  # weights cycled through: several times any last-level cache
 
 
 def random_rows(t: GGMLType, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -69,12 +69,14 @@ def main() -> int:
     x = np.random.default_rng(1).standard_normal((1, cols)).astype(np.float32)
     xq, xd, xc = cpu.quantize_activations(x)
     out = np.empty((1, rows), np.float32)
-    print(f"{args.threads} threads; {MATRICES} matrices of {rows} x {cols}, each product timed {ROUNDS} x 2 times")
+    print(f"{args.threads} threads; {TOTAL_BYTES >> 20} MiB of {rows} x {cols} matrices, each variant timed over them"
+          f" {ROUNDS} x 2 times")
     print("| type | prefetch bytes | median GB/s | best GB/s | read bandwidth GB/s |")
     print("|---|---|---|---|---|")
     for name in args.types.split(","):
         t = GGMLType[name]
-        ws = [random_rows(t, rows, cols, s) for s in range(MATRICES)]
+        first = random_rows(t, rows, cols, 0)
+        ws = [first] + [random_rows(t, rows, cols, s) for s in range(1, max(2, TOTAL_BYTES // first.nbytes))]
         if t is GGMLType.F16:
             kernels = {d: f16_product(d) for d in distances}
             run = {d: (lambda w, k=k: k(w, x, out)) for d, k in kernels.items()}
