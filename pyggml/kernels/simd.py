@@ -73,10 +73,13 @@ def _load_scalar(builder, base: ir.Value, offset: ir.Value, elem: ir.Type) -> ir
 
 
 # How far ahead of its loads a decode row-dot asks for the weights (bytes; prefetcht0 of each cache
-# line). The hardware prefetchers alone left the 2-thread int8 products here at 60-75% of the read
-# bandwidth; measured with 16 matrices of 5632 x 2048 cycled (tools/bench_cpu_kernels.py), in GB/s:
-# Q4_0 21.4 -> 27.5, Q8_0 24.6 -> 29.5, Q5_0 22.4 -> 24.8 at 3072 (2048 and 4096 within noise of
-# it, 512 and 1024 less); F16 26.1 -> 28.5 at 1024.
+# line). The hardware prefetchers alone left the products well short of the read bandwidth.
+# `python tools/bench_cpu_kernels.py`, median GB/s for prefetch 0 / 1024 / 3072 bytes:
+#   2 threads of a 2-vCPU Zen 3 VM (read bandwidth 34-43): Q4_0 20.5 / 24.8 / 25.0, Q5_0 23.6 / 23.8 / 24.3,
+#   Q8_0 29.1 / 34.3 / 34.3, F16 33.8 / 36.9 / 29.2;
+#   16 threads of a 16-vCPU GPU host VM (read 120-180; its cache may hold part of the 512 MiB):
+#   Q4_0 95 / 122 / 156, Q8_0 117 / 146 / 184, F16 106 / 128 / 138.
+# F16 takes 1024, the better of the two on the 2-vCPU machine, where issue 4's targets are measured.
 INT8_PREFETCH = 3072
 F16_PREFETCH = 1024
 
