@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .gguf.constants import FILE_TYPE_OF, QUANTIZATION_VERSION, QUANTIZED_TYPES, GGMLType, Keys, TensorNames, TokenType
+from .gguf.constants import FILE_TYPE_OF, QUANTIZATION_VERSION, QUANTIZED_TYPES, TYPE_TRAITS, GGMLType, Keys, TensorNames, TokenType
 from .gguf.writer import TensorPlan, write_gguf
 from .quant import codecs
 from .quantize import stored_type
@@ -117,6 +117,18 @@ def random_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     if len(shape) == 1:
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     return (rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1])))
+
+
+def random_block_rows(t: GGMLType, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Stored rows (uint8, rows x row bytes) of weight type t for kernel benchmarks: random codes with
+    every block scale 0.01 (quantized types), or small normal halves (F16)."""
+    rng = np.random.default_rng(seed)
+    if t is GGMLType.F16:
+        return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+    tr = TYPE_TRAITS[t]
+    raw = rng.integers(0, 256, (rows, cols // tr.block_size * tr.type_size), dtype=np.uint8)
+    raw.reshape(rows, -1, tr.type_size)[:, :, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    return raw
 
 
 def write_random_model(

@@ -16,21 +16,12 @@ import numpy as np
 from numba import njit, prange
 
 from pyggml.bench import measure_read_bandwidth
-from pyggml.gguf.constants import TYPE_TRAITS, GGMLType
+from pyggml.gguf.constants import GGMLType
 from pyggml.kernels import cpu, simd
+from pyggml.synthetic import random_block_rows
 from pyggml.tensor import KERNEL_TYPE_CODES
 
 TOTAL_BYTES, ROUNDS = 512 << 20, 8  # weights cycled through: several times any last-level cache
-
-
-def random_rows(t: GGMLType, rows: int, cols: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if t is GGMLType.F16:
-        return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
-    tr = TYPE_TRAITS[t]
-    raw = rng.integers(0, 256, (rows, cols // tr.block_size * tr.type_size), dtype=np.uint8)
-    raw.reshape(rows, -1, tr.type_size)[:, :, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    return raw
 
 
 def int8_product(prefetch: int):
@@ -75,8 +66,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for name in args.types.split(","):
         t = GGMLType[name]
-        first = random_rows(t, rows, cols, 0)
-        ws = [first] + [random_rows(t, rows, cols, s) for s in range(1, max(2, TOTAL_BYTES // first.nbytes))]
+        first = random_block_rows(t, rows, cols, 0)
+        ws = [first] + [random_block_rows(t, rows, cols, s) for s in range(1, max(2, TOTAL_BYTES // first.nbytes))]
         if t is GGMLType.F16:
             kernels = {d: f16_product(d) for d in distances}
             run = {d: (lambda w, k=k: k(w, x, out)) for d, k in kernels.items()}

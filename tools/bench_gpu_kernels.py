@@ -16,7 +16,8 @@ import numpy as np
 from pyggml.bench import measure_device_copy_bandwidth
 from pyggml.cuda.backend import (ADD_WARPS, CHUNK_TYPES, MODE_ADD, MODE_SILU, MODE_STORE, NO_FOLD, PATH_CHUNK, PATH_GROUP,
                                  TYPE_CODES, WARPS, Arranged)
-from pyggml.gguf.constants import TYPE_TRAITS, GGMLType
+from pyggml.gguf.constants import GGMLType
+from pyggml.synthetic import random_block_rows
 
 TYPES = (GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F16)
 VARIANTS = [(PATH_GROUP, 4, 1), (PATH_GROUP, 4, 4), (PATH_CHUNK, 2, 1), (PATH_CHUNK, 2, 2), (PATH_CHUNK, 2, 4),
@@ -26,17 +27,6 @@ MATRICES = [("wq 4096x4096", 4096, 4096, MODE_STORE), ("gate+up 2x11008x4096", 1
             ("down 4096x11008", 4096, 11008, MODE_ADD), ("output 32000x4096", 32000, 4096, MODE_STORE)]
 BURST = 40
 COPIES = 4  # rotate among weight copies so the 60 MB L2 does not serve repeats
-
-
-def random_blocks(t: GGMLType, rows: int, cols: int) -> cp.ndarray:
-    tr = TYPE_TRAITS[t]
-    row_bytes = cols // tr.block_size * tr.type_size
-    raw = cp.random.randint(0, 256, (rows, row_bytes), dtype=cp.uint8)
-    if t is GGMLType.F16:  # small finite halves
-        return cp.random.standard_normal((rows, cols), dtype=cp.float32).astype(cp.float16).view(cp.uint8)
-    scales = raw.reshape(rows, -1, tr.type_size)
-    scales[:, :, 0:2] = cp.asarray(np.array([0.01], np.float16).view(np.uint8))
-    return raw
 
 
 def main() -> int:
@@ -51,7 +41,7 @@ def main() -> int:
     for t in TYPES:
         for label, rows, cols, mode in MATRICES:
             n_mat = 2 if mode == MODE_SILU else 1
-            ws = [[random_blocks(t, rows, cols) for _ in range(n_mat)] for _ in range(COPIES)]
+            ws = [[cp.asarray(random_block_rows(t, rows, cols, COPIES * m + c)) for m in range(n_mat)] for c in range(COPIES)]
             xf = cp.random.standard_normal(cols, dtype=cp.float32)
             xq = cp.random.randint(-127, 128, cols, dtype=cp.int8)
             xd = cp.full(cols // 32, 0.01, cp.float32)

@@ -41,6 +41,13 @@ CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whol
 # ADD products run one 16-warp block per SM (kernels.cu), so registers cost them no occupancy: Q4_0's
 # take 3 chunks in flight (7B q4_0 graph replay 1767 -> 1746 us per token; 4: 1748)
 ADD_CHUNK_UNROLL = {GGMLType.Q4_0: 3, GGMLType.Q8_0: 3}
+
+
+def chunk_unroll(t: GGMLType, mode: int) -> int:
+    """Chunks in flight per lane of a chunked product: what _kernel_names compiles and _mmv launches."""
+    return (ADD_CHUNK_UNROLL if mode == MODE_ADD else CHUNK_UNROLL)[t]
+
+
 K_SPLITS = {PATH_GROUP: (1, 4), PATH_CHUNK: (1,)}  # the warps per row pair k_split can choose, per path (ADD: 1)
 
 
@@ -138,8 +145,7 @@ def _kernel_names() -> list[str]:
                 names += [f"mmv<{code}, {mode}, {UNROLL[t]}, {PATH_GROUP}, {ks}>" for ks in K_SPLITS[PATH_GROUP]
                           if ks == 1 or mode != MODE_ADD]
             if t in CHUNK_TYPES:
-                unroll = ADD_CHUNK_UNROLL[t] if mode == MODE_ADD else CHUNK_UNROLL[t]
-                names += [f"mmv<{code}, {mode}, {unroll}, {PATH_CHUNK}, {ks}>" for ks in K_SPLITS[PATH_CHUNK]]
+                names += [f"mmv<{code}, {mode}, {chunk_unroll(t, mode)}, {PATH_CHUNK}, {ks}>" for ks in K_SPLITS[PATH_CHUNK]]
     return names
 
 
@@ -363,7 +369,7 @@ class CUDABackend:
         t = w.ggml_type
         ld = w.raw.shape[1] * w.raw.itemsize
         if t in CHUNK_TYPES and ld % 16 == 0 and xa is not None and xq is not None:
-            path, unroll = PATH_CHUNK, (ADD_CHUNK_UNROLL if mode == MODE_ADD else CHUNK_UNROLL)[t]
+            path, unroll = PATH_CHUNK, chunk_unroll(t, mode)
         elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and xq is None):
             path, unroll = PATH_ANY, 1
             if xf is None:
