@@ -6,6 +6,7 @@ A backend owns: how weights are held (`load_weight`), where activations live (`t
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 import os
@@ -64,7 +65,10 @@ class CPUBackend:
     def load_weight(self, w: QWeight) -> QWeight:
         if w.ggml_type not in self.k.SUPPORTED_TYPES:
             raise NotImplementedError(f"{w.name}: the CPU backend cannot compute with {w.ggml_type.name} weights")
-        return w  # stays a view into the mmap
+        if w.ggml_type in self.k.INT8_ACTIVATION_TYPES and w.rows >= self.k.PACK_ROWS:
+            # a copy in groups of 8 rows (the products' layout); w.raw stays a view into the mmap
+            return dataclasses.replace(w, packed=self.k.pack_int8(w))
+        return w
 
     def load_vector(self, v: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(v, dtype=np.float32)

@@ -16,12 +16,15 @@ KERNEL_TYPE_CODES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.BF16: 2, GGMLTyp
 @dataclass(frozen=True)
 class QWeight:
     """A 2-D weight in its stored form. `raw` is (rows, stored row): uint8 blocks for quantized
-    types, float32 for F32, uint16 bits for F16/BF16. `shape` is the logical (rows, cols)."""
+    types, float32 for F32, uint16 bits for F16/BF16. `shape` is the logical (rows, cols).
+    `packed`: the same weights rearranged for a backend's kernels, when it keeps such a copy (the CPU
+    backend: Q4_0 / Q5_0 / Q8_0 in groups of 8 rows, kernels/cpu.pack_int8)."""
 
     name: str
     raw: np.ndarray
     ggml_type: GGMLType
     shape: tuple[int, int]
+    packed: np.ndarray | None = None
 
     @property
     def rows(self) -> int:

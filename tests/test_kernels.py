@@ -56,18 +56,37 @@ def test_matvec_and_matmul_equal_reference(t, shape, kind):
 
 @pytest.mark.parametrize("t", sorted(cpu.INT8_ACTIVATION_TYPES, key=lambda t: t.value), ids=lambda t: t.name)
 def test_int8_products_over_groups_tiles_and_panels(t):
-    """The int8 kernels' structure at its edges: rows of 8-block groups plus a tail (one token), full
-    and partial row x token tiles, and a batch long enough that the columns are split into panels.
-    Each equals the exact int8-activation reference up to float rounding."""
+    """The int8 kernels' structure at its edges: two packed groups of 8 rows plus 3 rows in the stored
+    layout; in those rows 8-block steps and 3 more; a full token tile plus one token; a batch long
+    enough that the columns are split into panels. Each equals the exact int8-activation reference up
+    to float rounding, and, without panels, a prompt's rows equal the products of its tokens one at a
+    time bit for bit (the same operations in the same order)."""
     rng = np.random.default_rng(11)
-    rows, cols = 2 * cpu.TILE_ROWS + 3, 32 * 19  # 19 blocks: two groups of 8 and 3 more
+    rows, cols = 2 * cpu.PACK_ROWS + 3, 32 * 19  # 19 blocks: two steps of 8 and 3 more
     w = _weight(rng, rows, cols, t)
     n_panel = cpu.PANEL_BYTES // (32 * 8)  # tokens for which a panel is 8 blocks: 19 = 8 + 8 + 3
-    for n_tok in (1, cpu.TILE_TOKENS + 1, n_panel + 1):
+    for n_tok in (1, cpu.PACKED_TOKENS[t] + 1, n_panel + 1):
         X = rng.standard_normal((n_tok, cols)).astype(np.float32)
         got = cpu.matmul(w, X, np.empty((n_tok, rows), np.float32))
         exact = ref.matmul_int8_activations(w.raw, t, X)
         np.testing.assert_allclose(got, exact, rtol=1e-4, atol=_tol(exact, (rows, cols)))
+        if n_tok <= cpu.PACKED_TOKENS[t] + 1:
+            for j in range(n_tok):
+                assert np.array_equal(got[j], cpu.matvec(w, X[j], np.empty(rows, np.float32)))
+
+
+@pytest.mark.parametrize("t", sorted(cpu.INT8_ACTIVATION_TYPES, key=lambda t: t.value), ids=lambda t: t.name)
+def test_cpu_backend_packs_int8_weights_once(t):
+    """The CPU backend keeps a packed copy of an int8-type weight (its stored bytes stay the mmap view)
+    and its products equal those of the unpacked weight, which matmul packs on the fly."""
+    from pyggml.backends import CPUBackend
+
+    rng = np.random.default_rng(12)
+    w = _weight(rng, 3 * cpu.PACK_ROWS + 5, 32 * 9, t)
+    loaded = CPUBackend().load_weight(w)
+    assert loaded.raw is w.raw and loaded.packed.shape == (3, w.raw.shape[1] * cpu.PACK_ROWS)
+    X = rng.standard_normal((7, w.cols)).astype(np.float32)
+    assert np.array_equal(CPUBackend().matmul(loaded, X), cpu.matmul(w, X, np.empty((7, w.rows), np.float32)))
 
 
 @pytest.mark.parametrize("n_tok", [1, 6])

@@ -1,4 +1,4 @@
-"""Time the CPU decode row-dots (pyggml/kernels/simd.py) alone, with and without software prefetch:
+"""Time the CPU decode products (pyggml/kernels/simd.py) alone, with and without software prefetch:
 weight GB/s of a matrix-vector product over TinyLlama-sized matrices (5632 x 2048) taken in turn,
 512 MiB of them, so that they stream from memory, not from the cache; the variants alternate in one
 run, next to this machine's read bandwidth measured in the same run.
@@ -19,20 +19,20 @@ from pyggml.bench import measure_read_bandwidth
 from pyggml.gguf.constants import GGMLType
 from pyggml.kernels import cpu, simd
 from pyggml.synthetic import random_block_rows
-from pyggml.tensor import KERNEL_TYPE_CODES
+from pyggml.tensor import KERNEL_TYPE_CODES, QWeight
 
 TOTAL_BYTES, ROUNDS = 512 << 20, 8  # weights cycled through: several times any last-level cache
 
 
 def int8_product(prefetch: int):
-    tile = simd.tile_kernel(1, 1, prefetch)
+    kernel = simd.packed_kernel({t: 1 for t in cpu.PACKED_TOKENS}, prefetch)
 
     @njit(parallel=True)
-    def product(code, w, xq, xd, xc, out, table):  # _matmul_int8's decode loop
-        rows, nb = w.shape[0], xd.shape[1]
-        for i in prange((rows + cpu.ROWS_PER_TASK - 1) // cpu.ROWS_PER_TASK):
-            for r in range(i * cpu.ROWS_PER_TASK, min(rows, (i + 1) * cpu.ROWS_PER_TASK)):
-                tile(code, w, r, xq, xd, xc, 0, 0, nb, out, table)
+    def product(code, pw, xq, xd, xc, out, table):  # _matmul_packed's decode loop
+        groups, nb = pw.shape[0], xd.shape[1]
+        for i in prange((groups + cpu.GROUPS_PER_TASK - 1) // cpu.GROUPS_PER_TASK):
+            for g in range(i * cpu.GROUPS_PER_TASK, min(groups, (i + 1) * cpu.GROUPS_PER_TASK)):
+                kernel(code, pw, g, xq, xd, xc, 0, 0, nb, out, table)
     return product
 
 
@@ -68,6 +68,8 @@ def main() -> int:
         t = GGMLType[name]
         first = random_block_rows(t, rows, cols, 0)
         ws = [first] + [random_block_rows(t, rows, cols, s) for s in range(1, max(2, TOTAL_BYTES // first.nbytes))]
+        if t is not GGMLType.F16:  # the int8 types are multiplied from their packed copy
+            ws = [cpu.pack_int8(QWeight(name, w, t, (rows, cols))) for w in ws]
         if t is GGMLType.F16:
             kernels = {d: f16_product(d) for d in distances}
             run = {d: (lambda w, k=k: k(w, x, out)) for d, k in kernels.items()}

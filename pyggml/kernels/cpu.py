@@ -1,10 +1,11 @@
 """numba CPU kernels. Public functions check shapes and types; the @njit kernels trust them.
 
-Weights stay in their stored GGUF block layout (views into the mmap): every matrix product
-dequantizes on the fly, one block at a time, and never materialises a float copy of a weight
-matrix. Rows are split across threads with prange. The per-block dot products of the quantized
-types are explicit SIMD (kernels/simd.py) over int8-quantized activations; fp16 scales are
-decoded through a 65536-entry float32 table (numba has no float16 arithmetic on the CPU).
+Every matrix product dequantizes on the fly, one block at a time, and never materialises a float
+copy of a weight matrix. Float types are read in their stored GGUF layout (views into the mmap);
+Q4_0 / Q5_0 / Q8_0 from a copy of the same blocks rearranged in groups of 8 rows (pack_int8), made
+once at load. Rows are split across threads with prange. The per-block dot products of the
+quantized types are explicit SIMD (kernels/simd.py) over int8-quantized activations; fp16 scales
+are decoded through a 65536-entry float32 table where the CPU has no half-precision conversion.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from numba import njit, prange
 
 from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
 from ..tensor import KERNEL_TYPE_CODES, QWeight
-from .simd import HAS_F16_VECTOR, dot_f16, tile_kernel
+from .simd import HAS_F16_VECTOR, INT8_PREFETCH, PACK_ROWS, dot_f16, packed_kernel, row_kernel
 
 # fp16 bit pattern -> float32 value.
 F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -160,52 +161,98 @@ def _quantize_activations(x, xq, xd, xc):
 
 
 # ---------------------------------------------------- fused matrix x (batch of) vectors
-# out[t, r] = dot(W[r], x[t]). One token (decode): each thread streams its rows one at a time (measured
-# here, reading several rows side by side streams slower from memory). A batch (prompt): TILE_ROWS x
-# TILE_TOKENS tiles, so a weight block is decoded once per TILE_TOKENS tokens and an activation block
-# loaded once per TILE_ROWS rows; the activations are swept in column panels of about PANEL_BYTES, which
-# stay in L2 while every row of the thread's share passes over them. Edge tiles use smaller kernels.
-TILE_ROWS, TILE_TOKENS = 4, 4
+# out[t, r] = dot(W[r], x[t]).
+# Q4_0 / Q5_0 / Q8_0 are multiplied from a copy packed in groups of 8 rows (pack_int8, layout in
+# simd.py): one kernel call computes a group's 8 rows for PACKED_TOKENS tokens, decoding each
+# superblock once for all of them. One token (decode): each thread streams the groups of its tasks
+# of ROWS_PER_TASK rows. A batch (prompt): each thread takes one contiguous range of groups and
+# sweeps the activations in column panels of about PANEL_BYTES, which stay in L2 while every group
+# of its share passes over them. Rows past the last full group (rows % 8, small test models) go
+# one at a time through the stored layout (simd.row_kernel).
 PANEL_BYTES = 1 << 17
 ROWS_PER_TASK = 64
-# tiles of every int8 type (they branch on the type code once per call): full, rows x 1 token, one
-_FULL_TILE, _ROWS_TILE, _ONE_TILE = tile_kernel(TILE_ROWS, TILE_TOKENS), tile_kernel(TILE_ROWS, 1), tile_kernel(1, 1)
-
-
-@njit(cache=True)
-def _int8_rows(code, w, r0, r1, xq, xd, xc, b0, b1, out, table):
-    """out[:, r0:r1] (+)= W[r0:r1, blocks b0:b1] . x[:, blocks b0:b1] (3 Q4_0, 4 Q5_0, 5 Q8_0)."""
-    n_tok = xq.shape[0]
-    r = r0
-    if n_tok > 1:
-        while r + TILE_ROWS <= r1:
-            t = 0
-            while t + TILE_TOKENS <= n_tok:
-                _FULL_TILE(code, w, r, xq, xd, xc, t, b0, b1, out, table)
-                t += TILE_TOKENS
-            while t < n_tok:
-                _ROWS_TILE(code, w, r, xq, xd, xc, t, b0, b1, out, table)
-                t += 1
-            r += TILE_ROWS
-    while r < r1:
-        for t in range(n_tok):
-            _ONE_TILE(code, w, r, xq, xd, xc, t, b0, b1, out, table)
-        r += 1
+GROUPS_PER_TASK = ROWS_PER_TASK // PACK_ROWS
+# Tokens per kernel call in a batch, by type: Q8_0 keeps 16 vectors per superblock (|codes| and
+# their signs), so a fourth token's accumulator spills. 5632 x 2048 products of 128 tokens here,
+# 2 threads, G block-tokens/s for 3 / 4 tokens: Q4_0 4.3 / 4.2, Q5_0 3.5 / 3.7, Q8_0 2.6 / 2.3.
+PACKED_TOKENS = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 3}
+_PACKED_ONE = packed_kernel({t: 1 for t in PACKED_TOKENS}, INT8_PREFETCH)
+_PACKED_TILE = packed_kernel(PACKED_TOKENS)
+_ROW = row_kernel(INT8_PREFETCH)
 
 
 @njit(parallel=True, cache=True)
-def _matmul_int8(code, w, xq, xd, xc, out, table, n_tasks):
-    rows, n_tok, nb = w.shape[0], xq.shape[0], xd.shape[1]
+def _pack(code, raw, out):
+    """raw (rows, row bytes) -> out (rows // 8, row bytes * 8) in simd.py's packed layout."""
+    bb = _Q4_0 if code == 3 else (_Q5_0 if code == 4 else _Q8_0)
+    lead = 2 if code != 4 else 6  # the codes' offset in a stored block
+    qs = 2 * PACK_ROWS + (32 if code == 4 else 0)  # and in a superblock
+    groups = 8 if code == 5 else 4  # 32-byte code vectors per superblock
+    for g in prange(out.shape[0]):
+        dst = out[g]
+        for b in range(raw.shape[1] // bb):
+            o = b * bb * PACK_ROWS
+            for r in range(PACK_ROWS):
+                src = raw[g * PACK_ROWS + r]
+                s = b * bb
+                dst[o + 2 * r] = src[s]
+                dst[o + 2 * r + 1] = src[s + 1]
+                for m in range(groups):
+                    for e in range(4):
+                        dst[o + qs + 32 * m + 4 * r + e] = src[s + lead + 4 * m + e]
+                if code == 4:
+                    qh = np.uint32(src[s + 2]) | (np.uint32(src[s + 3]) << 8) | (np.uint32(src[s + 4]) << 16) | (np.uint32(src[s + 5]) << 24)
+                    for e in range(4):
+                        byte = np.uint32(0)
+                        for k in range(8):
+                            byte |= ((qh >> np.uint32(4 * k + e)) & np.uint32(1)) << np.uint32(k)
+                        dst[o + 2 * PACK_ROWS + 4 * r + e] = np.uint8(byte)
+
+
+def pack_int8(w: QWeight) -> np.ndarray:
+    """The first rows // 8 * 8 rows of a Q4_0 / Q5_0 / Q8_0 weight in the packed layout of
+    kernels/simd.py: (rows // 8, 8 x row bytes) uint8. The rows past the last full group stay in
+    w.raw only."""
+    raw = _bytes2d(w.raw)
+    out = np.empty((w.rows // PACK_ROWS, raw.shape[1] * PACK_ROWS), np.uint8)
+    _pack(_CODES[w.ggml_type], raw, out)
+    return out
+
+
+
+
+@njit(parallel=True, cache=True)
+def _matmul_packed(code, pw, step, xq, xd, xc, out, table, n_tasks):
+    """out[:, :8 * groups] = a packed weight pw (groups, superblocks) times int8-block activations;
+    step: PACKED_TOKENS of the type."""
+    groups, n_tok, nb = pw.shape[0], xq.shape[0], xd.shape[1]
     if n_tok == 1:
-        for i in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-            _int8_rows(code, w, i * ROWS_PER_TASK, min(rows, (i + 1) * ROWS_PER_TASK), xq, xd, xc, 0, nb, out, table)
+        for i in prange((groups + GROUPS_PER_TASK - 1) // GROUPS_PER_TASK):
+            for g in range(i * GROUPS_PER_TASK, min(groups, (i + 1) * GROUPS_PER_TASK)):
+                _PACKED_ONE(code, pw, g, xq, xd, xc, 0, 0, nb, out, table)
     else:
         panel = max(8, min(nb, PANEL_BYTES // (QK * n_tok)))
-        for task in prange(n_tasks):  # one contiguous row range per thread, the panels in order
-            r0 = rows * task // n_tasks
-            r1 = rows * (task + 1) // n_tasks
+        for task in prange(n_tasks):
+            g0 = groups * task // n_tasks
+            g1 = groups * (task + 1) // n_tasks
             for b0 in range(0, nb, panel):
-                _int8_rows(code, w, r0, r1, xq, xd, xc, b0, min(nb, b0 + panel), out, table)
+                b1 = min(nb, b0 + panel)
+                for g in range(g0, g1):
+                    t = 0
+                    while t + step <= n_tok:
+                        _PACKED_TILE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+                        t += step
+                    for t in range(t, n_tok):
+                        _PACKED_ONE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_rows(code, w, r0, xq, xd, xc, out, table):
+    """out[:, r0:] = the stored rows r0 .. of an int8-type weight times int8-block activations."""
+    nb = xd.shape[1]
+    for r in prange(r0, w.shape[0]):
+        for t in range(xq.shape[0]):
+            _ROW(code, w, r, xq, xd, xc, t, 0, nb, out, table)
 
 
 @njit(parallel=True, cache=True)
@@ -231,6 +278,7 @@ def _matmul_decoded(code, w, x, out, table):
 
 
 INT8_ACTIVATION_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0))
+
 
 
 # ----------------------------------------------------------------------------- other ops
@@ -325,7 +373,8 @@ def matmul(w: QWeight, x: np.ndarray, out: np.ndarray, quantized: tuple | None =
     """out (n_tok, rows) = x (n_tok, cols) @ W.T, dequantizing W on the fly, for one token or a batch.
 
     Q4_0/Q5_0/Q8_0 weights multiply int8-quantized activations (blocks of 32, as llama.cpp does):
-    integer dot products per block, scaled in float. Other types multiply float activations.
+    integer dot products per block, scaled in float, from w.packed (packed here when w has none).
+    Other types multiply float activations.
     `quantized` is quantize_activations(x) when the caller already has it.
     """
     assert x.ndim == 2 and x.shape[1] == w.cols and out.shape == (x.shape[0], w.rows) and x.dtype == np.float32
@@ -333,7 +382,11 @@ def matmul(w: QWeight, x: np.ndarray, out: np.ndarray, quantized: tuple | None =
     t = w.ggml_type
     if t in INT8_ACTIVATION_TYPES:
         xq, xd, xc = quantized if quantized is not None else quantize_activations(x)
-        _matmul_int8(_CODES[t], w.raw, xq, xd, xc, out, F16_TABLE, numba.get_num_threads())
+        packed = w.packed if w.packed is not None else pack_int8(w)
+        if packed.shape[0]:
+            _matmul_packed(_CODES[t], packed, PACKED_TOKENS[t], xq, xd, xc, out, F16_TABLE, numba.get_num_threads())
+        if w.rows % PACK_ROWS:
+            _matmul_rows(_CODES[t], w.raw, packed.shape[0] * PACK_ROWS, xq, xd, xc, out, F16_TABLE)
     elif t is GGMLType.F32 and x.shape[0] > 1:
         np.matmul(x, w.raw.T, out=out)
     elif t is GGMLType.F16 and HAS_F16_VECTOR:

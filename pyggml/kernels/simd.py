@@ -7,10 +7,11 @@ accumulation): LLVM lowers it to the host's best instructions (AVX2 vpmaddwd, AV
 at JIT time, so no compiler is needed at install time. Activations are quantized to int8 blocks
 of 32 (scale per block), as llama.cpp does; `quantize_activations` does that.
 
-A tile intrinsic computes a few rows times a few tokens at once, each output being
-sum over blocks b of  d_w[b] * d_x[b] * sum_j q_w[b,j] * q_x[b,j]: decoding a weight block once
-for several tokens, and loading an activation block once for several rows, is what makes a prompt
-batch a matrix-matrix product instead of repeated matrix-vector ones.
+Each output is  sum over blocks b of  d_w[b] * d_x[b] * sum_j q_w[b,j] * q_x[b,j]. The products
+read the weights packed in groups of 8 rows (`packed_kernel`, layout below): one vector op then
+multiplies four codes of each of 8 rows, and a superblock decoded once serves several tokens, which
+makes a prompt batch a matrix-matrix product instead of repeated matrix-vector ones. `row_kernel`
+reads a row in its stored GGUF layout, for rows past the last full group.
 """
 from __future__ import annotations
 
@@ -37,12 +38,6 @@ def _x86(builder, name: str, ret: ir.Type, *operands: ir.Value) -> ir.Value:
     if fn is None:
         fn = ir.Function(module, ir.FunctionType(ret, [o.type for o in operands]), name=name)
     return builder.call(fn, operands)
-
-
-def _maddubs_to_i32(builder, u: ir.Value, s: ir.Value) -> ir.Value:
-    """AVX2: <32 x u8> * <32 x i8> -> <8 x i32> sums of 4 adjacent products."""
-    p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), u, s)
-    return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), p16, _splat(_I16, 16, 1))
 
 
 def _vec(t: ir.Type, n: int) -> ir.VectorType:
@@ -117,6 +112,39 @@ def _splat_value(builder, value: ir.Value, n: int) -> ir.Value:
     return builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), [0] * n))
 
 
+def _maddubs(builder, u: ir.Value, s: ir.Value) -> ir.Value:
+    """<32 x u8> * <32 x i8> -> <16 x i16> adjacent pair sums (vpmaddubsw; callers keep them below 2^15)."""
+    if HAS_AVX2:
+        return _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), u, s)
+    p = builder.mul(builder.zext(u, _vec(_I16, 32)), builder.sext(s, _vec(_I16, 32)))
+    even = builder.shuffle_vector(p, p, ir.Constant(_vec(_I32, 16), list(range(0, 32, 2))))
+    odd = builder.shuffle_vector(p, p, ir.Constant(_vec(_I32, 16), list(range(1, 32, 2))))
+    return builder.add(even, odd)
+
+
+def _madd_ones(builder, p16: ir.Value) -> ir.Value:
+    """<16 x i16> -> <8 x i32> adjacent pair sums (vpmaddwd with ones)."""
+    if HAS_AVX2:
+        return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), p16, _splat(_I16, 16, 1))
+    return _pair_sum_i32(builder, p16, 16)
+
+
+def _abs_i8(builder, v: ir.Value) -> ir.Value:
+    """|v| of signed bytes, read as unsigned (|-128| = 128)."""
+    if HAS_AVX2:
+        return _x86(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), v, v)
+    return builder.select(builder.icmp_signed("<", v, _splat(_I8, 32, 0)), builder.neg(v), v)
+
+
+def _sign_i8(builder, x: ir.Value, s: ir.Value) -> ir.Value:
+    """x * sign(s) per byte (vpsignb): with _abs_i8(s), |s| * (x * sign(s)) = s * x."""
+    if HAS_AVX2:
+        return _x86(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), x, s)
+    zero = _splat(_I8, 32, 0)
+    neg = builder.select(builder.icmp_signed("<", s, zero), builder.neg(x), x)
+    return builder.select(builder.icmp_signed("==", s, zero), zero, neg)
+
+
 # ------------------------------------------------------------------ one block's codes
 # A weight block decodes to 32 codes (<32 x i8>) plus how they multiply: Q4_0/Q5_0 codes are
 # unsigned (nibble | 5th bit; their bias 8 / 16 is taken off later through the activations' block
@@ -148,34 +176,14 @@ class _Format:
 
     def prepare(self, builder, codes: ir.Value):
         """Per-row work shared by every token: |q| for signed codes (vpmaddubsw needs one unsigned side)."""
-        if self.signed and HAS_AVX2:
-            return _x86(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), codes, codes)
-        return codes
+        return _abs_i8(builder, codes) if self.signed else codes
 
-    def bias_term(self, builder, x: ir.Value):
-        """Per-token work shared by every row: what the codes' bias contributes, bias * x summed the way
-        `times` sums (pairs as <16 x i16> on AVX2, fours as <8 x i32> elsewhere); None without a bias."""
-        if not self.bias:
-            return None
-        if HAS_AVX2:
-            return _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), _splat(_I8, 32, self.bias), x)
-        lo, hi = _halve(builder, _pair_sum_i32(builder, builder.sext(x, _vec(_I16, 32)), 32), 16)
-        return builder.mul(builder.add(lo, hi), _splat(_I32, 8, self.bias))
-
-    def times(self, builder, codes: ir.Value, prepared: ir.Value, x: ir.Value, bias) -> ir.Value:
-        """sum_j (code_j - bias) * x_j over the block, as <8 x i32> partial sums."""
-        if HAS_AVX2:
-            if self.signed:  # |q| * (x * sign(q))
-                x = _x86(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), x, codes)
-            p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), prepared, x)
-            if bias is not None:  # |p16|, |bias| <= 2 * 31 * 128: the difference fits i16
-                p16 = builder.sub(p16, bias)
-            return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), p16, _splat(_I16, 16, 1))
-        wide = builder.sext if self.signed else builder.zext
-        p = builder.mul(wide(codes, _vec(_I16, 32)), builder.sext(x, _vec(_I16, 32)))  # |p| <= 127 * 128
-        lo, hi = _halve(builder, _pair_sum_i32(builder, p, 32), 16)
-        total = builder.add(lo, hi)
-        return total if bias is None else builder.sub(total, bias)
+    def times(self, builder, codes: ir.Value, prepared: ir.Value, x: ir.Value) -> ir.Value:
+        """sum_j code_j * x_j over the block, as <8 x i32> partial sums (the codes' bias is taken off
+        by the caller): |q| * (x * sign(q)) for signed codes."""
+        if self.signed:
+            x = _sign_i8(builder, x, codes)
+        return _madd_ones(builder, _maddubs(builder, prepared, x))
 
 
 _FORMATS = {GGMLType.Q4_0: _Format(GGMLType.Q4_0, 2, 8, False),
@@ -235,139 +243,108 @@ def _transpose_sum8(builder, v: list) -> ir.Value:
     return builder.add(lo, hi)
 
 
-_TILE_ARGS = (types.Array(types.uint8, 2, "C"), types.int64, types.Array(types.int8, 2, "C"),
-              types.Array(types.float32, 2, "C"), types.Array(types.float32, 2, "C"), types.int64, types.int64,
-              types.int64, types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C"))
+_ROW_ARGS = (types.Array(types.uint8, 2, "C"), types.int64, types.Array(types.int8, 2, "C"),
+             types.Array(types.float32, 2, "C"), types.Array(types.float32, 2, "C"), types.int64, types.int64,
+             types.int64, types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C"))
 
 
-def _emit_tile(context, builder, sig, args, fmt: _Format, n_rows: int, n_tok: int, prefetch: int = 0) -> None:
-    """The loop of `tile_kernel` for one weight format (sig, args: the tile's, without the code)."""
-    scalar_bias = bool(fmt.bias) and n_tok == 1
-    grouped = n_rows == 1 and n_tok == 1
+def _check_args(what: str, got_types, want_types) -> None:
+    for got, want in zip(got_types, want_types):
+        if isinstance(want, types.Array) and not (isinstance(got, types.Array) and got.dtype == want.dtype
+                                                  and got.ndim == want.ndim):
+            raise TypeError(f"{what} expects {want}, got {got}")
+
+
+def _emit_row(context, builder, sig, args, fmt: _Format, prefetch: int) -> None:
+    """The loop of `row_kernel` for one weight format (sig, args: the kernel's, without the code)."""
     wa, xqa, xda, xca, outa, tablea = (context.make_array(sig.args[k])(context, builder, args[k])
                                        for k in (0, 2, 3, 4, 8, 9))
-    row0, tok0, b0, b1 = args[1], args[5], args[6], args[7]
-    row_bytes = cgutils.unpack_tuple(builder, wa.shape, 2)[1]
-    cols = cgutils.unpack_tuple(builder, xqa.shape, 2)[1]
-    nb = cgutils.unpack_tuple(builder, xda.shape, 2)[1]
-    out_cols = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
+    row, tok, b0, b1 = args[1], args[5], args[6], args[7]
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-    row_off = [builder.mul(builder.add(row0, const(i)), row_bytes) for i in range(n_rows)]
-    tok = [builder.add(tok0, const(j)) for j in range(n_tok)]
-    x_off = [builder.mul(t, cols) for t in tok]
-    d_off = [builder.mul(t, nb) for t in tok]
-
+    row_off = builder.mul(row, cgutils.unpack_tuple(builder, wa.shape, 2)[1])
+    x_off = builder.mul(tok, cgutils.unpack_tuple(builder, xqa.shape, 2)[1])
+    d_off = builder.mul(tok, cgutils.unpack_tuple(builder, xda.shape, 2)[1])
+    out_cols = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
     zero = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
-    acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)] for _ in range(n_rows)]
-    corr = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(n_rows)]
+    acc8 = cgutils.alloca_once_value(builder, zero)  # the dot, lanes summed at the end
+    corr8 = cgutils.alloca_once_value(builder, zero)  # sum of d_w * xc: the codes' bias comes off at the end
+    acc = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+    corr = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
 
-    def block(b):  # every pair's products over block b
-        wblk = builder.mul(b, const(fmt.block_bytes))
-        xblk = builder.mul(b, const(QK))
-        x = [_load_vec(builder, xqa.data, builder.add(x_off[j], xblk), _I8, 32) for j in range(n_tok)]
-        bias = [None if scalar_bias else fmt.bias_term(builder, v) for v in x]
-        dx = [_splat_value(builder, builder.load(builder.gep(xda.data, [builder.add(d_off[j], b)])), 8)
-              for j in range(n_tok)]
-        for i in range(n_rows):
-            at = builder.add(row_off[i], wblk)
-            dw = _load_f16_splat(builder, wa.data, at, tablea.data)
-            codes = fmt.codes(builder, wa.data, at)
-            prepared = fmt.prepare(builder, codes)
-            for j in range(n_tok):
-                partial = builder.sitofp(fmt.times(builder, codes, prepared, x[j], bias[j]), _vec(_F32, 8))
-                scaled = builder.fmul(builder.fmul(partial, dw, flags=_FAST), dx[j], flags=_FAST)
-                builder.store(builder.fadd(builder.load(acc[i][j]), scaled, flags=_FAST), acc[i][j])
-            if scalar_bias:
-                xc_b = builder.load(builder.gep(xca.data, [builder.add(d_off[0], b)]))
-                d = builder.extract_element(dw, ir.Constant(_I32, 0))
-                builder.store(builder.fadd(builder.load(corr[i]), builder.fmul(d, xc_b, flags=_FAST),
-                                           flags=_FAST), corr[i])
+    def block_sum(b):  # <8 x i32> partial sums of block b
+        codes = fmt.codes(builder, wa.data, builder.add(row_off, builder.mul(b, const(fmt.block_bytes))))
+        x = _load_vec(builder, xqa.data, builder.add(x_off, builder.mul(b, const(QK))), _I8, 32)
+        return fmt.times(builder, codes, fmt.prepare(builder, codes), x)
 
-    if grouped:  # one row, one token: eight blocks at a time, their scales as vectors
-        acc8 = cgutils.alloca_once_value(builder, zero)
-        corr8 = cgutils.alloca_once_value(builder, zero)
-        n8 = builder.sdiv(builder.sub(b1, b0), const(8))
-        with cgutils.for_range(builder, n8) as loop:
-            g = builder.add(b0, builder.mul(loop.index, const(8)))
-            if prefetch:
-                ahead = builder.add(row_off[0], builder.mul(g, const(fmt.block_bytes)))
-                for k in range(0, 8 * fmt.block_bytes, 64):
-                    _prefetch(builder, wa.data, builder.add(ahead, const(prefetch + k)))
-            sums = []
-            for k in range(8):
-                at = builder.add(row_off[0], builder.mul(builder.add(g, const(k)), const(fmt.block_bytes)))
-                x = _load_vec(builder, xqa.data, builder.add(x_off[0], builder.mul(builder.add(g, const(k)), const(QK))), _I8, 32)
-                codes = fmt.codes(builder, wa.data, at)
-                sums.append(fmt.times(builder, codes, fmt.prepare(builder, codes), x, None))
-            totals = _transpose_sum8(builder, sums)  # lane k: block g + k
-            dw = _load_f16x8(builder, wa.data, builder.add(row_off[0], builder.mul(g, const(fmt.block_bytes))),
-                             fmt.block_bytes, tablea.data)
-            dx = _load_vec(builder, xda.data, builder.mul(builder.add(d_off[0], g), const(4)), _F32, 8)
-            scaled = builder.fmul(builder.sitofp(totals, _vec(_F32, 8)), builder.fmul(dw, dx, flags=_FAST), flags=_FAST)
-            builder.store(builder.fadd(builder.load(acc8), scaled, flags=_FAST), acc8)
-            if fmt.bias:
-                xc8 = _load_vec(builder, xca.data, builder.mul(builder.add(d_off[0], g), const(4)), _F32, 8)
-                builder.store(builder.fadd(builder.load(corr8), builder.fmul(dw, xc8, flags=_FAST), flags=_FAST), corr8)
-        b0 = builder.add(b0, builder.mul(n8, const(8)))  # the last < 8 blocks one at a time, below
-
-    with cgutils.for_range_slice(builder, b0, b1, const(1), inc=True) as (b, _):
-        block(b)
-    first = builder.icmp_signed("==", args[6], const(0))
-    if grouped:
-        builder.store(builder.fadd(builder.load(acc[0][0]), builder.load(acc8), flags=_FAST), acc[0][0])
-        corr_total = builder.fadd(builder.load(corr[0]), _hsum(builder, builder.load(corr8), 8), flags=_FAST)
-        builder.store(corr_total, corr[0])
-    for i in range(n_rows):
-        for j in range(n_tok):
-            p = builder.gep(outa.data, [builder.add(builder.mul(tok[j], out_cols), builder.add(row0, const(i)))])
-            total = _hsum(builder, builder.load(acc[i][j]), 8)
-            if scalar_bias:
-                total = builder.fsub(total, builder.fmul(builder.load(corr[i]), ir.Constant(_F32, float(fmt.bias))))
-            builder.store(builder.select(first, total, builder.fadd(builder.load(p), total)), p)
+    # eight blocks at a time, their scales as vectors
+    n8 = builder.sdiv(builder.sub(b1, b0), const(8))
+    with cgutils.for_range(builder, n8) as loop:
+        g = builder.add(b0, builder.mul(loop.index, const(8)))
+        at = builder.add(row_off, builder.mul(g, const(fmt.block_bytes)))
+        if prefetch:
+            for k in range(0, 8 * fmt.block_bytes, 64):
+                _prefetch(builder, wa.data, builder.add(at, const(prefetch + k)))
+        totals = _transpose_sum8(builder, [block_sum(builder.add(g, const(k))) for k in range(8)])  # lane k: block g + k
+        dw = _load_f16x8(builder, wa.data, at, fmt.block_bytes, tablea.data)
+        dx = _load_vec(builder, xda.data, builder.mul(builder.add(d_off, g), const(4)), _F32, 8)
+        scaled = builder.fmul(builder.sitofp(totals, _vec(_F32, 8)), builder.fmul(dw, dx, flags=_FAST), flags=_FAST)
+        builder.store(builder.fadd(builder.load(acc8), scaled, flags=_FAST), acc8)
+        if fmt.bias:
+            xc8 = _load_vec(builder, xca.data, builder.mul(builder.add(d_off, g), const(4)), _F32, 8)
+            builder.store(builder.fadd(builder.load(corr8), builder.fmul(dw, xc8, flags=_FAST), flags=_FAST), corr8)
+    # the last < 8 blocks one at a time
+    with cgutils.for_range_slice(builder, builder.add(b0, builder.mul(n8, const(8))), b1, const(1), inc=True) as (b, _):
+        at = builder.add(row_off, builder.mul(b, const(fmt.block_bytes)))
+        dw = builder.extract_element(_load_f16_splat(builder, wa.data, at, tablea.data), ir.Constant(_I32, 0))
+        dx = builder.load(builder.gep(xda.data, [builder.add(d_off, b)]))
+        partial = _hsum(builder, builder.sitofp(block_sum(b), _vec(_F32, 8)), 8)
+        builder.store(builder.fadd(builder.load(acc), builder.fmul(partial, builder.fmul(dw, dx, flags=_FAST), flags=_FAST),
+                                   flags=_FAST), acc)
+        if fmt.bias:
+            xc = builder.load(builder.gep(xca.data, [builder.add(d_off, b)]))
+            builder.store(builder.fadd(builder.load(corr), builder.fmul(dw, xc, flags=_FAST), flags=_FAST), corr)
+    total = builder.fadd(builder.load(acc), _hsum(builder, builder.load(acc8), 8), flags=_FAST)
+    if fmt.bias:
+        bias = builder.fadd(builder.load(corr), _hsum(builder, builder.load(corr8), 8), flags=_FAST)
+        total = builder.fsub(total, builder.fmul(bias, ir.Constant(_F32, float(fmt.bias))))
+    p = builder.gep(outa.data, [builder.add(builder.mul(tok, out_cols), row)])
+    first = builder.icmp_signed("==", b0, const(0))
+    builder.store(builder.select(first, total, builder.fadd(builder.load(p), total)), p)
 
 
-def tile_kernel(n_rows: int, n_tok: int, prefetch: int = INT8_PREFETCH):
-    """An intrinsic `tile(code, w, r0, xq, xd, xc, t0, b0, b1, out, table)` that computes the n_rows x n_tok
-    block out[t0 + j, r0 + i] = dot(W[r0 + i], x[t0 + j]) of a product with int8-block activations,
-    over the blocks b0 .. b1 of the rows: stored when b0 == 0, added to out otherwise (a caller that
-    splits the columns keeps the activations it reuses in cache).
+def row_kernel(prefetch: int = INT8_PREFETCH):
+    """An intrinsic `row(code, w, r, xq, xd, xc, t, b0, b1, out, table)`: out[t, r] = dot(W[r], x[t])
+    of a weight in its stored layout with int8-block activations, over the blocks b0 .. b1 of the
+    row: stored when b0 == 0, added to out otherwise.
 
     code: the weight type (KERNEL_TYPE_CODES: Q4_0, Q5_0 or Q8_0; the loop for each is emitted, and
-    one branch per call picks it); w: the weight's stored rows (uint8, rows x row bytes); xq/xd/xc: the activations as int8 blocks,
-    their scales, and scale * sum of the block's codes (n_tok x cols, n_tok x blocks twice);
-    table: fp16 -> f32 (used without F16C only).
-    Each weight block is decoded once and used for every token of the tile; each activation block is
-    loaded once and used for every row; the n_rows * n_tok accumulators are independent chains.
-    Per pair and block: vpmaddubsw, vpmaddwd, a convert, a float multiply and an add. The codes' bias
-    (Q4_0, Q5_0) comes off the i16 sums (vpsubw) in a tile of several tokens, where the rows share
-    its vector; a one-token tile takes it off at the end through xc (one scalar multiply-add per block).
-    A one-row, one-token tile (decode) goes eight blocks at a time: their eight integer sums are
-    reduced side by side into one vector (vphaddd), which is converted and scaled by the eight block
-    scales at once, so the float work is per eight blocks, not per block (~1.5x the blocks per second
-    of the per-block loop, measured here). The caller guarantees r0 + n_rows <= rows and
-    t0 + n_tok <= tokens.
+    one branch per call picks it); w: the weight's stored rows (uint8, rows x row bytes); xq/xd/xc:
+    the activations as int8 blocks, their scales, and scale * sum of the block's codes (tokens x
+    cols, tokens x blocks twice); table: fp16 -> f32 (used without F16C only); prefetch: ask for the
+    row this many bytes ahead of its loads (0: not).
+    Eight blocks at a time: their eight integer sums are reduced side by side into one vector
+    (vphaddd), which is converted and scaled by the eight block scales at once, so the float work is
+    per eight blocks, not per block; the codes' bias (Q4_0, Q5_0) comes off at the end through xc.
+    Used for the rows of a weight past its last group of 8 (the rest is packed: `packed_kernel`) and
+    by tools/bench_cpu_kernels.py.
     """
     formats = [(KERNEL_TYPE_CODES[t], fmt) for t, fmt in _FORMATS.items()]
 
     @intrinsic
-    def tile(typingctx, code, w, r0, xq, xd, xc, t0, b0, b1, out, table):
-        for got, want in zip((w, r0, xq, xd, xc, t0, b0, b1, out, table), _TILE_ARGS):
-            if isinstance(want, types.Array) and not (isinstance(got, types.Array) and got.dtype == want.dtype
-                                                      and got.ndim == want.ndim):
-                raise TypeError(f"int8 tile expects {want}, got {got}")
+    def row(typingctx, code, w, r, xq, xd, xc, t, b0, b1, out, table):
+        _check_args("int8 row kernel", (w, r, xq, xd, xc, t, b0, b1, out, table), _ROW_ARGS)
         sig = types.void(types.int64, w, types.int64, xq, xd, xc, types.int64, types.int64, types.int64, out, table)
 
         def codegen(context, builder, sig, args):
             inner = types.void(*sig.args[1:])
             for value, fmt in formats:
                 with builder.if_then(builder.icmp_signed("==", args[0], ir.Constant(_I64, value))):
-                    _emit_tile(context, builder, inner, args[1:], fmt, n_rows, n_tok, prefetch)
+                    _emit_row(context, builder, inner, args[1:], fmt, prefetch)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    tile.__name__ = f"tile_{n_rows}x{n_tok}"
-    return tile
+    return row
 
 
 # F16 weights: <8 x half> loads widened to float (vcvtph2ps with F16C, native on ARM), then
@@ -426,3 +403,148 @@ def f16_dot_kernel(prefetch: int = 0):
 
 
 dot_f16 = f16_dot_kernel(F16_PREFETCH)
+
+
+# ------------------------------------------------------- weights repacked in groups of 8 rows
+# `cpu.pack_int8` stores a Q4_0 / Q5_0 / Q8_0 matrix as groups of 8 rows, and each group block by
+# block: the 8 rows' block b side by side in one "superblock" of 8 x the block's bytes,
+#   scales   8 x fp16 (row r's at 2r),
+#   Q5_0: qh 32 bytes (byte 4r + e, bit k: the 5th bit of row r's element 4k + e),
+#   codes    Q4_0/Q5_0 4 x 32 bytes (in the m-th 32, byte 4r + e: row r's stored byte 4m + e, i.e.
+#            element 4m + e in its low nibble and 4m + 16 + e in its high one),
+#            Q8_0 8 x 32 bytes (in the k-th 32, byte 4r + e: row r's element 4k + e).
+# So one 32-byte vector holds four codes of each of the 8 rows, for the same four elements: a
+# broadcast of those four activation bytes multiplies all 8 rows at once (vpmaddubsw) and the sums
+# stay apart by row, lane r of the result: no horizontal reduction, and the float work is one
+# convert and two multiply-adds per block for 8 rows.
+PACK_ROWS = 8
+
+
+class _Packed:
+    def __init__(self, ggml_type: GGMLType, qh: bool, bias: int, signed: bool):
+        self.block_bytes = TYPE_TRAITS[ggml_type].type_size
+        self.superblock = PACK_ROWS * self.block_bytes
+        self.qh, self.bias, self.signed = qh, bias, signed
+        self.qs = 2 * PACK_ROWS + (32 if qh else 0)
+
+    def codes(self, builder, w: ir.Value, base: ir.Value):
+        """The superblock at base as 8 code vectors (group k: elements 4k .. 4k + 3 of each row) and,
+        for signed codes, the signs to put on the activations."""
+        const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        if self.signed:
+            q = [_load_vec(builder, w, builder.add(base, const(self.qs + 32 * k)), _I8, 32) for k in range(8)]
+            return [_abs_i8(builder, v) for v in q], q
+        codes = [None] * 8
+        for m in range(4):
+            v = _load_vec(builder, w, builder.add(base, const(self.qs + 32 * m)), _I8, 32)
+            codes[m] = builder.and_(v, _splat(_I8, 32, 15))
+            high = builder.lshr(builder.bitcast(v, _vec(_I16, 16)), _splat(_I16, 16, 4))
+            codes[m + 4] = builder.and_(builder.bitcast(high, _vec(_I8, 32)), _splat(_I8, 32, 15))
+        if self.qh:  # bit k of each byte -> bit 4 of group k's code (16-bit shifts: what crosses bytes is masked off)
+            qh = builder.bitcast(_load_vec(builder, w, builder.add(base, const(2 * PACK_ROWS)), _I8, 32), _vec(_I16, 16))
+            for k in range(8):
+                s = qh if k == 4 else (builder.shl(qh, _splat(_I16, 16, 4 - k)) if k < 4
+                                       else builder.lshr(qh, _splat(_I16, 16, k - 4)))
+                codes[k] = builder.or_(codes[k], builder.and_(builder.bitcast(s, _vec(_I8, 32)), _splat(_I8, 32, 16)))
+        return codes, None
+
+    def row_sums(self, builder, codes, signs, x) -> ir.Value:
+        """<8 x i32>: lane r = sum over the block of row r's codes times the activations x (8 groups of
+        4 bytes, each broadcast to <32 x i8>). Unsigned codes' pair sums are added as i16 while they
+        fit (Q4_0: 8 groups, 8 * 2 * 15 * 127 < 2^15; Q5_0: 4 groups, 4 * 2 * 31 * 127 < 2^15)."""
+        per = 8 if not self.qh else 4
+        if self.signed:
+            per = 1
+            x = [_sign_i8(builder, xk, sk) for xk, sk in zip(x, signs)]
+        total = None
+        for k0 in range(0, 8, per):
+            s16 = None
+            for k in range(k0, k0 + per):
+                p = _maddubs(builder, codes[k], x[k])
+                s16 = p if s16 is None else builder.add(s16, p)
+            s32 = _madd_ones(builder, s16)
+            total = s32 if total is None else builder.add(total, s32)
+        return total
+
+
+_PACKED = {GGMLType.Q4_0: _Packed(GGMLType.Q4_0, False, 8, False),
+           GGMLType.Q5_0: _Packed(GGMLType.Q5_0, True, 16, False),
+           GGMLType.Q8_0: _Packed(GGMLType.Q8_0, False, 0, True)}
+
+_CONTRACT = ("contract",)
+
+
+def _emit_packed(context, builder, sig, args, fmt: _Packed, n_tok: int, prefetch: int) -> None:
+    """The loop of `packed_kernel` for one format (sig, args: the kernel's, without the code)."""
+    wa, xqa, xda, xca, outa, tablea = (context.make_array(sig.args[k])(context, builder, args[k])
+                                       for k in (0, 2, 3, 4, 8, 9))
+    group, tok0, b0, b1 = args[1], args[5], args[6], args[7]
+    const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    group_bytes = cgutils.unpack_tuple(builder, wa.shape, 2)[1]
+    cols = cgutils.unpack_tuple(builder, xqa.shape, 2)[1]
+    nb = cgutils.unpack_tuple(builder, xda.shape, 2)[1]
+    out_cols = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
+    tok = [builder.add(tok0, const(j)) for j in range(n_tok)]
+    x_off = [builder.mul(t, cols) for t in tok]
+    d_off = [builder.mul(t, nb) for t in tok]
+    w_off = builder.mul(group, group_bytes)
+    zero = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
+    acc = [cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)]
+    with cgutils.for_range_slice(builder, b0, b1, const(1), inc=True) as (b, _):
+        base = builder.add(w_off, builder.mul(b, const(fmt.superblock)))
+        if prefetch:
+            for k in range(0, fmt.superblock, 64):
+                _prefetch(builder, wa.data, builder.add(base, const(prefetch + k)))
+        if HAS_F16_VECTOR:
+            dw = builder.fpext(_load_vec(builder, wa.data, base, ir.HalfType(), 8), _vec(_F32, 8))
+        else:
+            dw = _load_f16x8(builder, wa.data, base, 2, tablea.data)
+        codes, signs = fmt.codes(builder, wa.data, base)
+        xblk = builder.mul(b, const(QK))
+        for j in range(n_tok):
+            xo = builder.add(x_off[j], xblk)
+            x = [builder.bitcast(_splat_value(builder, _load_scalar(builder, xqa.data, builder.add(xo, const(4 * k)), _I32), 8),
+                                 _vec(_I8, 32)) for k in range(8)]
+            sums = builder.sitofp(fmt.row_sums(builder, codes, signs, x), _vec(_F32, 8))
+            dx = builder.load(builder.gep(xda.data, [builder.add(d_off[j], b)]))
+            a = builder.load(acc[j])
+            a = builder.fadd(a, builder.fmul(sums, builder.fmul(dw, _splat_value(builder, dx, 8)), flags=_CONTRACT), flags=_CONTRACT)
+            if fmt.bias:  # the codes' bias: - bias * d_w * (d_x * sum of the block's activation codes)
+                xc = builder.load(builder.gep(xca.data, [builder.add(d_off[j], b)]))
+                neg = _splat_value(builder, builder.fmul(xc, ir.Constant(_F32, -float(fmt.bias))), 8)
+                a = builder.fadd(a, builder.fmul(dw, neg, flags=_CONTRACT), flags=_CONTRACT)
+            builder.store(a, acc[j])
+    first = builder.icmp_signed("==", b0, const(0))
+    for j in range(n_tok):
+        at = builder.mul(builder.add(builder.mul(tok[j], out_cols), builder.mul(group, const(PACK_ROWS))), const(4))
+        p = builder.bitcast(builder.gep(builder.bitcast(outa.data, _I8.as_pointer()), [at]), _vec(_F32, 8).as_pointer())
+        total = builder.load(acc[j])
+        builder.store(builder.select(first, total, builder.fadd(builder.load(p, align=4), total)), p, align=4)
+
+
+def packed_kernel(tokens: dict, prefetch: int = 0):
+    """An intrinsic `packed(code, w, g, xq, xd, xc, t0, b0, b1, out, table)`: out[t0 + j, 8g .. 8g + 7] for
+    j < n_tok = tokens[the weight type], the dots of row group g of a packed weight (`cpu.pack_int8`: rows of groups, each
+    n_blocks superblocks) with tokens t0 .. t0 + n_tok - 1 of int8-block activations, over blocks
+    b0 .. b1: stored when b0 == 0, added otherwise. code: KERNEL_TYPE_CODES of Q4_0, Q5_0 or Q8_0.
+    Each superblock is decoded once for all n_tok tokens. prefetch: ask for the weights this many
+    bytes ahead (0: not); table: fp16 -> f32 (used without F16C only). Per token and superblock:
+    8 activation broadcasts, 8 vpmaddubsw, the i16 adds, 1-8 vpmaddwd, a convert and two
+    multiply-adds, for 8 rows."""
+    formats = [(KERNEL_TYPE_CODES[t], fmt, tokens[t]) for t, fmt in _PACKED.items()]
+
+    @intrinsic
+    def packed(typingctx, code, w, g, xq, xd, xc, t0, b0, b1, out, table):
+        _check_args("packed int8 kernel", (w, g, xq, xd, xc, t0, b0, b1, out, table), _ROW_ARGS)
+        sig = types.void(types.int64, w, types.int64, xq, xd, xc, types.int64, types.int64, types.int64, out, table)
+
+        def codegen(context, builder, sig, args):
+            inner = types.void(*sig.args[1:])
+            for value, fmt, n_tok in formats:
+                with builder.if_then(builder.icmp_signed("==", args[0], ir.Constant(_I64, value))):
+                    _emit_packed(context, builder, inner, args[1:], fmt, n_tok, prefetch)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return packed
