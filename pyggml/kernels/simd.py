@@ -405,6 +405,20 @@ def f16_dot_kernel(prefetch: int = 0):
 dot_f16 = f16_dot_kernel(F16_PREFETCH)
 
 
+@intrinsic
+def load_u32(typingctx, data, offset):
+    """The little-endian uint32 at byte `offset` of a uint8 array, any alignment: one load (numba
+    would load, bounds-wrap and combine four bytes). The caller keeps offset + 4 <= data.size."""
+    if not (isinstance(data, types.Array) and data.dtype == types.uint8 and isinstance(offset, types.Integer)):
+        raise TypeError(f"load_u32 expects (u8[:], int), got ({data}, {offset})")
+
+    def codegen(context, builder, sig, args):
+        at = context.cast(builder, args[1], sig.args[1], types.int64)
+        return _load_scalar(builder, _data(context, builder, sig.args[0], args[0]), at, _I32)
+
+    return types.uint32(data, offset), codegen
+
+
 # ------------------------------------------------------- weights repacked in groups of 8 rows
 # `cpu.pack_int8` stores a Q4_0 / Q5_0 / Q8_0 matrix as groups of 8 rows, and each group block by
 # block: the 8 rows' block b side by side in one "superblock" of 8 x the block's bytes,

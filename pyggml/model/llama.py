@@ -46,13 +46,15 @@ class LlamaModel:
         if len(backends) != cfg.n_layers:
             raise ValueError(f"{len(backends)} backends for {cfg.n_layers} layers")
         self.head_backend = head_backend
-        # Token embeddings are gathered a few rows at a time on the CPU side of the head backend.
-        self.tok_embd = head_backend.load_weight(self._matrix(TensorNames.TOKEN_EMBD, (cfg.n_vocab, cfg.dim)))
+        # Token embeddings are gathered a few rows at a time on the CPU side of the head backend; the
+        # model multiplies by them only when they are also the output head (tied).
+        tied = TensorNames.OUTPUT not in gguf.tensors
+        self.tok_embd = self._matrix(head_backend, TensorNames.TOKEN_EMBD, (cfg.n_vocab, cfg.dim), products=tied)
         self.output_norm = head_backend.load_vector(self._vector(TensorNames.OUTPUT_NORM, cfg.dim))
-        if TensorNames.OUTPUT in gguf.tensors:
-            self.output = head_backend.load_weight(self._matrix(TensorNames.OUTPUT, (cfg.n_vocab, cfg.dim)))
+        if tied:
+            self.output = self.tok_embd
         else:
-            self.output = self.tok_embd  # tied embeddings
+            self.output = self._matrix(head_backend, TensorNames.OUTPUT, (cfg.n_vocab, cfg.dim))
         self.layers = [self._layer(i, b) for i, b in enumerate(backends)]
         half = np.arange(cfg.rope_dim // 2, dtype=np.float64)
         self.inv_freq = cfg.rope_freq_base ** (-2.0 * half / cfg.rope_dim)  # (rope_dim/2,)
@@ -66,9 +68,13 @@ class LlamaModel:
             raise ModelError(f"{self.file.path}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)}")
         return info
 
-    def _matrix(self, name: str, shape: tuple[int, int]) -> QWeight:
+    def _matrix(self, b: Backend, name: str, shape: tuple[int, int], products: bool = True) -> QWeight:
+        """The weight as backend b holds it. products: the model multiplies by it (then the backend
+        reads all of it now: its pages are mapped in one call)."""
         info = self._info(name, shape)
-        return QWeight(name, self.file.tensor(name), info.ggml_type, shape)
+        if products:
+            self.file.populate(name)
+        return b.load_weight(QWeight(name, self.file.tensor(name), info.ggml_type, shape), products=products)
 
     def _vector(self, name: str, n: int) -> np.ndarray:
         info = self._info(name, (n,))
@@ -79,7 +85,7 @@ class LlamaModel:
     def _layer(self, i: int, b: Backend) -> Layer:
         cfg = self.config
         n = lambda t: t.format(i=i)  # noqa: E731
-        m = lambda t, shape: b.load_weight(self._matrix(n(t), shape))  # noqa: E731
+        m = lambda t, shape: self._matrix(b, n(t), shape)  # noqa: E731
         return Layer(
             backend=b,
             attn_norm=b.load_vector(self._vector(n(TensorNames.ATTN_NORM), cfg.dim)),
