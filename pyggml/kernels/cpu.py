@@ -17,7 +17,7 @@ from numba import njit, prange
 
 from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
 from ..tensor import KERNEL_TYPE_CODES, QWeight
-from .simd import HAS_F16_VECTOR, INT8_PREFETCH, PACK_ROWS, dot_f16, load_u32, packed_kernel, row_kernel
+from .simd import HAS_F16_VECTOR, INT8_PREFETCH, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
 
 # fp16 bit pattern -> float32 value.
 F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -191,13 +191,11 @@ def _every_fourth_bit(v):
 
 
 @njit(parallel=True, cache=True)
-def _pack(code, raw, row_bytes, out):
+def _pack(raw, row_bytes, bb, lead, qs, vectors, qh_field, out):
     """raw: the stored rows, flat uint8 -> out (rows // 8, row bytes * 8 / 4): uint32 words of
-    simd.py's packed layout (every field of a superblock starts at a multiple of 4 bytes)."""
-    bb = _Q4_0 if code == 3 else (_Q5_0 if code == 4 else _Q8_0)
-    lead = 2 if code != 4 else 6  # the codes' offset in a stored block
-    qs = (2 * PACK_ROWS + (32 if code == 4 else 0)) // 4  # and in a superblock, in words
-    groups = 8 if code == 5 else 4  # 32-byte code vectors per superblock
+    simd.py's packed layout (every field of a superblock starts at a multiple of 4 bytes). bb: block
+    bytes; lead: the codes' offset in a stored block; qs: theirs in a superblock, in words; vectors:
+    32-byte code vectors per superblock; qh_field: Q5_0's 5th bits."""
     sb = bb * PACK_ROWS // 4  # words per superblock
     for g in prange(out.shape[0]):
         dst = out[g]
@@ -210,9 +208,9 @@ def _pack(code, raw, row_bytes, out):
                                    | (np.uint32(raw[s + row_bytes]) << 16) | (np.uint32(raw[s + row_bytes + 1]) << 24))
             for r in range(PACK_ROWS):
                 s = src0 + r * row_bytes + b * bb
-                for m in range(groups):
+                for m in range(vectors):
                     dst[o + qs + PACK_ROWS * m + r] = load_u32(raw, s + lead + 4 * m)
-                if code == 4:  # qh: word r, byte e, bit k = bit 4k + e of the stored u32
+                if qh_field:  # word r, byte e, bit k = bit 4k + e of the stored u32
                     qh = load_u32(raw, s + 2)
                     word = np.uint32(0)
                     for e in range(4):
@@ -226,7 +224,8 @@ def pack_int8(w: QWeight) -> np.ndarray:
     w.raw only."""
     raw = _bytes2d(w.raw)
     out = np.empty((w.rows // PACK_ROWS, raw.shape[1] * PACK_ROWS // 4), np.uint32)
-    _pack(_CODES[w.ggml_type], raw.reshape(-1), raw.shape[1], out)
+    lay = PACKED_LAYOUTS[w.ggml_type]
+    _pack(raw.reshape(-1), raw.shape[1], lay.block_bytes, lay.stored_qs, lay.qs // 4, lay.vectors, lay.qh, out)
     return out.view(np.uint8)
 
 
@@ -287,7 +286,6 @@ def _matmul_decoded(code, w, x, out, table):
 
 
 INT8_ACTIVATION_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0))
-
 
 
 # ----------------------------------------------------------------------------- other ops

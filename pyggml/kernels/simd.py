@@ -86,11 +86,14 @@ def _prefetch(builder, base: ir.Value, offset: ir.Value) -> None:
     _x86(builder, "llvm.prefetch.p0", ir.VoidType(), p, i32(0), i32(3), i32(1))
 
 
-def _pair_sum_i32(builder, p16: ir.Value, n: int) -> ir.Value:
-    """<n x i16> -> <n/2 x i32>: adjacent pairs added after sign extension (vpmaddwd's shape)."""
-    even = builder.shuffle_vector(p16, p16, ir.Constant(_vec(_I32, n // 2), list(range(0, n, 2))))
-    odd = builder.shuffle_vector(p16, p16, ir.Constant(_vec(_I32, n // 2), list(range(1, n, 2))))
-    return builder.add(builder.sext(even, _vec(_I32, n // 2)), builder.sext(odd, _vec(_I32, n // 2)))
+def _pair_sum(builder, v: ir.Value, n: int, wide: ir.Type | None = None) -> ir.Value:
+    """<n x T> -> <n/2 x T>: adjacent pairs added (sign-extended to `wide` first when given:
+    vpmaddwd's shape for i16 -> i32)."""
+    even = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n // 2), list(range(0, n, 2))))
+    odd = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n // 2), list(range(1, n, 2))))
+    if wide is not None:
+        even, odd = builder.sext(even, _vec(wide, n // 2)), builder.sext(odd, _vec(wide, n // 2))
+    return builder.add(even, odd)
 
 
 def _halve(builder, v: ir.Value, n: int) -> ir.Value:
@@ -116,17 +119,14 @@ def _maddubs(builder, u: ir.Value, s: ir.Value) -> ir.Value:
     """<32 x u8> * <32 x i8> -> <16 x i16> adjacent pair sums (vpmaddubsw; callers keep them below 2^15)."""
     if HAS_AVX2:
         return _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), u, s)
-    p = builder.mul(builder.zext(u, _vec(_I16, 32)), builder.sext(s, _vec(_I16, 32)))
-    even = builder.shuffle_vector(p, p, ir.Constant(_vec(_I32, 16), list(range(0, 32, 2))))
-    odd = builder.shuffle_vector(p, p, ir.Constant(_vec(_I32, 16), list(range(1, 32, 2))))
-    return builder.add(even, odd)
+    return _pair_sum(builder, builder.mul(builder.zext(u, _vec(_I16, 32)), builder.sext(s, _vec(_I16, 32))), 32)
 
 
 def _madd_ones(builder, p16: ir.Value) -> ir.Value:
     """<16 x i16> -> <8 x i32> adjacent pair sums (vpmaddwd with ones)."""
     if HAS_AVX2:
         return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), p16, _splat(_I16, 16, 1))
-    return _pair_sum_i32(builder, p16, 16)
+    return _pair_sum(builder, p16, 16, _I32)
 
 
 def _abs_i8(builder, v: ir.Value) -> ir.Value:
@@ -153,6 +153,7 @@ class _Format:
     def __init__(self, ggml_type: GGMLType, qs_offset: int, bias: int, signed: bool):
         self.block_bytes = TYPE_TRAITS[ggml_type].type_size
         self.qs_offset, self.bias, self.signed = qs_offset, bias, signed
+        self.qh = qs_offset > 2  # Q5_0: the u32 of 5th bits sits between the scale and the codes
         self.name = ggml_type.name.lower()
 
     def codes(self, builder, w: ir.Value, offset: ir.Value) -> ir.Value:
@@ -166,7 +167,7 @@ class _Format:
         both = builder.bitcast(builder.shuffle_vector(q, q, ir.Constant(_vec(_I32, 32), list(range(16)) * 2)), _vec(_I32, 8))
         shifted = builder.lshr(both, ir.Constant(_vec(_I32, 8), [ir.Constant(_I32, 0)] * 4 + [ir.Constant(_I32, 4)] * 4))
         codes = builder.and_(builder.bitcast(shifted, _vec(_I8, 32)), _splat(_I8, 32, 15))
-        if self.qs_offset == 6:  # Q5_0: element j's 5th bit is bit j of the u32 qh at offset 2
+        if self.qh:  # Q5_0: element j's 5th bit is bit j of the u32 qh at offset 2
             qh = _load_vec(builder, w, builder.add(offset, ir.Constant(_I64, 2)), _I8, 4)
             spread = builder.shuffle_vector(qh, qh, ir.Constant(_vec(_I32, 32), [j // 8 for j in range(32)]))
             bit = ir.Constant(_vec(_I8, 32), [ir.Constant(_I8, 1 << (j % 8)) for j in range(32)])
@@ -248,11 +249,28 @@ _ROW_ARGS = (types.Array(types.uint8, 2, "C"), types.int64, types.Array(types.in
              types.int64, types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C"))
 
 
-def _check_args(what: str, got_types, want_types) -> None:
-    for got, want in zip(got_types, want_types):
-        if isinstance(want, types.Array) and not (isinstance(got, types.Array) and got.dtype == want.dtype
-                                                  and got.ndim == want.ndim):
-            raise TypeError(f"{what} expects {want}, got {got}")
+def _int8_intrinsic(what: str, emitters: list):
+    """An intrinsic `(code, w, i, xq, xd, xc, t, b0, b1, out, table)` of the int8-activation kernels
+    (arguments as _ROW_ARGS): emitters is [(type code, emit(context, builder, sig, args))] with sig
+    and args without the code; the loop of every type is emitted, and one branch per call picks it."""
+    @intrinsic
+    def kernel(typingctx, code, w, i, xq, xd, xc, t, b0, b1, out, table):
+        for got, want in zip((w, i, xq, xd, xc, t, b0, b1, out, table), _ROW_ARGS):
+            if isinstance(want, types.Array) and not (isinstance(got, types.Array) and got.dtype == want.dtype
+                                                      and got.ndim == want.ndim):
+                raise TypeError(f"{what} expects {want}, got {got}")
+        sig = types.void(types.int64, w, types.int64, xq, xd, xc, types.int64, types.int64, types.int64, out, table)
+
+        def codegen(context, builder, sig, args):
+            inner = types.void(*sig.args[1:])
+            for value, emit in emitters:
+                with builder.if_then(builder.icmp_signed("==", args[0], ir.Constant(_I64, value))):
+                    emit(context, builder, inner, args[1:])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
 
 
 def _emit_row(context, builder, sig, args, fmt: _Format, prefetch: int) -> None:
@@ -328,23 +346,9 @@ def row_kernel(prefetch: int = INT8_PREFETCH):
     Used for the rows of a weight past its last group of 8 (the rest is packed: `packed_kernel`) and
     by tools/bench_cpu_kernels.py.
     """
-    formats = [(KERNEL_TYPE_CODES[t], fmt) for t, fmt in _FORMATS.items()]
-
-    @intrinsic
-    def row(typingctx, code, w, r, xq, xd, xc, t, b0, b1, out, table):
-        _check_args("int8 row kernel", (w, r, xq, xd, xc, t, b0, b1, out, table), _ROW_ARGS)
-        sig = types.void(types.int64, w, types.int64, xq, xd, xc, types.int64, types.int64, types.int64, out, table)
-
-        def codegen(context, builder, sig, args):
-            inner = types.void(*sig.args[1:])
-            for value, fmt in formats:
-                with builder.if_then(builder.icmp_signed("==", args[0], ir.Constant(_I64, value))):
-                    _emit_row(context, builder, inner, args[1:], fmt, prefetch)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return row
+    return _int8_intrinsic("int8 row kernel", [
+        (KERNEL_TYPE_CODES[t], lambda c, b, sig, args, fmt=fmt: _emit_row(c, b, sig, args, fmt, prefetch))
+        for t, fmt in _FORMATS.items()])
 
 
 # F16 weights: <8 x half> loads widened to float (vcvtph2ps with F16C, native on ARM), then
@@ -434,22 +438,25 @@ def load_u32(typingctx, data, offset):
 PACK_ROWS = 8
 
 
-class _Packed:
-    def __init__(self, ggml_type: GGMLType, qh: bool, bias: int, signed: bool):
-        self.block_bytes = TYPE_TRAITS[ggml_type].type_size
+class PackedLayout:
+    """Where a packed superblock keeps what (bytes), for the kernels here and cpu.pack_int8."""
+
+    def __init__(self, fmt: _Format):
+        self.block_bytes, self.bias, self.signed, self.qh = fmt.block_bytes, fmt.bias, fmt.signed, fmt.qh
+        self.stored_qs = fmt.qs_offset  # the codes' offset in a stored block
         self.superblock = PACK_ROWS * self.block_bytes
-        self.qh, self.bias, self.signed = qh, bias, signed
-        self.qs = 2 * PACK_ROWS + (32 if qh else 0)
+        self.qs = 2 * PACK_ROWS + (32 if self.qh else 0)  # after the 8 scales and the qh field
+        self.vectors = 8 if self.signed else 4  # 32-byte code vectors: one byte a code, or two nibbles
 
     def codes(self, builder, w: ir.Value, base: ir.Value):
         """The superblock at base as 8 code vectors (group k: elements 4k .. 4k + 3 of each row) and,
         for signed codes, the signs to put on the activations."""
         const = lambda v: ir.Constant(_I64, v)  # noqa: E731
         if self.signed:
-            q = [_load_vec(builder, w, builder.add(base, const(self.qs + 32 * k)), _I8, 32) for k in range(8)]
+            q = [_load_vec(builder, w, builder.add(base, const(self.qs + 32 * k)), _I8, 32) for k in range(self.vectors)]
             return [_abs_i8(builder, v) for v in q], q
         codes = [None] * 8
-        for m in range(4):
+        for m in range(self.vectors):
             v = _load_vec(builder, w, builder.add(base, const(self.qs + 32 * m)), _I8, 32)
             codes[m] = builder.and_(v, _splat(_I8, 32, 15))
             high = builder.lshr(builder.bitcast(v, _vec(_I16, 16)), _splat(_I16, 16, 4))
@@ -481,14 +488,12 @@ class _Packed:
         return total
 
 
-_PACKED = {GGMLType.Q4_0: _Packed(GGMLType.Q4_0, False, 8, False),
-           GGMLType.Q5_0: _Packed(GGMLType.Q5_0, True, 16, False),
-           GGMLType.Q8_0: _Packed(GGMLType.Q8_0, False, 0, True)}
+PACKED_LAYOUTS = {t: PackedLayout(fmt) for t, fmt in _FORMATS.items()}
 
 _CONTRACT = ("contract",)
 
 
-def _emit_packed(context, builder, sig, args, fmt: _Packed, n_tok: int, prefetch: int) -> None:
+def _emit_packed(context, builder, sig, args, fmt: PackedLayout, n_tok: int, prefetch: int) -> None:
     """The loop of `packed_kernel` for one format (sig, args: the kernel's, without the code)."""
     wa, xqa, xda, xca, outa, tablea = (context.make_array(sig.args[k])(context, builder, args[k])
                                        for k in (0, 2, 3, 4, 8, 9))
@@ -545,20 +550,6 @@ def packed_kernel(tokens: dict, prefetch: int = 0):
     bytes ahead (0: not); table: fp16 -> f32 (used without F16C only). Per token and superblock:
     8 activation broadcasts, 8 vpmaddubsw, the i16 adds, 1-8 vpmaddwd, a convert and two
     multiply-adds, for 8 rows."""
-    formats = [(KERNEL_TYPE_CODES[t], fmt, tokens[t]) for t, fmt in _PACKED.items()]
-
-    @intrinsic
-    def packed(typingctx, code, w, g, xq, xd, xc, t0, b0, b1, out, table):
-        _check_args("packed int8 kernel", (w, g, xq, xd, xc, t0, b0, b1, out, table), _ROW_ARGS)
-        sig = types.void(types.int64, w, types.int64, xq, xd, xc, types.int64, types.int64, types.int64, out, table)
-
-        def codegen(context, builder, sig, args):
-            inner = types.void(*sig.args[1:])
-            for value, fmt, n_tok in formats:
-                with builder.if_then(builder.icmp_signed("==", args[0], ir.Constant(_I64, value))):
-                    _emit_packed(context, builder, inner, args[1:], fmt, n_tok, prefetch)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return packed
+    return _int8_intrinsic("packed int8 kernel", [
+        (KERNEL_TYPE_CODES[t], lambda c, b, sig, args, fmt=fmt, n=tokens[t]: _emit_packed(c, b, sig, args, fmt, n, prefetch))
+        for t, fmt in PACKED_LAYOUTS.items()])
