@@ -68,12 +68,11 @@ def main() -> int:
         t = GGMLType[name]
         first = random_block_rows(t, rows, cols, 0)
         ws = [first] + [random_block_rows(t, rows, cols, s) for s in range(1, max(2, TOTAL_BYTES // first.nbytes))]
-        if t is not GGMLType.F16:  # the int8 types are multiplied from their packed copy
-            ws = [cpu.pack_int8(QWeight(name, w, t, (rows, cols))) for w in ws]
         if t is GGMLType.F16:
             kernels = {d: f16_product(d) for d in distances}
             run = {d: (lambda w, k=k: k(w, x, out)) for d, k in kernels.items()}
-        else:
+        else:  # the int8 types are multiplied from their packed copy
+            ws = [cpu.pack_int8(QWeight(name, w, t, (rows, cols))) for w in ws]
             code = KERNEL_TYPE_CODES[t]
             kernels = {d: int8_product(d) for d in distances}
             run = {d: (lambda w, k=k: k(code, w, xq, xd, xc, out, cpu.F16_TABLE)) for d, k in kernels.items()}

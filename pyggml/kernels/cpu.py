@@ -191,11 +191,11 @@ def _every_fourth_bit(v):
 
 
 @njit(parallel=True, cache=True)
-def _pack(raw, row_bytes, bb, lead, qs, vectors, qh_field, out):
+def _pack(raw, row_bytes, bb, lead, qs, vectors, qh_at, out):
     """raw: the stored rows, flat uint8 -> out (rows // 8, row bytes * 8 / 4): uint32 words of
     simd.py's packed layout (every field of a superblock starts at a multiple of 4 bytes). bb: block
     bytes; lead: the codes' offset in a stored block; qs: theirs in a superblock, in words; vectors:
-    32-byte code vectors per superblock; qh_field: Q5_0's 5th bits."""
+    32-byte code vectors per superblock; qh_at: where Q5_0's 5th bits go, in words (-1: no such field)."""
     sb = bb * PACK_ROWS // 4  # words per superblock
     for g in prange(out.shape[0]):
         dst = out[g]
@@ -210,12 +210,12 @@ def _pack(raw, row_bytes, bb, lead, qs, vectors, qh_field, out):
                 s = src0 + r * row_bytes + b * bb
                 for m in range(vectors):
                     dst[o + qs + PACK_ROWS * m + r] = load_u32(raw, s + lead + 4 * m)
-                if qh_field:  # word r, byte e, bit k = bit 4k + e of the stored u32
+                if qh_at >= 0:  # word r, byte e, bit k = bit 4k + e of the stored u32
                     qh = load_u32(raw, s + 2)
                     word = np.uint32(0)
                     for e in range(4):
                         word |= _every_fourth_bit(qh >> np.uint32(e)) << np.uint32(8 * e)
-                    dst[o + 2 * PACK_ROWS // 4 + r] = word
+                    dst[o + qh_at + r] = word
 
 
 def pack_int8(w: QWeight) -> np.ndarray:
@@ -225,7 +225,8 @@ def pack_int8(w: QWeight) -> np.ndarray:
     raw = _bytes2d(w.raw)
     out = np.empty((w.rows // PACK_ROWS, raw.shape[1] * PACK_ROWS // 4), np.uint32)
     lay = PACKED_LAYOUTS[w.ggml_type]
-    _pack(raw.reshape(-1), raw.shape[1], lay.block_bytes, lay.stored_qs, lay.qs // 4, lay.vectors, lay.qh, out)
+    _pack(raw.reshape(-1), raw.shape[1], lay.block_bytes, lay.stored_qs, lay.qs // 4, lay.vectors,
+          lay.qh_at // 4 if lay.qh else -1, out)
     return out.view(np.uint8)
 
 

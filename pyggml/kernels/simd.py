@@ -445,7 +445,8 @@ class PackedLayout:
         self.block_bytes, self.bias, self.signed, self.qh = fmt.block_bytes, fmt.bias, fmt.signed, fmt.qh
         self.stored_qs = fmt.qs_offset  # the codes' offset in a stored block
         self.superblock = PACK_ROWS * self.block_bytes
-        self.qs = 2 * PACK_ROWS + (32 if self.qh else 0)  # after the 8 scales and the qh field
+        self.qh_at = 2 * PACK_ROWS  # Q5_0's qh field: after the 8 scales
+        self.qs = self.qh_at + (32 if self.qh else 0)  # the codes: after the scales and the qh field
         self.vectors = 8 if self.signed else 4  # 32-byte code vectors: one byte a code, or two nibbles
 
     def codes(self, builder, w: ir.Value, base: ir.Value):
@@ -462,7 +463,7 @@ class PackedLayout:
             high = builder.lshr(builder.bitcast(v, _vec(_I16, 16)), _splat(_I16, 16, 4))
             codes[m + 4] = builder.and_(builder.bitcast(high, _vec(_I8, 32)), _splat(_I8, 32, 15))
         if self.qh:  # bit k of each byte -> bit 4 of group k's code (16-bit shifts: what crosses bytes is masked off)
-            qh = builder.bitcast(_load_vec(builder, w, builder.add(base, const(2 * PACK_ROWS)), _I8, 32), _vec(_I16, 16))
+            qh = builder.bitcast(_load_vec(builder, w, builder.add(base, const(self.qh_at)), _I8, 32), _vec(_I16, 16))
             for k in range(8):
                 s = qh if k == 4 else (builder.shl(qh, _splat(_I16, 16, 4 - k)) if k < 4
                                        else builder.lshr(qh, _splat(_I16, 16, k - 4)))
