@@ -63,7 +63,8 @@ def k_split(path: int, pairs: int) -> int:
 WARPS = 8  # warps (row pairs) per block of the matvec ...
 ADD_WARPS = 16  # ... but 16 for an ADD product with one warp per pair (kernels.cu): one 32-row group
 ATT_SPLITS = 16  # decode attention: at most this many key ranges per head (kernels.cu, attn_partial)
-ATT_THREADS = 256  # attn_partial's block (kernels.cu, ATT_WARPS); head_dim may not exceed it
+ATT_THREADS = 512  # attn_partial's block (kernels.cu, ATT_WARPS)
+ATT_MAX_HEAD_DIM = 256  # attn_partial's per-warp outputs in shared memory (kernels.cu, sacc)
 MARGIN = 512 << 20  # GPU memory left free for cuBLAS workspaces, cupy's pool and the driver
 CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
 
@@ -516,8 +517,8 @@ class CUDABackend:
         inv_freq = self._inv_freq_dev(model.inv_freq)
         hd = cfg.head_dim
         eps = cfg.rms_eps
-        if hd > ATT_THREADS:
-            raise NotImplementedError(f"the CUDA decode attention handles head_dim <= {ATT_THREADS}, not {hd}")
+        if hd > ATT_MAX_HEAD_DIM:
+            raise NotImplementedError(f"the CUDA decode attention handles head_dim <= {ATT_MAX_HEAD_DIM}, not {hd}")
         if embed:
             self._get_rows(model.tok_embd, ws.io, ws.x, 1)
         folded = False  # the next norm was deferred by the product before it (ws.h, ws.ss)
