@@ -607,6 +607,23 @@ __device__ __forceinline__ void load_dims(const float* __restrict__ row, int lan
     }
 }
 
+// Keys and values tb, tb + ATT_WARPS, ... (KB of them) below t1, but for `skip`; zero past t1.
+template <int PER, int KB>
+__device__ __forceinline__ void load_keys(const float* __restrict__ K, const float* __restrict__ V, int tb, int t1, int skip, int lane,
+                                          int head_dim, float (&k)[KB][PER], float (&v)[KB][PER]) {
+#pragma unroll
+    for (int j = 0; j < KB; j++) {
+        const int t = tb + ATT_WARPS * j;
+        if (t < t1 && t != skip) {
+            load_dims<PER>(K + (i64)t * head_dim, lane, head_dim, k[j]);
+            load_dims<PER>(V + (i64)t * head_dim, lane, head_dim, v[j]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < PER; e++) k[j][e] = v[j][e] = 0.f;
+        }
+    }
+}
+
 // The last block of a head merges its n_active ranges (<= 32) from `part` (read from L2: the other
 // blocks wrote them): the first warp turns each range's (max, sum) into one weight, then thread d
 // forms output dimension d (blockDim >= head_dim) and, with q != nullptr, its int8 blocks.
@@ -646,25 +663,27 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
     const int t0 = s * chunk, t1 = min(n, t0 + chunk);
     const float* K = kc + (i64)(h / group) * n_ctx * head_dim;
     const float* V = vc + (i64)(h / group) * n_ctx * head_dim;
+    // The warp's first batch is loaded before the wait, but for position n-1: the product before
+    // this kernel writes that key and value; earlier steps wrote the others.
+    float k[KB][PER], v[KB][PER];
+    load_keys<PER, KB>(K, V, t0 + warp, t1, n - 1, lane, head_dim, k, v);
     pdl_wait();
+#pragma unroll
+    for (int j = 0; j < KB; j++) {
+        const int t = t0 + warp + ATT_WARPS * j;
+        if (t == n - 1 && t < t1) {
+            load_dims<PER>(K + (i64)t * head_dim, lane, head_dim, k[j]);
+            load_dims<PER>(V + (i64)t * head_dim, lane, head_dim, v[j]);
+        }
+    }
     float qv[PER], acc[PER];
     load_dims<PER>(q + h * head_dim, lane, head_dim, qv);
 #pragma unroll
     for (int e = 0; e < PER; e++) { qv[e] *= scale; acc[e] = 0.f; }
     float m = NEG_INF, l = 0.f;
     for (int tb = t0 + warp; tb < t1; tb += ATT_WARPS * KB) {
-        float k[KB][PER], v[KB][PER], sc[KB];
-#pragma unroll
-        for (int j = 0; j < KB; j++) {
-            const int t = tb + ATT_WARPS * j;
-            if (t < t1) {
-                load_dims<PER>(K + (i64)t * head_dim, lane, head_dim, k[j]);
-                load_dims<PER>(V + (i64)t * head_dim, lane, head_dim, v[j]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < PER; e++) k[j][e] = v[j][e] = 0.f;
-            }
-        }
+        float sc[KB];
+        if (tb != t0 + warp) load_keys<PER, KB>(K, V, tb, t1, -1, lane, head_dim, k, v);
         // the KB sums interleaved, the keys past the range masked after: a warp_sum per key under
         // its condition ran one after another (7B f16 at 66 keys: graph replay 3574 -> 3556 us)
         float mb = m;
