@@ -42,8 +42,10 @@ __device__ __forceinline__ float warp_max(float v) {
 // previous kernel has finished and its writes are visible, so every kernel calls it before it reads
 // or writes anything another kernel of the step touches. Launched the ordinary way, both are no-ops.
 // (Tried before the wait, all slower or no gain: prefetching every product's weight rows to L2
-// (2-15% slower), only wo's while attention runs (f16 +60 us per 7B token), the KV cache; loading
-// the first unroll step's weights into registers, which needed a peeled loop that cost more.)
+// (2-15% slower), only wo's while attention runs (f16 +60 us per 7B token), the KV cache to L2;
+// loading the first unroll step's weights into registers, with a peeled loop or double-buffered;
+// copying a float product's first steps into shared memory (cp.async), +6 to +190 us per f16 token.
+// What did help: attention loading its first keys and values into registers before the wait.)
 __device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");
