@@ -43,9 +43,10 @@ __device__ __forceinline__ float warp_max(float v) {
 // or writes anything another kernel of the step touches. Launched the ordinary way, both are no-ops.
 // (Tried before the wait, all slower or no gain: prefetching every product's weight rows to L2
 // (2-15% slower), only wo's while attention runs (f16 +60 us per 7B token), the KV cache to L2;
-// loading the first unroll step's weights into registers, with a peeled loop or double-buffered;
-// copying a float product's first steps into shared memory (cp.async), +6 to +190 us per f16 token.
-// What did help: attention loading its first keys and values into registers before the wait.)
+// loading the first step's weights into registers with a peeled loop, or double-buffered, or for
+// the int8 products; copying a float product's first steps into shared memory (cp.async), +6 to
+// +190 us per f16 token. What helps: attention loading its first keys and values into registers
+// before the wait, and the float products their first step (mmv), each triggering at its start.)
 __device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");
@@ -481,7 +482,8 @@ __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS :
     }
     // Float weights: the first step is loaded before the wait, and the next kernel may launch at once,
     // so its blocks do the same as this one's last ones finish (7B f16 graph replay 3471 -> 3424 us;
-    // Q5_0's group path the same way: 4016 -> 4340 us).
+    // the same made Q5_0's group path 4016 -> 4340 us, and the chunked path q4_0 1696 -> 1729,
+    // q8_0 2251 -> 2558).
     constexpr bool EARLY = PATH == PATH_GROUP && is_float_type(T);
     typename FirstStep<T, PATH == PATH_GROUP>::type w0s[U], w1s[U];
     if constexpr (EARLY) {
