@@ -464,7 +464,7 @@ class CUDABackend:
     def _get_rows(self, w: QWeight, ids, out, n: int) -> None:
         ld = w.raw.shape[1] * w.raw.itemsize
         self._call(f"get_rows<{TYPE_CODES[w.ggml_type]}>", ((w.cols + 255) // 256, n), (256,),
-                                                       (w.raw, np.int64(ld), ids, np.int32(w.cols), out))
+                   (w.raw, np.int64(ld), ids, np.int32(w.cols), out))
 
     def rmsnorm(self, x, weight, eps: float):
         out = self.cp.empty_like(x)

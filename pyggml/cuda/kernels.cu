@@ -236,16 +236,21 @@ __device__ __forceinline__ float dot_group(const W& w, const X& x, int g) {
 }
 
 // The KS warps of a row pair take interleaved stripes of 32*U groups (ks = this warp's stripe).
-// A warp's first step of U groups of both rows: mmv loads them before it waits for the kernel before
-// it (the weights do not depend on that kernel), and dot_rows starts from them.
+// The weights of one step of a lane: groups g0, g0 + 32, ... (U of them, below ng) of both rows.
 template <int T, int U, class W>
-__device__ __forceinline__ void first_step(const u8* __restrict__ r0, const u8* __restrict__ r1, int cols, int ks, W (&w0)[U], W (&w1)[U]) {
-    const int ng = cols / 8, g0 = (threadIdx.x & 31) + 32 * U * ks;
+__device__ __forceinline__ void load_step(const u8* __restrict__ r0, const u8* __restrict__ r1, int ng, int g0, W (&w0)[U], W (&w1)[U]) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
         const int g = g0 + 32 * u;
         if (g < ng) { w0[u] = load_w<T>(r0, g); w1[u] = load_w<T>(r1, g); }
     }
+}
+
+// A warp's first step: mmv loads it before it waits for the kernel before it (the weights do not
+// depend on that kernel), and dot_rows starts from it.
+template <int T, int U, class W>
+__device__ __forceinline__ void first_step(const u8* __restrict__ r0, const u8* __restrict__ r1, int cols, int ks, W (&w0)[U], W (&w1)[U]) {
+    load_step<T, U>(r0, r1, cols / 8, (threadIdx.x & 31) + 32 * U * ks, w0, w1);
 }
 
 template <int T, bool GROUP> struct FirstStep { typedef int type; };  // what mmv holds of the first step
@@ -261,13 +266,7 @@ __device__ __forceinline__ float2 dot_rows(const u8* __restrict__ r0, const u8* 
     for (int g0 = first; g0 < ng; g0 += 32 * U * KS) {
         decltype(load_x<T>(in, 0)) x[U];
         if constexpr (HAVE_FIRST) {  // one branch around the step's weight loads (one per group: f16 4494 us a token)
-            if (g0 != first) {
-#pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const int g = g0 + 32 * u;
-                    if (g < ng) { w0[u] = load_w<T>(r0, g); w1[u] = load_w<T>(r1, g); }
-                }
-            }
+            if (g0 != first) load_step<T, U>(r0, r1, ng, g0, w0, w1);
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int g = g0 + 32 * u;
@@ -652,6 +651,14 @@ __device__ __forceinline__ void load_dims(const float* __restrict__ row, int lan
     }
 }
 
+// This lane's dimensions of key and value t.
+template <int PER>
+__device__ __forceinline__ void load_kv(const float* __restrict__ K, const float* __restrict__ V, int t, int lane, int head_dim,
+                                        float (&k)[PER], float (&v)[PER]) {
+    load_dims<PER>(K + (i64)t * head_dim, lane, head_dim, k);
+    load_dims<PER>(V + (i64)t * head_dim, lane, head_dim, v);
+}
+
 // Keys and values tb, tb + ATT_WARPS, ... (KB of them) below t1, but for `skip`; zero past t1.
 template <int PER, int KB>
 __device__ __forceinline__ void load_keys(const float* __restrict__ K, const float* __restrict__ V, int tb, int t1, int skip, int lane,
@@ -660,8 +667,7 @@ __device__ __forceinline__ void load_keys(const float* __restrict__ K, const flo
     for (int j = 0; j < KB; j++) {
         const int t = tb + ATT_WARPS * j;
         if (t < t1 && t != skip) {
-            load_dims<PER>(K + (i64)t * head_dim, lane, head_dim, k[j]);
-            load_dims<PER>(V + (i64)t * head_dim, lane, head_dim, v[j]);
+            load_kv<PER>(K, V, t, lane, head_dim, k[j], v[j]);
         } else {
 #pragma unroll
             for (int e = 0; e < PER; e++) k[j][e] = v[j][e] = 0.f;
@@ -716,10 +722,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
 #pragma unroll
     for (int j = 0; j < KB; j++) {
         const int t = t0 + warp + ATT_WARPS * j;
-        if (t == n - 1 && t < t1) {
-            load_dims<PER>(K + (i64)t * head_dim, lane, head_dim, k[j]);
-            load_dims<PER>(V + (i64)t * head_dim, lane, head_dim, v[j]);
-        }
+        if (t == n - 1 && t < t1) load_kv<PER>(K, V, t, lane, head_dim, k[j], v[j]);
     }
     float qv[PER], acc[PER];
     load_dims<PER>(q + h * head_dim, lane, head_dim, qv);
