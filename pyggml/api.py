@@ -150,16 +150,14 @@ class Llama:
         The longest prefix already in the cache is kept (multi-turn chat re-uses its history);
         the rest is processed in batches of n_batch tokens.
         """
-        tokens = [int(t) for t in tokens]
+        tokens = list(map(int, tokens))
         if len(tokens) > self.n_ctx():
             raise ContextFullError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx()} (raise n_ctx)")
         if not tokens:
             raise ValueError("nothing to evaluate: the prompt has no tokens")
-        keep = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            keep += 1
+        keep = min(len(self.tokens), len(tokens))
+        if self.tokens[:keep] != tokens[:keep]:  # one list comparison covers the usual case: one token more
+            keep = next(i for i, (a, b) in enumerate(zip(self.tokens, tokens)) if a != b)
         if keep == len(tokens) == len(self.tokens) and self._logits is not None:
             return self._logits
         keep = min(keep, len(tokens) - 1)  # evaluate at least one token to get its logits

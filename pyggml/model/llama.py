@@ -56,6 +56,7 @@ class LlamaModel:
         else:
             self.output = self._matrix(head_backend, TensorNames.OUTPUT, (cfg.n_vocab, cfg.dim))
         self.layers = [self._layer(i, b) for i, b in enumerate(backends)]
+        self._all_on_head = all(b is head_backend for b in backends)  # then one token may run as one step
         half = np.arange(cfg.rope_dim // 2, dtype=np.float64)
         self.inv_freq = cfg.rope_freq_base ** (-2.0 * half / cfg.rope_dim)  # (rope_dim/2,)
 
@@ -126,7 +127,8 @@ class LlamaModel:
             raise ValueError("no tokens to evaluate")
         if start_pos < 0 or start_pos + n_tok > cache.n_ctx:
             raise ValueError(f"positions {start_pos}..{start_pos + n_tok - 1} do not fit the context of {cache.n_ctx} tokens")
-        if tokens.min() < 0 or tokens.max() >= self.config.n_vocab:
+        low, high = (int(tokens[0]),) * 2 if n_tok == 1 else (tokens.min(), tokens.max())  # one token: no numpy reductions
+        if low < 0 or high >= self.config.n_vocab:
             raise ValueError(f"token id out of range [0, {self.config.n_vocab})")
 
     def segments(self) -> list[tuple[Backend, list[int]]]:
@@ -165,7 +167,7 @@ class LlamaModel:
         """Logits (float32) for the last token (n_vocab,), or for every token (n_tok, n_vocab)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         whole = getattr(self.head_backend, "decode_forward", None)
-        if whole is not None and len(tokens) == 1 and all(layer.backend is self.head_backend for layer in self.layers):
+        if whole is not None and len(tokens) == 1 and self._all_on_head:
             self._check(tokens, start_pos, cache)
             logits = whole(self, int(tokens[0]), start_pos, cache)
             return logits.reshape(1, -1) if all_logits else logits
