@@ -5,7 +5,7 @@ import pytest
 
 from pyggml import Llama
 from pyggml.backends import BackendUnavailableError
-from pyggml.cuda.backend import GPUMemoryError, check_fits, plan_offload
+from pyggml.cuda.backend import ATT_SPLITS, GPUMemoryError, attn_splits, check_fits, plan_offload
 from pyggml.gguf import GGMLType, GGUFFile
 from pyggml.model import LlamaConfig
 from pyggml.synthetic import Shape, write_random_model
@@ -49,3 +49,12 @@ def test_gpu_layers_without_cupy_is_a_clear_error(model):
     f, _ = model
     with pytest.raises(BackendUnavailableError, match="cupy"):
         Llama(f.path, n_ctx=16, n_gpu_layers=-1)
+
+
+def test_decode_attention_ranges_fit_one_wave():
+    """A head's keys are cut into at most SMs / heads ranges (one block each), never more than the
+    workspace holds, and at least one."""
+    assert attn_splits(32, 132) == 4  # Llama-2-7B on an H200
+    assert attn_splits(4, 132) == ATT_SPLITS
+    assert attn_splits(64, 132) == 2
+    assert attn_splits(200, 132) == 1

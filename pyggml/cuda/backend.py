@@ -69,6 +69,13 @@ MARGIN = 512 << 20  # GPU memory left free for cuBLAS workspaces, cupy's pool an
 CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
 
 
+def attn_splits(n_heads: int, sms: int) -> int:
+    """Key ranges per head the decode attention may cut the keys into: at most ATT_SPLITS (its
+    grid's y), and few enough that the blocks in use (one per SM) run in one wave (kernels.cu,
+    attn_ranges)."""
+    return max(1, min(ATT_SPLITS, sms // n_heads))
+
+
 def attn_per_lane(head_dim: int) -> int:
     """attn_partial's PER: dimensions per lane, head_dim / 32 rounded up to a power of two."""
     return 1 << max(0, math.ceil(math.log2(max(1, head_dim) / 32)))
@@ -300,6 +307,7 @@ class CUDABackend:
         self._scratch = None  # fp16 tile of one dequantized matrix (prompt batches)
         # decode graphs use programmatic launches on Hopper and newer (compute capability 9.0+)
         self.pdl = int(self.device.compute_capability) >= 90
+        self.sms = self.device.attributes["MultiProcessorCount"]
         self._launcher = None
         # while a decode graph is captured with pdl: False until its first kernel, then True
         self._programmatic: bool | None = None
@@ -550,7 +558,8 @@ class CUDABackend:
             fused_q = a is not None and hd % 32 == 0
             self._call(f"attn_partial<{attn_per_lane(hd)}>", (cfg.n_heads, ATT_SPLITS), (ATT_THREADS,),
                        (ws.q, kc, vc, ws.io, np.int32(cache.n_ctx), np.int32(hd), np.int32(cfg.n_heads // cfg.n_kv_heads),
-                        np.float32(1.0 / math.sqrt(hd)), ws.part, ws.att_cnt, ws.att, *(a.args() if fused_q else NO_INT8)))
+                        np.float32(1.0 / math.sqrt(hd)), ws.part, ws.att_cnt, ws.att, *(a.args() if fused_q else NO_INT8),
+                        np.int32(attn_splits(cfg.n_heads, self.sms))))
             if a is not None and not fused_q:
                 self._quantize(ws.att, a.q, a.d, a.arranged)
             b = ws.int8_for(ws.b, L.w_gate, L.w_up)

@@ -613,9 +613,8 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __res
     if (q != nullptr && i - (int)(threadIdx.x & 31) < n) quantize_block(v, i, q, d, Arranged{a4, plane, a8});
 }
 
-// Decode attention for the n = io[1]+1 keys in the cache. The keys are cut into n_active =
-// min(n_split, ceil(n / ATT_RANGE)) ranges, one block of ATT_WARPS warps per (head, range); blocks
-// past n_active return at once. Lane l holds dimensions l*PER .. l*PER+PER-1 of the head (PER =
+// Decode attention for the n = io[1]+1 keys in the cache. The keys are cut into n_active ranges
+// (attn_ranges), one block of ATT_WARPS warps per (head, range); blocks past n_active return at once. Lane l holds dimensions l*PER .. l*PER+PER-1 of the head (PER =
 // head_dim / 32 rounded up to a power of two). Warp w takes keys w, w+ATT_WARPS, ... of the range,
 // KB = 32/PER at a time: it loads their K and V rows together (one memory latency per batch, not per
 // key), reduces the KB scores across the lanes at once and folds them into its running (max, sum,
@@ -627,7 +626,18 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __res
 #define ATT_WARPS 16
 #define ATT_RANGE 128  // fewest keys a range is cut to
 
-__device__ __forceinline__ int attn_ranges(int n, int n_split) { return min(n_split, (n + ATT_RANGE - 1) / ATT_RANGE); }
+// One range up to 2 * ATT_RANGE keys (a warp's second batch costs less than merging ranges), else
+// min(n_split, ceil(n / ATT_RANGE)). backend.py (attn_splits) keeps n_split at most SMs / heads, so
+// the blocks in use run in one wave. 7B graph replay, us per token, before (ranges of 128, up to 16
+// a head) -> after: q4_0 at n = 129: 1791 -> 1734, 256: 1831 -> 1791, 513: 1991 -> 1906,
+// 1025: 2198 -> 2042, 2048: 2521 -> 2267, 4096: 2923 -> 2753; f16 at 129: 3560 -> 3517,
+// 1025: 3956 -> 3805, 4096: 4689 -> 4477; equal up to 128 and from 257 to 512 keys. The grid keeps
+// ATT_SPLITS blocks a head (gridDim.y), the ones past n_active returning at once: with only n_split
+// a head, the next product launched earlier and its first loads slowed the step down (f16 at
+// n = 65: 3457 -> 3491).
+__device__ __forceinline__ int attn_ranges(int n, int n_split) {
+    return n <= 2 * ATT_RANGE ? 1 : min(n_split, (n + ATT_RANGE - 1) / ATT_RANGE);
+}
 
 template <int PER>
 __device__ __forceinline__ void load_dims(const float* __restrict__ row, int lane, int head_dim, float (&x)[PER]) {
@@ -702,13 +712,13 @@ template <int PER>
 __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __restrict__ q, const float* __restrict__ kc,
         const float* __restrict__ vc, const i64* __restrict__ io, int n_ctx, int head_dim, int group, float scale,
         float* __restrict__ part, int* __restrict__ cnt, float* __restrict__ out, signed char* __restrict__ oq,
-        float* __restrict__ od, u8* a4, i64 plane, u8* a8) {
+        float* __restrict__ od, u8* a4, i64 plane, u8* a8, int n_split) {
     constexpr int KB = 32 / PER;
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS], sacc[ATT_WARPS][256];
     pdl_trigger();
     const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int n = (int)io[1] + 1;  // io is written before the step starts
-    const int n_active = attn_ranges(n, gridDim.y);
+    const int n_active = attn_ranges(n, n_split);
     if (s >= n_active) return;
     const int chunk = (n + n_active - 1) / n_active;
     const int t0 = s * chunk, t1 = min(n, t0 + chunk);
