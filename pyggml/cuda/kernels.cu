@@ -614,8 +614,9 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __res
 }
 
 // Decode attention for the n = io[1]+1 keys in the cache. The keys are cut into n_active ranges
-// (attn_ranges), one block of ATT_WARPS warps per (head, range); blocks past n_active return at once. Lane l holds dimensions l*PER .. l*PER+PER-1 of the head (PER =
-// head_dim / 32 rounded up to a power of two). Warp w takes keys w, w+ATT_WARPS, ... of the range,
+// (attn_ranges), one block of ATT_WARPS warps per (head, range); blocks past n_active return at
+// once. Lane l holds dimensions l*PER .. l*PER+PER-1 of the head (PER = head_dim / 32 rounded up to
+// a power of two). Warp w takes keys w, w+ATT_WARPS, ... of the range,
 // KB = 32/PER at a time: it loads their K and V rows together (one memory latency per batch, not per
 // key), reduces the KB scores across the lanes at once and folds them into its running (max, sum,
 // output); then the warps merge. With n_active == 1 the block writes the normalised output (and its
