@@ -525,6 +525,7 @@ class CUDABackend:
         inv_freq = self._inv_freq_dev(model.inv_freq)
         hd = cfg.head_dim
         eps = cfg.rms_eps
+        splits = np.int32(attn_splits(cfg.n_heads, self.sms))  # key ranges a head may use (the grid has ATT_SPLITS)
         if hd > ATT_MAX_HEAD_DIM:
             raise NotImplementedError(f"the CUDA decode attention handles head_dim <= {ATT_MAX_HEAD_DIM}, not {hd}")
         if embed:
@@ -558,8 +559,7 @@ class CUDABackend:
             fused_q = a is not None and hd % 32 == 0
             self._call(f"attn_partial<{attn_per_lane(hd)}>", (cfg.n_heads, ATT_SPLITS), (ATT_THREADS,),
                        (ws.q, kc, vc, ws.io, np.int32(cache.n_ctx), np.int32(hd), np.int32(cfg.n_heads // cfg.n_kv_heads),
-                        np.float32(1.0 / math.sqrt(hd)), ws.part, ws.att_cnt, ws.att, *(a.args() if fused_q else NO_INT8),
-                        np.int32(attn_splits(cfg.n_heads, self.sms))))
+                        np.float32(1.0 / math.sqrt(hd)), ws.part, ws.att_cnt, ws.att, *(a.args() if fused_q else NO_INT8), splits))
             if a is not None and not fused_q:
                 self._quantize(ws.att, a.q, a.d, a.arranged)
             b = ws.int8_for(ws.b, L.w_gate, L.w_up)

@@ -616,16 +616,16 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __res
 // Decode attention for the n = io[1]+1 keys in the cache. The keys are cut into n_active ranges
 // (attn_ranges), one block of ATT_WARPS warps per (head, range); blocks past n_active return at
 // once. Lane l holds dimensions l*PER .. l*PER+PER-1 of the head (PER = head_dim / 32 rounded up to
-// a power of two). Warp w takes keys w, w+ATT_WARPS, ... of the range,
-// KB = 32/PER at a time: it loads their K and V rows together (one memory latency per batch, not per
-// key), reduces the KB scores across the lanes at once and folds them into its running (max, sum,
-// output); then the warps merge. With n_active == 1 the block writes the normalised output (and its
+// a power of two). Warp w takes keys w, w+ATT_WARPS, ... of the range, KB = 32/PER at a time: it
+// loads their K and V rows together (one memory latency per batch, not per key), reduces the KB
+// scores across the lanes at once and folds them into its running (max, sum, output); then the
+// warps merge. With n_active == 1 the block writes the normalised output (and its
 // int8 blocks) itself. Otherwise each block leaves its (max, sum, unnormalised output) in `part` and
 // counts itself in cnt[head]; the last block of the head merges the ranges (merge_ranges).
 // head_dim <= 256. 16 warps, not 8: a 7B head's range of up to 128 keys is one batch per warp
 // (graph replay at 66 keys 3556 -> 3541 us per f16 token).
 #define ATT_WARPS 16
-#define ATT_RANGE 128  // fewest keys a range is cut to
+#define ATT_RANGE 128  // keys per range when attn_ranges counts the ranges
 
 // One range up to 2 * ATT_RANGE keys (a warp's second batch costs less than merging ranges), else
 // min(n_split, ceil(n / ATT_RANGE)). backend.py (attn_splits) keeps n_split at most SMs / heads, so

@@ -127,7 +127,10 @@ class LlamaModel:
             raise ValueError("no tokens to evaluate")
         if start_pos < 0 or start_pos + n_tok > cache.n_ctx:
             raise ValueError(f"positions {start_pos}..{start_pos + n_tok - 1} do not fit the context of {cache.n_ctx} tokens")
-        low, high = (int(tokens[0]),) * 2 if n_tok == 1 else (tokens.min(), tokens.max())  # one token: no numpy reductions
+        if n_tok == 1:  # a decode step: no numpy reductions
+            low = high = int(tokens[0])
+        else:
+            low, high = tokens.min(), tokens.max()
         if low < 0 or high >= self.config.n_vocab:
             raise ValueError(f"token id out of range [0, {self.config.n_vocab})")
 
