@@ -490,10 +490,16 @@ __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS :
         pdl_trigger();
     }
     pdl_wait();
-    const int n_groups = (cols + QK - 1) / QK;  // of a deferred norm: loaded now, summed after the products
-    float nsv[4];
+    // A deferred norm's sums of squares, one per 32 columns. The int8 paths load the first 128 now and
+    // add them up after the products. The float paths read them all after the products: f16 needs 80
+    // registers a thread instead of 89, so 3 blocks of 256 threads fit an SM instead of 2 (7B f16 graph
+    // replay 3483 -> 3446 us). All paths late: q4_0 1697 -> 1721 us, q8_0 2273 -> 2284.
+    const int n_groups = (cols + QK - 1) / QK;
+    float nsv[4] = {0.f, 0.f, 0.f, 0.f};
+    if constexpr (!EARLY) {
 #pragma unroll
-    for (int j = 0; j < 4; j++) nsv[j] = nss != nullptr && lane + 32 * j < n_groups ? nss[lane + 32 * j] : 0.f;
+        for (int j = 0; j < 4; j++) nsv[j] = nss != nullptr && lane + 32 * j < n_groups ? nss[lane + 32 * j] : 0.f;
+    }
     float2 s = make_float2(0.f, 0.f);
     if (valid) {
         if constexpr (PATH == PATH_ANY) s = dot_rows_any<T>(r0, r1, in.f, cols);
@@ -512,7 +518,7 @@ __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS :
     }
     if (nss != nullptr) {
         float t = nsv[0] + nsv[1] + nsv[2] + nsv[3];
-        for (int k = lane + 128; k < n_groups; k += 32) t += nss[k];
+        for (int k = lane + (EARLY ? 0 : 128); k < n_groups; k += 32) t += nss[k];
         const float scale = rsqrtf(warp_sum(t) / cols + eps);
         s.x *= scale;
         s.y *= scale;
