@@ -565,8 +565,7 @@ class CUDABackend:
             b = ws.int8_for(ws.b, L.w_gate, L.w_up)
             self._mmv(MODE_ADD, L.wo, cfg.dim, cfg.dim, *operands(a), ws.att, ws.x, xa=a and a.arranged,
                       fold=self._fold(ws, L.ffn_norm, b))
-            folded = True
-            b, nss = normed(L.ffn_norm, (L.w_gate, L.w_up))
+            nss = ws.ss  # the FFN's RMSNorm, deferred by that fold into ws.h (and b)
             if L.w_gate.ggml_type == L.w_up.ggml_type:
                 self._mmv(MODE_SILU, L.w_gate, cfg.ffn_dim, cfg.dim, *operands(b), ws.h, ws.act, w1=L.w_up,
                           xa=b and b.arranged, nss=nss, eps=eps)
