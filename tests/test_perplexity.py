@@ -76,9 +76,13 @@ def test_perplexity_equals_numpy_reference(stories):
     var = (nll**2).mean() - nll.mean() ** 2
     assert ppl.uncertainty == pytest.approx(math.exp(nll.mean()) * math.sqrt(var / (nll.size - 1)), rel=1e-4)
     assert len(seen) == N_CHUNKS and seen[-1] == ppl.value and seen[0] == pytest.approx(math.exp(nll[: N_CTX // 2 - 1].mean()), rel=1e-5)
-    # one batch per chunk gives the same figures
+    # One batch per chunk gives the same figures up to float32 rounding. Both runs evaluate the same
+    # float32 path and differ only in summation order (BLAS tiles, attention pieces), so each is as far
+    # from the float64 reference as this path's rounding takes it: their difference is bounded by twice
+    # the largest error of the path measured above (triangle inequality), not by a figure one CPU gave.
+    path_error = float(np.abs(got - nll).max())
     whole = perplexity(Llama(stories["f32"], n_ctx=N_CTX), TEXT, n_chunks=N_CHUNKS)
-    np.testing.assert_allclose(np.concatenate(whole.nll), got, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(whole.nll), got, rtol=0, atol=2 * path_error)
 
 
 def test_kl_of_a_model_with_itself_is_zero(stories):
