@@ -67,7 +67,7 @@ class CPUBackend:
             raise NotImplementedError(f"{w.name}: the CPU backend cannot compute with {w.ggml_type.name} weights")
         if products and w.ggml_type in self.k.INT8_ACTIVATION_TYPES and w.rows >= self.k.PACK_ROWS:
             # a copy in groups of 8 rows (the products' layout); w.raw stays a view into the mmap
-            return dataclasses.replace(w, packed=self.k.pack_int8(w))
+            return dataclasses.replace(w, packed=self.k.pack(w))
         return w
 
     def load_vector(self, v: np.ndarray) -> np.ndarray:

@@ -64,10 +64,10 @@ def convert(model_dir: Path, outfile: Path | None, outtype: str) -> None:
 
 @main.command()
 @click.argument("infile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("type_name", metavar="TYPE", type=click.Choice(["q4_0", "q5_0", "q8_0", "f16", "bf16", "f32"], case_sensitive=False))
+@click.argument("type_name", metavar="TYPE", type=click.Choice(["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16", "f32"], case_sensitive=False))
 @click.option("-o", "--outfile", type=click.Path(dir_okay=False, path_type=Path), help="Output path (default: beside the input, type in the name).")
-@click.option("--output-tensor-type", type=click.Choice(["q4_0", "q5_0", "q8_0", "f16", "bf16", "f32"], case_sensitive=False),
-              help="Type of output.weight (default: q8_0 when TYPE is q4_0/q5_0, else TYPE).")
+@click.option("--output-tensor-type", type=click.Choice(["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16", "f32"], case_sensitive=False),
+              help="Type of output.weight (default: q8_0 when TYPE is q4_0/q4_1/q5_0/q5_1, else TYPE).")
 @click.option("--allow-requantize", is_flag=True, help="Allow re-quantizing tensors that are already quantized.")
 def quantize(infile: Path, type_name: str, outfile: Path | None, output_tensor_type: str | None, allow_requantize: bool) -> None:
     """Quantize a GGUF file's weight matrices to TYPE (32-weight blocks, fp16 scales)."""
@@ -75,7 +75,7 @@ def quantize(infile: Path, type_name: str, outfile: Path | None, output_tensor_t
     from .quant.codecs import QuantError
     from .quantize import QuantizeError, quantize_file
 
-    if output_tensor_type is None and type_name.lower() in ("q4_0", "q5_0"):
+    if output_tensor_type is None and type_name.lower() in ("q4_0", "q4_1", "q5_0", "q5_1"):
         output_tensor_type = "q8_0"
     progress = _TqdmProgress("quantizing")
     try:

@@ -8,6 +8,7 @@ import numpy as np
 from .gguf.constants import ValueType
 from .gguf.reader import GGUFFile
 from .gguf.values import Typed
+from .quant.registry import KERNEL_TYPE_CODES
 
 
 def _format_value(v: Typed, max_items: int) -> str:
@@ -37,10 +38,18 @@ def metadata_lines(f: GGUFFile, max_items: int = 6) -> list[str]:
 
 
 def tensor_lines(f: GGUFFile) -> list[str]:
+    """The tensor table; a type pyggml cannot compute with is marked with a `*` and a note below."""
     width = max((len(t.name) for t in f), default=4)
-    lines = [f"{'name':<{width}}  {'type':<6} {'shape':<18} {'bytes':>12}"]
+    lines = [f"{'name':<{width}}  {'type':<8} {'shape':<18} {'bytes':>12}"]
+    marked = set()
     for t in f:
-        lines.append(f"{t.name:<{width}}  {t.ggml_type.name:<6} {str(list(t.shape)):<18} {t.nbytes:>12,}")
+        name = t.ggml_type.name
+        if t.ggml_type not in KERNEL_TYPE_CODES:
+            marked.add(name)
+            name += "*"
+        lines.append(f"{t.name:<{width}}  {name:<8} {str(list(t.shape)):<18} {t.nbytes:>12,}")
+    if marked:
+        lines.append(f"* pyggml can read but not compute with {', '.join(sorted(marked))}: a model using it does not load")
     return lines
 
 

@@ -1,4 +1,4 @@
-"""Re-encode a GGUF file's weights: q4_0, q5_0, q8_0, or f16/bf16/f32 round trips.
+"""Re-encode a GGUF file's weights: q4_0, q4_1, q5_0, q5_1, q8_0, or f16/bf16/f32 round trips.
 
 One tensor at a time: each weight is dequantized to float32 and re-quantized in bounded row
 chunks, so peak memory stays near one tensor's float32 slab whatever the model's size.
@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 # Types `pyggml quantize` writes, by the names users type.
 TARGET_TYPES: dict[str, GGMLType] = {
     "q4_0": GGMLType.Q4_0,
+    "q4_1": GGMLType.Q4_1,
     "q5_0": GGMLType.Q5_0,
+    "q5_1": GGMLType.Q5_1,
     "q8_0": GGMLType.Q8_0,
     "f16": GGMLType.F16,
     "bf16": GGMLType.BF16,
@@ -64,7 +66,7 @@ class QuantizeReport:
 
 def default_output_path(in_path: Path, type_name: str) -> Path:
     """stories260K-f16.gguf + q4_0 -> stories260K-q4_0.gguf (beside the input)."""
-    stem = re.sub(r"-(f32|f16|bf16|q4_0|q5_0|q8_0)$", "", in_path.stem, flags=re.IGNORECASE)
+    stem = re.sub(r"-(f32|f16|bf16|q4_0|q4_1|q5_0|q5_1|q8_0)$", "", in_path.stem, flags=re.IGNORECASE)
     return in_path.with_name(f"{stem}-{type_name}.gguf")
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .gguf.constants import FILE_TYPE_OF, QUANTIZATION_VERSION, QUANTIZED_TYPES, TYPE_TRAITS, GGMLType, Keys, TensorNames, TokenType
+from .gguf.constants import FILE_TYPE_OF, QUANTIZATION_VERSION, QUANTIZED_TYPES, GGMLType, Keys, TensorNames, TokenType
 from .gguf.writer import TensorPlan, write_gguf
 from .quant import codecs
 from .quantize import stored_type
@@ -120,15 +120,11 @@ def random_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 def random_block_rows(t: GGMLType, rows: int, cols: int, seed: int) -> np.ndarray:
-    """Stored rows (uint8, rows x row bytes) of weight type t for kernel benchmarks: random codes with
-    every block scale 0.01 (quantized types), or small normal halves (F16)."""
-    rng = np.random.default_rng(seed)
-    if t is GGMLType.F16:
-        return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
-    tr = TYPE_TRAITS[t]
-    raw = rng.integers(0, 256, (rows, cols // tr.block_size * tr.type_size), dtype=np.uint8)
-    raw.reshape(rows, -1, tr.type_size)[:, :, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    return raw
+    """Stored rows (uint8, rows x row bytes) of weight type t for kernel benchmarks and tests: weights
+    ~ N(0, 1/sqrt(cols)) encoded as t, so every block is valid and has sane scales (any type pyggml can
+    encode; the k-quants and IQ4 through the approximate encoders)."""
+    w = random_weight(f"block_rows.{t.name}", (rows, cols), seed)
+    return np.ascontiguousarray(codecs.quantize(w, t, approximate=True)).view(np.uint8).reshape(rows, -1)
 
 
 def write_random_model(
@@ -140,7 +136,8 @@ def write_random_model(
     progress: Callable[[str, int, int], None] | None = None,
     workers: int | None = None,
 ) -> None:
-    """Write a random-weight LLaMA GGUF; `vocab_metadata` (tokenizer.* keys) defaults to a synthetic vocab.
+    """Write a random-weight LLaMA GGUF of any type pyggml can encode (k-quants and IQ4 by the approximate
+    encoders); `vocab_metadata` (tokenizer.* keys) defaults to a synthetic vocab.
     Tensors are drawn on `workers` threads (default: one per CPU); the bytes do not depend on it."""
     if isinstance(shape, str):
         shape = SHAPES[shape]
@@ -149,7 +146,7 @@ def write_random_model(
 
     def plan(name: str, s: tuple[int, ...]) -> TensorPlan:
         t = stored_type(s, weight_type)
-        return TensorPlan(name, s, t, lambda: codecs.quantize(random_weight(name, s, seed), t))
+        return TensorPlan(name, s, t, lambda: codecs.quantize(random_weight(name, s, seed), t, approximate=True))
 
     plans = [plan(n, s) for n, s in tensor_shapes(shape).items()]
     workers = workers or os.cpu_count() or 1

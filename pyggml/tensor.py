@@ -6,11 +6,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .gguf.constants import GGMLType
+from .quant import registry
 
-# The weight types the kernels compute with, and the small integers they dispatch on (numba and the
-# CUDA templates take ints, not enums). kernels/cpu.py and cuda/kernels.cu both use these numbers.
-KERNEL_TYPE_CODES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.BF16: 2, GGMLType.Q4_0: 3,
-                     GGMLType.Q5_0: 4, GGMLType.Q8_0: 5, GGMLType.Q6_K: 6}
+# The weight types the kernels compute with, and the small integers they dispatch on: the weight-type
+# registry's (quant/registry.py); kernels/cpu.py and cuda/kernels.cu both use these numbers.
+KERNEL_TYPE_CODES = registry.KERNEL_TYPE_CODES
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ import pytest
 
 from conftest import random_q6_k
 from pyggml.gguf import GGMLType
+from pyggml.gguf.constants import TYPE_TRAITS
 from pyggml.kernels import cpu, reference as ref
 from pyggml.quant import codecs
 from pyggml.tensor import QWeight
@@ -20,7 +21,7 @@ def _weight(rng, rows, cols, t, kind="normal"):
     elif kind == "extreme":
         w[0, :32] *= 1e4
         w[-1, -32:] *= 1e-6
-    raw = codecs.quantize(w, t)
+    raw = codecs.quantize(w, t, approximate=True)  # K and IQ4 types: pyggml's own encoder (valid blocks)
     return QWeight("w", raw, t, (rows, cols))
 
 
@@ -62,7 +63,7 @@ def test_int8_products_over_groups_tiles_and_panels(t):
     to float rounding, and, without panels, a prompt's rows equal the products of its tokens one at a
     time bit for bit (the same operations in the same order)."""
     rng = np.random.default_rng(11)
-    rows, cols = 2 * cpu.PACK_ROWS + 3, 32 * 19  # 19 blocks: two steps of 8 and 3 more
+    rows, cols = 2 * cpu.PACK_ROWS + 3, 32 * 19 * (8 if TYPE_TRAITS[t].block_size > 32 else 1)  # 19 blocks (K: 19 x 8)
     w = _weight(rng, rows, cols, t)
     n_panel = cpu.PANEL_BYTES // (32 * 8)  # tokens for which a panel is 8 blocks: 19 = 8 + 8 + 3
     for n_tok in (1, cpu.PACKED_TOKENS[t] + 1, n_panel + 1):
@@ -82,9 +83,9 @@ def test_cpu_backend_packs_int8_weights_once(t):
     from pyggml.backends import CPUBackend
 
     rng = np.random.default_rng(12)
-    w = _weight(rng, 3 * cpu.PACK_ROWS + 5, 32 * 9, t)
+    w = _weight(rng, 3 * cpu.PACK_ROWS + 5, TYPE_TRAITS[t].block_size * 9, t)
     loaded = CPUBackend().load_weight(w)
-    assert loaded.raw is w.raw and loaded.packed.shape == (3, w.raw.shape[1] * cpu.PACK_ROWS)
+    assert loaded.raw is w.raw and loaded.packed.shape[0] == 3
     X = rng.standard_normal((7, w.cols)).astype(np.float32)
     assert np.array_equal(CPUBackend().matmul(loaded, X), cpu.matmul(w, X, np.empty((7, w.rows), np.float32)))
 

@@ -16,7 +16,7 @@ GQA_SHAPE = Shape(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=96, vocab
 
 
 # ------------------------------------------------------------------ plain numpy LLaMA (float64)
-INT8_ACTIVATION_TYPES = (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)
+from pyggml.kernels.cpu import INT8_ACTIVATION_TYPES  # noqa: E402  (the types whose products round x to int8 blocks)
 
 
 def int8_blocks(x):

@@ -410,8 +410,10 @@ def test_can_quantize() -> None:
     assert not can_quantize(GGMLType.Q4_0, 172)
     assert can_quantize(GGMLType.F16, 172)
     assert can_quantize(GGMLType.BF16, 1)
-    assert not can_quantize(GGMLType.Q6_K, 256)  # read only
-    assert not can_quantize(GGMLType.Q4_1, 64)  # no codec
+    assert can_quantize(GGMLType.Q4_1, 64)
+    assert not can_quantize(GGMLType.Q6_K, 256)  # pyggml's encoder is not ggml's: only when asked
+    assert can_quantize(GGMLType.Q6_K, 256, approximate=True)
+    assert not can_quantize(GGMLType.IQ2_XXS, 256, approximate=True)  # no codec
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
@@ -424,12 +426,12 @@ def test_row_length_not_a_multiple_of_the_block_raises(qtype: GGMLType) -> None:
 
 def test_unsupported_types_raise() -> None:
     x = np.zeros((2, QK_K), np.float32)
-    with pytest.raises(QuantError, match="Q6_K"):
+    with pytest.raises(QuantError, match="Q6_K.*approximate=True"):
         quantize(x, GGMLType.Q6_K)
-    with pytest.raises(QuantError, match="Q4_1"):
-        quantize(x, GGMLType.Q4_1)
-    with pytest.raises(QuantError, match="Q4_1"):
-        dequantize(np.zeros((2, 20), np.uint8), GGMLType.Q4_1)
+    with pytest.raises(QuantError, match="IQ2_XXS"):
+        quantize(x, GGMLType.IQ2_XXS, approximate=True)
+    with pytest.raises(QuantError, match="IQ2_XXS"):
+        dequantize(np.zeros((2, 66), np.uint8), GGMLType.IQ2_XXS)
 
 
 def test_dequantize_bad_input_raises() -> None:

@@ -25,18 +25,21 @@ import numpy as np
 
 from ..backends import BackendUnavailableError
 from ..gguf.constants import GGMLType, TensorNames
+from ..quant.registry import cuda_type_defines
 from ..tensor import KERNEL_TYPE_CODES, QWeight
 
 log = logging.getLogger(__name__)
 
 TYPE_CODES = KERNEL_TYPE_CODES  # the T of kernels.cu's templates
 SUPPORTED_TYPES = frozenset(TYPE_CODES)
-INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0})  # multiply int8 activations
+INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K,
+                              GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS})  # multiply int8 activations
 FLOAT_VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # 8-wide loads when cols % 8 == 0
 CHUNK_TYPES = {GGMLType.Q4_0: 18, GGMLType.Q8_0: 34}  # 16-byte loads over activations laid out like the blocks
 MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
 PATH_GROUP, PATH_CHUNK, PATH_ANY = 0, 1, 2
-UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
+UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4,
+          **{t: 4 for t in INT8_INPUT_TYPES - {GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0}}}
 CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
 # ADD products run one 16-warp block per SM (kernels.cu), so registers cost them no occupancy: Q4_0's
 # take 3 chunks in flight (7B q4_0 graph replay 1767 -> 1746 us per token; 4: 1748)
@@ -157,6 +160,14 @@ def _kernel_names() -> list[str]:
     return names
 
 
+def _generated_constants() -> str:
+    """What kernels.cu takes from Python: the weight type codes and the IQ4_NL value table."""
+    from ..quant.kquants import IQ4NL_VALUES
+
+    table = ", ".join(str(int(v)) for v in IQ4NL_VALUES)
+    return cuda_type_defines() + f"__device__ __constant__ __align__(16) signed char IQ4NL_VALUES[16] = {{{table}}};\n"
+
+
 def _module():
     """kernels.cu compiled for this GPU (cupy keeps the binary in its on-disk kernel cache)."""
     global _MODULE
@@ -164,7 +175,7 @@ def _module():
         import cupy as cp
 
         src = resources.files(__package__).joinpath("kernels.cu").read_text()
-        _MODULE = cp.RawModule(code=src, options=("-std=c++17",), name_expressions=_kernel_names())
+        _MODULE = cp.RawModule(code=_generated_constants() + src, options=("-std=c++17",), name_expressions=_kernel_names())
     return _MODULE
 
 

@@ -1,7 +1,7 @@
 // pyggml's CUDA kernels, compiled once by cupy (NVRTC) and cached on disk; backend.py drives them.
 //
 // Weights stay in their GGUF block layout in device memory (the file's bytes, row after row);
-// every kernel that reads a weight dequantizes it on the fly. Type codes: pyggml/tensor.py.
+// every kernel that reads a weight dequantizes it on the fly. Type codes: pyggml/quant/registry.py.
 //
 // Decode (one token) matrix-vector products: a warp owns two output rows and walks them together,
 // each lane taking 8 weights of every 256 (a quarter of a 32-weight block), several groups in
@@ -20,7 +20,8 @@ typedef long long i64;
 #define QK_K 256
 #define NEG_INF __int_as_float(0xff800000)
 
-enum { T_F32 = 0, T_F16 = 1, T_BF16 = 2, T_Q4_0 = 3, T_Q5_0 = 4, T_Q8_0 = 5, T_Q6_K = 6 };
+// The weight type codes (T_F32, T_Q4_K, ...) and IQ4NL_VALUES are not written here: backend.py
+// prepends them, generated from the weight-type registry (pyggml/quant/registry.py).
 enum { MODE_STORE = 0, MODE_ADD = 1, MODE_SILU = 2, MODE_QKV = 3 };
 
 __device__ __forceinline__ float f16(u16 bits) { return __half2float(__ushort_as_half(bits)); }
@@ -67,38 +68,93 @@ __device__ __forceinline__ void pdl_wait() {
 __device__ __forceinline__ u32 spread4(u32 t) { return (t * 0x00204081u) & 0x01010101u; }
 
 // ------------------------------------------------------------------------------------- decode
-// One weight of row `row` at column i, any type (the slow, general path).
+template <int T> struct no_decoder { static constexpr bool value = false; };
+
+// Scale and min j (< 8) of a Q4_K / Q5_K super-block: 6 bits each, packed in 12 bytes.
+__device__ __forceinline__ void scale_min_k4(int j, const u8* __restrict__ q, int& sc, int& m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// One weight of row `row` at column i, any computable type (the slow, general path). Every type
+// code has its branch; a code without one does not compile.
 template <int T>
 __device__ __forceinline__ float dequant(const u8* __restrict__ row, int i) {
-    if (T == T_F32) return ((const float*)row)[i];
-    if (T == T_F16) return f16(((const u16*)row)[i]);
-    if (T == T_BF16) return __uint_as_float((u32)((const u16*)row)[i] << 16);
-    const int b = i / QK, j = i % QK;
-    if (T == T_Q4_0) {
-        const u8* blk = row + b * 18;
-        const int q = blk[2 + (j & 15)];
-        return f16(ld16(blk)) * (float)((j < 16 ? (q & 15) : (q >> 4)) - 8);
-    }
-    if (T == T_Q5_0) {
-        const u8* blk = row + b * 22;
-        const u32 qh = ld32(blk + 2);
-        const int q = blk[6 + (j & 15)];
+    if constexpr (T == T_F32) return ((const float*)row)[i];
+    else if constexpr (T == T_F16) return f16(((const u16*)row)[i]);
+    else if constexpr (T == T_BF16) return __uint_as_float((u32)((const u16*)row)[i] << 16);
+    else if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == T_IQ4_NL) {  // d, [m], qs[16]
+        const int b = i / QK, j = i % QK;
+        const u8* blk = row + b * (T == T_Q4_1 ? 20 : 18);
+        const u8* qs = blk + (T == T_Q4_1 ? 4 : 2);
+        const int q = j < 16 ? (qs[j] & 15) : (qs[j - 16] >> 4);
+        if constexpr (T == T_Q4_0) return f16(ld16(blk)) * (float)(q - 8);
+        else if constexpr (T == T_Q4_1) return f16(ld16(blk)) * (float)q + f16(ld16(blk + 2));
+        else return f16(ld16(blk)) * (float)IQ4NL_VALUES[q];
+    } else if constexpr (T == T_Q5_0 || T == T_Q5_1) {  // d, [m], qh, qs[16]
+        const int b = i / QK, j = i % QK, lead = T == T_Q5_1 ? 4 : 2;
+        const u8* blk = row + b * (T == T_Q5_1 ? 24 : 22);
+        const u32 qh = ld32(blk + lead);
+        const int q = blk[lead + 4 + (j & 15)];
         const int n = (j < 16 ? (q & 15) : (q >> 4)) | (((qh >> j) & 1) << 4);
-        return f16(ld16(blk)) * (float)(n - 16);
+        if constexpr (T == T_Q5_0) return f16(ld16(blk)) * (float)(n - 16);
+        else return f16(ld16(blk)) * (float)n + f16(ld16(blk + 2));
+    } else if constexpr (T == T_Q8_0) {
+        const u8* blk = row + (i / QK) * 34;
+        return f16(ld16(blk)) * (float)(signed char)blk[2 + i % QK];
+    } else if constexpr (T == T_Q6_K) {
+        // super-blocks of 256: ql[128] qh[64] scales[16] d; two halves of 128, each 4 groups of 32
+        const u8* blk = row + (i / QK_K) * 210;
+        const int k = i % QK_K, half = k / 128, g = (k % 128) / 32, l = k % 32;
+        const u8* ql = blk + 64 * half;
+        const int h = blk[128 + 32 * half + l];
+        const int lo = (g & 1) ? ql[l + 32] : ql[l];
+        const int q = ((g < 2 ? (lo & 15) : (lo >> 4)) | (((h >> (2 * g)) & 3) << 4)) - 32;
+        const int scale = (signed char)blk[192 + 8 * half + l / 16 + 2 * g];
+        return f16(ld16(blk + 208)) * (float)(scale * q);
+    } else if constexpr (T == T_Q2_K) {
+        // scales[16] (low 4 bits: scale, high: min), qs[64], d, dmin; halves of 128, 4 shifts of 32
+        const u8* blk = row + (i / QK_K) * 84;
+        const int k = i % QK_K, half = k / 128, j = (k % 128) / 32, l = k % 32;
+        const int sc = blk[8 * half + 2 * j + l / 16];
+        const int q = (blk[16 + 32 * half + l] >> (2 * j)) & 3;
+        return f16(ld16(blk + 80)) * (float)(sc & 15) * (float)q - f16(ld16(blk + 82)) * (float)(sc >> 4);
+    } else if constexpr (T == T_Q3_K) {
+        // hmask[32], qs[64], scales[12] (16 x 6 bits, minus 32), d; halves of 128, 4 shifts of 32
+        const u8* blk = row + (i / QK_K) * 110;
+        const int k = i % QK_K, half = k / 128, j = (k % 128) / 32, l = k % 32;
+        const int si = 8 * half + 2 * j + l / 16;
+        const u8* sc = blk + 96;
+        const int lo = si < 8 ? (sc[si] & 15) : (sc[si - 8] >> 4);
+        const int s = (lo | (((sc[8 + si % 4] >> (2 * (si / 4))) & 3) << 4)) - 32;
+        const int q = ((blk[32 + 32 * half + l] >> (2 * j)) & 3) - ((blk[l] >> (4 * half + j)) & 1 ? 0 : 4);
+        return f16(ld16(blk + 108)) * (float)s * (float)q;
+    } else if constexpr (T == T_Q4_K || T == T_Q5_K) {
+        // d, dmin, scales[12], [qh[32]], qs[128]: 4 chunks of 64, low nibbles then high ones
+        const u8* blk = row + (i / QK_K) * (T == T_Q4_K ? 144 : 176);
+        const int k = i % QK_K, c = k / 64, hi = (k % 64) / 32, l = k % 32;
+        int sc, m;
+        scale_min_k4(2 * c + hi, blk + 4, sc, m);
+        const u8 b = blk[(T == T_Q4_K ? 16 : 48) + 32 * c + l];
+        int q = hi ? (b >> 4) : (b & 15);
+        if constexpr (T == T_Q5_K) q += ((blk[16 + l] >> (2 * c + hi)) & 1) << 4;
+        return f16(ld16(blk)) * (float)sc * (float)q - f16(ld16(blk + 2)) * (float)m;
+    } else if constexpr (T == T_IQ4_XS) {
+        // d, scales_h (u16), scales_l[4], qs[128]: 8 blocks of 32 with 6-bit scales (minus 32)
+        const u8* blk = row + (i / QK_K) * 136;
+        const int k = i % QK_K, ib = k / 32, j = k % 32;
+        const int ls = ((blk[4 + ib / 2] >> (4 * (ib % 2))) & 15) | (((ld16(blk + 2) >> (2 * ib)) & 3) << 4);
+        const u8 b = blk[8 + 16 * ib + (j & 15)];
+        return f16(ld16(blk)) * (float)(ls - 32) * (float)IQ4NL_VALUES[j < 16 ? (b & 15) : (b >> 4)];
+    } else {
+        static_assert(no_decoder<T>::value, "dequant: no decoder for this weight type code");
+        return 0.f;
     }
-    if (T == T_Q8_0) {
-        const u8* blk = row + b * 34;
-        return f16(ld16(blk)) * (float)(signed char)blk[2 + j];
-    }
-    // Q6_K: super-blocks of 256: ql[128] qh[64] scales[16] d; two halves of 128, each 4 groups of 32
-    const u8* blk = row + (i / QK_K) * 210;
-    const int k = i % QK_K, half = k / 128, g = (k % 128) / 32, l = k % 32;
-    const u8* ql = blk + 64 * half;
-    const int h = blk[128 + 32 * half + l];
-    const int lo = (g & 1) ? ql[l + 32] : ql[l];
-    const int q = ((g < 2 ? (lo & 15) : (lo >> 4)) | (((h >> (2 * g)) & 3) << 4)) - 32;
-    const int scale = (signed char)blk[192 + 8 * half + l / 16 + 2 * g];
-    return f16(ld16(blk + 208)) * (float)(scale * q);
 }
 
 // -------------------------------------------------------------------- the matvec inner loops
@@ -119,6 +175,25 @@ template <int T> struct WQ;
 template <> struct WQ<T_Q4_0> { u32 v; u16 d; };
 template <> struct WQ<T_Q5_0> { u32 v, qh; u16 d; };
 template <> struct WQ<T_Q8_0> { u32 v0, v1; u16 d; };
+// The types below keep their own codes' order; each lane still takes the 8 weights of the nibble
+// layout (elements 4j..4j+3 and 16+4j..16+4j+3 of a block of 32), so they all read load_xq's
+// activations as Q4_0 does. v0, v1: the raw bytes holding those 8 codes' low bits.
+template <> struct WQ<T_Q4_1> { u32 v; u16 d, m; };
+template <> struct WQ<T_Q5_1> { u32 v, qh; u16 d, m; };
+template <> struct WQ<T_IQ4_NL> { u32 v; u16 d; };
+template <> struct WQ<T_Q4_K> { u32 v0, v1; u16 d, dmin; int sc, m; };
+template <> struct WQ<T_Q5_K> { u32 v0, v1, h0, h1; u16 d, dmin; int sc, m; };
+template <> struct WQ<T_Q6_K> { u32 l0, l1, h0, h1; u16 d; int sa, sb; };
+template <> struct WQ<T_IQ4_XS> { u32 v; u16 d; int ls; };
+
+// 4-bit indices (one per byte of q, each < 16) -> the IQ4_NL values they name, as 4 int8s.
+__device__ __forceinline__ int iq4_values(u32 q) {
+    const u32* t = (const u32*)IQ4NL_VALUES;
+    const u32 sel = (q & 7u) | ((q >> 4) & 0x70u) | ((q >> 8) & 0x700u) | ((q >> 12) & 0x7000u);
+    const u32 lo = __byte_perm(t[0], t[1], sel), hi = __byte_perm(t[2], t[3], sel);
+    const u32 pick = ((q >> 3) & 0x01010101u) * 0xFFu;  // bytes whose index is >= 8
+    return (int)((hi & pick) | (lo & ~pick));
+}
 
 template <int T>
 __device__ __forceinline__ XQ load_xq(const Input& in, int g) {
@@ -149,11 +224,53 @@ __device__ __forceinline__ WQ<T> load_wq(const u8* __restrict__ row, int g) {
         w.d = ld16(blk);
         w.qh = ld32(blk + 2);
         w.v = ld32(blk + 6 + 4 * j);
-    } else {
+    } else if constexpr (T == T_Q8_0) {
         const u8* blk = row + b * 34;
         w.d = ld16(blk);
         w.v0 = ld32(blk + 2 + 8 * j);
         w.v1 = ld32(blk + 6 + 8 * j);
+    } else if constexpr (T == T_Q4_1 || T == T_Q5_1) {
+        const u8* blk = row + b * (T == T_Q4_1 ? 20 : 24);
+        w.d = ld16(blk);
+        w.m = ld16(blk + 2);
+        if constexpr (T == T_Q5_1) w.qh = ld32(blk + 4);
+        w.v = ld32(blk + (T == T_Q4_1 ? 4 : 8) + 4 * j);
+    } else if constexpr (T == T_IQ4_NL) {
+        const u8* blk = row + b * 18;
+        w.d = ld16(blk);
+        w.v = ld32(blk + 2 + 4 * j);
+    } else if constexpr (T == T_Q4_K || T == T_Q5_K) {  // block b is sub-block bi of a super-block
+        const int bi = b & 7;
+        const u8* blk = row + (b >> 3) * (T == T_Q4_K ? 144 : 176);
+        const u8* qs = blk + (T == T_Q4_K ? 16 : 48) + 32 * (bi >> 1);
+        w.d = ld16(blk);
+        w.dmin = ld16(blk + 2);
+        scale_min_k4(bi, blk + 4, w.sc, w.m);
+        w.v0 = ld32(qs + 4 * j);
+        w.v1 = ld32(qs + 16 + 4 * j);
+        if constexpr (T == T_Q5_K) {
+            w.h0 = ld32(blk + 16 + 4 * j);
+            w.h1 = ld32(blk + 32 + 4 * j);
+        }
+    } else if constexpr (T == T_Q6_K) {  // block b: the g4-th 32 of half `half` of a super-block
+        const int bi = b & 7, half = bi >> 2, g4 = bi & 3;
+        const u8* blk = row + (b >> 3) * 210;
+        const u8* ql = blk + 64 * half + 32 * (g4 & 1);
+        w.d = ld16(blk + 208);
+        w.l0 = ld32(ql + 4 * j);
+        w.l1 = ld32(ql + 16 + 4 * j);
+        w.h0 = ld32(blk + 128 + 32 * half + 4 * j);
+        w.h1 = ld32(blk + 128 + 32 * half + 16 + 4 * j);
+        w.sa = (signed char)blk[192 + 2 * bi];
+        w.sb = (signed char)blk[193 + 2 * bi];
+    } else if constexpr (T == T_IQ4_XS) {
+        const int bi = b & 7;
+        const u8* blk = row + (b >> 3) * 136;
+        w.d = ld16(blk);
+        w.ls = (((blk[4 + bi / 2] >> (4 * (bi & 1))) & 15) | (((ld16(blk + 2) >> (2 * bi)) & 3) << 4)) - 32;
+        w.v = ld32(blk + 8 + 16 * bi + 4 * j);
+    } else {
+        static_assert(no_decoder<T>::value, "load_wq: no int8 path for this weight type code");
     }
     return w;
 }
@@ -168,8 +285,38 @@ __device__ __forceinline__ float dot_q(const WQ<T>& w, const XQ& x, int g) {
         const u32 lo = (w.v & 0x0F0F0F0Fu) | (spread4((w.qh >> (4 * j)) & 15) << 4);
         const u32 hi = ((w.v >> 4) & 0x0F0F0F0Fu) | (spread4((w.qh >> (16 + 4 * j)) & 15) << 4);
         s = __dp4a((int)lo, x.a, __dp4a((int)hi, x.b, 0)) - 16 * x.ones;
-    } else {
+    } else if constexpr (T == T_Q8_0) {
         s = __dp4a((int)w.v0, x.a, __dp4a((int)w.v1, x.b, 0));
+    } else if constexpr (T == T_Q4_1 || T == T_Q5_1) {  // x = d*q + m
+        u32 lo = w.v & 0x0F0F0F0Fu, hi = (w.v >> 4) & 0x0F0F0F0Fu;
+        if constexpr (T == T_Q5_1) {
+            const int j = g & 3;
+            lo |= spread4((w.qh >> (4 * j)) & 15) << 4;
+            hi |= spread4((w.qh >> (16 + 4 * j)) & 15) << 4;
+        }
+        s = __dp4a((int)lo, x.a, __dp4a((int)hi, x.b, 0));
+        return x.d * (f16(w.d) * (float)s + f16(w.m) * (float)x.ones);
+    } else if constexpr (T == T_IQ4_NL || T == T_IQ4_XS) {  // x = d [* ls] * T[q]
+        s = __dp4a(iq4_values(w.v & 0x0F0F0F0Fu), x.a, __dp4a(iq4_values((w.v >> 4) & 0x0F0F0F0Fu), x.b, 0));
+        if constexpr (T == T_IQ4_XS) return f16(w.d) * (float)w.ls * x.d * (float)s;
+    } else if constexpr (T == T_Q4_K || T == T_Q5_K) {  // x = d*sc*q - dmin*m; the sub-block's nibbles
+        const int b = g >> 2, sh = 4 * (b & 1);
+        u32 lo = (w.v0 >> sh) & 0x0F0F0F0Fu, hi = (w.v1 >> sh) & 0x0F0F0F0Fu;
+        if constexpr (T == T_Q5_K) {
+            const int bit = (b & 7);
+            lo |= ((w.h0 >> bit) & 0x01010101u) << 4;
+            hi |= ((w.h1 >> bit) & 0x01010101u) << 4;
+        }
+        s = __dp4a((int)lo, x.a, __dp4a((int)hi, x.b, 0));
+        return x.d * (f16(w.d) * (float)w.sc * (float)s - f16(w.dmin) * (float)w.m * (float)x.ones);
+    } else if constexpr (T == T_Q6_K) {  // x = d*sc*(q-32), one scale per 16: elements 4j.. use sa, 16+4j.. sb
+        const int g4 = (g >> 2) & 3, sh = 4 * (g4 >> 1);
+        const u32 lo = ((w.l0 >> sh) & 0x0F0F0F0Fu) | (((w.h0 >> (2 * g4)) & 0x03030303u) << 4);
+        const u32 hi = ((w.l1 >> sh) & 0x0F0F0F0Fu) | (((w.h1 >> (2 * g4)) & 0x03030303u) << 4);
+        const int sa = __dp4a((int)__vsub4(lo, 0x20202020u), x.a, 0), sb = __dp4a((int)__vsub4(hi, 0x20202020u), x.b, 0);
+        return f16(w.d) * x.d * (float)(w.sa * sa + w.sb * sb);
+    } else {
+        static_assert(no_decoder<T>::value, "dot_q: no int8 path for this weight type code");
     }
     return f16(w.d) * x.d * (float)s;
 }

@@ -16,12 +16,13 @@ GGUF_SUPPORTED_VERSIONS = (2, 3)  # v2 has the same layout as v3 (v3 only adds b
 GGUF_DEFAULT_ALIGNMENT = 32
 GGUF_MAX_ALIGNMENT = 1 << 16  # sanity limit; llama.cpp files use 32, some tools 64 or 4096
 
-QK = 32  # weights per block for Q4_0, Q5_0, Q8_0
-QK_K = 256  # weights per super-block for the k-quants (Q6_K)
+QK = 32  # weights per block for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL
+QK_K = 256  # weights per super-block for the k-quants and most i-quants
 
 
 class GGMLType(IntEnum):
-    """ggml tensor type ids (the u32 stored in each tensor info)."""
+    """Every ggml tensor type id of the GGUF spec (the u32 stored in each tensor info). Ids 4, 5
+    and 31-33, 36-38 were removed from ggml and are not valid in a file."""
 
     F32 = 0
     F16 = 1
@@ -37,12 +38,24 @@ class GGMLType(IntEnum):
     Q5_K = 13
     Q6_K = 14
     Q8_K = 15
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
     I8 = 24
     I16 = 25
     I32 = 26
     I64 = 27
     F64 = 28
+    IQ1_M = 29
     BF16 = 30
+    TQ1_0 = 34
+    TQ2_0 = 35
+    MXFP4 = 39
 
 
 @dataclass(frozen=True)
@@ -53,21 +66,44 @@ class TypeTraits:
     type_size: int
 
 
-# Types pyggml can read (and, for the first six, write).
+# The block geometry of every type id (ggml.c's type_traits; each layout in a comment). The reader
+# takes any of them, so `inspect` shows any valid file; what pyggml computes with is the weight-type
+# registry's business (pyggml/quant/registry.py).
 TYPE_TRAITS: dict[GGMLType, TypeTraits] = {
     GGMLType.F32: TypeTraits(1, 4),
     GGMLType.F16: TypeTraits(1, 2),
     GGMLType.BF16: TypeTraits(1, 2),
-    GGMLType.Q4_0: TypeTraits(QK, 2 + QK // 2),  # 18 bytes: d, qs[16]
-    GGMLType.Q5_0: TypeTraits(QK, 2 + 4 + QK // 2),  # 22 bytes: d, qh, qs[16]
-    GGMLType.Q8_0: TypeTraits(QK, 2 + QK),  # 34 bytes: d, qs[32]
-    GGMLType.Q6_K: TypeTraits(QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # 210 bytes
+    GGMLType.F64: TypeTraits(1, 8),
     GGMLType.I8: TypeTraits(1, 1),
     GGMLType.I16: TypeTraits(1, 2),
     GGMLType.I32: TypeTraits(1, 4),
     GGMLType.I64: TypeTraits(1, 8),
-    GGMLType.F64: TypeTraits(1, 8),
+    GGMLType.Q4_0: TypeTraits(QK, 2 + QK // 2),  # 18: d, qs[16]
+    GGMLType.Q4_1: TypeTraits(QK, 2 + 2 + QK // 2),  # 20: d, m, qs[16]
+    GGMLType.Q5_0: TypeTraits(QK, 2 + 4 + QK // 2),  # 22: d, qh[4], qs[16]
+    GGMLType.Q5_1: TypeTraits(QK, 2 + 2 + 4 + QK // 2),  # 24: d, m, qh[4], qs[16]
+    GGMLType.Q8_0: TypeTraits(QK, 2 + QK),  # 34: d, qs[32]
+    GGMLType.Q8_1: TypeTraits(QK, 4 + 4 + QK),  # 40: d, s (fp32 each), qs[32]
+    GGMLType.Q2_K: TypeTraits(QK_K, QK_K // 16 + QK_K // 4 + 2 + 2),  # 84: scales[16], qs[64], d, dmin
+    GGMLType.Q3_K: TypeTraits(QK_K, QK_K // 8 + QK_K // 4 + 12 + 2),  # 110: hmask[32], qs[64], scales[12], d
+    GGMLType.Q4_K: TypeTraits(QK_K, 2 + 2 + 12 + QK_K // 2),  # 144: d, dmin, scales[12], qs[128]
+    GGMLType.Q5_K: TypeTraits(QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),  # 176: d, dmin, scales[12], qh[32], qs[128]
+    GGMLType.Q6_K: TypeTraits(QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # 210: ql[128], qh[64], scales[16], d
+    GGMLType.Q8_K: TypeTraits(QK_K, 4 + QK_K + QK_K // 16 * 2),  # 292: d (fp32), qs[256], bsums (i16)[16]
+    GGMLType.IQ2_XXS: TypeTraits(QK_K, 2 + QK_K // 4),  # 66: d, qs (u16)[32]
+    GGMLType.IQ2_XS: TypeTraits(QK_K, 2 + QK_K // 4 + QK_K // 32),  # 74: d, qs (u16)[32], scales[8]
+    GGMLType.IQ2_S: TypeTraits(QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 32),  # 82: d, qs[64], qh[8], scales[8]
+    GGMLType.IQ3_XXS: TypeTraits(QK_K, 2 + 3 * QK_K // 8),  # 98: d, qs[96]
+    GGMLType.IQ3_S: TypeTraits(QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 8 + QK_K // 64),  # 110: d, qs, qh, signs, scales
+    GGMLType.IQ1_S: TypeTraits(QK_K, 2 + QK_K // 8 + QK_K // 16),  # 50: d, qs[32], qh (u16)[8]
+    GGMLType.IQ1_M: TypeTraits(QK_K, QK_K // 8 + QK_K // 16 + QK_K // 32),  # 56: qs[32], qh[16], scales[8]
+    GGMLType.IQ4_NL: TypeTraits(QK, 2 + QK // 2),  # 18: d, qs[16] (indices into a 16-value table)
+    GGMLType.IQ4_XS: TypeTraits(QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),  # 136: d, scales_h (u16), scales_l[4], qs[128]
+    GGMLType.TQ1_0: TypeTraits(QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + 2),  # 54: qs[48], qh[4], d
+    GGMLType.TQ2_0: TypeTraits(QK_K, QK_K // 4 + 2),  # 66: qs[64], d
+    GGMLType.MXFP4: TypeTraits(QK, 1 + QK // 2),  # 17: e (E8M0), qs[16]
 }
+assert set(TYPE_TRAITS) == set(GGMLType)
 
 # numpy dtype of the elements of the unquantized types.
 PLAIN_DTYPES: dict[GGMLType, np.dtype] = {
@@ -81,27 +117,51 @@ PLAIN_DTYPES: dict[GGMLType, np.dtype] = {
     GGMLType.F64: np.dtype("<f8"),
 }
 
-QUANTIZED_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q6_K})
+# Block-quantized types: every type with blocks of more than one element.
+QUANTIZED_TYPES = frozenset(t for t, tr in TYPE_TRAITS.items() if tr.block_size > 1)
 
 
 class LlamaFileType(IntEnum):
-    """general.file_type: the type most weights of the file have."""
+    """general.file_type: the type most weights of the file have (llama.h's llama_ftype)."""
 
     ALL_F32 = 0
     MOSTLY_F16 = 1
     MOSTLY_Q4_0 = 2
+    MOSTLY_Q4_1 = 3
     MOSTLY_Q8_0 = 7
     MOSTLY_Q5_0 = 8
+    MOSTLY_Q5_1 = 9
+    MOSTLY_Q2_K = 10
+    MOSTLY_Q3_K_S = 11
+    MOSTLY_Q3_K_M = 12
+    MOSTLY_Q3_K_L = 13
+    MOSTLY_Q4_K_S = 14
+    MOSTLY_Q4_K_M = 15
+    MOSTLY_Q5_K_S = 16
+    MOSTLY_Q5_K_M = 17
+    MOSTLY_Q6_K = 18
+    MOSTLY_IQ4_NL = 25
+    MOSTLY_IQ4_XS = 30
     MOSTLY_BF16 = 32
 
 
+# The file type of a file whose matrices are all of one type.
 FILE_TYPE_OF: dict[GGMLType, LlamaFileType] = {
     GGMLType.F32: LlamaFileType.ALL_F32,
     GGMLType.F16: LlamaFileType.MOSTLY_F16,
     GGMLType.BF16: LlamaFileType.MOSTLY_BF16,
     GGMLType.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+    GGMLType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
     GGMLType.Q5_0: LlamaFileType.MOSTLY_Q5_0,
+    GGMLType.Q5_1: LlamaFileType.MOSTLY_Q5_1,
     GGMLType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+    GGMLType.Q2_K: LlamaFileType.MOSTLY_Q2_K,
+    GGMLType.Q3_K: LlamaFileType.MOSTLY_Q3_K_S,
+    GGMLType.Q4_K: LlamaFileType.MOSTLY_Q4_K_S,
+    GGMLType.Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
+    GGMLType.Q6_K: LlamaFileType.MOSTLY_Q6_K,
+    GGMLType.IQ4_NL: LlamaFileType.MOSTLY_IQ4_NL,
+    GGMLType.IQ4_XS: LlamaFileType.MOSTLY_IQ4_XS,
 }
 
 QUANTIZATION_VERSION = 2

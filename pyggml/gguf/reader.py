@@ -230,8 +230,6 @@ class GGUFFile:
                 ggml_type = GGMLType(raw_type)
             except ValueError:
                 raise cur.fail(f"tensor {name!r} has unknown ggml type id {raw_type}", type_at) from None
-            if ggml_type not in TYPE_TRAITS:
-                raise cur.fail(f"tensor {name!r} has type {ggml_type.name}, which pyggml cannot read", type_at)
             offset = cur.u64(f"tensor {name!r} offset")
             shape = tuple(reversed(dims))
             if any(d == 0 for d in dims) or math.prod(dims) > cur.size * TYPE_TRAITS[ggml_type].block_size:

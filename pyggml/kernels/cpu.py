@@ -15,120 +15,15 @@ import numpy as np
 import numba
 from numba import njit, prange
 
-from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
+from ..gguf.constants import QK, GGMLType
+from ..quant.registry import kernel_code
 from ..tensor import KERNEL_TYPE_CODES, QWeight
+from .kpack import K_PACKED_TYPES, kpacked_emitters, pack_k
+from .decoders import F16_TABLE, decode_rows, try_decode_row
 from .simd import HAS_F16_VECTOR, INT8_PREFETCH, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
 
-# fp16 bit pattern -> float32 value.
-F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-_Q4_0 = TYPE_TRAITS[GGMLType.Q4_0].type_size
-_Q5_0 = TYPE_TRAITS[GGMLType.Q5_0].type_size
-_Q8_0 = TYPE_TRAITS[GGMLType.Q8_0].type_size
-_Q6_K = TYPE_TRAITS[GGMLType.Q6_K].type_size
-_HALF = QK // 2
-
-_CODES = KERNEL_TYPE_CODES  # for the generic row decoder
-SUPPORTED_TYPES = frozenset(_CODES)
-
-
-@njit(inline="always")
-def _f16(row, o, table):
-    return table[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
-
-
-@njit(inline="always")
-def _i8(byte):
-    v = np.int32(byte)
-    return v - 256 if v > 127 else v
-
-
-# ------------------------------------------------------------------------------ row decoders
-@njit(inline="always")
-def _decode_q4_0(row, out, table):
-    for b in range(out.size // QK):
-        o = b * _Q4_0
-        d = _f16(row, o, table)
-        for j in range(_HALF):
-            q = row[o + 2 + j]
-            out[b * QK + j] = d * np.float32(np.int32(q & 15) - 8)
-            out[b * QK + j + _HALF] = d * np.float32(np.int32(q >> 4) - 8)
-
-
-@njit(inline="always")
-def _decode_q5_0(row, out, table):
-    for b in range(out.size // QK):
-        o = b * _Q5_0
-        d = _f16(row, o, table)
-        qh = np.uint32(row[o + 2]) | (np.uint32(row[o + 3]) << 8) | (np.uint32(row[o + 4]) << 16) | (np.uint32(row[o + 5]) << 24)
-        for j in range(_HALF):
-            q = row[o + 6 + j]
-            lo = np.int32(q & 15) | np.int32(((qh >> j) & 1) << 4)
-            hi = np.int32(q >> 4) | np.int32(((qh >> (j + _HALF)) & 1) << 4)
-            out[b * QK + j] = d * np.float32(lo - 16)
-            out[b * QK + j + _HALF] = d * np.float32(hi - 16)
-
-
-@njit(inline="always")
-def _decode_q8_0(row, out, table):
-    for b in range(out.size // QK):
-        o = b * _Q8_0
-        d = _f16(row, o, table)
-        for j in range(QK):
-            out[b * QK + j] = d * np.float32(_i8(row[o + 2 + j]))
-
-
-@njit(inline="always")
-def _decode_q6_k(row, out, table):
-    for b in range(out.size // QK_K):
-        o = b * _Q6_K
-        d = _f16(row, o + 208, table)  # ql[128] qh[64] scales[16] d
-        for half in range(2):
-            ql = o + 64 * half
-            qh = o + 128 + 32 * half
-            sc = o + 192 + 8 * half
-            y = b * QK_K + 128 * half
-            for l in range(32):
-                h = np.int32(row[qh + l])
-                q1 = (np.int32(row[ql + l] & 15) | ((h & 3) << 4)) - 32
-                q2 = (np.int32(row[ql + l + 32] & 15) | (((h >> 2) & 3) << 4)) - 32
-                q3 = (np.int32(row[ql + l] >> 4) | (((h >> 4) & 3) << 4)) - 32
-                q4 = (np.int32(row[ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)) - 32
-                i = sc + l // 16
-                out[y + l] = d * np.float32(_i8(row[i]) * q1)
-                out[y + l + 32] = d * np.float32(_i8(row[i + 2]) * q2)
-                out[y + l + 64] = d * np.float32(_i8(row[i + 4]) * q3)
-                out[y + l + 96] = d * np.float32(_i8(row[i + 6]) * q4)
-
-
-@njit(inline="always")
-def _decode_row(code, row, out, table):
-    """Decode one stored row into float32 `out`. `row` is its bytes (uint8) for every type."""
-    if code == 0:
-        out[:] = row.view(np.float32)
-    elif code == 1:
-        bits = row.view(np.uint16)
-        for j in range(out.size):
-            out[j] = table[bits[j]]
-    elif code == 2:
-        bits = row.view(np.uint16)
-        u = out.view(np.uint32)
-        for j in range(out.size):
-            u[j] = np.uint32(bits[j]) << 16
-    elif code == 3:
-        _decode_q4_0(row, out, table)
-    elif code == 4:
-        _decode_q5_0(row, out, table)
-    elif code == 5:
-        _decode_q8_0(row, out, table)
-    else:
-        _decode_q6_k(row, out, table)
-
-
-@njit(parallel=True, cache=True)
-def _decode_rows(code, raw, rows, out, table):
-    for i in prange(rows.size):
-        _decode_row(code, raw[rows[i]], out[i], table)
+_CODES = KERNEL_TYPE_CODES
+SUPPORTED_TYPES = frozenset(_CODES)  # every computable type: decoders.py decodes each of them
 
 
 # ------------------------------------------------------------- activations as int8 blocks
@@ -175,9 +70,13 @@ GROUPS_PER_TASK = ROWS_PER_TASK // PACK_ROWS
 # Tokens per kernel call in a batch, by type: Q8_0 keeps 16 vectors per superblock (|codes| and
 # their signs), so a fourth token's accumulator spills. 5632 x 2048 products of 128 tokens here,
 # 2 threads, G block-tokens/s for 3 / 4 tokens: Q4_0 4.3 / 4.2, Q5_0 3.5 / 3.7, Q8_0 2.6 / 2.3.
-PACKED_TOKENS = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 3}
-_PACKED_ONE = packed_kernel({t: 1 for t in PACKED_TOKENS}, INT8_PREFETCH)
-_PACKED_TILE = packed_kernel(PACKED_TOKENS)
+# kpack.py's types: the signed ones (|q| and the signs of the activations) hold more vectors.
+PACKED_TOKENS = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 3,
+                 GGMLType.Q4_1: 4, GGMLType.Q5_1: 4, GGMLType.Q4_K: 4, GGMLType.Q5_K: 4,
+                 GGMLType.Q6_K: 3, GGMLType.IQ4_NL: 3, GGMLType.IQ4_XS: 3}
+_ONE = {t: 1 for t in PACKED_TOKENS}
+_PACKED_ONE = packed_kernel(_ONE, INT8_PREFETCH, kpacked_emitters(_ONE, INT8_PREFETCH))
+_PACKED_TILE = packed_kernel(PACKED_TOKENS, 0, kpacked_emitters(PACKED_TOKENS))
 _ROW = row_kernel(INT8_PREFETCH)
 
 
@@ -230,6 +129,13 @@ def pack_int8(w: QWeight) -> np.ndarray:
     return out.view(np.uint8)
 
 
+def pack(w: QWeight) -> np.ndarray:
+    """The packed copy the products of an INT8_ACTIVATION_TYPES weight read (simd.py's or kpack.py's layout)."""
+    if w.ggml_type in K_PACKED_TYPES:
+        return pack_k(_bytes2d(w.raw), w.ggml_type, w.rows, w.cols)
+    return pack_int8(w)
+
+
 @njit(parallel=True, cache=True)
 def _matmul_packed(code, pw, step, xq, xd, xc, out, table, n_tasks):
     """out[:, :8 * groups] = a packed weight pw (groups, superblocks) times int8-block activations;
@@ -277,7 +183,7 @@ def _matmul_decoded(code, w, x, out, table):
     buffer once, then dot it with every token."""
     for r in prange(w.shape[0]):
         buf = np.empty(x.shape[1], np.float32)
-        _decode_row(code, w[r], buf, table)
+        try_decode_row(code, w[r], buf, table)  # the code was checked by the caller (_code)
         for t in range(x.shape[0]):
             acc = np.float32(0.0)
             xt = x[t]
@@ -286,7 +192,8 @@ def _matmul_decoded(code, w, x, out, table):
             out[t, r] = acc
 
 
-INT8_ACTIVATION_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0))
+# Weights that multiply int8-block activations from a packed copy: simd.py's layouts and kpack.py's.
+INT8_ACTIVATION_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)) | K_PACKED_TYPES
 
 
 # ----------------------------------------------------------------------------- other ops
@@ -356,10 +263,7 @@ def _silu_mul(g, u, out):
 
 # --------------------------------------------------------------------------- public API
 def _code(w: QWeight) -> int:
-    try:
-        return _CODES[w.ggml_type]
-    except KeyError:
-        raise NotImplementedError(f"{w.name}: no CPU kernel for {w.ggml_type.name}") from None
+    return kernel_code(w.ggml_type, w.name)
 
 
 def _bytes2d(raw: np.ndarray) -> np.ndarray:
@@ -390,11 +294,15 @@ def matmul(w: QWeight, x: np.ndarray, out: np.ndarray, quantized: tuple | None =
     t = w.ggml_type
     if t in INT8_ACTIVATION_TYPES:
         xq, xd, xc = quantized if quantized is not None else quantize_activations(x)
-        packed = w.packed if w.packed is not None else pack_int8(w)
+        packed = w.packed if w.packed is not None else pack(w)
         if packed.shape[0]:
             _matmul_packed(_CODES[t], packed, PACKED_TOKENS[t], xq, xd, xc, out, F16_TABLE, numba.get_num_threads())
-        if w.rows % PACK_ROWS:
-            _matmul_rows(_CODES[t], w.raw, packed.shape[0] * PACK_ROWS, xq, xd, xc, out, F16_TABLE)
+        r0 = packed.shape[0] * PACK_ROWS  # rows past the last group of 8 (small test models) follow
+        if r0 < w.rows and t in K_PACKED_TYPES:  # decoded, times the int8 activations as floats
+            xf = (xq.reshape(len(xq), -1, QK) * xd[:, :, None]).reshape(len(xq), -1)
+            _matmul_decoded(_CODES[t], _bytes2d(w.raw)[r0:], xf, out[:, r0:], F16_TABLE)
+        elif r0 < w.rows:
+            _matmul_rows(_CODES[t], w.raw, r0, xq, xd, xc, out, F16_TABLE)
     elif t is GGMLType.F32 and x.shape[0] > 1:
         np.matmul(x, w.raw.T, out=out)
     elif t is GGMLType.F16 and HAS_F16_VECTOR:
@@ -424,7 +332,7 @@ def dequantize_rows(w: QWeight, rows: np.ndarray, out: np.ndarray) -> np.ndarray
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= w.rows):
         raise IndexError(f"{w.name}: row index out of range [0, {w.rows})")
-    _decode_rows(_code(w), _bytes2d(w.raw), rows, out, F16_TABLE)
+    decode_rows(_code(w), _bytes2d(w.raw), rows, out, F16_TABLE)
     return out
 
 

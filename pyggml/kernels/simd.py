@@ -542,7 +542,7 @@ def _emit_packed(context, builder, sig, args, fmt: PackedLayout, n_tok: int, pre
         builder.store(builder.select(first, total, builder.fadd(builder.load(p, align=4), total)), p, align=4)
 
 
-def packed_kernel(tokens: dict, prefetch: int = 0):
+def packed_kernel(tokens: dict, prefetch: int = 0, more: tuple = ()):
     """An intrinsic `packed(code, w, g, xq, xd, xc, t0, b0, b1, out, table)`: out[t0 + j, 8g .. 8g + 7] for
     j < n_tok = tokens[the weight type], the dots of row group g of a packed weight (`cpu.pack_int8`: rows of groups, each
     n_blocks superblocks) with tokens t0 .. t0 + n_tok - 1 of int8-block activations, over blocks
@@ -550,7 +550,8 @@ def packed_kernel(tokens: dict, prefetch: int = 0):
     Each superblock is decoded once for all n_tok tokens. prefetch: ask for the weights this many
     bytes ahead (0: not); table: fp16 -> f32 (used without F16C only). Per token and superblock:
     8 activation broadcasts, 8 vpmaddubsw, the i16 adds, 1-8 vpmaddwd, a convert and two
-    multiply-adds, for 8 rows."""
+    multiply-adds, for 8 rows. more: further (type code, emit) pairs of other packed layouts
+    (kpack.py's), dispatched by the same code branch."""
     return _int8_intrinsic("packed int8 kernel", [
         (KERNEL_TYPE_CODES[t], lambda c, b, sig, args, fmt=fmt, n=tokens[t]: _emit_packed(c, b, sig, args, fmt, n, prefetch))
-        for t, fmt in PACKED_LAYOUTS.items()])
+        for t, fmt in PACKED_LAYOUTS.items()] + list(more))

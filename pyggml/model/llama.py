@@ -14,6 +14,7 @@ import numpy as np
 from ..backends import Backend
 from ..gguf.constants import GGMLType, TensorNames
 from ..gguf.reader import GGUFFile
+from ..quant.registry import check_computable
 from ..tensor import QWeight
 from .config import LlamaConfig, ModelError
 from .kvcache import KVCache
@@ -73,6 +74,7 @@ class LlamaModel:
         """The weight as backend b holds it. products: the model multiplies by it (then the backend
         reads all of it now: its pages are mapped in one call)."""
         info = self._info(name, shape)
+        check_computable(f"{self.file.path}: tensor {name!r}", info.ggml_type)
         if products:
             self.file.populate(name)
         return b.load_weight(QWeight(name, self.file.tensor(name), info.ggml_type, shape), products=products)

@@ -1,33 +1,42 @@
-"""Encode and decode GGUF tensor data: F32, F16, BF16, Q4_0, Q5_0, Q8_0 (both ways), Q6_K (read only).
+"""Encode and decode GGUF tensor data of every type pyggml computes with.
 
-Each type has one small codec class. A codec works on a 2-D array of blocks, all at once:
-`encode` turns float32 blocks (n_blocks, block_size) into stored values (uint8 block bytes
-(n_blocks, type_size), or the element dtype for the plain types), and `decode` turns stored
-block bytes (n_blocks, type_size) into float32 (n_blocks, block_size). The public functions
-below validate shapes, cut big tensors into chunks of blocks to bound the temporaries, and
-reshape rows.
+Each type has one small codec class (the interface is `base.Codec`): F32, F16, BF16 and the
+32-weight block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 here; the k-quants Q2_K .. Q6_K and IQ4_NL,
+IQ4_XS in kquants.py. A codec works on a 2-D array of blocks, all at once: `encode` turns float32
+blocks (n_blocks, block_size) into stored values (uint8 block bytes (n_blocks, type_size), or the
+element dtype for the plain types), and `decode` turns stored block bytes (n_blocks, type_size)
+into float32 (n_blocks, block_size). The public functions below validate shapes, cut big tensors
+into chunks of blocks to bound the temporaries, and reshape rows. Every decoder is bit-exact with
+ggml's (and gguf-py's).
 
-The quantizers reproduce ggml's reference quantizers (ggml-quants.c, and gguf-py's numpy port
-of them) byte for byte, including their float32 arithmetic: the scale is computed and used in
-float32 and only rounded to fp16 when stored. Where ggml's C code relies on the x86 result of
-converting NaN or infinity to an integer (a scale so tiny that its inverse overflows), the codes
-here are 0, which is what that conversion gives on x86.
+Two kinds of encoder:
+
+* exact (`QUANTIZABLE_TYPES`: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): ggml's reference
+  quantizers (ggml-quants.c, and gguf-py's numpy port of them) byte for byte, including their
+  float32 arithmetic: the scale is computed and used in float32 and only rounded to fp16 when
+  stored. Where ggml's C code relies on the x86 result of converting NaN or infinity to an
+  integer (a scale so tiny that its inverse overflows), the codes here are 0, which is what that
+  conversion gives on x86. `quantize(x, t)` and `pyggml quantize` offer only these.
+* approximate (the other `ENCODABLE_TYPES`: the k-quants and IQ4): simple encoders of pyggml's
+  own that write valid blocks of good quality but not ggml's bytes (their rule and error bounds
+  are in kquants.py). They exist so random-weight test and benchmark models can be written in
+  every type, and are reached only by asking: `quantize(x, t, approximate=True)` (which still
+  uses the exact encoder where a type has one).
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 
-from pyggml.gguf.constants import PLAIN_DTYPES, QK_K, TYPE_TRAITS, GGMLType
+from pyggml.gguf.constants import PLAIN_DTYPES, TYPE_TRAITS, GGMLType
 
-__all__ = ["QuantError", "row_nbytes", "can_quantize", "quantize", "dequantize", "QUANTIZABLE_TYPES"]
+from .base import F16, F32, Codec, f16_bits, f16_value, finite_or_zero, inverse, pack_nibbles, unpack_nibbles
+from .kquants import KQUANT_CODECS
+
+__all__ = ["QuantError", "row_nbytes", "can_quantize", "quantize", "dequantize", "QUANTIZABLE_TYPES",
+           "ENCODABLE_TYPES"]
 
 # Blocks processed per step: bounds the float temporaries (~8 MiB per array for QK = 32).
 _CHUNK_ELEMENTS = 1 << 21
-
-_F32 = np.dtype("<f4")
-_F16 = np.dtype("<f2")
 
 
 class QuantError(ValueError):
@@ -35,40 +44,7 @@ class QuantError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers shared by the codecs
-
-
-def _f16_bits(d: np.ndarray) -> np.ndarray:
-    """float32 scales (n_blocks, 1) -> their fp16 bytes (n_blocks, 2), round to nearest even."""
-    with np.errstate(over="ignore", invalid="ignore"):  # |d| > 65504 becomes inf, as in ggml
-        return d.astype(_F16).view(np.uint8)
-
-
-def _f16_value(b: np.ndarray) -> np.ndarray:
-    """fp16 bytes (n_blocks, 2) -> float32 (n_blocks, 1)."""
-    return np.ascontiguousarray(b).view(_F16).astype(np.float32)
-
-
-def _inverse(d: np.ndarray) -> np.ndarray:
-    """ggml's `id = d ? 1.0f/d : 0.0f` in float32; may be inf when d is subnormal."""
-    with np.errstate(divide="ignore", over="ignore"):
-        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-
-
-def _finite_or_zero(v: np.ndarray) -> np.ndarray:
-    """Replace NaN and +-inf by 0, the value x86 gives when converting them to an integer."""
-    return np.where(np.isfinite(v), v, np.float32(0))
-
-
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """codes (n_blocks, QK) -> bytes (n_blocks, QK/2): element j low nibble, element j+QK/2 high."""
-    half = q.shape[-1] // 2
-    return (q[:, :half] & np.uint8(0x0F)) | (q[:, half:] << np.uint8(4))
-
-
-def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
-    """bytes (n_blocks, QK/2) -> codes (n_blocks, QK), the inverse of `_pack_nibbles`."""
-    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
+# quantizers shared by the codecs
 
 
 def _quantize_signed_max(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,31 +59,30 @@ def _quantize_signed_max(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.
     vmax = np.take_along_axis(blocks, imax, axis=-1)  # (n_blocks, 1)
     d = vmax / np.float32(-offset)  # an all-zero block gives d = -0.0, as in ggml
     with np.errstate(invalid="ignore", over="ignore"):
-        v = np.trunc(blocks * _inverse(d) + np.float32(offset + 0.5))
-    q = np.clip(_finite_or_zero(v), 0, top).astype(np.uint8)
-    return _f16_bits(d), q
+        v = np.trunc(blocks * inverse(d) + np.float32(offset + 0.5))
+    q = np.clip(finite_or_zero(v), 0, top).astype(np.uint8)
+    return f16_bits(d), q
+
+
+def _quantize_min_max(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's Q4_1/Q5_1 reference: float32 blocks -> (fp16 d bytes, fp16 min bytes, unsigned codes).
+
+    d = (max - min) / (2**bits - 1), q = min(2**bits - 1, trunc((x - min) * (1/d) + 0.5)).
+    """
+    top = (1 << bits) - 1  # 15 for Q4_1, 31 for Q5_1
+    lo = blocks.min(axis=-1, keepdims=True)  # (n_blocks, 1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = (blocks.max(axis=-1, keepdims=True) - lo) / np.float32(top)
+        v = np.trunc((blocks - lo) * inverse(d) + np.float32(0.5))
+    q = np.clip(finite_or_zero(v), 0, top).astype(np.uint8)
+    return f16_bits(d), f16_bits(lo), q
 
 
 # ---------------------------------------------------------------------------------------------
 # codecs, one per type
 
 
-class _Codec:
-    """Block encoder/decoder of one ggml type (see the module docstring)."""
-
-    qtype: ClassVar[GGMLType]
-    can_encode: ClassVar[bool] = True
-
-    @staticmethod
-    def encode(blocks: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    @staticmethod
-    def decode(blocks: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-
-class _F32Codec(_Codec):
+class _F32Codec(Codec):
     qtype = GGMLType.F32
 
     @staticmethod
@@ -116,23 +91,23 @@ class _F32Codec(_Codec):
 
     @staticmethod
     def decode(blocks: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(blocks).view(_F32).astype(np.float32)
+        return np.ascontiguousarray(blocks).view(F32).astype(np.float32)
 
 
-class _F16Codec(_Codec):
+class _F16Codec(Codec):
     qtype = GGMLType.F16
 
     @staticmethod
     def encode(blocks: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):  # out of range -> inf, NaN stays NaN
-            return blocks.astype(_F16)
+            return blocks.astype(F16)
 
     @staticmethod
     def decode(blocks: np.ndarray) -> np.ndarray:
-        return _f16_value(blocks)
+        return f16_value(blocks)
 
 
-class _BF16Codec(_Codec):
+class _BF16Codec(Codec):
     """bfloat16 = the top 16 bits of a float32; ggml_compute_fp32_to_bf16 rounds to nearest even."""
 
     qtype = GGMLType.BF16
@@ -153,7 +128,7 @@ class _BF16Codec(_Codec):
         return (bits << np.uint32(16)).view(np.float32)
 
 
-class _Q4_0Codec(_Codec):
+class _Q4_0Codec(Codec):
     """18 bytes per 32 weights: fp16 d, qs[16] (4-bit codes q, x = (q - 8) * d)."""
 
     qtype = GGMLType.Q4_0
@@ -162,16 +137,33 @@ class _Q4_0Codec(_Codec):
     @staticmethod
     def encode(blocks: np.ndarray) -> np.ndarray:
         d, q = _quantize_signed_max(blocks, _Q4_0Codec.bits)
-        return np.concatenate([d, _pack_nibbles(q)], axis=-1)
+        return np.concatenate([d, pack_nibbles(q)], axis=-1)
 
     @staticmethod
     def decode(blocks: np.ndarray) -> np.ndarray:
-        d = _f16_value(blocks[:, :2])
-        q = _unpack_nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(1 << (_Q4_0Codec.bits - 1))
+        d = f16_value(blocks[:, :2])
+        q = unpack_nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(1 << (_Q4_0Codec.bits - 1))
         return d * q.astype(np.float32)
 
 
-class _Q5_0Codec(_Codec):
+class _Q4_1Codec(Codec):
+    """20 bytes per 32 weights: fp16 d, fp16 m, qs[16] (4-bit codes q as Q4_0's, x = q * d + m)."""
+
+    qtype = GGMLType.Q4_1
+    bits = 4
+
+    @staticmethod
+    def encode(blocks: np.ndarray) -> np.ndarray:
+        d, m, q = _quantize_min_max(blocks, _Q4_1Codec.bits)
+        return np.concatenate([d, m, pack_nibbles(q)], axis=-1)
+
+    @staticmethod
+    def decode(blocks: np.ndarray) -> np.ndarray:
+        d, m = f16_value(blocks[:, :2]), f16_value(blocks[:, 2:4])
+        return d * unpack_nibbles(blocks[:, 4:]).astype(np.float32) + m
+
+
+class _Q5_0Codec(Codec):
     """22 bytes per 32 weights: fp16 d, u32 qh (bit j = bit 4 of code j), qs[16] (low 4 bits)."""
 
     qtype = GGMLType.Q5_0
@@ -182,18 +174,38 @@ class _Q5_0Codec(_Codec):
         d, q = _quantize_signed_max(blocks, _Q5_0Codec.bits)
         # bit j of the little-endian u32 = bit j % 8 of byte j // 8
         qh = np.packbits(q >> np.uint8(4), axis=-1, bitorder="little")  # (n_blocks, 4)
-        return np.concatenate([d, qh, _pack_nibbles(q)], axis=-1)
+        return np.concatenate([d, qh, pack_nibbles(q)], axis=-1)
 
     @staticmethod
     def decode(blocks: np.ndarray) -> np.ndarray:
-        d = _f16_value(blocks[:, :2])
+        d = f16_value(blocks[:, :2])
         high = np.unpackbits(blocks[:, 2:6], axis=-1, bitorder="little")  # (n_blocks, QK) of 0/1
-        q = _unpack_nibbles(blocks[:, 6:]) | (high << np.uint8(4))
+        q = unpack_nibbles(blocks[:, 6:]) | (high << np.uint8(4))
         q = q.astype(np.int8) - np.int8(1 << (_Q5_0Codec.bits - 1))
         return d * q.astype(np.float32)
 
 
-class _Q8_0Codec(_Codec):
+class _Q5_1Codec(Codec):
+    """24 bytes per 32 weights: fp16 d, fp16 m, u32 qh, qs[16] (5-bit codes as Q5_0's, x = q * d + m)."""
+
+    qtype = GGMLType.Q5_1
+    bits = 5
+
+    @staticmethod
+    def encode(blocks: np.ndarray) -> np.ndarray:
+        d, m, q = _quantize_min_max(blocks, _Q5_1Codec.bits)
+        qh = np.packbits(q >> np.uint8(4), axis=-1, bitorder="little")  # (n_blocks, 4)
+        return np.concatenate([d, m, qh, pack_nibbles(q)], axis=-1)
+
+    @staticmethod
+    def decode(blocks: np.ndarray) -> np.ndarray:
+        d, m = f16_value(blocks[:, :2]), f16_value(blocks[:, 2:4])
+        high = np.unpackbits(blocks[:, 4:8], axis=-1, bitorder="little")  # (n_blocks, QK) of 0/1
+        q = unpack_nibbles(blocks[:, 8:]) | (high << np.uint8(4))
+        return d * q.astype(np.float32) + m
+
+
+class _Q8_0Codec(Codec):
     """34 bytes per 32 weights: fp16 d, int8 qs[32] (x = q * d)."""
 
     qtype = GGMLType.Q8_0
@@ -203,75 +215,52 @@ class _Q8_0Codec(_Codec):
     def encode(blocks: np.ndarray) -> np.ndarray:
         d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(_Q8_0Codec.qmax)
         with np.errstate(invalid="ignore", over="ignore"):
-            v = blocks * _inverse(d)
+            v = blocks * inverse(d)
             a = np.abs(v)
             whole = np.floor(a)
             # roundf: half away from zero (a + 0.5 would double-round in float32)
             q = np.copysign(whole + (a - whole >= np.float32(0.5)), v)
-        q = np.clip(_finite_or_zero(q), -_Q8_0Codec.qmax, _Q8_0Codec.qmax).astype(np.int8)
-        return np.concatenate([_f16_bits(d), q.view(np.uint8)], axis=-1)
+        q = np.clip(finite_or_zero(q), -_Q8_0Codec.qmax, _Q8_0Codec.qmax).astype(np.int8)
+        return np.concatenate([f16_bits(d), q.view(np.uint8)], axis=-1)
 
     @staticmethod
     def decode(blocks: np.ndarray) -> np.ndarray:
-        d = _f16_value(blocks[:, :2])
+        d = f16_value(blocks[:, :2])
         return blocks[:, 2:].view(np.int8).astype(np.float32) * d
 
 
-class _Q6_KCodec(_Codec):
-    """210 bytes per 256 weights: ql[128], qh[64], int8 scales[16], fp16 d (read only).
-
-    A super-block is two halves of 128 weights; half h uses ql[64h:64h+64] and qh[32h:32h+32].
-    Within a half, weight 32k + l (k = 0..3, l = 0..31) has low 4 bits from ql[l + 32(k % 2)]
-    (low nibble for k < 2, high nibble for k >= 2) and high 2 bits (qh[l] >> 2k) & 3;
-    x = d * scales[i // 16] * (q - 32) for weight i of the super-block.
-    """
-
-    qtype = GGMLType.Q6_K
-    can_encode = False
-
-    _QL = QK_K // 2
-    _QH = QK_K // 4
-    _SCALES = QK_K // 16
-    _HALF = 128  # weights per half super-block
-
-    @staticmethod
-    def decode(blocks: np.ndarray) -> np.ndarray:
-        c = _Q6_KCodec
-        n = blocks.shape[0]
-        n_halves = QK_K // c._HALF
-        ql = blocks[:, : c._QL].reshape(n, n_halves, c._HALF // 2)  # (n, 2, 64)
-        qh = blocks[:, c._QL : c._QL + c._QH].reshape(n, n_halves, c._HALF // 4)  # (n, 2, 32)
-        rest = blocks[:, c._QL + c._QH :]
-        scales = rest[:, : c._SCALES].view(np.int8).astype(np.float32)  # (n, 16)
-        d = _f16_value(rest[:, c._SCALES :])  # (n, 1)
-
-        low = np.concatenate([ql & np.uint8(0x0F), ql >> np.uint8(4)], axis=-1)  # (n, 2, 128)
-        shifts = np.arange(0, 8, 2, dtype=np.uint8)[:, None]  # (4, 1)
-        high = ((qh[:, :, None, :] >> shifts) & np.uint8(3)).reshape(n, n_halves, c._HALF)
-        q = (low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)  # (n, 2, 128)
-        q = q.reshape(n, c._SCALES, QK_K // c._SCALES).astype(np.float32)  # (n, 16, 16)
-        return ((d * scales)[:, :, None] * q).reshape(n, QK_K)
-
-
-_CODECS: dict[GGMLType, type[_Codec]] = {
-    c.qtype: c for c in (_F32Codec, _F16Codec, _BF16Codec, _Q4_0Codec, _Q5_0Codec, _Q8_0Codec, _Q6_KCodec)
+# One row per type pyggml can decode.
+_CODECS: dict[GGMLType, type[Codec]] = {
+    c.qtype: c
+    for c in (_F32Codec, _F16Codec, _BF16Codec, _Q4_0Codec, _Q4_1Codec, _Q5_0Codec, _Q5_1Codec, _Q8_0Codec,
+              *KQUANT_CODECS)
 }
 
-QUANTIZABLE_TYPES = frozenset(t for t, c in _CODECS.items() if c.can_encode)
+# Types `quantize` encodes as ggml does, byte for byte (the targets of `pyggml quantize`).
+QUANTIZABLE_TYPES = frozenset(t for t, c in _CODECS.items() if c.can_encode and c.exact_encoder)
+# Types `quantize(..., approximate=True)` encodes: the above and those with pyggml's own encoder.
+ENCODABLE_TYPES = frozenset(t for t, c in _CODECS.items() if c.can_encode)
 
 
 # ---------------------------------------------------------------------------------------------
 # public API
 
 
-def _codec(qtype: GGMLType | int, encode: bool) -> type[_Codec]:
+def _encodable(approximate: bool) -> frozenset[GGMLType]:
+    return ENCODABLE_TYPES if approximate else QUANTIZABLE_TYPES
+
+
+def _codec(qtype: GGMLType | int, encode: bool, approximate: bool = False) -> type[Codec]:
     qtype = GGMLType(qtype)
     codec = _CODECS.get(qtype)
-    if codec is None or (encode and not codec.can_encode):
+    supported = _encodable(approximate) if encode else _CODECS
+    if codec is None or qtype not in supported:
         what = "quantize to" if encode else "dequantize"
-        supported = QUANTIZABLE_TYPES if encode else _CODECS
         names = ", ".join(t.name for t in sorted(supported))
-        raise QuantError(f"cannot {what} {qtype.name}: supported types are {names}")
+        hint = ""
+        if encode and qtype in ENCODABLE_TYPES:
+            hint = " (pyggml's encoder for it is not ggml's; pass approximate=True to use it anyway)"
+        raise QuantError(f"cannot {what} {qtype.name}{hint}: supported types are {names}")
     return codec
 
 
@@ -287,23 +276,26 @@ def row_nbytes(qtype: GGMLType | int, n: int) -> int:
     return n // traits.block_size * traits.type_size
 
 
-def can_quantize(qtype: GGMLType | int, n_cols: int) -> bool:
-    """Whether rows of `n_cols` elements can be quantized to `qtype` by `quantize`."""
+def can_quantize(qtype: GGMLType | int, n_cols: int, *, approximate: bool = False) -> bool:
+    """Whether rows of `n_cols` elements can be quantized to `qtype` by `quantize` (with `approximate`)."""
     qtype = GGMLType(qtype)
-    return qtype in QUANTIZABLE_TYPES and n_cols >= 0 and n_cols % TYPE_TRAITS[qtype].block_size == 0
+    return (qtype in _encodable(approximate) and n_cols >= 0
+            and n_cols % TYPE_TRAITS[qtype].block_size == 0)
 
 
 def _chunk_blocks(block_size: int) -> int:
     return max(1, _CHUNK_ELEMENTS // block_size)
 
 
-def quantize(x: np.ndarray, qtype: GGMLType | int) -> np.ndarray:
+def quantize(x: np.ndarray, qtype: GGMLType | int, *, approximate: bool = False) -> np.ndarray:
     """Encode `x` (any float array; last axis = rows) as `qtype`, exactly as ggml does.
 
+    With `approximate`, types without an exact encoder (`ENCODABLE_TYPES` - `QUANTIZABLE_TYPES`)
+    are encoded by pyggml's own valid-block encoders instead of refused (see kquants.py).
     Returns float32 (F32), float16 (F16), uint16 raw bits (BF16), or for the block types
     uint8 of shape (*x.shape[:-1], row_nbytes(qtype, x.shape[-1])).
     """
-    codec = _codec(qtype, encode=True)
+    codec = _codec(qtype, encode=True, approximate=approximate)
     qtype = codec.qtype
     x = np.asarray(x)
     if x.ndim == 0:
