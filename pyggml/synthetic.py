@@ -16,6 +16,7 @@ import numpy as np
 from .gguf.constants import FILE_TYPE_OF, QUANTIZATION_VERSION, QUANTIZED_TYPES, GGMLType, Keys, TensorNames, TokenType
 from .gguf.writer import TensorPlan, write_gguf
 from .quant import codecs
+from .quant.mixes import get_mix, mix_type
 from .quantize import stored_type
 
 ARCH = "llama"
@@ -65,12 +66,14 @@ def synthetic_vocab(n_vocab: int) -> dict[str, object]:
     }
 
 
-def llama_metadata(shape: Shape, name: str, weight_type: GGMLType) -> dict[str, object]:
+def llama_metadata(shape: Shape, name: str, weight_type: GGMLType | str) -> dict[str, object]:
+    """`weight_type`: one type for every matrix, or a llama.cpp mix name ("q4_k_m")."""
     k = lambda key: Keys.arch(key, ARCH)  # noqa: E731
+    mix = get_mix(weight_type) if isinstance(weight_type, str) else None
     meta = {
         Keys.ARCHITECTURE: ARCH,
         Keys.NAME: name,
-        Keys.FILE_TYPE: int(FILE_TYPE_OF[weight_type]),
+        Keys.FILE_TYPE: int(mix.file_type if mix else FILE_TYPE_OF[weight_type]),
         k(Keys.CONTEXT_LENGTH): shape.ctx,
         k(Keys.EMBEDDING_LENGTH): shape.dim,
         k(Keys.BLOCK_COUNT): shape.n_layers,
@@ -82,7 +85,7 @@ def llama_metadata(shape: Shape, name: str, weight_type: GGMLType) -> dict[str, 
         k(Keys.RMS_EPS): float(shape.eps),
         k(Keys.VOCAB_SIZE): shape.vocab,
     }
-    if weight_type in QUANTIZED_TYPES:
+    if mix or weight_type in QUANTIZED_TYPES:
         meta[Keys.QUANTIZATION_VERSION] = QUANTIZATION_VERSION
     return meta
 
@@ -130,22 +133,29 @@ def random_block_rows(t: GGMLType, rows: int, cols: int, seed: int) -> np.ndarra
 def write_random_model(
     path: str | os.PathLike,
     shape: Shape | str,
-    weight_type: GGMLType = GGMLType.F16,
+    weight_type: GGMLType | str = GGMLType.F16,
     seed: int = 0,
     vocab_metadata: dict[str, object] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     workers: int | None = None,
 ) -> None:
     """Write a random-weight LLaMA GGUF of any type pyggml can encode (k-quants and IQ4 by the approximate
-    encoders); `vocab_metadata` (tokenizer.* keys) defaults to a synthetic vocab.
+    encoders), or of a llama.cpp K-quant mix named as a string ("q4_k_m": each tensor's type as
+    llama-quantize would choose it, see quant/mixes.py); `vocab_metadata` (tokenizer.* keys) defaults
+    to a synthetic vocab.
     Tensors are drawn on `workers` threads (default: one per CPU); the bytes do not depend on it."""
     if isinstance(shape, str):
         shape = SHAPES[shape]
     meta = llama_metadata(shape, f"random-{shape.dim}x{shape.n_layers}", weight_type)
     meta.update(vocab_metadata if vocab_metadata is not None else synthetic_vocab(shape.vocab))
 
+    def tensor_type(name: str, s: tuple[int, ...]) -> GGMLType:
+        if isinstance(weight_type, str):
+            return mix_type(weight_type, name, s, shape.n_layers, shape.n_heads // shape.n_kv_heads, tied=shape.tied)
+        return stored_type(s, weight_type)
+
     def plan(name: str, s: tuple[int, ...]) -> TensorPlan:
-        t = stored_type(s, weight_type)
+        t = tensor_type(name, s)
         return TensorPlan(name, s, t, lambda: codecs.quantize(random_weight(name, s, seed), t, approximate=True))
 
     plans = [plan(n, s) for n, s in tensor_shapes(shape).items()]

@@ -32,10 +32,12 @@ try:
 except Exception as e:  # noqa: BLE001 - any failure to reach a GPU means: skip
     pytest.skip(f"no CUDA GPU: {e}", allow_module_level=True)
 
-from pyggml.cuda.backend import CUDABackend  # noqa: E402
+from pyggml.cuda.backend import INT8_INPUT_TYPES, CUDABackend  # noqa: E402
+from pyggml.quant.registry import COMPUTABLE_TYPES  # noqa: E402
 
-INT8 = (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)
 FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+INT8 = tuple(t for t in COMPUTABLE_TYPES if t in INT8_INPUT_TYPES)  # products of int8 activations
+K_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_XS)
 SHAPES = {  # head_dim 64 (fused attention quantization) and head_dim 8 with GQA 4:1
     "hd64": Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=300, ctx=64),
     "hd8": Shape(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, ffn_dim=96, vocab=300, ctx=64, rope_base=500000.0),
@@ -52,12 +54,22 @@ def rel_err(got, want) -> float:
 
 
 def random_weight(t: GGMLType, rows: int, cols: int, rng) -> np.ndarray:
-    if t is GGMLType.Q6_K:  # no encoder: random blocks with sane fp16 scales
+    if t is GGMLType.Q6_K:  # random blocks with sane fp16 scales: every code and scale bit pattern
         return random_q6_k(rng, rows, cols, 1e-3, 1.1e-2)
-    return codecs.quantize(rng.standard_normal((rows, cols), dtype=np.float32), t)
+    return codecs.quantize(rng.standard_normal((rows, cols), dtype=np.float32), t, approximate=True)
 
 
-CASES = [(t, c) for t in INT8 for c in (256, 96)] + [(t, c) for t in FLOATS for c in (256, 100)] + [(GGMLType.Q6_K, 512)]
+def _cols(t: GGMLType) -> tuple:
+    if t in FLOATS:
+        return (256, 100)
+    return (512,) if t in K_TYPES else (256, 96)
+
+
+CASES = [(t, c) for t in COMPUTABLE_TYPES for c in _cols(t)]
+
+
+def test_every_computable_type_has_a_gpu_case():
+    assert {t for t, _ in CASES} == set(COMPUTABLE_TYPES)
 
 
 @pytest.mark.parametrize("t, cols", CASES, ids=lambda v: getattr(v, "name", str(v)))
@@ -72,7 +84,7 @@ def test_decode_product_matches_reference(gpu, t, cols):
     assert rel_err(got, want) < 1e-4
 
 
-@pytest.mark.parametrize("t", INT8 + FLOATS + (GGMLType.Q6_K,), ids=lambda t: t.name)
+@pytest.mark.parametrize("t", COMPUTABLE_TYPES, ids=lambda t: t.name)
 def test_prompt_product_matches_reference(gpu, t):
     rng = np.random.default_rng(3)
     rows, cols = 70, 512
@@ -85,16 +97,19 @@ def test_prompt_product_matches_reference(gpu, t):
 
 def test_embedding_rows_match_codecs(gpu):
     rng = np.random.default_rng(5)
-    for t in INT8 + FLOATS + (GGMLType.Q6_K,):
+    for t in COMPUTABLE_TYPES:
         raw = random_weight(t, 20, 256, rng)
         w = gpu.load_weight(QWeight("w", raw, t, (20, 256)))
         ids = np.array([3, 0, 19, 3])
         np.testing.assert_array_equal(gpu.embed(w, ids).get(), codecs.dequantize(raw, t)[ids].astype(np.float32))
 
 
-@pytest.fixture(scope="module", params=[(s, t) for s in SHAPES for t in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0,
-                                                                         GGMLType.F16, GGMLType.F32, GGMLType.BF16)],
-                ids=lambda p: f"{p[0]}-{p[1].name}")
+MODEL_TYPES = [(s, t) for s in SHAPES for t in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.F16, GGMLType.F32,
+                                                GGMLType.BF16)]
+MODEL_TYPES += [("hd64", t) for t in COMPUTABLE_TYPES if t not in {m for _, m in MODEL_TYPES}]
+
+
+@pytest.fixture(scope="module", params=MODEL_TYPES, ids=lambda p: f"{p[0]}-{p[1].name}")
 def random_model(request, tmp_path_factory):
     shape, t = request.param
     path = tmp_path_factory.mktemp("gpu") / f"{shape}-{t.name}.gguf"
@@ -117,7 +132,7 @@ def test_model_on_gpu_matches_cpu(random_model, n_gpu_layers):
     gpu_batch, gpu_steps = run(random_model, n_gpu_layers)
     print(f"{random_model.name} ngl={n_gpu_layers}: prompt {rel_err(gpu_batch, cpu_batch):.2e}, "
           f"decode {rel_err(gpu_steps, cpu_steps):.2e}")
-    tol = 5e-2 if GGMLType[random_model.stem.split("-")[1]] in INT8 else 2e-3
+    tol = 2e-3 if GGMLType[random_model.stem.split("-")[1]] in FLOATS else 5e-2
     assert rel_err(gpu_steps, cpu_steps) < tol
     assert rel_err(gpu_batch, cpu_batch) < tol
     assert (gpu_batch.argmax(1) == cpu_batch.argmax(1)).mean() >= 0.9
@@ -132,7 +147,7 @@ def test_decode_graph_replays_at_every_position(random_model):
     got = [llm.model.forward(np.array([t]), i, llm.cache) for i, t in enumerate(tokens)]
     want = [ref.model.forward(np.array([t]), i, ref.cache) for i, t in enumerate(tokens)]
     print(f"{random_model.name}: 30 decode steps {rel_err(np.stack(got), np.stack(want)):.2e}")
-    tol = 2e-2 if GGMLType[random_model.stem.split("-")[1]] in INT8 else 2e-3
+    tol = 2e-3 if GGMLType[random_model.stem.split("-")[1]] in FLOATS else 2e-2
     assert rel_err(np.stack(got), np.stack(want)) < tol
     assert (np.stack(got).argmax(1) == np.stack(want).argmax(1)).mean() >= 0.9
 

@@ -80,12 +80,26 @@ def numpy_llama_logits(path, tokens, int8_activations=True):
     return mm(x, "output.weight" if "output.weight" in f.tensors else "token_embd.weight")
 
 
-@pytest.fixture(scope="module", params=[GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.BF16],
-                ids=lambda t: t.name)
+# The K-quants and IQ4_XS need rows of 256: a wider shape, with GQA 4:1 and a vocabulary of 300
+# (rows past the last group of 8 in the output head).
+K_SHAPE = Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=512, vocab=300, ctx=64)
+MODEL_TYPES = [(GQA_SHAPE, t) for t in (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.BF16)]
+MODEL_TYPES += [(K_SHAPE, t) for t in (GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K,
+                                       GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS)]
+
+
+@pytest.fixture(scope="module", params=MODEL_TYPES, ids=lambda p: p[1].name)
 def random_model(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("rand") / f"gqa-{request.param.name}.gguf"
-    write_random_model(path, GQA_SHAPE, request.param, seed=7)
+    shape, t = request.param
+    path = tmp_path_factory.mktemp("rand") / f"gqa-{t.name}.gguf"
+    write_random_model(path, shape, t, seed=7)
     return path
+
+
+def test_every_computable_type_has_a_model_test():
+    from pyggml.quant.registry import COMPUTABLE_TYPES
+
+    assert {t for _, t in MODEL_TYPES} == set(COMPUTABLE_TYPES)
 
 
 def test_logits_equal_numpy_llama(random_model):
