@@ -12,7 +12,8 @@ Stated tolerances, as max |gpu - reference| / max |reference|:
   rounding boundary; one such flip shifts logits by ~1e-3..1e-2 and carries to later positions.
 - quantized weights, prompt logits and the decode steps that follow them: 5e-2 (the CPU prompt path
   rounds activations to int8, the GPU one multiplies in fp16, so the KV caches differ by that).
-- in every case the same top token at >= 90% of positions.
+- in every case the same top token wherever the reference's top two logits are further apart than
+  twice the largest measured difference (at least half the positions); closer ones may go either way.
 """
 import numpy as np
 import pytest
@@ -47,6 +48,16 @@ SHAPES = {  # head_dim 64 (fused attention quantization) and head_dim 8 with GQA
 @pytest.fixture(scope="module")
 def gpu():
     return CUDABackend()
+
+
+def same_top(got, want) -> bool:
+    """The same top token wherever the reference's top two logits are further apart than twice the
+    largest difference measured between the two computations; a closer pair may go either way. At
+    least half the positions must be so decided."""
+    got, want = np.atleast_2d(got), np.atleast_2d(want)
+    top2 = np.sort(want, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * np.abs(np.asarray(got, np.float64) - want).max()
+    return bool(np.all(got.argmax(1)[clear] == want.argmax(1)[clear])) and clear.mean() >= 0.5
 
 
 def rel_err(got, want) -> float:
@@ -135,8 +146,7 @@ def test_model_on_gpu_matches_cpu(random_model, n_gpu_layers):
     tol = 2e-3 if GGMLType[random_model.stem.split("-")[1]] in FLOATS else 5e-2
     assert rel_err(gpu_steps, cpu_steps) < tol
     assert rel_err(gpu_batch, cpu_batch) < tol
-    assert (gpu_batch.argmax(1) == cpu_batch.argmax(1)).mean() >= 0.9
-    assert (gpu_steps.argmax(1) == cpu_steps.argmax(1)).mean() >= 0.9
+    assert same_top(gpu_batch, cpu_batch) and same_top(gpu_steps, cpu_steps)
 
 
 def test_decode_graph_replays_at_every_position(random_model):
@@ -149,7 +159,7 @@ def test_decode_graph_replays_at_every_position(random_model):
     print(f"{random_model.name}: 30 decode steps {rel_err(np.stack(got), np.stack(want)):.2e}")
     tol = 2e-3 if GGMLType[random_model.stem.split("-")[1]] in FLOATS else 2e-2
     assert rel_err(np.stack(got), np.stack(want)) < tol
-    assert (np.stack(got).argmax(1) == np.stack(want).argmax(1)).mean() >= 0.9
+    assert same_top(np.stack(got), np.stack(want))
 
 
 def test_decode_attention_over_many_key_ranges(tmp_path):
@@ -167,7 +177,7 @@ def test_decode_attention_over_many_key_ranges(tmp_path):
         logits[ngl] = np.stack([llm.model.forward(np.array([t]), 150 + i, llm.cache) for i, t in enumerate(tokens[150:])])
     print(f"decode at 150..419: {rel_err(logits[-1], logits[0]):.2e}")
     assert rel_err(logits[-1], logits[0]) < 2e-3
-    assert (logits[-1].argmax(1) == logits[0].argmax(1)).mean() >= 0.9
+    assert same_top(logits[-1], logits[0])
 
 
 @pytest.mark.parametrize("t", [GGMLType.F16, GGMLType.F32], ids=lambda t: t.name)
@@ -184,7 +194,7 @@ def test_decode_folds_a_norm_whose_last_group_is_partial(tmp_path, t):
         logits[ngl] = np.stack([llm.model.forward(np.array([v]), i, llm.cache) for i, v in enumerate(tokens)])
     print(f"dim 40 {t.name}: {rel_err(logits[-1], logits[0]):.2e}")
     assert rel_err(logits[-1], logits[0]) < 2e-3
-    assert (logits[-1].argmax(1) == logits[0].argmax(1)).mean() >= 0.9
+    assert same_top(logits[-1], logits[0])
 
 
 @pytest.mark.parametrize("n_gpu_layers", [-1, 1], ids=["all", "one-layer"])

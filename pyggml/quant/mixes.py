@@ -110,10 +110,6 @@ def get_mix(mix: str) -> Mix:
         raise ValueError(f"unknown quantization mix {mix!r}; valid mixes: {', '.join(MIXES)}") from None
 
 
-def is_mix(name: object) -> bool:
-    return isinstance(name, str) and name.lower() in MIXES
-
-
 def _fits(t: GGMLType, n_cols: int) -> bool:
     return n_cols % TYPE_TRAITS[t].block_size == 0
 
