@@ -13,7 +13,7 @@ Stated tolerances, as max |gpu - reference| / max |reference|:
 - quantized weights, prompt logits and the decode steps that follow them: 5e-2 (the CPU prompt path
   rounds activations to int8, the GPU one multiplies in fp16, so the KV caches differ by that).
 - in every case the same top token wherever the reference's top two logits are further apart than
-  twice the largest measured difference (at least half the positions); closer ones may go either way.
+  twice the largest measured difference (closer ones may go either way), and at half the positions.
 """
 import numpy as np
 import pytest
@@ -51,13 +51,14 @@ def gpu():
 
 
 def same_top(got, want) -> bool:
-    """The same top token wherever the reference's top two logits are further apart than twice the
-    largest difference measured between the two computations; a closer pair may go either way. At
-    least half the positions must be so decided."""
+    """Every position whose top token differs is a near-tie: the reference's top two logits there are
+    closer than twice the largest difference measured between the two computations. And the top
+    token is the same at at least half the positions."""
     got, want = np.atleast_2d(got), np.atleast_2d(want)
     top2 = np.sort(want, axis=1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 2 * np.abs(np.asarray(got, np.float64) - want).max()
-    return bool(np.all(got.argmax(1)[clear] == want.argmax(1)[clear])) and clear.mean() >= 0.5
+    near_tie = (top2[:, 1] - top2[:, 0]) <= 2 * np.abs(np.asarray(got, np.float64) - want).max()
+    agree = got.argmax(1) == want.argmax(1)
+    return bool(np.all(agree | near_tie)) and agree.mean() >= 0.5
 
 
 def rel_err(got, want) -> float:
