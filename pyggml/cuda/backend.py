@@ -37,9 +37,10 @@ INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLT
 FLOAT_VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # 8-wide loads when cols % 8 == 0
 CHUNK_TYPES = {GGMLType.Q4_0: 18, GGMLType.Q8_0: 34}  # 16-byte loads over activations laid out like the blocks
 MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
-PATH_GROUP, PATH_CHUNK, PATH_ANY = 0, 1, 2
-UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4,
-          **{t: 4 for t in INT8_INPUT_TYPES - {GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0}}}
+PATH_GROUP, PATH_CHUNK, PATH_ANY, PATH_WIDE = 0, 1, 2, 3
+UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
+# The wide path (kernels.cu, dot_rows_wide): units of 32 weights a lane, this many in flight.
+WIDE_UNROLL = {t: 2 for t in INT8_INPUT_TYPES - {GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0}}
 CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
 # ADD products run one 16-warp block per SM (kernels.cu), so registers cost them no occupancy: Q4_0's
 # take 3 chunks in flight (7B q4_0 graph replay 1767 -> 1746 us per token; 4: 1748)
@@ -51,7 +52,7 @@ def chunk_unroll(t: GGMLType, mode: int) -> int:
     return (ADD_CHUNK_UNROLL if mode == MODE_ADD else CHUNK_UNROLL)[t]
 
 
-K_SPLITS = {PATH_GROUP: (1, 4), PATH_CHUNK: (1,)}  # the warps per row pair k_split can choose, per path (ADD: 1)
+K_SPLITS = {PATH_GROUP: (1, 4), PATH_CHUNK: (1,), PATH_WIDE: (1,)}  # the warps per row pair k_split can choose, per path (ADD: 1)
 
 
 def k_split(path: int, pairs: int) -> int:
@@ -157,6 +158,8 @@ def _kernel_names() -> list[str]:
                           if ks == 1 or mode != MODE_ADD]
             if t in CHUNK_TYPES:
                 names += [f"mmv<{code}, {mode}, {chunk_unroll(t, mode)}, {PATH_CHUNK}, {ks}>" for ks in K_SPLITS[PATH_CHUNK]]
+            if t in WIDE_UNROLL:
+                names += [f"mmv<{code}, {mode}, {WIDE_UNROLL[t]}, {PATH_WIDE}, {ks}>" for ks in K_SPLITS[PATH_WIDE]]
     return names
 
 
@@ -390,6 +393,8 @@ class CUDABackend:
         ld = w.raw.shape[1] * w.raw.itemsize
         if t in CHUNK_TYPES and ld % 16 == 0 and xa is not None and xq is not None:
             path, unroll = PATH_CHUNK, chunk_unroll(t, mode)
+        elif t in WIDE_UNROLL and xq is not None:
+            path, unroll = PATH_WIDE, WIDE_UNROLL[t]
         elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and xq is None):
             path, unroll = PATH_ANY, 1
             if xf is None:

@@ -175,26 +175,6 @@ template <int T> struct WQ;
 template <> struct WQ<T_Q4_0> { u32 v; u16 d; };
 template <> struct WQ<T_Q5_0> { u32 v, qh; u16 d; };
 template <> struct WQ<T_Q8_0> { u32 v0, v1; u16 d; };
-// The types below keep their own codes' order; each lane still takes the 8 weights of the nibble
-// layout (elements 4j..4j+3 and 16+4j..16+4j+3 of a block of 32), so they all read load_xq's
-// activations as Q4_0 does. v0, v1: the raw bytes holding those 8 codes' low bits.
-template <> struct WQ<T_Q4_1> { u32 v; u16 d, m; };
-template <> struct WQ<T_Q5_1> { u32 v, qh; u16 d, m; };
-template <> struct WQ<T_IQ4_NL> { u32 v; u16 d; };
-template <> struct WQ<T_Q4_K> { u32 v0, v1; u16 d, dmin; int sc, m; };
-template <> struct WQ<T_Q5_K> { u32 v0, v1, h0, h1; u16 d, dmin; int sc, m; };
-template <> struct WQ<T_Q6_K> { u32 l0, l1, h0, h1; u16 d; int sa, sb; };
-template <> struct WQ<T_IQ4_XS> { u32 v; u16 d; int ls; };
-
-// 4-bit indices (one per byte of q, each < 16) -> the IQ4_NL values they name, as 4 int8s.
-__device__ __forceinline__ int iq4_values(u32 q) {
-    const u32* t = (const u32*)IQ4NL_VALUES;
-    const u32 sel = (q & 7u) | ((q >> 4) & 0x70u) | ((q >> 8) & 0x700u) | ((q >> 12) & 0x7000u);
-    const u32 lo = __byte_perm(t[0], t[1], sel), hi = __byte_perm(t[2], t[3], sel);
-    const u32 pick = ((q >> 3) & 0x01010101u) * 0xFFu;  // bytes whose index is >= 8
-    return (int)((hi & pick) | (lo & ~pick));
-}
-
 template <int T>
 __device__ __forceinline__ XQ load_xq(const Input& in, int g) {
     const int b = g >> 2, j = g & 3;
@@ -229,46 +209,6 @@ __device__ __forceinline__ WQ<T> load_wq(const u8* __restrict__ row, int g) {
         w.d = ld16(blk);
         w.v0 = ld32(blk + 2 + 8 * j);
         w.v1 = ld32(blk + 6 + 8 * j);
-    } else if constexpr (T == T_Q4_1 || T == T_Q5_1) {
-        const u8* blk = row + b * (T == T_Q4_1 ? 20 : 24);
-        w.d = ld16(blk);
-        w.m = ld16(blk + 2);
-        if constexpr (T == T_Q5_1) w.qh = ld32(blk + 4);
-        w.v = ld32(blk + (T == T_Q4_1 ? 4 : 8) + 4 * j);
-    } else if constexpr (T == T_IQ4_NL) {
-        const u8* blk = row + b * 18;
-        w.d = ld16(blk);
-        w.v = ld32(blk + 2 + 4 * j);
-    } else if constexpr (T == T_Q4_K || T == T_Q5_K) {  // block b is sub-block bi of a super-block
-        const int bi = b & 7;
-        const u8* blk = row + (b >> 3) * (T == T_Q4_K ? 144 : 176);
-        const u8* qs = blk + (T == T_Q4_K ? 16 : 48) + 32 * (bi >> 1);
-        w.d = ld16(blk);
-        w.dmin = ld16(blk + 2);
-        scale_min_k4(bi, blk + 4, w.sc, w.m);
-        w.v0 = ld32(qs + 4 * j);
-        w.v1 = ld32(qs + 16 + 4 * j);
-        if constexpr (T == T_Q5_K) {
-            w.h0 = ld32(blk + 16 + 4 * j);
-            w.h1 = ld32(blk + 32 + 4 * j);
-        }
-    } else if constexpr (T == T_Q6_K) {  // block b: the g4-th 32 of half `half` of a super-block
-        const int bi = b & 7, half = bi >> 2, g4 = bi & 3;
-        const u8* blk = row + (b >> 3) * 210;
-        const u8* ql = blk + 64 * half + 32 * (g4 & 1);
-        w.d = ld16(blk + 208);
-        w.l0 = ld32(ql + 4 * j);
-        w.l1 = ld32(ql + 16 + 4 * j);
-        w.h0 = ld32(blk + 128 + 32 * half + 4 * j);
-        w.h1 = ld32(blk + 128 + 32 * half + 16 + 4 * j);
-        w.sa = (signed char)blk[192 + 2 * bi];
-        w.sb = (signed char)blk[193 + 2 * bi];
-    } else if constexpr (T == T_IQ4_XS) {
-        const int bi = b & 7;
-        const u8* blk = row + (b >> 3) * 136;
-        w.d = ld16(blk);
-        w.ls = (((blk[4 + bi / 2] >> (4 * (bi & 1))) & 15) | (((ld16(blk + 2) >> (2 * bi)) & 3) << 4)) - 32;
-        w.v = ld32(blk + 8 + 16 * bi + 4 * j);
     } else {
         static_assert(no_decoder<T>::value, "load_wq: no int8 path for this weight type code");
     }
@@ -287,34 +227,6 @@ __device__ __forceinline__ float dot_q(const WQ<T>& w, const XQ& x, int g) {
         s = __dp4a((int)lo, x.a, __dp4a((int)hi, x.b, 0)) - 16 * x.ones;
     } else if constexpr (T == T_Q8_0) {
         s = __dp4a((int)w.v0, x.a, __dp4a((int)w.v1, x.b, 0));
-    } else if constexpr (T == T_Q4_1 || T == T_Q5_1) {  // x = d*q + m
-        u32 lo = w.v & 0x0F0F0F0Fu, hi = (w.v >> 4) & 0x0F0F0F0Fu;
-        if constexpr (T == T_Q5_1) {
-            const int j = g & 3;
-            lo |= spread4((w.qh >> (4 * j)) & 15) << 4;
-            hi |= spread4((w.qh >> (16 + 4 * j)) & 15) << 4;
-        }
-        s = __dp4a((int)lo, x.a, __dp4a((int)hi, x.b, 0));
-        return x.d * (f16(w.d) * (float)s + f16(w.m) * (float)x.ones);
-    } else if constexpr (T == T_IQ4_NL || T == T_IQ4_XS) {  // x = d [* ls] * T[q]
-        s = __dp4a(iq4_values(w.v & 0x0F0F0F0Fu), x.a, __dp4a(iq4_values((w.v >> 4) & 0x0F0F0F0Fu), x.b, 0));
-        if constexpr (T == T_IQ4_XS) return f16(w.d) * (float)w.ls * x.d * (float)s;
-    } else if constexpr (T == T_Q4_K || T == T_Q5_K) {  // x = d*sc*q - dmin*m; the sub-block's nibbles
-        const int b = g >> 2, sh = 4 * (b & 1);
-        u32 lo = (w.v0 >> sh) & 0x0F0F0F0Fu, hi = (w.v1 >> sh) & 0x0F0F0F0Fu;
-        if constexpr (T == T_Q5_K) {
-            const int bit = (b & 7);
-            lo |= ((w.h0 >> bit) & 0x01010101u) << 4;
-            hi |= ((w.h1 >> bit) & 0x01010101u) << 4;
-        }
-        s = __dp4a((int)lo, x.a, __dp4a((int)hi, x.b, 0));
-        return x.d * (f16(w.d) * (float)w.sc * (float)s - f16(w.dmin) * (float)w.m * (float)x.ones);
-    } else if constexpr (T == T_Q6_K) {  // x = d*sc*(q-32), one scale per 16: elements 4j.. use sa, 16+4j.. sb
-        const int g4 = (g >> 2) & 3, sh = 4 * (g4 >> 1);
-        const u32 lo = ((w.l0 >> sh) & 0x0F0F0F0Fu) | (((w.h0 >> (2 * g4)) & 0x03030303u) << 4);
-        const u32 hi = ((w.l1 >> sh) & 0x0F0F0F0Fu) | (((w.h1 >> (2 * g4)) & 0x03030303u) << 4);
-        const int sa = __dp4a((int)__vsub4(lo, 0x20202020u), x.a, 0), sb = __dp4a((int)__vsub4(hi, 0x20202020u), x.b, 0);
-        return f16(w.d) * x.d * (float)(w.sa * sa + w.sb * sb);
     } else {
         static_assert(no_decoder<T>::value, "dot_q: no int8 path for this weight type code");
     }
@@ -505,6 +417,199 @@ __device__ __forceinline__ float2 dot_rows_chunk(const u8* __restrict__ r0, cons
     return make_float2(a0, a1);
 }
 
+// 4-bit indices (one per byte of q, each < 16) -> the IQ4_NL values they name, as 4 int8s.
+__device__ __forceinline__ int iq4_values(u32 q) {
+    const u32* t = (const u32*)IQ4NL_VALUES;
+    const u32 sel = (q & 7u) | ((q >> 4) & 0x70u) | ((q >> 8) & 0x700u) | ((q >> 12) & 0x7000u);
+    const u32 lo = __byte_perm(t[0], t[1], sel), hi = __byte_perm(t[2], t[3], sel);
+    const u32 pick = ((q >> 3) & 0x01010101u) * 0xFFu;  // bytes whose index is >= 8
+    return (int)((hi & pick) | (lo & ~pick));
+}
+
+// scale_min_k4 on the 12 scale bytes held in registers: a = bytes 0-3, b = 4-7, c = 8-11.
+__device__ __forceinline__ void scale_min_k4_regs(int j, u32 a, u32 b, u32 c, int& sc, int& m) {
+    const int sh = 8 * (j & 3);
+    const int ya = (a >> sh) & 255, yb = (b >> sh) & 255;
+    if (j < 4) {
+        sc = ya & 63;
+        m = yb & 63;
+    } else {
+        const int yc = (c >> sh) & 255;
+        sc = (yc & 15) | ((ya >> 6) << 4);
+        m = (yc >> 4) | ((yb >> 6) << 4);
+    }
+}
+
+// ------------------------------------------------------------------------ the wide path
+// Q4_1, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS: a lane takes a "unit" of 32 weights of a row at a
+// time: one block of 32, or in the K types one 16-byte run of the low-bit codes, whose low and high
+// nibbles (Q6_K: the two nibbles of ql) are 16 consecutive weights each of two different 32s. A
+// unit is two halves of 16 weights, each 16 consecutive int8 activations (one 16-byte load) and one
+// activation scale; the weights' bytes come in 16-byte (Q4_K, Q5_K) or 4-byte loads, and their
+// scales once per unit, so a lane issues a few loads per 32 weights instead of per 8.
+struct XW { int lo[4], hi[4]; float dlo, dhi; int slo, shi; };  // activations of a unit's halves
+
+// Where unit u's halves start (element index) for type T.
+template <int T>
+__device__ __forceinline__ void unit_halves(int u, int& elo, int& ehi) {
+    if constexpr (T == T_Q4_K || T == T_Q5_K) {  // chunk k of super-block sb: sub-blocks 2c (low), 2c+1 (high)
+        const int sb = u >> 3, k = u & 7;
+        elo = 256 * sb + 64 * (k >> 1) + 16 * (k & 1);
+        ehi = elo + 32;
+    } else if constexpr (T == T_Q6_K) {  // ql bytes 16k..: half h, groups g and g + 2 of 32, from l0
+        const int sb = u >> 3, k = u & 7, h = k >> 2, kk = k & 3;
+        elo = 256 * sb + 128 * h + 32 * (kk >> 1) + 16 * (kk & 1);
+        ehi = elo + 64;
+    } else {  // one block of 32
+        elo = 32 * u;
+        ehi = elo + 16;
+    }
+}
+
+template <int T>
+__device__ __forceinline__ XW load_xw(const Input& in, int u) {
+    int elo, ehi;
+    unit_halves<T>(u, elo, ehi);
+    const int4 a = *(const int4*)(in.q + elo / 4), b = *(const int4*)(in.q + ehi / 4);
+    XW x;
+    x.lo[0] = a.x; x.lo[1] = a.y; x.lo[2] = a.z; x.lo[3] = a.w;
+    x.hi[0] = b.x; x.hi[1] = b.y; x.hi[2] = b.z; x.hi[3] = b.w;
+    x.dlo = in.d[elo / QK];
+    x.dhi = in.d[ehi / QK];
+    x.slo = x.shi = 0;
+    if constexpr (T == T_Q4_1 || T == T_Q5_1 || T == T_Q4_K || T == T_Q5_K) {  // the mins multiply the sums
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            x.slo = __dp4a(x.lo[m], 0x01010101, x.slo);
+            x.shi = __dp4a(x.hi[m], 0x01010101, x.shi);
+        }
+    }
+    return x;
+}
+
+// A unit's raw weight bytes: q (4 words of low bits), h (Q5: 5th bits; Q6_K: 2 high bits), scales.
+struct WW { u32 q[4], h[4]; u16 d, m; int slo, shi; };
+
+template <int T>
+__device__ __forceinline__ WW load_ww(const u8* __restrict__ row, int u) {
+    WW w;
+    if constexpr (T == T_Q4_1 || T == T_Q5_1 || T == T_IQ4_NL) {
+        constexpr int BS = T == T_Q4_1 ? 20 : (T == T_Q5_1 ? 24 : 18), QS = T == T_Q4_1 ? 4 : (T == T_Q5_1 ? 8 : 2);
+        const u8* blk = row + u * BS;
+        w.d = ld16(blk);
+        if constexpr (T != T_IQ4_NL) w.m = ld16(blk + 2);
+        if constexpr (T == T_Q5_1) w.h[0] = ld32(blk + 4);
+#pragma unroll
+        for (int m = 0; m < 4; m++) w.q[m] = T == T_IQ4_NL ? ld32(blk + QS + 4 * m) : *(const u32*)(blk + QS + 4 * m);
+    } else if constexpr (T == T_IQ4_XS) {
+        const int ib = u & 7;
+        const u8* blk = row + (u >> 3) * 136;
+        w.d = ld16(blk);
+        w.slo = (((blk[4 + ib / 2] >> (4 * (ib & 1))) & 15) | (((ld16(blk + 2) >> (2 * ib)) & 3) << 4)) - 32;
+        const uint2 a = *(const uint2*)(blk + 8 + 16 * ib), b = *(const uint2*)(blk + 16 + 16 * ib);
+        w.q[0] = a.x; w.q[1] = a.y; w.q[2] = b.x; w.q[3] = b.y;
+    } else if constexpr (T == T_Q4_K || T == T_Q5_K) {
+        const int k = u & 7, c = k >> 1;
+        const u8* blk = row + (u >> 3) * (T == T_Q4_K ? 144 : 176);
+        const uint4 head = *(const uint4*)blk;  // d, dmin, scales[12]
+        const uint4 qs = *(const uint4*)(blk + (T == T_Q4_K ? 16 : 48) + 16 * k);
+        w.q[0] = qs.x; w.q[1] = qs.y; w.q[2] = qs.z; w.q[3] = qs.w;
+        w.d = (u16)(head.x & 0xFFFFu);
+        w.m = (u16)(head.x >> 16);
+        int s0, m0, s1, m1;
+        scale_min_k4_regs(2 * c, head.y, head.z, head.w, s0, m0);
+        scale_min_k4_regs(2 * c + 1, head.y, head.z, head.w, s1, m1);
+        w.slo = s0 | (m0 << 8);
+        w.shi = s1 | (m1 << 8);
+        if constexpr (T == T_Q5_K) {
+            const uint4 qh = *(const uint4*)(blk + 16 + 16 * (k & 1));
+            w.h[0] = qh.x; w.h[1] = qh.y; w.h[2] = qh.z; w.h[3] = qh.w;
+        }
+    } else if constexpr (T == T_Q6_K) {
+        const int k = u & 7, h = k >> 2, kk = k & 3, g = kk >> 1, l0 = 16 * (kk & 1);
+        const u8* blk = row + (u >> 3) * 210;
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            w.q[m] = ld32(blk + 16 * k + 4 * m);
+            w.h[m] = ld32(blk + 128 + 32 * h + l0 + 4 * m);
+        }
+        w.d = ld16(blk + 208);
+        w.slo = (signed char)blk[192 + 8 * h + 2 * g + (kk & 1)];
+        w.shi = (signed char)blk[192 + 8 * h + 2 * (g + 2) + (kk & 1)];
+    } else {
+        static_assert(no_decoder<T>::value, "load_ww: no wide path for this weight type code");
+    }
+    return w;
+}
+
+template <int T>
+__device__ __forceinline__ float dot_ww(const WW& w, const XW& x, int u) {
+    int slo = 0, shi = 0;
+    if constexpr (T == T_Q6_K) {  // codes: nibble | 2 high bits << 4, minus 32; low half: groups g, high: g + 2
+        const int g = ((u & 7) & 3) >> 1;
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            const u32 lo = (w.q[m] & 0x0F0F0F0Fu) | (((w.h[m] >> (2 * g)) & 0x03030303u) << 4);
+            const u32 hi = ((w.q[m] >> 4) & 0x0F0F0F0Fu) | (((w.h[m] >> (2 * g + 4)) & 0x03030303u) << 4);
+            slo = __dp4a((int)__vsub4(lo, 0x20202020u), x.lo[m], slo);
+            shi = __dp4a((int)__vsub4(hi, 0x20202020u), x.hi[m], shi);
+        }
+        return f16(w.d) * ((float)(w.slo * slo) * x.dlo + (float)(w.shi * shi) * x.dhi);
+    } else {
+        const int bit = T == T_Q5_K ? 2 * ((u & 7) >> 1) : 0;  // Q5_K: the sub-blocks' qh bits
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            u32 lo = w.q[m] & 0x0F0F0F0Fu, hi = (w.q[m] >> 4) & 0x0F0F0F0Fu;
+            if constexpr (T == T_Q5_1) {
+                lo |= spread4((w.h[0] >> (4 * m)) & 15) << 4;
+                hi |= spread4((w.h[0] >> (16 + 4 * m)) & 15) << 4;
+            } else if constexpr (T == T_Q5_K) {
+                lo |= ((w.h[m] >> bit) & 0x01010101u) << 4;
+                hi |= ((w.h[m] >> (bit + 1)) & 0x01010101u) << 4;
+            }
+            if constexpr (T == T_IQ4_NL || T == T_IQ4_XS) {
+                lo = (u32)iq4_values(lo);
+                hi = (u32)iq4_values(hi);
+            }
+            slo = __dp4a((int)lo, x.lo[m], slo);
+            shi = __dp4a((int)hi, x.hi[m], shi);
+        }
+    }
+    if constexpr (T == T_Q4_1 || T == T_Q5_1)  // x = d*q + m, one block
+        return x.dlo * (f16(w.d) * (float)(slo + shi) + f16(w.m) * (float)(x.slo + x.shi));
+    else if constexpr (T == T_IQ4_NL) return f16(w.d) * x.dlo * (float)(slo + shi);
+    else if constexpr (T == T_IQ4_XS) return f16(w.d) * (float)w.slo * x.dlo * (float)(slo + shi);
+    else {  // Q4_K, Q5_K: x = d*sc*q - dmin*m per sub-block
+        const float d = f16(w.d), dmin = f16(w.m);
+        return x.dlo * (d * (float)(w.slo & 255) * (float)slo - dmin * (float)(w.slo >> 8) * (float)x.slo) +
+               x.dhi * (d * (float)(w.shi & 255) * (float)shi - dmin * (float)(w.shi >> 8) * (float)x.shi);
+    }
+}
+
+// Dot products of two rows with the input over the wide path: U units per lane in flight, their
+// activations and both rows' weight bytes loaded before any is multiplied.
+template <int T, int U, int KS>
+__device__ __forceinline__ float2 dot_rows_wide(const u8* __restrict__ r0, const u8* __restrict__ r1, const Input& in, int cols, int ks) {
+    const int lane = threadIdx.x & 31;
+    const int nu = cols / 32;
+    float a0 = 0.f, a1 = 0.f;
+    for (int u0 = lane + 32 * U * ks; u0 < nu; u0 += 32 * U * KS) {
+        XW x[U];
+        WW w0[U], w1[U];
+#pragma unroll
+        for (int j = 0; j < U; j++) {
+            const int u = u0 + 32 * j;
+            if (u < nu) { x[j] = load_xw<T>(in, u); w0[j] = load_ww<T>(r0, u); w1[j] = load_ww<T>(r1, u); }
+        }
+#pragma unroll
+        for (int j = 0; j < U; j++) {
+            const int u = u0 + 32 * j;
+            if (u < nu) { a0 += dot_ww<T>(w0[j], x[j], u); a1 += dot_ww<T>(w1[j], x[j], u); }
+        }
+    }
+    return make_float2(a0, a1);
+}
+
 // The general path (Q6_K, and float rows that are not 16-byte aligned): one weight per lane.
 template <int T>
 __device__ __forceinline__ float2 dot_rows_any(const u8* __restrict__ r0, const u8* __restrict__ r1, const float* __restrict__ x, int cols) {
@@ -594,7 +699,7 @@ __device__ __forceinline__ void fold_group(const Fold& f, float v, int g, int n)
     if (f.q != nullptr) quantize_block(v, i, f.q, f.d, Arranged{f.a4, f.plane, f.a8});
 }
 
-enum { PATH_GROUP = 0, PATH_CHUNK = 1, PATH_ANY = 2 };
+enum { PATH_GROUP = 0, PATH_CHUNK = 1, PATH_ANY = 2, PATH_WIDE = 3 };
 
 #define ADD_WARPS 16  // an ADD product with KS == 1: 32 rows per block, one group to fold
 
@@ -656,6 +761,7 @@ __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS :
     if (valid) {
         if constexpr (PATH == PATH_ANY) s = dot_rows_any<T>(r0, r1, in.f, cols);
         else if constexpr (PATH == PATH_CHUNK && (T == T_Q4_0 || T == T_Q8_0)) s = dot_rows_chunk<T, U, KS>(r0, r1, xa, plane, in.d, (int)ld, ks);
+        else if constexpr (PATH == PATH_WIDE) s = dot_rows_wide<T, U, KS>(r0, r1, in, cols, ks);
         else s = dot_rows<T, U, KS, EARLY>(r0, r1, in, cols, ks, w0s, w1s);
     }
     // the other products: after the products, not at the start: 7B graph replay f16 3576 -> 3560 us, q4_0 1747 -> 1744
