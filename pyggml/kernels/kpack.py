@@ -38,7 +38,7 @@ from numba.core import cgutils
 from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
 from ..quant.kquants import IQ4NL_VALUES
 from ..tensor import KERNEL_TYPE_CODES
-from .simd import (HAS_AVX2, HAS_F16_VECTOR, PACK_ROWS, _CONTRACT, _F32, _I8, _I16, _I32, _I64, _abs_i8,
+from .simd import (HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, _dot4, PACK_ROWS, _CONTRACT, _F32, _I8, _I16, _I32, _I64, _abs_i8,
                    _load_f16x8, _load_scalar, _load_vec, _madd_ones, _maddubs, _prefetch, _sign_i8, _splat, _splat_value,
                    _vec, _x86)
 
@@ -144,6 +144,14 @@ def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
     (4 * 2 * 32 * 127 < 2^15) before its scale multiplies them; IQ4's |T[q]| <= 127 one at a time."""
     if lay.signed:
         x = [_sign_i8(builder, xk, ck) for xk, ck in zip(x, codes)]
+    if HAS_VNNI:  # one vpdpbusd per code vector; Q6_K's halves apart, then times their scales
+        halves = [None, None]
+        for k in range(8):
+            h = k // 4 if half_scales is not None else 0
+            halves[h] = _dot4(builder, halves[h], prepared[k], x[k])
+        if half_scales is None:
+            return halves[0]
+        return builder.add(builder.mul(halves[0], half_scales[0]), builder.mul(halves[1], half_scales[1]))
     per = 4 if (lay.high or lay.half_scales) else 8
     if lay.table:
         per = 1
@@ -172,7 +180,8 @@ def _pair_mul(builder, a16, b16):
 
 def _block_scales(builder, lay: KLayout, w, hdr, blk, table):
     """(s, bias, half_scales): the block's per-row scale and offset as <8 x float> (bias None when
-    the type has none) and, for Q6_K, its two halves' scales as <16 x i16> (lanes 2r, 2r + 1: row r)."""
+    the type has none) and, for Q6_K, its two halves' scales as <16 x i16> (lanes 2r, 2r + 1: row r)
+    for vpmaddwd, or with VNNI as <8 x i32> (lane r)."""
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
     half = None
     if lay.per_sb == 1:  # Q4_1, Q5_1, IQ4_NL: fp16 d[8] (and m[8]) in the block
@@ -183,9 +192,12 @@ def _block_scales(builder, lay: KLayout, w, hdr, blk, table):
     bias = None
     if lay.half_scales:  # Q6_K
         s = d
-        pair = ir.Constant(_vec(_I32, 16), [r for r in range(8) for _ in range(2)])
-        half = [builder.sext(builder.shuffle_vector(v, v, pair), _vec(_I16, 16))
-                for v in (_load_vec(builder, w, builder.add(blk, const(8 * h)), _I8, 8) for h in range(2))]
+        raw = [_load_vec(builder, w, builder.add(blk, const(8 * h)), _I8, 8) for h in range(2)]
+        if HAS_VNNI:  # <8 x i32>: lane r, row r's scale
+            half = [builder.sext(v, _vec(_I32, 8)) for v in raw]
+        else:  # <16 x i16>: lanes 2r, 2r + 1, for vpmaddwd
+            pair = ir.Constant(_vec(_I32, 16), [r for r in range(8) for _ in range(2)])
+            half = [builder.sext(builder.shuffle_vector(v, v, pair), _vec(_I16, 16)) for v in raw]
     else:  # Q4_K, Q5_K: sc[8], m[8] u8; IQ4_XS: ls[8] i8
         s = builder.fmul(d, _int8x8(builder, w, blk, signed=lay.signed))
         if lay.affine:
