@@ -15,16 +15,16 @@ import numpy as np
 
 from .gguf.constants import FILE_TYPE_OF, QUANTIZATION_VERSION, QUANTIZED_TYPES, GGMLType, Keys, TensorNames, TokenType
 from .gguf.writer import TensorPlan, write_gguf
+from .model.archs import ARCHITECTURES
 from .quant import codecs
 from .quant.mixes import get_mix, mix_type
 from .quantize import stored_type
 
-ARCH = "llama"
-
-
 @dataclass(frozen=True)
 class Shape:
-    """LLaMA hyperparameters that decide tensor shapes."""
+    """LLaMA-family hyperparameters that decide tensor shapes. arch: a row of model/archs.py (its extra
+    tensors are written too); head_dim 0: dim // n_heads; rope_freqs: write Llama 3.1-style frequency
+    factors (rope_freqs.weight)."""
 
     dim: int
     n_layers: int
@@ -36,6 +36,13 @@ class Shape:
     rope_base: float = 10000.0
     eps: float = 1e-5
     tied: bool = False
+    arch: str = "llama"
+    head_dim: int = 0
+    rope_freqs: bool = False
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
 
 
 SHAPES: dict[str, Shape] = {
@@ -68,10 +75,10 @@ def synthetic_vocab(n_vocab: int) -> dict[str, object]:
 
 def llama_metadata(shape: Shape, name: str, weight_type: GGMLType | str) -> dict[str, object]:
     """`weight_type`: one type for every matrix, or a llama.cpp mix name ("q4_k_m")."""
-    k = lambda key: Keys.arch(key, ARCH)  # noqa: E731
+    k = lambda key: Keys.arch(key, shape.arch)  # noqa: E731
     mix = get_mix(weight_type) if isinstance(weight_type, str) else None
     meta = {
-        Keys.ARCHITECTURE: ARCH,
+        Keys.ARCHITECTURE: shape.arch,
         Keys.NAME: name,
         Keys.FILE_TYPE: int(mix.file_type if mix else FILE_TYPE_OF[weight_type]),
         k(Keys.CONTEXT_LENGTH): shape.ctx,
@@ -80,11 +87,13 @@ def llama_metadata(shape: Shape, name: str, weight_type: GGMLType | str) -> dict
         k(Keys.FEED_FORWARD_LENGTH): shape.ffn_dim,
         k(Keys.HEAD_COUNT): shape.n_heads,
         k(Keys.HEAD_COUNT_KV): shape.n_kv_heads,
-        k(Keys.ROPE_DIMENSION_COUNT): shape.dim // shape.n_heads,
+        k(Keys.ROPE_DIMENSION_COUNT): shape.hd,
         k(Keys.ROPE_FREQ_BASE): float(shape.rope_base),
         k(Keys.RMS_EPS): float(shape.eps),
         k(Keys.VOCAB_SIZE): shape.vocab,
     }
+    if shape.head_dim:
+        meta[k(Keys.KEY_LENGTH)] = meta[k(Keys.VALUE_LENGTH)] = shape.head_dim
     if mix or weight_type in QUANTIZED_TYPES:
         meta[Keys.QUANTIZATION_VERSION] = QUANTIZATION_VERSION
     return meta
@@ -92,21 +101,28 @@ def llama_metadata(shape: Shape, name: str, weight_type: GGMLType | str) -> dict
 
 def tensor_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name -> numpy-order shape (rows, cols)."""
-    head_dim = shape.dim // shape.n_heads
-    kv = shape.n_kv_heads * head_dim
+    head_dim = shape.hd
+    kv, q = shape.n_kv_heads * head_dim, shape.n_heads * head_dim
     out: dict[str, tuple[int, ...]] = {TensorNames.TOKEN_EMBD: (shape.vocab, shape.dim)}
+    if shape.rope_freqs:
+        out[TensorNames.ROPE_FREQS] = (head_dim // 2,)
+    arch = ARCHITECTURES[shape.arch]
     for i in range(shape.n_layers):
         per_layer = {
             TensorNames.ATTN_NORM: (shape.dim,),
-            TensorNames.ATTN_Q: (shape.dim, shape.dim),
+            TensorNames.ATTN_Q: (q, shape.dim),
             TensorNames.ATTN_K: (kv, shape.dim),
             TensorNames.ATTN_V: (kv, shape.dim),
-            TensorNames.ATTN_OUTPUT: (shape.dim, shape.dim),
+            TensorNames.ATTN_OUTPUT: (shape.dim, q),
             TensorNames.FFN_NORM: (shape.dim,),
             TensorNames.FFN_GATE: (shape.ffn_dim, shape.dim),
             TensorNames.FFN_UP: (shape.ffn_dim, shape.dim),
             TensorNames.FFN_DOWN: (shape.dim, shape.ffn_dim),
         }
+        if arch.qkv_bias:
+            per_layer.update({TensorNames.ATTN_Q_BIAS: (q,), TensorNames.ATTN_K_BIAS: (kv,), TensorNames.ATTN_V_BIAS: (kv,)})
+        if arch.qk_norm:
+            per_layer.update({TensorNames.ATTN_Q_NORM: (head_dim,), TensorNames.ATTN_K_NORM: (head_dim,)})
         out.update({name.format(i=i): s for name, s in per_layer.items()})
     out[TensorNames.OUTPUT_NORM] = (shape.dim,)
     if not shape.tied:
@@ -117,6 +133,10 @@ def tensor_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
 def random_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """float32 weights with a realistic scale: norms near 1, matrices ~ N(0, 1/sqrt(cols))."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if name == TensorNames.ROPE_FREQS:  # Llama 3.1-style factors: 1 for high frequencies, up to 8 for low
+        return np.linspace(1.0, 8.0, shape[0], dtype=np.float32)
+    if name.endswith(".bias"):
+        return (0.5 * rng.standard_normal(shape)).astype(np.float32)
     if len(shape) == 1:
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     return (rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1])))

@@ -30,14 +30,20 @@ def int8_blocks(x):
 
 
 def numpy_llama_logits(path, tokens, int8_activations=True):
-    """The LLaMA forward pass written out plainly from the GGUF tensors: every position's logits.
-    With int8_activations, inputs of Q4_0/Q5_0/Q8_0 matrices are rounded as the kernels round them."""
+    """The LLaMA-family forward pass written out plainly from the GGUF tensors: every position's logits.
+    With int8_activations, inputs of the int8-activation types' matrices are rounded as the kernels
+    round them. llama, qwen2 (Q/K/V biases, NeoX RoPE) and qwen3 (per-head Q/K RMSNorm, NeoX RoPE,
+    key_length); rope_freqs and linear rope scaling. NeoX RoPE is computed here on the halves
+    directly (pyggml permutes rows instead)."""
     f = GGUFFile(path)
     m = f.metadata
-    dim, n_layers = m["llama.embedding_length"], m["llama.block_count"]
-    n_head, n_kv = m["llama.attention.head_count"], m["llama.attention.head_count_kv"]
-    eps, base = m["llama.attention.layer_norm_rms_epsilon"], m["llama.rope.freq_base"]
-    hd = dim // n_head
+    a = m["general.architecture"]
+    dim, n_layers = m[f"{a}.embedding_length"], m[f"{a}.block_count"]
+    n_head, n_kv = m[f"{a}.attention.head_count"], m[f"{a}.attention.head_count_kv"]
+    eps, base = m[f"{a}.attention.layer_norm_rms_epsilon"], m[f"{a}.rope.freq_base"]
+    hd = m.get(f"{a}.attention.key_length", dim // n_head)
+    neox = a in ("qwen2", "qwen3")
+    scale = m[f"{a}.rope.scaling.factor"] if m.get(f"{a}.rope.scaling.type") == "linear" else 1.0
 
     def W(name):
         t = f.tensors[name]
@@ -51,28 +57,42 @@ def numpy_llama_logits(path, tokens, int8_activations=True):
         quantized = int8_activations and f.tensors[name].ggml_type in INT8_ACTIVATION_TYPES
         return (int8_blocks(x) if quantized else x) @ W(name).T
 
-    def rope(x):  # x (T, heads, hd): rotate pairs (2i, 2i+1) by pos * base^(-2i/hd)
+    freqs = base ** (-np.arange(0, hd, 2) / hd) / scale
+    if "rope_freqs.weight" in f.tensors:
+        freqs = freqs / W("rope_freqs.weight")
+
+    def rope(x):  # x (T, heads, hd): rotate pairs (2i, 2i+1), or NeoX (i, i + hd/2), by pos * freq_i
         T = x.shape[0]
-        ang = np.arange(T)[:, None] * base ** (-np.arange(0, hd, 2) / hd)
+        ang = np.arange(T)[:, None] * freqs
         c, s = np.cos(ang)[:, None], np.sin(ang)[:, None]
         out = x.copy()
-        out[..., 0::2] = x[..., 0::2] * c - x[..., 1::2] * s
-        out[..., 1::2] = x[..., 0::2] * s + x[..., 1::2] * c
+        a0, a1 = (slice(0, hd // 2), slice(hd // 2, hd)) if neox else (slice(0, hd, 2), slice(1, hd, 2))
+        out[..., a0] = x[..., a0] * c - x[..., a1] * s
+        out[..., a1] = x[..., a0] * s + x[..., a1] * c
         return out
+
+    def proj(h, i, which, heads):
+        y = mm(h, f"blk.{i}.attn_{which}.weight")
+        if f"blk.{i}.attn_{which}.bias" in f.tensors:
+            y = y + W(f"blk.{i}.attn_{which}.bias")
+        y = y.reshape(len(h), heads, hd)
+        if f"blk.{i}.attn_{which}_norm.weight" in f.tensors:
+            y = norm(y, W(f"blk.{i}.attn_{which}_norm.weight"))
+        return y
 
     T = len(tokens)
     x = W("token_embd.weight")[tokens]
     mask = np.triu(np.full((T, T), -np.inf), 1)
     for i in range(n_layers):
         h = norm(x, W(f"blk.{i}.attn_norm.weight"))
-        q = rope(mm(h, f"blk.{i}.attn_q.weight").reshape(T, n_head, hd))
-        k = rope(mm(h, f"blk.{i}.attn_k.weight").reshape(T, n_kv, hd))
-        v = mm(h, f"blk.{i}.attn_v.weight").reshape(T, n_kv, hd)
+        q = rope(proj(h, i, "q", n_head))
+        k = rope(proj(h, i, "k", n_kv))
+        v = proj(h, i, "v", n_kv)
         k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
         s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(hd) + mask
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
-        x = x + mm(np.einsum("htu,uhd->thd", p, v).reshape(T, dim), f"blk.{i}.attn_output.weight")
+        x = x + mm(np.einsum("htu,uhd->thd", p, v).reshape(T, n_head * hd), f"blk.{i}.attn_output.weight")
         h = norm(x, W(f"blk.{i}.ffn_norm.weight"))
         g, u = mm(h, f"blk.{i}.ffn_gate.weight"), mm(h, f"blk.{i}.ffn_up.weight")
         x = x + mm(g / (1 + np.exp(-g)) * u, f"blk.{i}.ffn_down.weight")
@@ -86,6 +106,16 @@ K_SHAPE = Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=512, vocab
 MODEL_TYPES = [(GQA_SHAPE, t) for t in (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.BF16)]
 MODEL_TYPES += [(K_SHAPE, t) for t in (GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K,
                                        GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS)]
+# The architectures of model/archs.py, each with its own features: Llama 3.1 (rope_freqs, GQA 4:1),
+# linear rope scaling, Qwen2 (biases, NeoX), Qwen3 (Q/K norms, NeoX, head_dim 32 != dim / heads).
+ARCH_SHAPES = {
+    "llama3": Shape(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=96, vocab=300, ctx=64, rope_base=500000.0,
+                    rope_freqs=True),
+    "qwen2": Shape(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=96, vocab=300, ctx=64, rope_base=1e6, arch="qwen2"),
+    "qwen3": Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab=300, ctx=64, rope_base=1e6, arch="qwen3",
+                   head_dim=32),
+}
+ARCH_MODELS = [(name, t) for name in ARCH_SHAPES for t in (GGMLType.F32, GGMLType.Q8_0)]
 
 
 @pytest.fixture(scope="module", params=MODEL_TYPES, ids=lambda p: p[1].name)
@@ -262,3 +292,66 @@ def test_tokenize_detokenize_round_trip(stories):
     ids = llm.tokenize("Hello world")
     assert ids[0] == llm.token_bos() and llm.detokenize(ids) == b"Hello world"
     assert llm.tokenize(b"<s>Hi", special=True)[:2] == [1, 1]
+
+
+@pytest.fixture(scope="module", params=ARCH_MODELS, ids=lambda p: f"{p[0]}-{p[1].name}")
+def arch_model(request, tmp_path_factory):
+    name, t = request.param
+    path = tmp_path_factory.mktemp("arch") / f"{name}-{t.name}.gguf"
+    write_random_model(path, ARCH_SHAPES[name], t, seed=5)
+    return path
+
+
+def test_architectures_equal_numpy_forward(arch_model):
+    """Each architecture's features against the plain numpy forward (NeoX RoPE computed on halves
+    there, by a row permutation in pyggml); prefill equals steps."""
+    tokens = np.array([1, 17, 299, 5, 42, 42, 100, 3, 250, 7, 8])
+    want = numpy_llama_logits(arch_model, tokens)
+    llm = Llama(arch_model, n_ctx=32)
+    got = llm.model.forward(tokens, 0, llm.cache, all_logits=True)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
+    llm2 = Llama(arch_model, n_ctx=32)
+    steps = np.stack([llm2.model.forward(tokens[i : i + 1], i, llm2.cache) for i in range(len(tokens))])
+    np.testing.assert_allclose(steps, got, rtol=0, atol=1e-5 * np.abs(got).max())
+
+
+def _write_f32(path, shape, drop=(), add=(), keys=None):
+    from pyggml.gguf.writer import TensorPlan, write_gguf
+    from pyggml.synthetic import llama_metadata, random_weight, synthetic_vocab, tensor_shapes
+
+    meta = llama_metadata(shape, "t", GGMLType.F32)
+    meta.update(synthetic_vocab(shape.vocab))
+    meta.update(keys or {})
+    shapes = {n: s for n, s in tensor_shapes(shape).items() if n not in drop}
+    shapes.update(add)
+    write_gguf(path, meta, [TensorPlan(n, s, GGMLType.F32, lambda n=n, s=s: random_weight(n, s, 1)) for n, s in shapes.items()])
+    return path
+
+
+def test_linear_rope_scaling_divides_positions(tmp_path):
+    shape = ARCH_SHAPES["qwen2"]
+    path = _write_f32(tmp_path / "lin.gguf", shape, keys={"qwen2.rope.scaling.type": "linear", "qwen2.rope.scaling.factor": 4.0})
+    tokens = np.array([1, 17, 299, 5, 42, 42, 100, 3])
+    llm = Llama(path, n_ctx=32)
+    assert llm.model.config.rope_linear_factor == 4.0
+    got = llm.model.forward(tokens, 0, llm.cache, all_logits=True)
+    want = numpy_llama_logits(path, tokens)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
+    plain = numpy_llama_logits(_write_f32(tmp_path / "plain.gguf", shape), tokens)
+    assert np.abs(plain - want).max() > 100 * 2e-4 * np.abs(want).max()  # the factor matters
+    from pyggml.model import ModelError
+    with pytest.raises(ModelError, match="yarn"):
+        Llama(_write_f32(tmp_path / "yarn.gguf", shape, keys={"qwen2.rope.scaling.type": "yarn"}), n_ctx=16)
+
+
+def test_unused_or_missing_arch_tensor_is_an_error(tmp_path):
+    """A qwen2 file without its biases, or a llama file carrying qwen3's Q/K norms, is refused by name."""
+    from pyggml.model import ModelError
+
+    write = _write_f32
+    qwen2 = ARCH_SHAPES["qwen2"]
+    with pytest.raises(ModelError, match=r"blk\.1\.attn_k\.bias.*missing"):
+        Llama(write(tmp_path / "a.gguf", qwen2, drop=("blk.1.attn_k.bias",)), n_ctx=16)
+    llama = ARCH_SHAPES["llama3"]
+    with pytest.raises(ModelError, match=r"blk\.0\.attn_q_norm\.weight.*not used by architecture 'llama'"):
+        Llama(write(tmp_path / "b.gguf", llama, add={"blk.0.attn_q_norm.weight": (8,)}), n_ctx=16)

@@ -219,6 +219,11 @@ class Keys:
     RMS_EPS = "{arch}.attention.layer_norm_rms_epsilon"
     ROPE_DIMENSION_COUNT = "{arch}.rope.dimension_count"
     ROPE_FREQ_BASE = "{arch}.rope.freq_base"
+    ROPE_SCALING_TYPE = "{arch}.rope.scaling.type"
+    ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"
+    ROPE_SCALING_ORIG_CTX_LEN = "{arch}.rope.scaling.original_context_length"
+    KEY_LENGTH = "{arch}.attention.key_length"
+    VALUE_LENGTH = "{arch}.attention.value_length"
     VOCAB_SIZE = "{arch}.vocab_size"
 
     TOKENIZER_MODEL = "tokenizer.ggml.model"
@@ -229,6 +234,8 @@ class Keys:
     MERGES = "tokenizer.ggml.merges"
     BOS_ID = "tokenizer.ggml.bos_token_id"
     EOS_ID = "tokenizer.ggml.eos_token_id"
+    EOT_ID = "tokenizer.ggml.eot_token_id"
+    EOM_ID = "tokenizer.ggml.eom_token_id"
     UNK_ID = "tokenizer.ggml.unknown_token_id"
     PAD_ID = "tokenizer.ggml.padding_token_id"
     ADD_BOS = "tokenizer.ggml.add_bos_token"
@@ -254,9 +261,10 @@ class TokenType(IntEnum):
 
 
 class TensorNames:
-    """GGUF tensor names of the llama architecture; pyggml's internal names are these."""
+    """GGUF tensor names of the llama-family architectures; pyggml's internal names are these."""
 
     TOKEN_EMBD = "token_embd.weight"
+    ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling: F32 [head_dim / 2] frequency factors
     OUTPUT_NORM = "output_norm.weight"
     OUTPUT = "output.weight"
     ATTN_NORM = "blk.{i}.attn_norm.weight"
@@ -264,6 +272,11 @@ class TensorNames:
     ATTN_K = "blk.{i}.attn_k.weight"
     ATTN_V = "blk.{i}.attn_v.weight"
     ATTN_OUTPUT = "blk.{i}.attn_output.weight"
+    ATTN_Q_BIAS = "blk.{i}.attn_q.bias"  # qwen2
+    ATTN_K_BIAS = "blk.{i}.attn_k.bias"
+    ATTN_V_BIAS = "blk.{i}.attn_v.bias"
+    ATTN_Q_NORM = "blk.{i}.attn_q_norm.weight"  # qwen3: per-head RMS norm, [head_dim]
+    ATTN_K_NORM = "blk.{i}.attn_k_norm.weight"
     FFN_NORM = "blk.{i}.ffn_norm.weight"
     FFN_GATE = "blk.{i}.ffn_gate.weight"
     FFN_UP = "blk.{i}.ffn_up.weight"

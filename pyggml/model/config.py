@@ -1,12 +1,14 @@
-"""Hyperparameters of a LLaMA model, read from GGUF metadata alone."""
+"""Hyperparameters of a LLaMA-family model, read from GGUF metadata alone."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..gguf.constants import Keys
+from .archs import ARCHITECTURES, Arch
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+ROPE_SCALING_TYPES = ("none", "linear")  # {arch}.rope.scaling.type values pyggml computes
 
 
 class ModelError(ValueError):
@@ -25,10 +27,21 @@ class LlamaConfig:
     rope_dim: int  # dimensions of each head that RoPE rotates
     rope_freq_base: float
     rms_eps: float
+    arch: str = "llama"
+    head_dim: int = 0  # attention.key_length; 0: dim // n_heads
+    rope_linear_factor: float = 1.0  # rope.scaling.type "linear": positions are divided by this
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads if self.n_heads else 0)
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def architecture(self) -> Arch:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -55,7 +68,19 @@ class LlamaConfig:
         n_vocab = meta.get(Keys.arch(Keys.VOCAB_SIZE, arch)) or (len(tokens) if tokens is not None else None)
         if n_vocab is None:
             raise ModelError(f"{source}: neither {Keys.arch(Keys.VOCAB_SIZE, arch)!r} nor {Keys.TOKENS!r} gives the vocabulary size")
+        head_dim = get(Keys.KEY_LENGTH, dim // n_heads if n_heads else 0)
+        if get(Keys.VALUE_LENGTH, head_dim) != head_dim:
+            raise ModelError(f"{source}: {Keys.arch(Keys.VALUE_LENGTH, arch)!r} differs from the key length {head_dim}; "
+                             f"pyggml needs them equal")
+        scaling = meta.get(Keys.arch(Keys.ROPE_SCALING_TYPE, arch), "none")
+        if scaling not in ROPE_SCALING_TYPES:
+            raise ModelError(f"{source}: {Keys.arch(Keys.ROPE_SCALING_TYPE, arch)!r} is {scaling!r}; pyggml computes "
+                             f"{', '.join(ROPE_SCALING_TYPES)}")
+        factor = get(Keys.ROPE_SCALING_FACTOR, 1.0, float) if scaling == "linear" else 1.0
         cfg = cls(
+            arch=arch,
+            head_dim=head_dim,
+            rope_linear_factor=factor,
             n_vocab=int(n_vocab),
             dim=dim,
             n_layers=get(Keys.BLOCK_COUNT),
@@ -63,7 +88,7 @@ class LlamaConfig:
             n_kv_heads=get(Keys.HEAD_COUNT_KV, n_heads),
             ffn_dim=get(Keys.FEED_FORWARD_LENGTH),
             n_ctx_train=get(Keys.CONTEXT_LENGTH),
-            rope_dim=get(Keys.ROPE_DIMENSION_COUNT, dim // n_heads if n_heads else 0),
+            rope_dim=get(Keys.ROPE_DIMENSION_COUNT, head_dim),
             rope_freq_base=get(Keys.ROPE_FREQ_BASE, 10000.0, float),
             rms_eps=get(Keys.RMS_EPS, 1e-5, float),
         )
@@ -74,7 +99,10 @@ class LlamaConfig:
         for name in ("n_vocab", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_ctx_train"):
             if getattr(self, name) <= 0:
                 raise ModelError(f"{source}: {name} = {getattr(self, name)} must be positive")
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ModelError(f"{source}: {self.dim} dims, {self.n_heads} heads and {self.n_kv_heads} KV heads do not divide evenly")
+        if self.head_dim <= 0 or self.n_heads % self.n_kv_heads:
+            raise ModelError(f"{source}: head_dim {self.head_dim}, {self.n_heads} heads and {self.n_kv_heads} KV heads "
+                             f"do not divide evenly")
+        if not self.rope_linear_factor > 0:
+            raise ModelError(f"{source}: rope.scaling.factor {self.rope_linear_factor} must be positive")
         if self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
             raise ModelError(f"{source}: rope.dimension_count {self.rope_dim} must be even and at most head_dim {self.head_dim}")

@@ -17,6 +17,7 @@ from ..gguf.reader import GGUFFile
 from ..quant.registry import check_computable
 from ..tensor import QWeight
 from .config import LlamaConfig, ModelError
+from . import archs
 from .kvcache import KVCache
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,19 @@ log = logging.getLogger(__name__)
 class Layer:
     backend: Backend
     attn_norm: np.ndarray  # (dim,)
-    wq: QWeight  # (dim, dim): rows permuted for adjacent-pair RoPE
+    wq: QWeight  # (q_dim, dim): rows in adjacent-pair RoPE order (NeoX files: permuted at load)
     wk: QWeight  # (kv_dim, dim)
     wv: QWeight  # (kv_dim, dim)
-    wo: QWeight  # (dim, dim)
+    wo: QWeight  # (dim, q_dim)
     ffn_norm: np.ndarray  # (dim,)
     w_gate: QWeight  # (ffn_dim, dim)
     w_up: QWeight  # (ffn_dim, dim)
     w_down: QWeight  # (dim, ffn_dim)
+    bq: object = None  # (q_dim,), bk, bv (kv_dim,): qwen2's Q/K/V biases
+    bk: object = None
+    bv: object = None
+    q_norm: object = None  # (head_dim,): qwen3's RMSNorm of each q / k head
+    k_norm: object = None
 
 
 class LlamaModel:
@@ -56,12 +62,40 @@ class LlamaModel:
             self.output = self.tok_embd
         else:
             self.output = self._matrix(head_backend, TensorNames.OUTPUT, (cfg.n_vocab, cfg.dim))
+        self.arch = cfg.architecture
+        self._neox = archs.neox_order(1, cfg.head_dim, cfg.rope_dim) if self.arch.rope_neox else None
         self.layers = [self._layer(i, b) for i, b in enumerate(backends)]
-        self._all_on_head = all(b is head_backend for b in backends)  # then one token may run as one step
-        half = np.arange(cfg.rope_dim // 2, dtype=np.float64)
-        self.inv_freq = cfg.rope_freq_base ** (-2.0 * half / cfg.rope_dim)  # (rope_dim/2,)
+        # one token may run as one fused step of a backend when every layer is there and plain
+        self._all_on_head = all(b is head_backend for b in backends) and self.arch.plain_block
+        self.inv_freq = self._rope_frequencies()  # (rope_dim/2,)
+        self._check_no_unused_tensors()
 
     # --------------------------------------------------------------------------- weights
+    def _rope_frequencies(self) -> np.ndarray:
+        """theta_i = base^(-2i / rope_dim), divided by rope.scaling.factor (linear) and by the file's
+        rope_freqs.weight factors (Llama 3.1+) where it has them."""
+        cfg = self.config
+        half = np.arange(cfg.rope_dim // 2, dtype=np.float64)
+        inv_freq = cfg.rope_freq_base ** (-2.0 * half / cfg.rope_dim) / cfg.rope_linear_factor
+        if TensorNames.ROPE_FREQS in self.file.tensors:
+            if not self.arch.rope_freqs:
+                raise ModelError(f"{self.file.path}: tensor {TensorNames.ROPE_FREQS!r} is not used by {self.arch.name}")
+            factors = self._vector(TensorNames.ROPE_FREQS, cfg.rope_dim // 2).astype(np.float64)
+            if not (np.isfinite(factors).all() and (factors > 0).all()):
+                raise ModelError(f"{self.file.path}: tensor {TensorNames.ROPE_FREQS!r} holds non-positive or non-finite factors")
+            inv_freq = inv_freq / factors
+        return inv_freq
+
+    def _check_no_unused_tensors(self) -> None:
+        cfg = self.config
+        used = {TensorNames.TOKEN_EMBD, TensorNames.OUTPUT_NORM, TensorNames.OUTPUT, TensorNames.ROPE_FREQS}
+        used |= {t.format(i=i) for i in range(cfg.n_layers) for t in self.arch.block_tensors()}
+        unused = sorted(set(self.file.tensors) - used)
+        if unused:
+            more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+            raise ModelError(f"{self.file.path}: tensor {unused[0]!r}{more} is not used by architecture {self.arch.name!r}; "
+                             f"running without it would compute something else")
+
     def _info(self, name: str, shape: tuple[int, ...]):
         info = self.file.tensors.get(name)
         if info is None:
@@ -70,14 +104,28 @@ class LlamaModel:
             raise ModelError(f"{self.file.path}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)}")
         return info
 
-    def _matrix(self, b: Backend, name: str, shape: tuple[int, int], products: bool = True) -> QWeight:
+    def _matrix(self, b: Backend, name: str, shape: tuple[int, int], products: bool = True, heads: int = 0) -> QWeight:
         """The weight as backend b holds it. products: the model multiplies by it (then the backend
-        reads all of it now: its pages are mapped in one call)."""
+        reads all of it now: its pages are mapped in one call). heads: a NeoX file's q or k projection
+        of that many heads, whose rows are put in adjacent-pair order (a copy)."""
         info = self._info(name, shape)
         check_computable(f"{self.file.path}: tensor {name!r}", info.ggml_type)
         if products:
             self.file.populate(name)
-        return b.load_weight(QWeight(name, self.file.tensor(name), info.ggml_type, shape), products=products)
+        raw = self.file.tensor(name)
+        if heads and self._neox is not None:
+            raw = np.ascontiguousarray(raw[self._head_order(heads)])
+        return b.load_weight(QWeight(name, raw, info.ggml_type, shape), products=products)
+
+    def _head_order(self, heads: int) -> np.ndarray:
+        return (np.arange(heads)[:, None] * self.config.head_dim + self._neox[None, :]).reshape(-1)
+
+    def _optional_vector(self, b: Backend, name: str, n: int, heads: int = 0):
+        """A bias or per-head norm weight on backend b (permuted like its projection in a NeoX file)."""
+        v = self._vector(name, n)
+        if self._neox is not None:
+            v = v[self._head_order(heads)] if heads else v[self._neox]
+        return b.load_vector(v)
 
     def _vector(self, name: str, n: int) -> np.ndarray:
         info = self._info(name, (n,))
@@ -86,21 +134,29 @@ class LlamaModel:
         return self.file.tensor(name).astype(np.float32)
 
     def _layer(self, i: int, b: Backend) -> Layer:
-        cfg = self.config
+        cfg, arch = self.config, self.arch
         n = lambda t: t.format(i=i)  # noqa: E731
-        m = lambda t, shape: self._matrix(b, n(t), shape)  # noqa: E731
-        return Layer(
+        m = lambda t, shape, heads=0: self._matrix(b, n(t), shape, heads=heads)  # noqa: E731
+        layer = Layer(
             backend=b,
             attn_norm=b.load_vector(self._vector(n(TensorNames.ATTN_NORM), cfg.dim)),
-            wq=m(TensorNames.ATTN_Q, (cfg.dim, cfg.dim)),
-            wk=m(TensorNames.ATTN_K, (cfg.kv_dim, cfg.dim)),
+            wq=m(TensorNames.ATTN_Q, (cfg.q_dim, cfg.dim), cfg.n_heads),
+            wk=m(TensorNames.ATTN_K, (cfg.kv_dim, cfg.dim), cfg.n_kv_heads),
             wv=m(TensorNames.ATTN_V, (cfg.kv_dim, cfg.dim)),
-            wo=m(TensorNames.ATTN_OUTPUT, (cfg.dim, cfg.dim)),
+            wo=m(TensorNames.ATTN_OUTPUT, (cfg.dim, cfg.q_dim)),
             ffn_norm=b.load_vector(self._vector(n(TensorNames.FFN_NORM), cfg.dim)),
             w_gate=m(TensorNames.FFN_GATE, (cfg.ffn_dim, cfg.dim)),
             w_up=m(TensorNames.FFN_UP, (cfg.ffn_dim, cfg.dim)),
             w_down=m(TensorNames.FFN_DOWN, (cfg.dim, cfg.ffn_dim)),
         )
+        if arch.qkv_bias:
+            layer.bq = self._optional_vector(b, n(TensorNames.ATTN_Q_BIAS), cfg.q_dim, cfg.n_heads)
+            layer.bk = self._optional_vector(b, n(TensorNames.ATTN_K_BIAS), cfg.kv_dim, cfg.n_kv_heads)
+            layer.bv = b.load_vector(self._vector(n(TensorNames.ATTN_V_BIAS), cfg.kv_dim))
+        if arch.qk_norm:
+            layer.q_norm = self._optional_vector(b, n(TensorNames.ATTN_Q_NORM), cfg.head_dim)
+            layer.k_norm = self._optional_vector(b, n(TensorNames.ATTN_K_NORM), cfg.head_dim)
+        return layer
 
     # ------------------------------------------------------------------------ forward
     def _layer_forward(self, layer: Layer, li: int, x, positions: np.ndarray, start_pos: int, cache: KVCache):
@@ -109,6 +165,11 @@ class LlamaModel:
         n_tok = x.shape[0]
         h = b.rmsnorm(x, layer.attn_norm, cfg.rms_eps)
         q, k, v = b.matmuls((layer.wq, layer.wk, layer.wv), h)
+        if layer.bq is not None:
+            q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
+        if layer.q_norm is not None:  # each head of q and k by itself
+            q = b.rmsnorm(q.reshape(-1, cfg.head_dim), layer.q_norm, cfg.rms_eps)
+            k = b.rmsnorm(k.reshape(-1, cfg.head_dim), layer.k_norm, cfg.rms_eps)
         q = q.reshape(n_tok, cfg.n_heads, cfg.head_dim)
         k = k.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
@@ -117,7 +178,7 @@ class LlamaModel:
         k_cache, v_cache = cache.layer(li)  # (n_kv_heads, n_ctx, head_dim) each
         k_cache[:, start_pos : start_pos + n_tok] = k.transpose(1, 0, 2)
         v_cache[:, start_pos : start_pos + n_tok] = v.transpose(1, 0, 2)
-        att = b.attention(q, k_cache, v_cache, start_pos).reshape(n_tok, cfg.dim)
+        att = b.attention(q, k_cache, v_cache, start_pos).reshape(n_tok, cfg.q_dim)
         x = x + b.matmul(layer.wo, att)
         h = b.rmsnorm(x, layer.ffn_norm, cfg.rms_eps)
         a = b.silu_mul(*b.matmuls((layer.w_gate, layer.w_up), h))
@@ -158,7 +219,7 @@ class LlamaModel:
             if backend is not on:  # the hidden state crosses once per device boundary
                 x = backend.to_device(on.to_host(x))
                 on = backend
-            fused = getattr(backend, "decode_layers", None) if n_tok == 1 else None
+            fused = getattr(backend, "decode_layers", None) if n_tok == 1 and self.arch.plain_block else None
             if fused is not None:  # one token: the backend runs its layers as one captured step
                 x = fused(self, ids, x, start_pos, cache)
                 continue
