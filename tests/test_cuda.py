@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import random_q6_k
+from test_model import ARCH_SHAPES
 from pyggml import Llama
 from pyggml.gguf import GGMLType
 from pyggml.kernels import reference
@@ -119,6 +120,9 @@ def test_embedding_rows_match_codecs(gpu):
 MODEL_TYPES = [(s, t) for s in SHAPES for t in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.F16, GGMLType.F32,
                                                 GGMLType.BF16)]
 MODEL_TYPES += [("hd64", t) for t in COMPUTABLE_TYPES if t not in {m for _, m in MODEL_TYPES}]
+# the architectures of model/archs.py (biases, Q/K norms, NeoX RoPE, rope_freqs): GPU layers run them op by op
+SHAPES.update(ARCH_SHAPES)
+MODEL_TYPES += [(a, t) for a in ARCH_SHAPES for t in (GGMLType.F32, GGMLType.Q8_0)]
 
 
 @pytest.fixture(scope="module", params=MODEL_TYPES, ids=lambda p: f"{p[0]}-{p[1].name}")
