@@ -1,9 +1,10 @@
-"""HF LLaMA directory (config.json, safetensors, tokenizer.model) -> one GGUF file.
+"""HF LLaMA-family directory (config.json, safetensors, tokenizer) -> one GGUF file.
 
-Everything is checked before the first byte is written (files present, architecture known,
-every tensor mapped with the shape config.json implies); then tensors stream one at a time
-from memory-mapped safetensors through permutation and conversion into the writer, which
-renames its temp file into place only on success.
+Everything is checked before the first byte is written (files present, architecture known and
+every config field honoured, every tensor mapped with the shape config.json implies); then
+tensors stream one at a time from memory-mapped safetensors through permutation and conversion
+into the writer, which renames its temp file into place only on success. What differs between
+architectures is a row of archs.ARCHS; this module has no per-architecture branches.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from pyggml.gguf.constants import FILE_TYPE_OF, QUANTIZATION_VERSION, QUANTIZED_
 from pyggml.gguf.writer import TensorPlan, write_gguf
 from pyggml.quantize import FALLBACK_TYPE, stored_type
 
+from .archs import gguf_name, permute_qk
+from .config import HParams, arch_metadata, expected_shapes, hparams_from_config, qk_heads, rope_freqs
 from .errors import ConversionError, read_json_object
-from .llama import ARCH, HParams, expected_shapes, gguf_name, hparams_from_config, llama_metadata, permute_qk, qk_heads
 from .safetensors_io import LOADABLE, LazyTensor, open_checkpoint
-from .tokenizer import tokenizer_metadata
+from .tokenizer import TOKENIZER_FILE, tokenizer_metadata
+from .tokenizer_bpe import TOKENIZER_JSON, bpe_tokenizer_metadata
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def _map_tensors(checkpoint: dict[str, LazyTensor], hp: HParams, model_dir: Path
     shapes = expected_shapes(hp)
     found: dict[str, LazyTensor] = {}
     for hf_name, src in checkpoint.items():
-        name = gguf_name(hf_name)
+        name = gguf_name(hf_name, hp.spec)
         if name is None:
             continue
         if name not in shapes:
@@ -98,7 +101,7 @@ def _map_tensors(checkpoint: dict[str, LazyTensor], hp: HParams, model_dir: Path
     missing = [n for n in shapes if n not in found and n != TensorNames.OUTPUT]
     if missing:
         raise ConversionError(
-            f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s) a {hp.n_layer}-layer llama needs, "
+            f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s) a {hp.n_layer}-layer {hp.arch} needs, "
             f"e.g. {', '.join(missing[:4])}"
         )
     if TensorNames.OUTPUT not in found:
@@ -112,6 +115,28 @@ def _stored_type(shape: tuple[int, ...], outtype: GGMLType) -> tuple[GGMLType, s
     if used is outtype or len(shape) < 2:
         return used, None
     return used, f"row length {shape[-1]} does not fill whole {outtype.name} blocks"
+
+
+def _vocab_metadata(model_dir: Path, hp: HParams, config: dict) -> dict[str, object]:
+    """tokenizer.* keys: SentencePiece tokenizer.model when there is one (as llama.cpp prefers), else
+    a byte-level BPE tokenizer.json."""
+    if (model_dir / TOKENIZER_FILE).is_file():
+        return tokenizer_metadata(model_dir, hp.n_vocab, config)
+    if (model_dir / TOKENIZER_JSON).is_file():
+        return bpe_tokenizer_metadata(model_dir, hp.n_vocab, config, add_prefix_space_key=hp.spec.add_prefix_space_key)
+    found = sorted(p.name for p in model_dir.glob("tokenizer*"))
+    raise ConversionError(
+        f"{model_dir}: no tokenizer: expected a SentencePiece {TOKENIZER_FILE} or a byte-level BPE {TOKENIZER_JSON}"
+        + (f" (found {', '.join(found)})" if found else "")
+    )
+
+
+def _extra_tensors(hp: HParams) -> list[TensorPlan]:
+    """Tensors computed from config.json rather than read: llama3 RoPE's rope_freqs (F32, head_dim/2)."""
+    if hp.rope.type != "llama3":
+        return []
+    freqs = rope_freqs(hp.rope, hp.head_dim)
+    return [TensorPlan(TensorNames.ROPE_FREQS, freqs.shape, GGMLType.F32, lambda: freqs)]
 
 
 def _load(src: LazyTensor, ggml_type: GGMLType, n_head: int | None) -> np.ndarray:
@@ -140,10 +165,10 @@ def plan_conversion(model_dir: str | os.PathLike, outtype: str = "f16") -> Conve
     config = read_json_object(config_path, required=True)
     hp = hparams_from_config(config, config_path)
     sources = _map_tensors(open_checkpoint(model_dir), hp, model_dir)
-    tok_meta = tokenizer_metadata(model_dir, hp.n_vocab, config)
+    tok_meta = _vocab_metadata(model_dir, hp, config)
 
     heads = qk_heads(hp)
-    tensors, fallbacks = [], []
+    tensors, fallbacks = _extra_tensors(hp), []
     for name, src in sources.items():
         ggml_type, reason = _stored_type(src.shape, qtype)
         if reason is not None:
@@ -156,13 +181,13 @@ def plan_conversion(model_dir: str | os.PathLike, outtype: str = "f16") -> Conve
         )
 
     metadata: dict[str, object] = {
-        Keys.ARCHITECTURE: ARCH,
+        Keys.ARCHITECTURE: hp.arch,
         Keys.NAME: model_name(model_dir),
         Keys.FILE_TYPE: int(FILE_TYPE_OF[qtype]),
     }
     if any(t.ggml_type in QUANTIZED_TYPES for t in tensors):
         metadata[Keys.QUANTIZATION_VERSION] = QUANTIZATION_VERSION
-    metadata.update(llama_metadata(hp))
+    metadata.update(arch_metadata(hp))
     metadata.update(tok_meta)
     return ConversionPlan(metadata, tensors, fallbacks)
 
@@ -173,7 +198,10 @@ def convert_hf_to_gguf(
     outtype: str = "f16",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
-    """Convert a HF LLaMA/Mistral directory to GGUF; return the path written.
+    """Convert a HF LLaMA-family directory to GGUF; return the path written.
+
+    Architectures: archs.ARCHS (Llama 1/2/3.x, Mistral, Qwen2/2.5, Qwen3); tokenizers: SentencePiece
+    tokenizer.model or byte-level BPE tokenizer.json.
 
     outtype: f32, f16, bf16 or q8_0 for 2-D weights (token_embd included); norms stay F32, and a
     q8_0 matrix whose rows are not a multiple of 32 long is stored as F16 (logged as a warning).

@@ -1,4 +1,4 @@
-"""kpack.py's packed int8-activation products (Q4_1, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) against
+"""kpack.py's packed int8-activation products (Q4_1, Q5_1, Q2_K-Q6_K, IQ4_NL, IQ4_XS) against
 the exact int8-activation reference over the `gguf` package's dequantization of random blocks: every
 code and sub-scale bit pattern, sane fp16 scales, groups of 8 rows plus a remainder, one token, a
 token tile plus one, and a batch split into column panels."""
@@ -13,7 +13,8 @@ gguf_quants = pytest.importorskip("gguf.quants")
 
 # Byte offsets of each block's fp16 scale fields (the rest of a block is any bit pattern).
 F16_FIELDS = {GGMLType.Q4_1: (0, 2), GGMLType.Q5_1: (0, 2), GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2),
-              GGMLType.Q6_K: (208,), GGMLType.IQ4_NL: (0,), GGMLType.IQ4_XS: (0,)}
+              GGMLType.Q6_K: (208,), GGMLType.Q3_K: (108,), GGMLType.Q2_K: (80, 82), GGMLType.IQ4_NL: (0,),
+              GGMLType.IQ4_XS: (0,)}
 TYPES = sorted(kpack.K_LAYOUTS, key=lambda t: t.value)
 
 

@@ -347,8 +347,8 @@ def test_long_text_matches_sentencepiece(real: Case):
 
 
 def test_unsupported_models_are_refused():
-    with pytest.raises(TokenizerError, match="gpt2.*not supported"):
-        load_tokenizer({Keys.TOKENIZER_MODEL: "gpt2", Keys.TOKENS: ["a"]})
+    with pytest.raises(TokenizerError, match="bert.*WordPiece.*not supported.*'llama' .SentencePiece.*'gpt2'"):
+        load_tokenizer({Keys.TOKENIZER_MODEL: "bert", Keys.TOKENS: ["a"]})
     with pytest.raises(TokenizerError, match=Keys.TOKENIZER_MODEL):
         load_tokenizer({})
     with pytest.raises(TokenizerError, match=Keys.SCORES):

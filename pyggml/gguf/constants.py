@@ -238,8 +238,11 @@ class Keys:
     EOM_ID = "tokenizer.ggml.eom_token_id"
     UNK_ID = "tokenizer.ggml.unknown_token_id"
     PAD_ID = "tokenizer.ggml.padding_token_id"
+    SEP_ID = "tokenizer.ggml.seperator_token_id"  # sic: llama.cpp's spelling
+    MASK_ID = "tokenizer.ggml.mask_token_id"
     ADD_BOS = "tokenizer.ggml.add_bos_token"
     ADD_EOS = "tokenizer.ggml.add_eos_token"
+    ADD_SEP = "tokenizer.ggml.add_sep_token"
     ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
     REMOVE_EXTRA_WHITESPACES = "tokenizer.ggml.remove_extra_whitespaces"
     CHAT_TEMPLATE = "tokenizer.chat_template"

@@ -73,7 +73,7 @@ GROUPS_PER_TASK = ROWS_PER_TASK // PACK_ROWS
 # kpack.py's types: the signed ones (|q| and the signs of the activations) hold more vectors.
 PACKED_TOKENS = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 3,
                  GGMLType.Q4_1: 4, GGMLType.Q5_1: 4, GGMLType.Q4_K: 4, GGMLType.Q5_K: 4,
-                 GGMLType.Q6_K: 3, GGMLType.IQ4_NL: 3, GGMLType.IQ4_XS: 3}
+                 GGMLType.Q6_K: 3, GGMLType.Q3_K: 3, GGMLType.Q2_K: 3, GGMLType.IQ4_NL: 3, GGMLType.IQ4_XS: 3}
 _ONE = {t: 1 for t in PACKED_TOKENS}
 _PACKED_ONE = packed_kernel(_ONE, INT8_PREFETCH, kpacked_emitters(_ONE, INT8_PREFETCH))
 _PACKED_TILE = packed_kernel(PACKED_TOKENS, 0, kpacked_emitters(PACKED_TOKENS))
@@ -133,7 +133,9 @@ def pack(w: QWeight) -> np.ndarray:
     """The packed copy the products of an INT8_ACTIVATION_TYPES weight read (simd.py's or kpack.py's layout)."""
     if w.ggml_type in K_PACKED_TYPES:
         return pack_k(_bytes2d(w.raw), w.ggml_type, w.rows, w.cols)
-    return pack_int8(w)
+    if w.ggml_type in PACKED_LAYOUTS:
+        return pack_int8(w)
+    raise ValueError(f"{w.name}: {w.ggml_type.name} weights have no packed layout (they multiply float activations)")
 
 
 @njit(parallel=True, cache=True)

@@ -1,4 +1,4 @@
-"""Packed int8-activation products of the newer weight types: Q4_1, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS.
+"""Packed int8-activation products of the newer weight types: Q4_1, Q5_1, Q2_K-Q6_K, IQ4_NL, IQ4_XS.
 
 The same scheme as simd.py's Q4_0 / Q5_0 / Q8_0 products (read that module first): at load a
 weight is copied into groups of 8 rows, each 32-weight block of the 8 rows side by side, so one
@@ -13,20 +13,24 @@ What differs by type is how a block's codes and its per-row scales are stored:
     Q5_K    d[8], dmin[8] fp16                 sc[8], m[8] u8, qh 32 bytes           5 bit    d*sc*q - dmin*m
     Q6_K    d[8] fp16                          sc[8] (elements 0-15), sc[8] (16-31)  6 bit    d*sc*(q-32)
                                                i8, high bits 64 bytes
+    Q3_K    d[8] fp16                          sc[8], sc[8] (halves) i8, high bits   3 bit    d*sc*(q-4)
+    Q2_K    d[8], dmin[8] fp16                 sc nibbles[8], m nibbles[8] (halves)  2 bit    d*sc*q - dmin*m
     IQ4_NL  -                                  d[8] fp16                             table    d*T[q]
     IQ4_XS  d[8] fp16                          ls[8] i8 (the 6-bit scale - 32)       table    d*ls*T[q]
 
 (the "- " types have one block per super-block). The 4 low bits of the codes are stored as Q4_0's
 are (4 x 32 bytes; in the m-th 32, byte 4r + e: row r's elements 4m + e (low nibble) and 4m + 16 + e
-(high)); Q5's 5th bits as simd.py's packed Q5_0 (byte 4r + e, bit k: element 4k + e); Q6_K's 2 high
+(high)); 2-bit codes in 2 x 32 bytes (vector v, byte 4r + e, bits 2j: element 4(4v + j) + e); Q5's
+5th and Q3_K's 3rd bits as simd.py's packed Q5_0 (byte 4r + e, bit k: element 4k + e); Q6_K's 2 high
 bits in two 32-byte vectors (vector h, byte 4r + e, bits 2k, 2k + 1: element 4(4h + k) + e).
 
 A block's product for 8 rows is then  acc += float(isum) * (s * d_x) + bias * xc,  with isum the
 integer dot of the codes and the activation codes, s the per-row scale and bias the per-row offset
 (Q4_1/Q5_1: m; Q4_K/Q5_K: -dmin*m), all exact in float32 as ggml forms them (d*sc of an fp16 and a
-6-bit integer is exact). Q6_K and the IQ4 types have signed codes (q - 32, T[q]) and take simd.py's
-|q| * (x * sign(q)) route; Q6_K's two 16-weight halves are weighted by their scales in the integer
-pair sum (vpmaddwd with the scales instead of ones).
+6-bit integer is exact). Q6_K, Q3_K and the IQ4 types have signed codes (q - 32, q - 4, T[q]) and
+take simd.py's |q| * (x * sign(q)) route; the two 16-weight halves of Q6_K, Q3_K and Q2_K are
+weighted by their scales in the integer sums (vpmaddwd with the scales instead of ones, or a vector
+multiply after vpdpbusd); Q2_K's mins per half take the sums of the activation codes of each half.
 """
 from __future__ import annotations
 
@@ -46,19 +50,27 @@ _CODES_BYTES = 4 * 32  # the low 4 bits of a block of 8 rows
 
 
 class KLayout:
-    """Where a packed group keeps what (bytes), for one type; the kernel and the packer both read it."""
+    """Where a packed group keeps what (bytes), for one type; the kernel and the packer both read it.
 
-    def __init__(self, t: GGMLType, per_sb: int, header: int, meta: int, high: int, signed: bool, table: bool,
-                 affine: bool, k_scales: bool, half_scales: bool):
-        self.type, self.per_sb = t, per_sb  # 32-weight blocks per super-block
-        self.header = header  # bytes at the start of a super-block (its fp16 d[8] [, dmin[8]])
-        self.meta = meta  # bytes of per-block scales at the start of each block
-        self.high = high  # bytes of high bits after them (Q5: 32, Q6_K: 64)
-        self.block = meta + high + _CODES_BYTES  # bytes of one block of 8 rows
+    per_sb: 32-weight blocks per super-block; header: bytes at a super-block's start (fp16 d[8]
+    [, dmin[8]]); meta: bytes of per-block scales at each block's start; low_bits: bits of each code
+    in the low-bit vectors (4: Q4_0's nibble order, 128 bytes; 2: 64 bytes, vector v byte 4r + e bits
+    2j, 2j + 1: element 4(4v + j) + e); high_bits: bits above them (Q5, Q3_K: 1, in 32 bytes as
+    simd.py's packed Q5_0 qh; Q6_K: 2, in 64 bytes); offset: subtracted from a code (signed codes);
+    table: codes index IQ4NL_VALUES; affine: x = s*q + bias per block; k_scales: the block scale is
+    the super-block's d times a small integer; half_scales: integer scales per 16 weights inside the
+    row sums; half_mins: Q2_K's mins per 16 weights; d_at: where a stored super-block keeps its d."""
+
+    def __init__(self, t: GGMLType, per_sb: int, header: int, meta: int, *, low_bits: int = 4, high_bits: int = 0,
+                 offset: int = 0, table: bool = False, affine: bool = False, k_scales: bool = False,
+                 half_scales: bool = False, half_mins: bool = False, d_at: int = 0):
+        self.type, self.per_sb, self.header, self.meta = t, per_sb, header, meta
+        self.low_bits, self.high_bits, self.offset, self.table = low_bits, high_bits, offset, table
+        self.affine, self.k_scales, self.half_scales, self.half_mins, self.d_at = affine, k_scales, half_scales, half_mins, d_at
+        self.signed = bool(offset) or table
+        self.high = 32 * high_bits  # bytes of high bits after the meta
+        self.block = meta + self.high + 32 * low_bits  # bytes of one block of 8 rows
         self.superblock = header + per_sb * self.block
-        self.signed, self.table, self.affine = signed, table, affine
-        self.k_scales = k_scales  # the block scale is the super-block's d times a small integer
-        self.half_scales = half_scales  # Q6_K: integer scales per 16 weights, inside the pair sums
         tr = TYPE_TRAITS[t]
         self.stored_sb = tr.type_size * (QK * per_sb // tr.block_size)  # stored bytes of one row's super-block
 
@@ -66,15 +78,18 @@ class KLayout:
         return cols // (QK * self.per_sb) * self.superblock
 
 
-K_LAYOUTS = {
-    GGMLType.Q4_1: KLayout(GGMLType.Q4_1, 1, 0, 32, 0, False, False, True, False, False),
-    GGMLType.Q5_1: KLayout(GGMLType.Q5_1, 1, 0, 32, 32, False, False, True, False, False),
-    GGMLType.Q4_K: KLayout(GGMLType.Q4_K, 8, 32, 16, 0, False, False, True, True, False),
-    GGMLType.Q5_K: KLayout(GGMLType.Q5_K, 8, 32, 16, 32, False, False, True, True, False),
-    GGMLType.Q6_K: KLayout(GGMLType.Q6_K, 8, 16, 16, 64, True, False, False, False, True),
-    GGMLType.IQ4_NL: KLayout(GGMLType.IQ4_NL, 1, 0, 16, 0, True, True, False, False, False),
-    GGMLType.IQ4_XS: KLayout(GGMLType.IQ4_XS, 8, 16, 8, 0, True, True, False, True, False),
-}
+_T = GGMLType
+K_LAYOUTS = {lay.type: lay for lay in (
+    KLayout(_T.Q4_1, 1, 0, 32, affine=True),
+    KLayout(_T.Q5_1, 1, 0, 32, high_bits=1, affine=True),
+    KLayout(_T.Q4_K, 8, 32, 16, affine=True, k_scales=True),
+    KLayout(_T.Q5_K, 8, 32, 16, high_bits=1, affine=True, k_scales=True),
+    KLayout(_T.Q6_K, 8, 16, 16, high_bits=2, offset=32, half_scales=True, d_at=208),
+    KLayout(_T.Q3_K, 8, 16, 16, low_bits=2, high_bits=1, offset=4, half_scales=True, d_at=108),
+    KLayout(_T.Q2_K, 8, 32, 16, low_bits=2, half_scales=True, half_mins=True, d_at=80),
+    KLayout(_T.IQ4_NL, 1, 0, 16, table=True),
+    KLayout(_T.IQ4_XS, 8, 16, 8, table=True, k_scales=True),
+)}
 K_PACKED_TYPES = frozenset(K_LAYOUTS)
 
 
@@ -120,19 +135,25 @@ def _codes(builder, lay: KLayout, w, blk):
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
     at = builder.add(blk, const(lay.meta + lay.high))
     codes = [None] * 8
-    for m in range(4):
-        v = _load_vec(builder, w, builder.add(at, const(32 * m)), _I8, 32)
-        codes[m] = builder.and_(v, _splat(_I8, 32, 15))
-        codes[m + 4] = _shifted_bits(builder, builder.bitcast(v, _vec(_I16, 16)), 4, 0, 15)
+    if lay.low_bits == 4:
+        for m in range(4):
+            v = _load_vec(builder, w, builder.add(at, const(32 * m)), _I8, 32)
+            codes[m] = builder.and_(v, _splat(_I8, 32, 15))
+            codes[m + 4] = _shifted_bits(builder, builder.bitcast(v, _vec(_I16, 16)), 4, 0, 15)
+    else:  # 2 bits: vector k // 4, bits 2(k % 4)
+        lv = [builder.bitcast(_load_vec(builder, w, builder.add(at, const(32 * v)), _I8, 32), _vec(_I16, 16)) for v in range(2)]
+        codes = [_shifted_bits(builder, lv[k // 4], 2 * (k % 4), 0, 3) for k in range(8)]
     hi_at = builder.add(blk, const(lay.meta))
-    if lay.high == 32:  # Q5: bit k of byte 4r + e -> bit 4 of group k's code
+    top = lay.low_bits
+    if lay.high_bits == 1:  # Q5, Q3_K: bit k of byte 4r + e -> bit `top` of group k's code
         qh = builder.bitcast(_load_vec(builder, w, hi_at, _I8, 32), _vec(_I16, 16))
-        codes = [builder.or_(c, _shifted_bits(builder, qh, k, 4, 16)) for k, c in enumerate(codes)]
-    elif lay.high == 64:  # Q6_K: bits 2k', 2k' + 1 of vector k // 4 -> bits 4, 5 of group k's code, then - 32
+        codes = [builder.or_(c, _shifted_bits(builder, qh, k, top, 1 << top)) for k, c in enumerate(codes)]
+    elif lay.high_bits == 2:  # Q6_K: bits 2k', 2k' + 1 of vector k // 4 -> bits 4, 5 of group k's code
         hv = [builder.bitcast(_load_vec(builder, w, builder.add(hi_at, const(32 * h)), _I8, 32), _vec(_I16, 16))
               for h in range(2)]
-        codes = [builder.sub(builder.or_(c, _shifted_bits(builder, hv[k // 4], 2 * (k % 4), 4, 0x30)), _splat(_I8, 32, 32))
-                 for k, c in enumerate(codes)]
+        codes = [builder.or_(c, _shifted_bits(builder, hv[k // 4], 2 * (k % 4), top, 3 << top)) for k, c in enumerate(codes)]
+    if lay.offset:
+        codes = [builder.sub(c, _splat(_I8, 32, lay.offset)) for c in codes]
     if lay.table:
         codes = [_lookup(builder, c) for c in codes]
     return codes
@@ -140,8 +161,9 @@ def _codes(builder, lay: KLayout, w, blk):
 
 def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
     """<8 x i32>: lane r = row r's integer dot over the block. Unsigned 4-bit codes add 8 pair sums
-    as i16 (8 * 2 * 15 * 127 < 2^15), 5-bit ones 4; Q6_K's |q - 32| <= 32 add the 4 of a half
-    (4 * 2 * 32 * 127 < 2^15) before its scale multiplies them; IQ4's |T[q]| <= 127 one at a time."""
+    as i16 (8 * 2 * 15 * 127 < 2^15), 5-bit ones 4; Q6_K's |q - 32| <= 32 (Q2_K's, Q3_K's <= 4) add
+    the 4 of a half (4 * 2 * 32 * 127 < 2^15) before its scale multiplies them; IQ4's |T[q]| <= 127
+    one at a time."""
     if lay.signed:
         x = [_sign_i8(builder, xk, ck) for xk, ck in zip(x, codes)]
     if HAS_VNNI:  # one vpdpbusd per code vector; Q6_K's halves apart, then times their scales
@@ -170,6 +192,25 @@ def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
     return total
 
 
+def _half_sums(builder, x):
+    """[S_a, S_b]: <8 x i32> with every lane the sum of the activation codes of elements 0-15 (16-31)
+    of the block (x: its 8 broadcast groups of 4 bytes)."""
+    ones = _splat(_I8, 32, 1)
+    out = []
+    for h in range(2):
+        if HAS_VNNI:
+            total = None
+            for k in range(4 * h, 4 * h + 4):
+                total = _dot4(builder, total, ones, x[k])
+        else:  # 4 pair sums of |x| <= 127 fit i16
+            s16 = _maddubs(builder, ones, x[4 * h])
+            for k in range(4 * h + 1, 4 * h + 4):
+                s16 = builder.add(s16, _maddubs(builder, ones, x[k]))
+            total = _madd_ones(builder, s16)
+        out.append(total)
+    return out
+
+
 def _pair_mul(builder, a16, b16):
     """vpmaddwd without AVX2: <16 x i16> x <16 x i16> -> <8 x i32> adjacent products summed."""
     prod = builder.mul(builder.sext(a16, _vec(_I32, 16)), builder.sext(b16, _vec(_I32, 16)))
@@ -179,31 +220,38 @@ def _pair_mul(builder, a16, b16):
 
 
 def _block_scales(builder, lay: KLayout, w, hdr, blk, table):
-    """(s, bias, half_scales): the block's per-row scale and offset as <8 x float> (bias None when
-    the type has none) and, for Q6_K, its two halves' scales as <16 x i16> (lanes 2r, 2r + 1: row r)
-    for vpmaddwd, or with VNNI as <8 x i32> (lane r)."""
+    """(s, bias, half, mins): the block's per-row scale and offset as <8 x float> (bias None when the
+    type has none); for the half-scale types their two halves' integer scales, as <16 x i16> (lanes
+    2r, 2r + 1: row r) for vpmaddwd or with VNNI as <8 x i32> (lane r); for Q2_K its mins
+    (dmin <8 x float>, m_a and m_b <8 x i32>), else None."""
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-    half = None
     if lay.per_sb == 1:  # Q4_1, Q5_1, IQ4_NL: fp16 d[8] (and m[8]) in the block
         s = _f16x8(builder, w, blk, table)
         bias = _f16x8(builder, w, builder.add(blk, const(16)), table) if lay.affine else None
-        return s, bias, half
+        return s, bias, None, None
     d = _f16x8(builder, w, hdr, table)
-    bias = None
-    if lay.half_scales:  # Q6_K
-        s = d
-        raw = [_load_vec(builder, w, builder.add(blk, const(8 * h)), _I8, 8) for h in range(2)]
-        if HAS_VNNI:  # <8 x i32>: lane r, row r's scale
-            half = [builder.sext(v, _vec(_I32, 8)) for v in raw]
-        else:  # <16 x i16>: lanes 2r, 2r + 1, for vpmaddwd
-            pair = ir.Constant(_vec(_I32, 16), [r for r in range(8) for _ in range(2)])
-            half = [builder.sext(builder.shuffle_vector(v, v, pair), _vec(_I16, 16)) for v in raw]
-    else:  # Q4_K, Q5_K: sc[8], m[8] u8; IQ4_XS: ls[8] i8
+    if not lay.half_scales:  # Q4_K, Q5_K: sc[8], m[8] u8; IQ4_XS: ls[8] i8
         s = builder.fmul(d, _int8x8(builder, w, blk, signed=lay.signed))
+        bias = None
         if lay.affine:
             dmin = _f16x8(builder, w, builder.add(hdr, const(16)), table)
             bias = builder.fneg(builder.fmul(dmin, _int8x8(builder, w, builder.add(blk, const(8)), signed=False)))
-    return s, bias, half
+        return s, bias, None, None
+    i32x8 = _vec(_I32, 8)
+    raw = [_load_vec(builder, w, builder.add(blk, const(8 * h)), _I8, 8) for h in range(2)]
+    mins = None
+    if lay.half_mins:  # Q2_K: [sc_a | sc_b << 4] x 8, [m_a | m_b << 4] x 8
+        nib = [builder.zext(v, i32x8) for v in raw]
+        lo = lambda v: builder.and_(v, _splat(_I32, 8, 15))  # noqa: E731
+        hi = lambda v: builder.lshr(v, _splat(_I32, 8, 4))  # noqa: E731
+        half = [lo(nib[0]), hi(nib[0])]
+        mins = (_f16x8(builder, w, builder.add(hdr, const(16)), table), lo(nib[1]), hi(nib[1]))
+    else:  # Q6_K, Q3_K: i8 scales of each half
+        half = [builder.sext(v, i32x8) for v in raw]
+    if not HAS_VNNI:  # <16 x i16>: lanes 2r, 2r + 1, for vpmaddwd
+        pair = ir.Constant(_vec(_I32, 16), [r for r in range(8) for _ in range(2)])
+        half = [builder.trunc(builder.shuffle_vector(v, v, pair), _vec(_I16, 16)) for v in half]
+    return d, None, half, mins
 
 
 def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetch: int) -> None:
@@ -228,7 +276,7 @@ def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetc
         if prefetch:
             for k in range(0, lay.block, 64):
                 _prefetch(builder, wa.data, builder.add(blk, const(prefetch + k)))
-        s, bias, half = _block_scales(builder, lay, wa.data, hdr, blk, tablea.data)
+        s, bias, half, mins = _block_scales(builder, lay, wa.data, hdr, blk, tablea.data)
         codes = _codes(builder, lay, wa.data, blk)
         prepared = [_abs_i8(builder, c) for c in codes] if lay.signed else codes
         xblk = builder.mul(b, const(QK))
@@ -243,6 +291,10 @@ def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetc
             if bias is not None:
                 xc = builder.load(builder.gep(xca.data, [builder.add(d_off[j], b)]))
                 a = builder.fadd(a, builder.fmul(bias, _splat_value(builder, xc, 8), flags=_CONTRACT), flags=_CONTRACT)
+            if mins is not None:  # Q2_K: - dmin * d_x * (m_a * S_a + m_b * S_b)
+                sa, sb = _half_sums(builder, x)
+                msum = builder.sitofp(builder.add(builder.mul(mins[1], sa), builder.mul(mins[2], sb)), _vec(_F32, 8))
+                a = builder.fsub(a, builder.fmul(msum, builder.fmul(mins[0], _splat_value(builder, dx, 8))))
             builder.store(a, acc[j])
     first = builder.icmp_signed("==", b0, const(0))
     for j in range(n_tok):
@@ -261,61 +313,110 @@ def kpacked_emitters(tokens: dict, prefetch: int = 0) -> tuple:
 
 # ------------------------------------------------------------------------------- the packer
 _C = {t: KERNEL_TYPE_CODES[t] for t in K_LAYOUTS}
-_Q4_1, _Q5_1, _Q4_K, _Q5_K, _Q6_K, _IQ4_NL, _IQ4_XS = (_C[t] for t in (
-    GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS))
+_Q4_1, _Q5_1, _Q4_K, _Q5_K, _Q6_K, _Q3_K, _Q2_K, _IQ4_NL, _IQ4_XS = (_C[t] for t in (
+    _T.Q4_1, _T.Q5_1, _T.Q4_K, _T.Q5_K, _T.Q6_K, _T.Q3_K, _T.Q2_K, _T.IQ4_NL, _T.IQ4_XS))
+
+
+@njit(inline="always")
+def _u8(raw, i):
+    return np.int64(raw[i])
 
 
 @njit(inline="always")
 def _k4_scale_min(raw, at, j):
     """Q4_K / Q5_K: scale and min j (< 8) of the 12 packed bytes at raw[at]."""
     if j < 4:
-        return np.int64(raw[at + j]) & 63, np.int64(raw[at + j + 4]) & 63
-    return ((np.int64(raw[at + j + 4]) & 15) | ((np.int64(raw[at + j - 4]) >> 6) << 4),
-            (np.int64(raw[at + j + 4]) >> 4) | ((np.int64(raw[at + j]) >> 6) << 4))
+        return _u8(raw, at + j) & 63, _u8(raw, at + j + 4) & 63
+    return ((_u8(raw, at + j + 4) & 15) | ((_u8(raw, at + j - 4) >> 6) << 4),
+            (_u8(raw, at + j + 4) >> 4) | ((_u8(raw, at + j) >> 6) << 4))
+
+
+@njit(inline="always")
+def _q3_scale(raw, at, i):
+    """Q3_K: 6-bit scale i (< 16) of the 12 packed bytes at raw[at], minus 32."""
+    low = (_u8(raw, at + i) & 15) if i < 8 else (_u8(raw, at + i - 8) >> 4)
+    return (low | (((_u8(raw, at + 8 + i % 4) >> (2 * (i // 4))) & 3) << 4)) - 32
 
 
 @njit(inline="always")
 def _block_codes(code, raw, s, bi, c):
-    """Codes c[32] of block bi of the stored super-block at raw[s] (low 4 bits, plus Q5's 5th bit and
-    Q6_K's 2 high bits above them); returns (meta byte a, meta byte b) of the block where it has them,
-    and False for a code with no packer (a raise here would keep the caller's prange serial)."""
+    """Codes c[32] of block bi of the stored super-block at raw[s] (the low bits, and Q5's 5th bit,
+    Q6_K's 2 high bits, Q3_K's 3rd bit above them; before any offset); returns the block's two meta
+    bytes (a, b) where it has them, and False for a code with no packer (a raise here would keep the
+    caller's prange serial)."""
     a = b = 0
     if code == _Q4_1 or code == _IQ4_NL:
         q = s + (4 if code == _Q4_1 else 2)
         for j in range(16):
-            c[j], c[j + 16] = np.int64(raw[q + j]) & 15, np.int64(raw[q + j]) >> 4
+            c[j], c[j + 16] = _u8(raw, q + j) & 15, _u8(raw, q + j) >> 4
     elif code == _Q5_1:
-        qh = np.uint32(np.int64(raw[s + 4])) | (np.uint32(np.int64(raw[s + 5])) << 8) | (np.uint32(np.int64(raw[s + 6])) << 16) | (np.uint32(np.int64(raw[s + 7])) << 24)
+        qh = _u8(raw, s + 4) | (_u8(raw, s + 5) << 8) | (_u8(raw, s + 6) << 16) | (_u8(raw, s + 7) << 24)
         for j in range(16):
-            c[j] = (np.int64(raw[s + 8 + j]) & 15) | (((qh >> j) & 1) << 4)
-            c[j + 16] = (np.int64(raw[s + 8 + j]) >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            c[j] = (_u8(raw, s + 8 + j) & 15) | (((qh >> j) & 1) << 4)
+            c[j + 16] = (_u8(raw, s + 8 + j) >> 4) | (((qh >> (j + 16)) & 1) << 4)
     elif code == _Q4_K or code == _Q5_K:
         a, b = _k4_scale_min(raw, s + 4, bi)
         q = s + (16 if code == _Q4_K else 48) + 32 * (bi // 2)
         for j in range(32):
-            v = np.int64(raw[q + j])
+            v = _u8(raw, q + j)
             c[j] = (v >> 4) if bi % 2 else (v & 15)
             if code == _Q5_K:
-                c[j] |= ((np.int64(raw[s + 16 + j]) >> bi) & 1) << 4
+                c[j] |= ((_u8(raw, s + 16 + j) >> bi) & 1) << 4
     elif code == _Q6_K:
         half, g = bi // 4, bi % 4
         for j in range(32):
-            lo = np.int64(raw[s + 64 * half + j + 32 * (g & 1)])
-            c[j] = ((lo & 15) if g < 2 else (lo >> 4)) | (((np.int64(raw[s + 128 + 32 * half + j]) >> (2 * g)) & 3) << 4)
-        a, b = np.int64(raw[s + 192 + 2 * bi]), np.int64(raw[s + 193 + 2 * bi])
+            lo = _u8(raw, s + 64 * half + j + 32 * (g & 1))
+            c[j] = ((lo & 15) if g < 2 else (lo >> 4)) | (((_u8(raw, s + 128 + 32 * half + j) >> (2 * g)) & 3) << 4)
+        a, b = _u8(raw, s + 192 + 2 * bi), _u8(raw, s + 193 + 2 * bi)
+    elif code == _Q3_K or code == _Q2_K:  # halves of 128, shifts of 2 bits for each 32 of a half
+        half, g = bi // 4, bi % 4
+        q = s + (32 if code == _Q3_K else 16) + 32 * half
+        for j in range(32):
+            c[j] = (_u8(raw, q + j) >> (2 * g)) & 3
+            if code == _Q3_K:
+                c[j] |= ((_u8(raw, s + j) >> (4 * half + g)) & 1) << 2
+        if code == _Q3_K:
+            a, b = _q3_scale(raw, s + 96, 2 * bi), _q3_scale(raw, s + 96, 2 * bi + 1)
+        else:  # scale nibbles of both halves, then min nibbles
+            s0, s1 = _u8(raw, s + 2 * bi), _u8(raw, s + 2 * bi + 1)
+            a, b = (s0 & 15) | ((s1 & 15) << 4), (s0 >> 4) | ((s1 >> 4) << 4)
     elif code == _IQ4_XS:
-        sh = np.int64(np.int64(raw[s + 2])) | (np.int64(np.int64(raw[s + 3])) << 8)
-        a = (((np.int64(raw[s + 4 + bi // 2]) >> (4 * (bi % 2))) & 15) | (((sh >> (2 * bi)) & 3) << 4)) - 32
+        sh = _u8(raw, s + 2) | (_u8(raw, s + 3) << 8)
+        a = (((_u8(raw, s + 4 + bi // 2) >> (4 * (bi % 2))) & 15) | (((sh >> (2 * bi)) & 3) << 4)) - 32
         for j in range(16):
-            v = np.int64(raw[s + 8 + 16 * bi + j])
+            v = _u8(raw, s + 8 + 16 * bi + j)
             c[j], c[j + 16] = v & 15, v >> 4
     else:
         return a, b, False
     return a, b, True
 
 
+@njit(inline="always")
+def _put_codes(dst, at, r, c, low_bits, high_bits):
+    """Row r's codes c[32] into a packed block whose high bits start at `at` (then the low bits)."""
+    cb = at + 32 * high_bits
+    if low_bits == 4:  # Q4_0's order: byte 4m + e of row r holds elements 4m + e and 4m + 16 + e
+        for m in range(4):
+            for e in range(4):
+                dst[cb + 32 * m + 4 * r + e] = (c[4 * m + e] & 15) | ((c[4 * m + 16 + e] & 15) << 4)
+    else:  # vector v, byte 4r + e, bits 2j: element 4(4v + j) + e
+        for v in range(2):
+            for e in range(4):
+                byte = 0
+                for j in range(4):
+                    byte |= (c[4 * (4 * v + j) + e] & 3) << (2 * j)
+                dst[cb + 32 * v + 4 * r + e] = byte
+    for h in range(high_bits):  # bits of (code >> low_bits), 8 groups a byte (1 bit) or 4 (2 bits)
+        for e in range(4):
+            byte = 0
+            for k in range(8 // high_bits):
+                kk = 4 * h + k if high_bits == 2 else k
+                byte |= ((c[4 * kk + e] >> low_bits) & ((1 << high_bits) - 1)) << (high_bits * k)
+            dst[at + 32 * h + 4 * r + e] = byte
+
+
 @njit(parallel=True, cache=True)
-def _pack_k(code, raw, per_sb, stored_sb, header, meta, high, block, superblock, out, bad):
+def _pack_k(code, raw, per_sb, stored_sb, header, meta, high_bits, low_bits, block, superblock, d_at, out, bad):
     """raw (rows, stored row bytes) -> out (rows // 8, group bytes): the layout of K_LAYOUTS[code];
     bad[g] = 1 where group g met a code with no packer."""
     n_sb = raw.shape[1] // stored_sb
@@ -327,41 +428,22 @@ def _pack_k(code, raw, per_sb, stored_sb, header, meta, high, block, superblock,
             for sb in range(n_sb):
                 s = sb * stored_sb
                 hdr = sb * superblock
-                if header:  # the super-block's fp16 d (and dmin)
-                    at = s + 208 if code == _Q6_K else s
-                    dst[hdr + 2 * r], dst[hdr + 2 * r + 1] = src[at], src[at + 1]
-                    if header == 32:
-                        dst[hdr + 16 + 2 * r], dst[hdr + 17 + 2 * r] = src[s + 2], src[s + 3]
+                if header:  # the super-block's fp16 d (and dmin after it)
+                    for k in range(header // 16):
+                        dst[hdr + 16 * k + 2 * r], dst[hdr + 16 * k + 2 * r + 1] = src[s + d_at + 2 * k], src[s + d_at + 2 * k + 1]
                 for bi in range(per_sb):
                     blk = hdr + header + bi * block
                     a, b, ok = _block_codes(code, src, s, bi, c)
                     if not ok:
                         bad[g] = 1
                     if per_sb == 1:  # the block's own fp16 d (and m)
-                        dst[blk + 2 * r], dst[blk + 2 * r + 1] = src[s], src[s + 1]
-                        if meta == 32:
-                            dst[blk + 16 + 2 * r], dst[blk + 17 + 2 * r] = src[s + 2], src[s + 3]
+                        for k in range(meta // 16):
+                            dst[blk + 16 * k + 2 * r], dst[blk + 16 * k + 2 * r + 1] = src[s + 2 * k], src[s + 2 * k + 1]
                     else:
                         dst[blk + r] = a & 255
                         if meta == 16:
                             dst[blk + 8 + r] = b & 255
-                    hb, cb = blk + meta, blk + meta + high
-                    for m in range(4):
-                        for e in range(4):
-                            dst[cb + 32 * m + 4 * r + e] = (c[4 * m + e] & 15) | ((c[4 * m + 16 + e] & 15) << 4)
-                    if high == 32:
-                        for e in range(4):
-                            v = 0
-                            for k in range(8):
-                                v |= ((c[4 * k + e] >> 4) & 1) << k
-                            dst[hb + 4 * r + e] = v
-                    elif high == 64:
-                        for h in range(2):
-                            for e in range(4):
-                                v = 0
-                                for k in range(4):
-                                    v |= ((c[4 * (4 * h + k) + e] >> 4) & 3) << (2 * k)
-                                dst[hb + 32 * h + 4 * r + e] = v
+                    _put_codes(dst, blk + meta, r, c, low_bits, high_bits)
 
 
 def pack_k(raw: np.ndarray, t: GGMLType, rows: int, cols: int) -> np.ndarray:
@@ -371,8 +453,8 @@ def pack_k(raw: np.ndarray, t: GGMLType, rows: int, cols: int) -> np.ndarray:
     raw = raw.view(np.uint8).reshape(rows, -1)
     out = np.empty((rows // PACK_ROWS, lay.group_bytes(cols)), np.uint8)
     bad = np.zeros(len(out), np.uint8)
-    _pack_k(KERNEL_TYPE_CODES[t], raw, lay.per_sb, lay.stored_sb, lay.header, lay.meta, lay.high, lay.block,
-            lay.superblock, out, bad)
+    _pack_k(KERNEL_TYPE_CODES[t], raw, lay.per_sb, lay.stored_sb, lay.header, lay.meta, lay.high_bits, lay.low_bits,
+            lay.block, lay.superblock, lay.d_at, out, bad)
     if bad.any():
         raise ValueError(f"pack_k: no packer for {t.name} in _block_codes")
     return out

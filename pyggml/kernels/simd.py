@@ -15,6 +15,8 @@ reads a row in its stored GGUF layout, for rows past the last full group.
 """
 from __future__ import annotations
 
+import os
+
 import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
@@ -27,9 +29,19 @@ from ..tensor import KERNEL_TYPE_CODES
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _FAST = ("fast",)
 
+# The instruction sets the kernels use are the host's, as LLVM reports them, unless PYGGML_SIMD caps
+# them: "avx2" (no VNNI), "portable" (plain LLVM vector IR only), "native" (the default). Tests run
+# the capped paths on whatever host they have; numba's on-disk cache does not know the setting, so
+# a capped run needs its own NUMBA_CACHE_DIR.
+SIMD_LEVELS = ("native", "avx2", "portable")
+SIMD_LEVEL = os.environ.get("PYGGML_SIMD", "native")
+if SIMD_LEVEL not in SIMD_LEVELS:
+    raise ImportError(f"PYGGML_SIMD={SIMD_LEVEL!r}: expected one of {', '.join(SIMD_LEVELS)}")
+_FEATURES = llvm.get_host_cpu_features().flatten().split(",")
+
 # x86 AVX2 has u8 x i8 -> i16 pair-sum (vpmaddubsw) and i16 x i16 -> i32 pair-sum (vpmaddwd): the
 # instructions llama.cpp's AVX2 kernels are built on. Elsewhere the portable IR below is used.
-HAS_AVX2 = "+avx2" in llvm.get_host_cpu_features().flatten().split(",")
+HAS_AVX2 = SIMD_LEVEL != "portable" and "+avx2" in _FEATURES
 
 
 def _x86(builder, name: str, ret: ir.Type, *operands: ir.Value) -> ir.Value:
@@ -125,8 +137,8 @@ def _maddubs(builder, u: ir.Value, s: ir.Value) -> ir.Value:
 # AVX-512 VNNI (with VL) and AVX-VNNI have vpdpbusd: u8 x i8 products of each 4 bytes summed into an
 # i32 lane and added to an accumulator, in one instruction: it replaces the vpmaddubsw + vpmaddwd
 # (+ vpaddd) of each code vector, and lane r of a packed group's vector is then row r's sum directly.
-HAS_VNNI = HAS_AVX2 and ("+avxvnni" in llvm.get_host_cpu_features().flatten().split(",") or all(
-    f in llvm.get_host_cpu_features().flatten().split(",") for f in ("+avx512vnni", "+avx512vl")))
+HAS_VNNI = HAS_AVX2 and SIMD_LEVEL == "native" and ("+avxvnni" in _FEATURES or all(
+    f in _FEATURES for f in ("+avx512vnni", "+avx512vl")))
 
 
 def _dot4(builder, acc: ir.Value | None, u: ir.Value, s: ir.Value) -> ir.Value:
@@ -206,7 +218,6 @@ _FORMATS = {GGMLType.Q4_0: _Format(GGMLType.Q4_0, 2, 8, False),
             GGMLType.Q8_0: _Format(GGMLType.Q8_0, 2, 0, True)}
 
 # fp16 -> f32: one vcvtph2ps with F16C (native on ARM); else the 65536-entry table the caller passes.
-_FEATURES = llvm.get_host_cpu_features().flatten().split(",")
 HAS_F16_VECTOR = "+f16c" in _FEATURES or "+fp-armv8" in _FEATURES or "+neon" in _FEATURES
 
 

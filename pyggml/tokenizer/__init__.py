@@ -13,13 +13,25 @@ from typing import Any
 from pyggml.gguf.constants import Keys
 
 from .base import StreamingDetokenizer, Tokenizer, TokenizerError
+from .bpe import PRE_TOKENIZERS, BpeTokenizer
 from .spm import SpmTokenizer
 
-__all__ = ["load_tokenizer", "Tokenizer", "StreamingDetokenizer", "TokenizerError", "SpmTokenizer"]
+__all__ = [
+    "load_tokenizer", "Tokenizer", "StreamingDetokenizer", "TokenizerError", "SpmTokenizer", "BpeTokenizer",
+    "PRE_TOKENIZERS",
+]  # fmt: skip
 
-# tokenizer.ggml.model -> tokenizer class. A byte-level BPE ("gpt2") goes in its own module beside spm.py.
-TOKENIZERS: dict[str, type[Tokenizer]] = {"llama": SpmTokenizer}
-UNSUPPORTED = {"gpt2": "byte-level BPE (GPT-2 style)"}
+# tokenizer.ggml.model -> tokenizer class, one module per algorithm.
+TOKENIZERS: dict[str, type[Tokenizer]] = {"llama": SpmTokenizer, "gpt2": BpeTokenizer}
+# Vocabulary types llama.cpp knows that pyggml does not (yet).
+UNSUPPORTED = {
+    "bert": "WordPiece",
+    "t5": "Unigram (T5)",
+    "rwkv": "RWKV's greedy trie",
+    "plamo2": "PLaMo-2's Aho-Corasick",
+    "gemma4": "SentencePiece-style BPE without byte-level mapping",
+}
+_DESCRIPTIONS = {"llama": "SentencePiece", "gpt2": "byte-level BPE"}
 
 
 def load_tokenizer(metadata: Mapping[str, Any], **overrides: Any) -> Tokenizer:
@@ -32,6 +44,6 @@ def load_tokenizer(metadata: Mapping[str, Any], **overrides: Any) -> Tokenizer:
         what = f" ({UNSUPPORTED[model]})" if model in UNSUPPORTED else ""
         raise TokenizerError(
             f"{Keys.TOKENIZER_MODEL} = {model!r}{what} is not supported; "
-            f"pyggml tokenizes {', '.join(repr(m) for m in TOKENIZERS)} (SentencePiece) vocabularies"
+            f"pyggml tokenizes {', '.join(f'{m!r} ({_DESCRIPTIONS[m]})' for m in TOKENIZERS)} vocabularies"
         )
     return cls.from_metadata(metadata, **overrides)
