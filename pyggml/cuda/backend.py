@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 TYPE_CODES = KERNEL_TYPE_CODES  # the T of kernels.cu's templates
 SUPPORTED_TYPES = frozenset(TYPE_CODES)
-INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K,
-                              GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS})  # multiply int8 activations
+INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q2_K,
+                              GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL,
+                              GGMLType.IQ4_XS})  # multiply int8 activations
 FLOAT_VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # 8-wide loads when cols % 8 == 0
 CHUNK_TYPES = {GGMLType.Q4_0: 18, GGMLType.Q8_0: 34}  # 16-byte loads over activations laid out like the blocks
 MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3

@@ -441,7 +441,7 @@ __device__ __forceinline__ void scale_min_k4_regs(int j, u32 a, u32 b, u32 c, in
 }
 
 // ------------------------------------------------------------------------ the wide path
-// Q4_1, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS: a lane takes a "unit" of 32 weights of a row at a
+// Q4_1, Q5_1, Q2_K-Q6_K, IQ4_NL, IQ4_XS: a lane takes a "unit" of 32 weights of a row at a
 // time: one block of 32, or in the K types one 16-byte run of the low-bit codes, whose low and high
 // nibbles (Q6_K: the two nibbles of ql) are 16 consecutive weights each of two different 32s. A
 // unit is two halves of 16 weights, each 16 consecutive int8 activations (one 16-byte load) and one
@@ -477,7 +477,7 @@ __device__ __forceinline__ XW load_xw(const Input& in, int u) {
     x.dlo = in.d[elo / QK];
     x.dhi = in.d[ehi / QK];
     x.slo = x.shi = 0;
-    if constexpr (T == T_Q4_1 || T == T_Q5_1 || T == T_Q4_K || T == T_Q5_K) {  // the mins multiply the sums
+    if constexpr (T == T_Q4_1 || T == T_Q5_1 || T == T_Q4_K || T == T_Q5_K || T == T_Q2_K) {  // mins multiply the sums
 #pragma unroll
         for (int m = 0; m < 4; m++) {
             x.slo = __dp4a(x.lo[m], 0x01010101, x.slo);
@@ -487,8 +487,9 @@ __device__ __forceinline__ XW load_xw(const Input& in, int u) {
     return x;
 }
 
-// A unit's raw weight bytes: q (4 words of low bits), h (Q5: 5th bits; Q6_K: 2 high bits), scales.
-struct WW { u32 q[4], h[4]; u16 d, m; int slo, shi; };
+// A unit's raw weight bytes: q (4 words of low bits), h (Q5: 5th bits; Q6_K: 2 high bits; Q2_K, Q3_K:
+// the low bits of the high half), hm (Q3_K's hmask bytes of the unit), scales.
+struct WW { u32 q[4], h[4], hm[8]; u16 d, m; int slo, shi; };
 
 template <int T>
 __device__ __forceinline__ WW load_ww(const u8* __restrict__ row, int u) {
@@ -525,6 +526,29 @@ __device__ __forceinline__ WW load_ww(const u8* __restrict__ row, int u) {
             const uint4 qh = *(const uint4*)(blk + 16 + 16 * (k & 1));
             w.h[0] = qh.x; w.h[1] = qh.y; w.h[2] = qh.z; w.h[3] = qh.w;
         }
+    } else if constexpr (T == T_Q2_K || T == T_Q3_K) {  // block bi: 32 bytes of qs (2 bits at shift 2(bi % 4))
+        const int bi = u & 7, h = bi >> 2;
+        const u8* blk = row + (u >> 3) * (T == T_Q2_K ? 84 : 110);
+        const u8* qs = blk + (T == T_Q2_K ? 16 : 32) + 32 * h;
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            w.q[m] = ld32(qs + 4 * m);
+            w.h[m] = ld32(qs + 16 + 4 * m);
+        }
+        if constexpr (T == T_Q2_K) {  // scale nibble (low), min nibble (high) of each half
+            w.d = ld16(blk + 80);
+            w.m = ld16(blk + 82);
+            w.slo = blk[2 * bi];
+            w.shi = blk[2 * bi + 1];
+        } else {
+#pragma unroll
+            for (int m = 0; m < 8; m++) w.hm[m] = ld32(blk + 4 * m);
+            w.d = ld16(blk + 108);
+            const u8* sc = blk + 96;
+            const int ia = 2 * bi, ib = 2 * bi + 1;
+            w.slo = ((ia < 8 ? (sc[ia] & 15) : (sc[ia - 8] >> 4)) | (((sc[8 + ia % 4] >> (2 * (ia / 4))) & 3) << 4)) - 32;
+            w.shi = ((ib < 8 ? (sc[ib] & 15) : (sc[ib - 8] >> 4)) | (((sc[8 + ib % 4] >> (2 * (ib / 4))) & 3) << 4)) - 32;
+        }
     } else if constexpr (T == T_Q6_K) {
         const int k = u & 7, h = k >> 2, kk = k & 3, g = kk >> 1, l0 = 16 * (kk & 1);
         const u8* blk = row + (u >> 3) * 210;
@@ -555,6 +579,22 @@ __device__ __forceinline__ float dot_ww(const WW& w, const XW& x, int u) {
             shi = __dp4a((int)__vsub4(hi, 0x20202020u), x.hi[m], shi);
         }
         return f16(w.d) * ((float)(w.slo * slo) * x.dlo + (float)(w.shi * shi) * x.dhi);
+    } else if constexpr (T == T_Q2_K || T == T_Q3_K) {
+        const int bi = u & 7, sh = 2 * (bi & 3);
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            u32 lo = (w.q[m] >> sh) & 0x03030303u, hi = (w.h[m] >> sh) & 0x03030303u;
+            if constexpr (T == T_Q3_K) {  // the hmask bit 4h + j set: q = low bits, clear: low bits - 4
+                const int bit = 4 * (bi >> 2) + (bi & 3);
+                lo = __vsub4(lo | (((w.hm[m] >> bit) & 0x01010101u) << 2), 0x04040404u);
+                hi = __vsub4(hi | (((w.hm[4 + m] >> bit) & 0x01010101u) << 2), 0x04040404u);
+            }
+            slo = __dp4a((int)lo, x.lo[m], slo);
+            shi = __dp4a((int)hi, x.hi[m], shi);
+        }
+        if constexpr (T == T_Q3_K) return f16(w.d) * x.dlo * (float)(w.slo * slo + w.shi * shi);
+        else return x.dlo * (f16(w.d) * (float)((w.slo & 15) * slo + (w.shi & 15) * shi) -
+                             f16(w.m) * (float)((w.slo >> 4) * x.slo + (w.shi >> 4) * x.shi));
     } else {
         const int bit = T == T_Q5_K ? 2 * ((u & 7) >> 1) : 0;  // Q5_K: the sub-blocks' qh bits
 #pragma unroll
