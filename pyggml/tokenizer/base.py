@@ -1,7 +1,7 @@
 """What every pyggml tokenizer offers, whatever its algorithm.
 
 A tokenizer is built from the GGUF tokenizer.ggml.* metadata alone. Subclasses (one module per
-algorithm: spm.py for SentencePiece; a byte-level BPE would sit beside it) supply three things:
+algorithm: spm.py for SentencePiece, bpe.py for byte-level BPE) supply three things:
 how a plain-text fragment becomes ids (`_encode_fragment`), the bytes of one token
 (`token_to_bytes`), and, for decoding, which tokens are raw bytes that may split a UTF-8
 character (`is_raw_bytes`) and how a text token renders at the start of the output

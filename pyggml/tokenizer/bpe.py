@@ -115,6 +115,21 @@ _MINICPM5_WORDS = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _PORO = r" ?[^(\s|.,!?…。，、।۔،)]+"
+_DEEPSEEK3_WORDS = (
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPARK2_5_WORDS = (  # DeepSeek V3's with newlines alone
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+"
+)
+_GRANITE_EMB_MULTI = (  # GPT-4o's with combining marks inside words
+    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))*((?=[\p{L}\p{M}])([^A-Z]))+"
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))+((?=[\p{L}\p{M}])([^A-Z]))*"
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 _DEFAULT = PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))
 _LLAMA3_PRE = PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True)
@@ -131,7 +146,10 @@ def _alias(pre: PreTokenizer, *names: str) -> dict[str, PreTokenizer]:
 # tokenizer.ggml.pre -> pre-tokenizer, as llama_vocab::impl::load maps names to pre types.
 # Not here (each needs more than a regex): kimi-k2, afmoe, tiny_aya / cohere2moe and superbpe
 # (hand-written splitters), youtu (llama.cpp reads \p{Lu} as \p{L}), gemma4 / sarvam-moe /
-# whitespace (no byte-level mapping), and jina-v1-en / jina-v2-code / roberta-bpe (add a SEP).
+# granite-embed-multi-311m / whitespace (no byte-level mapping), jina-v1-en / jina-v2-code /
+# roberta-bpe (embedding models that append a SEP token), and deepseek-llm / deepseek-coder: their
+# regexes name non-ASCII spaces (U+3000) that llama.cpp's std::wregex path never sees, as it turns
+# every non-ASCII space into U+000B first, so llama.cpp's ids differ from what the regex says.
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "default": _DEFAULT,  # also used, with a warning, when the file names none (as llama.cpp does)
     # LLAMA3: Llama 3 and its relatives
@@ -160,6 +178,11 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "laguna": PreTokenizer((r"[^\n]+|[\n]+", _QWEN2)),
     "exaone-moe": PreTokenizer((_EXAONE_MOE,)),
     "minicpm5": PreTokenizer((r"\p{N}{1,3}", _MINICPM5_WORDS), ignore_merges=True),
+    # DEEPSEEK3_LLM, HUNYUAN_DENSE, JOYAI_LLM, HY_V4: DeepSeek V3 / R1 and others
+    **_alias(PreTokenizer((r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+", _DEEPSEEK3_WORDS)),
+             "deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"),
+    "spark2_5": PreTokenizer((r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+", _SPARK2_5_WORDS, r"\p{N}")),
+    "granite-embed-multi-97m": PreTokenizer((_GRANITE_EMB_MULTI,), ignore_merges=True),
     **_alias(PreTokenizer((_PORO,)), "poro-chat", "bloom", "gpt3-finnish"),
     "viking": PreTokenizer((_PORO, r"\p{N}")),
     "chameleon": PreTokenizer(
@@ -374,7 +397,8 @@ class BpeTokenizer(Tokenizer):
             i = token_id.get(piece)
             if i is not None:
                 ids.append(i)
-            else:  # a merge made a piece the vocabulary lacks: spell it byte by byte
+            else:  # a merge made a piece the vocabulary lacks: spell it byte by byte (llama.cpp
+                # keeps only the ASCII stand-ins here; such merges exist only in broken files)
                 ids.extend(j for j in (token_id.get(c) for c in piece) if j is not None)
         return ids
 
@@ -420,8 +444,8 @@ class BpeTokenizer(Tokenizer):
     # --- decoding -------------------------------------------------------------------------------
 
     def token_to_bytes(self, token_id: int, special: bool = False) -> bytes:
-        """"Ġhello" -> b" hello"; user-defined tokens -> their text; control tokens -> b"" (their
-        text if `special`)."""
+        """Byte-level tokens -> their bytes ("Ġhello" -> b" hello"); user-defined tokens -> their
+        text; control tokens -> b"" (their text if `special`)."""
         self._check_id(token_id)
         if self.is_raw_bytes(token_id):
             return self._raw_bytes(token_id)
@@ -470,8 +494,8 @@ def end_of_generation_ids(
         if text in EOG_TEXTS:
             eog.add(i)
             if types[i] != TokenType.CONTROL:
-                log.warning("token %d %r ends generation but is not a control token; made one, as llama.cpp does",
-                            i, text)  # fmt: skip
+                log.info("token %d %r ends generation but is not a control token; made one, as llama.cpp does",
+                         i, text)  # fmt: skip
                 types[i] = TokenType.CONTROL
     by_text = {tokens[i]: i for i in eog}
     ends = by_text.keys()
