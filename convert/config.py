@@ -147,6 +147,10 @@ def _rope_params(config: dict[str, Any], source: Path) -> dict[str, Any]:
                 f"{merged['rope_theta']!r}"
             )
         merged["rope_theta"] = config["rope_theta"]
+    if config.get("original_max_position_embeddings") is not None:  # as llama.cpp mirrors it
+        merged.setdefault("original_max_position_embeddings", config["original_max_position_embeddings"])
+    if merged.get("mrope_section") is not None:
+        raise ConversionError(f"{source}: multimodal RoPE (mrope_section) is not supported")
     return merged
 
 

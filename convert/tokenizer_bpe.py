@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pyggml.gguf.constants import Keys, TokenType
+from pyggml.tokenizer.bpe import EOG_TEXTS  # end-of-generation by text, as llama.cpp's runtime decides it
 
 from .errors import ConversionError, read_json_object
 from .tokenizer import TOKENIZER_CONFIG, _chat_template, _token_content
@@ -61,13 +62,6 @@ PRE_TOKENIZERS: tuple[PreTokenizer, ...] = (
     PreTokenizer("gpt-2", (GPT2_RE,)),
 )
 
-# Tokens llama.cpp's runtime treats as end-of-generation by their text (src/llama-vocab.cpp),
-# whatever the file says; used only to warn about generation_config eos ids it would not stop at.
-LLAMA_CPP_EOG_TEXTS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>",
-    "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<end_of_utterance>", "</s>",
-})  # fmt: skip
-
 SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "mask")  # gguf.SpecialVocab's, less cls (no GGUF key)
 ID_KEYS = {"bos": Keys.BOS_ID, "eos": Keys.EOS_ID, "unk": Keys.UNK_ID, "sep": Keys.SEP_ID, "pad": Keys.PAD_ID,
            "mask": Keys.MASK_ID}
@@ -87,7 +81,8 @@ def _splits(pre: Any, path: Path) -> tuple[list[str], bool]:
         regexes, byte_level = [], False
         for step in pre.get("pretokenizers") or []:
             if byte_level:
-                raise ConversionError(f"{path}: pre_tokenizer: a {step.get('type')!r} step after ByteLevel is not supported")
+                kind = step.get("type") if isinstance(step, dict) else step
+                raise ConversionError(f"{path}: pre_tokenizer: a {kind!r} step after ByteLevel is not supported")
             more, byte_level = _splits(step, path)
             regexes += more
         return regexes, byte_level
@@ -212,8 +207,10 @@ def _post_processor_adds(tokenizer: dict[str, Any], contents: dict[str, str | No
     post = tokenizer.get("post_processor")
     if not post:
         return adds
+    if not isinstance(post, dict):
+        raise ConversionError(f"{path}: post_processor: expected an object, found {post!r}")
     for proc in post.get("processors", [post]):
-        kind = proc.get("type")
+        kind = proc.get("type") if isinstance(proc, dict) else proc
         if kind == "ByteLevel":
             adds.setdefault("bos", False)
             adds.setdefault("eos", False)
@@ -290,7 +287,7 @@ def bpe_tokenizer_metadata(model_dir: str | Path, n_vocab: int, hf_config: dict[
     if "eos" not in ids and gen_eos:  # not read by llama.cpp: only when nothing else names an eos
         ids["eos"] = gen_eos[0]
     for i in gen_eos:
-        if i != ids.get("eos") and 0 <= i < n_vocab and tokens[i] not in LLAMA_CPP_EOG_TEXTS:
+        if i != ids.get("eos") and 0 <= i < n_vocab and tokens[i] not in EOG_TEXTS:
             log.warning("%s: %s lists eos id %d (%r), which llama.cpp does not treat as end-of-generation",
                         model_dir, GENERATION_CONFIG, i, tokens[i])
     for typ, i in ids.items():

@@ -538,9 +538,9 @@ def test_mistral_converts_as_llama(tiny, tmp_path):
 
 def test_unsupported_rope_scaling(tiny, tmp_path):
     config = json.loads((tiny / "config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     (tiny / "config.json").write_text(json.dumps(config))
-    assert_fails(tiny, tmp_path / "out", "rope_scaling")
+    assert_fails(tiny, tmp_path / "out", "rope_scaling", "yarn")
 
 
 def test_missing_tokenizer_model(tiny, tmp_path):
