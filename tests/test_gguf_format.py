@@ -198,6 +198,10 @@ BAD_FILES = {
     "removed type id 4": _file(GOOD_KV, 1, _info("w", [32], 4, 0), 1, bytes(64)),
     "row not whole blocks": _file(GOOD_KV, 1, _info("w", [16, 2], 2, 0), 1, bytes(64)),
     "misaligned offset": _file(GOOD_KV, 1, _info("w", [8], 0, 4), 1, bytes(64)),
+    # llama.cpp's loader: each tensor's data starts where the previous one's (padded) ends
+    "overlapping tensors": _file(GOOD_KV, 1, _info("a", [16], 0, 0) + _info("b", [16], 0, 32), 2, bytes(128)),
+    "tensors out of order": _file(GOOD_KV, 1, _info("a", [8], 0, 32) + _info("b", [8], 0, 0), 2, bytes(64)),
+    "a gap before a tensor": _file(GOOD_KV, 1, _info("a", [8], 0, 64), 1, bytes(128)),
     "invalid utf-8 key": _file(struct.pack("<Q", 2) + b"\xff\xfe" + struct.pack("<IB", 0, 1), 1),
     "bool byte 7": _file(_s("k") + struct.pack("<IB", 7, 7), 1),
     "empty file": b"",

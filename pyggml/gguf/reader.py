@@ -244,7 +244,12 @@ class GGUFFile:
 
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
         self.tensors: dict[str, TensorInfo] = {}
+        expected = 0  # as llama.cpp's loader: each tensor starts where the one before it ends, padded
         for name, shape, ggml_type, offset, nbytes in infos:
+            if offset != expected:
+                raise GGUFError(f"{self.path}: tensor {name!r} has data offset {offset}, expected {expected}: tensors "
+                                f"must follow each other in order without overlap (corrupt or hostile file)")
+            expected += -(-nbytes // self.alignment) * self.alignment
             start = self.data_offset + offset
             if start + nbytes > self.file_size:
                 raise GGUFError(f"{self.path}: tensor {name!r} data [{start}, {start + nbytes}) runs past the end "
