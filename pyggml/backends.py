@@ -14,6 +14,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .kvfile import open_kv_file
 from .tensor import QWeight
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,11 @@ class CPUBackend:
         return np.empty(shape, np.float32)
 
     def kv_storage(self, shape: tuple[int, ...], path: str | os.PathLike | None) -> np.ndarray:
-        """KV cache memory: a named memory-mapped file, or an anonymous mapping."""
+        """KV cache memory: a named memory-mapped file (kvfile.py: created, or reused only when it is
+        pyggml's KV file of this shape), or an anonymous mapping."""
         if path is None:
             return anonymous_array(shape)
-        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape) if str(path).endswith(".npy") \
-            else np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
+        return open_kv_file(path, shape, np.float32)
 
     def matmul(self, w: QWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if out is None:
