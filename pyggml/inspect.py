@@ -11,17 +11,29 @@ from .gguf.values import Typed
 from .quant.registry import KERNEL_TYPE_CODES
 
 
-def _format_value(v: Typed, max_items: int) -> str:
+MAX_NAME = 64  # columns shown of a key or tensor name (longer ones are cut with "...")
+MAX_VALUE = 240  # characters shown of a value
+
+
+def _safe(text: str, limit: int) -> str:
+    """text with every non-printable character escaped (a file's names and strings must not reach
+    the terminal raw: escape sequences can retitle or clear it), cut to `limit` characters."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _format_value(v: Typed, max_items: int, depth: int = 0) -> str:
     if v.type is ValueType.STRING:
-        s = v.value if len(v.value) <= 120 else v.value[:117] + "..."
-        return repr(s)
+        return repr(v.value[:MAX_VALUE] + ("..." if len(v.value) > MAX_VALUE else ""))
     if v.type is not ValueType.ARRAY:
         return repr(v.value)
+    if depth >= 2:
+        return f"[... {len(v.value)} items]"
     items = list(v.value[:max_items]) if not isinstance(v.value, np.ndarray) else v.value[:max_items].tolist()
     if v.elem_type is ValueType.ARRAY:
-        shown = [_format_value(x, max_items) for x in items]
+        shown = [_format_value(x, max_items, depth + 1) for x in items]
     else:
-        shown = [repr(x) for x in items]
+        shown = [repr(x[:MAX_VALUE]) if isinstance(x, str) else repr(x) for x in items]
     more = f", ... ({len(v.value)} items)" if len(v.value) > max_items else ""
     return f"[{', '.join(shown)}{more}]"
 
@@ -33,13 +45,14 @@ def _type_name(v: Typed) -> str:
 
 
 def metadata_lines(f: GGUFFile, max_items: int = 6) -> list[str]:
-    width = max((len(k) for k in f.fields), default=0)
-    return [f"{key:<{width}}  {_type_name(v):<12} {_format_value(v, max_items)}" for key, v in f.fields.items()]
+    width = min(MAX_NAME, max((len(k) for k in f.fields), default=0))
+    return [f"{_safe(key, MAX_NAME):<{width}}  {_type_name(v):<12} {_safe(_format_value(v, max_items), MAX_VALUE)}"
+            for key, v in f.fields.items()]
 
 
 def tensor_lines(f: GGUFFile) -> list[str]:
     """The tensor table; a type pyggml cannot compute with is marked with a `*` and a note below."""
-    width = max((len(t.name) for t in f), default=4)
+    width = min(MAX_NAME, max((len(t.name) for t in f), default=4))
     lines = [f"{'name':<{width}}  {'type':<8} {'shape':<18} {'bytes':>12}"]
     marked = set()
     for t in f:
@@ -47,7 +60,7 @@ def tensor_lines(f: GGUFFile) -> list[str]:
         if t.ggml_type not in KERNEL_TYPE_CODES:
             marked.add(name)
             name += "*"
-        lines.append(f"{t.name:<{width}}  {name:<8} {str(list(t.shape)):<18} {t.nbytes:>12,}")
+        lines.append(f"{_safe(t.name, MAX_NAME):<{width}}  {name:<8} {str(list(t.shape)):<18} {t.nbytes:>12,}")
     if marked:
         lines.append(f"* pyggml can read but not compute with {', '.join(sorted(marked))}: a model using it does not load")
     return lines

@@ -80,3 +80,18 @@ def test_a_computable_type_in_the_same_place_loads_and_runs(tmp_path):
                        lambda: codecs.quantize(random_weight(name, shape, 3), GGMLType.Q4_K, approximate=True))
     llm = Llama(path, n_ctx=16)
     assert np.isfinite(llm.eval([1, 2, 3])).all()
+
+
+def test_inspect_escapes_control_characters_and_bounds_lines(tmp_path):
+    """Keys, strings and tensor names from a file reach the terminal escaped and cut: no raw escape
+    sequences, no line padded to a giant key."""
+    meta = llama_metadata(SHAPE, "evil\x1b]0;pwned\x07", GGMLType.F32)
+    meta.update(synthetic_vocab(SHAPE.vocab))
+    meta["x" * 60_000] = "\x1b[2J" * 1000
+    plans = [TensorPlan("t\x1b[2J" + "y" * 5000, (32,), GGMLType.F32, lambda: np.zeros(32, np.float32))]
+    path = tmp_path / "evil.gguf"
+    write_gguf(path, meta, plans)
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.output and "\x07" not in r.output and "\\x1b" in r.output
+    assert max(len(line) for line in r.output.splitlines()) < 400
