@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -81,10 +83,34 @@ def encode_header(metadata: dict[str, Any], tensors: list[TensorPlan], alignment
     return b"".join(out), offsets
 
 
+class Terminated(SystemExit):
+    """SIGTERM arrived while an output file was being written (the temp file is removed)."""
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temp files (.NAME.PID.XXXX.tmp) that killed runs writing `path` left behind: those
+    whose process is gone."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 :].split(".")
+        if len(parts) < 3 or not parts[0].isdigit():
+            continue
+        try:
+            os.kill(int(parts[0]), 0)
+            continue  # its writer is alive
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        log.info("removing %s, left by a run that was killed", tmp)
+        tmp.unlink(missing_ok=True)
+
+
 class atomic_output:
     """Context manager yielding a temp file beside `path`; renamed to `path` only on success.
 
-    On any exception, KeyboardInterrupt included, the temp file is removed and `path` is untouched.
+    On any exception, KeyboardInterrupt and SIGTERM (in the main thread, turned into `Terminated`)
+    included, the temp file is removed and `path` is untouched. The temp file's name carries the
+    writer's pid, so the next run writing `path` removes what a SIGKILLed one left.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -92,15 +118,23 @@ class atomic_output:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        _remove_stale_temps(self.path)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp")
         self.tmp = Path(tmp)
         self.file = os.fdopen(fd, "wb")
+        self._old_term = None
+        if threading.current_thread() is threading.main_thread():
+            def on_term(signum, frame):
+                raise Terminated(128 + signal.SIGTERM)
+            self._old_term = signal.signal(signal.SIGTERM, on_term)
         return self.file
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self.file.close()
         finally:
+            if self._old_term is not None:
+                signal.signal(signal.SIGTERM, self._old_term)
             if exc_type is None:
                 umask = os.umask(0)
                 os.umask(umask)
