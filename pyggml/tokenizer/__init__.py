@@ -39,6 +39,8 @@ def load_tokenizer(metadata: Mapping[str, Any], **overrides: Any) -> Tokenizer:
     model = metadata.get(Keys.TOKENIZER_MODEL)
     if model is None:
         raise TokenizerError(f"GGUF metadata has no {Keys.TOKENIZER_MODEL}: the file carries no tokenizer")
+    if not isinstance(model, str):
+        raise TokenizerError(f"{Keys.TOKENIZER_MODEL} is a {type(model).__name__}, expected a string")
     cls = TOKENIZERS.get(model)
     if cls is None:
         what = f" ({UNSUPPORTED[model]})" if model in UNSUPPORTED else ""

@@ -19,6 +19,7 @@ from typing import Any
 
 from pyggml.gguf.constants import Keys, TokenType
 
+from . import meta
 from .base import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -312,24 +313,24 @@ class BpeTokenizer(Tokenizer):
         for key in (Keys.TOKENS, Keys.MERGES):
             if metadata.get(key) is None:
                 raise TokenizerError(f"GGUF metadata has no {key}; a byte-level BPE vocabulary needs it")
-        tokens = [str(t) for t in metadata[Keys.TOKENS]]
-        types = metadata.get(Keys.TOKEN_TYPE)
-        optional_id = lambda key: None if metadata.get(key) is None else int(metadata[key])  # noqa: E731
-        optional_flag = lambda key: None if metadata.get(key) is None else bool(metadata[key])  # noqa: E731
+        tokens = meta.string_list(metadata, Keys.TOKENS)
+        n = len(tokens)
+        merges = meta.string_list(metadata, Keys.MERGES)
+        types = meta.number_list(metadata, Keys.TOKEN_TYPE, n, integral=True)
         kwargs: dict[str, Any] = dict(
-            pre=metadata.get(Keys.TOKENIZER_PRE),
-            bos_id=optional_id(Keys.BOS_ID),
-            eos_id=optional_id(Keys.EOS_ID),
-            eot_id=optional_id(Keys.EOT_ID),
-            eom_id=optional_id(Keys.EOM_ID),
-            unk_id=optional_id(Keys.UNK_ID),
-            pad_id=optional_id(Keys.PAD_ID),
-            add_bos=optional_flag(Keys.ADD_BOS),
-            add_eos=bool(optional_flag(Keys.ADD_EOS)),
+            pre=meta.string(metadata, Keys.TOKENIZER_PRE),
+            bos_id=meta.token_id(metadata, Keys.BOS_ID, n),
+            eos_id=meta.token_id(metadata, Keys.EOS_ID, n),
+            eot_id=meta.token_id(metadata, Keys.EOT_ID, n),
+            eom_id=meta.token_id(metadata, Keys.EOM_ID, n),
+            unk_id=meta.token_id(metadata, Keys.UNK_ID, n),
+            pad_id=meta.token_id(metadata, Keys.PAD_ID, n),
+            add_bos=meta.flag(metadata, Keys.ADD_BOS, None),
+            add_eos=meta.flag(metadata, Keys.ADD_EOS, False),
         )
         kwargs.update(overrides)
-        types = [TokenType.NORMAL] * len(tokens) if types is None else list(types)
-        return cls(tokens, list(metadata[Keys.MERGES]), types, **kwargs)
+        types = [TokenType.NORMAL] * n if types is None else types.tolist()
+        return cls(tokens, merges, types, **kwargs)
 
     def with_pre_tokenizer(self, pre: str) -> "BpeTokenizer":
         """This vocabulary cut into words another way (a file whose tokenizer.ggml.pre is wrong);

@@ -17,6 +17,7 @@ from typing import Any
 
 from pyggml.gguf.constants import Keys, TokenType
 
+from . import meta
 from .base import Tokenizer, TokenizerError
 from .charsmap import CharsMap
 
@@ -140,27 +141,25 @@ class SpmTokenizer(Tokenizer):
     def from_metadata(cls, metadata: Mapping[str, Any], **overrides: Any) -> "SpmTokenizer":
         """Build from tokenizer.ggml.* keys; keyword arguments override or add to them."""
 
-        def get(key: str, default: Any) -> Any:
-            value = metadata.get(key)
-            return default if value is None else value
-
         for key in (Keys.TOKENS, Keys.SCORES, Keys.TOKEN_TYPE):
             if metadata.get(key) is None:
                 raise TokenizerError(f"GGUF metadata has no {key}; a SentencePiece vocabulary needs it")
-        tokens = [str(t) for t in metadata[Keys.TOKENS]]
-        optional_id = lambda key: None if metadata.get(key) is None else int(metadata[key])  # noqa: E731
+        tokens = meta.string_list(metadata, Keys.TOKENS)
+        n = len(tokens)
+        scores = meta.number_list(metadata, Keys.SCORES, n, integral=False)
+        types = meta.number_list(metadata, Keys.TOKEN_TYPE, n, integral=True)
         kwargs: dict[str, Any] = dict(
-            bos_id=int(get(Keys.BOS_ID, DEFAULT_BOS_ID)),
-            eos_id=int(get(Keys.EOS_ID, DEFAULT_EOS_ID)),
-            unk_id=optional_id(Keys.UNK_ID),
-            pad_id=optional_id(Keys.PAD_ID),
-            add_bos=bool(get(Keys.ADD_BOS, True)),
-            add_eos=bool(get(Keys.ADD_EOS, False)),
-            add_space_prefix=bool(get(Keys.ADD_SPACE_PREFIX, True)),
-            remove_extra_whitespaces=bool(get(Keys.REMOVE_EXTRA_WHITESPACES, False)),
+            bos_id=meta.token_id(metadata, Keys.BOS_ID, n, DEFAULT_BOS_ID if n > DEFAULT_BOS_ID else None),
+            eos_id=meta.token_id(metadata, Keys.EOS_ID, n, DEFAULT_EOS_ID if n > DEFAULT_EOS_ID else None),
+            unk_id=meta.token_id(metadata, Keys.UNK_ID, n),
+            pad_id=meta.token_id(metadata, Keys.PAD_ID, n),
+            add_bos=meta.flag(metadata, Keys.ADD_BOS, True),
+            add_eos=meta.flag(metadata, Keys.ADD_EOS, False),
+            add_space_prefix=meta.flag(metadata, Keys.ADD_SPACE_PREFIX, True),
+            remove_extra_whitespaces=meta.flag(metadata, Keys.REMOVE_EXTRA_WHITESPACES, False),
         )
         kwargs.update(overrides)
-        return cls(tokens, list(metadata[Keys.SCORES]), list(metadata[Keys.TOKEN_TYPE]), **kwargs)
+        return cls(tokens, scores.tolist(), types.tolist(), **kwargs)
 
     # --- normalization --------------------------------------------------------------------------
 
