@@ -107,12 +107,10 @@ def run_tg(llm, n_gen: int, repetitions: int, rng: np.random.Generator) -> Bench
     times = []
     for _ in range(repetitions + 1):
         llm.reset()
-        tokens = [int(rng.integers(3, llm.n_vocab()))]
-        llm.eval(tokens)  # llama-bench's tg starts from one token in the context
+        llm.eval([int(rng.integers(3, llm.n_vocab()))])  # llama-bench's tg starts from one token in the context
         t = time.perf_counter()
         for _ in range(n_gen):
-            tokens.append(int(rng.integers(3, llm.n_vocab())))
-            llm.eval(tokens)
+            llm.eval([int(rng.integers(3, llm.n_vocab()))])
         times.append(time.perf_counter() - t)
     return BenchResult(f"tg{n_gen}", n_gen, times[1:])
 

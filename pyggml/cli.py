@@ -62,15 +62,33 @@ def convert(model_dir: Path, outfile: Path | None, outtype: str) -> None:
     click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
 
+QUANT_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16", "f32"]
+
+
 @main.command()
 @click.argument("infile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("type_name", metavar="TYPE", type=click.Choice(["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16", "f32"], case_sensitive=False))
-@click.option("-o", "--outfile", type=click.Path(dir_okay=False, path_type=Path), help="Output path (default: beside the input, type in the name).")
-@click.option("--output-tensor-type", type=click.Choice(["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16", "f32"], case_sensitive=False),
+@click.argument("rest", nargs=-1, metavar="[OUTFILE] TYPE [NTHREADS]")
+@click.option("-o", "--outfile", "outfile_opt", type=click.Path(dir_okay=False, path_type=Path), help="Output path (default: beside the input, type in the name).")
+@click.option("--output-tensor-type", type=click.Choice(QUANT_TYPES, case_sensitive=False),
               help="Type of output.weight (default: q8_0 when TYPE is q4_0/q4_1/q5_0/q5_1, else TYPE).")
 @click.option("--allow-requantize", is_flag=True, help="Allow re-quantizing tensors that are already quantized.")
-def quantize(infile: Path, type_name: str, outfile: Path | None, output_tensor_type: str | None, allow_requantize: bool) -> None:
-    """Quantize a GGUF file's weight matrices to TYPE (32-weight blocks, fp16 scales)."""
+def quantize(infile: Path, rest: tuple[str, ...], outfile_opt: Path | None, output_tensor_type: str | None, allow_requantize: bool) -> None:
+    """Quantize a GGUF file's weight matrices to TYPE (32-weight blocks, fp16 scales).
+
+    Both `quantize IN TYPE [-o OUT]` and llama-quantize's `quantize IN OUT TYPE [NTHREADS]` work;
+    TYPE in any case (q4_0, Q4_0)."""
+    args = list(rest)
+    if args and args[-1].isdigit():
+        args.pop()  # llama-quantize's thread count: pyggml quantizes one tensor at a time
+    if len(args) == 1:
+        type_name, outfile = args[0], outfile_opt
+    elif len(args) == 2:
+        outfile, type_name = Path(args[0]), args[1]
+    else:
+        raise click.UsageError("expected IN TYPE, or llama-quantize's IN OUT TYPE [NTHREADS]")
+    if type_name.lower() not in QUANT_TYPES:
+        raise click.BadParameter(f"{type_name!r} is not one of {', '.join(QUANT_TYPES)} (any case)", param_hint="TYPE")
+    type_name = type_name.lower()
     from .gguf import GGUFError
     from .quant.codecs import QuantError
     from .quantize import QuantizeError, quantize_file
@@ -97,7 +115,8 @@ def quantize(infile: Path, type_name: str, outfile: Path | None, output_tensor_t
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--max-items", default=6, show_default=True, help="Array items shown before abbreviating.")
 @click.option("--no-tensors", is_flag=True, help="Metadata only.")
-def inspect(path: Path, max_items: int, no_tensors: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: version, metadata (long arrays cut to --max-items), tensors.")
+def inspect(path: Path, max_items: int, no_tensors: bool, as_json: bool) -> None:
     """Show a GGUF file's metadata and tensor table."""
     from .gguf import GGUFError, GGUFFile
     from .inspect import metadata_lines, summary_lines, tensor_lines
@@ -106,6 +125,23 @@ def inspect(path: Path, max_items: int, no_tensors: bool) -> None:
         f = GGUFFile(path)
     except GGUFError as e:
         _fail(str(e))
+    if as_json:
+        import json
+
+        def plain(v):
+            if hasattr(v, "tolist"):
+                v = v.tolist()
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v[:max_items]] + (["..."] if len(v) > max_items else [])
+            return v
+
+        out = {"version": f.version, "alignment": f.alignment,
+               "metadata": {k: plain(v) for k, v in f.metadata.items()}}
+        if not no_tensors:
+            out["tensors"] = [{"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape), "offset": t.offset,
+                               "bytes": t.nbytes} for t in f]
+        click.echo(json.dumps(out, indent=1, ensure_ascii=False))
+        return
     for line in summary_lines(f) + ["", "metadata:"] + ["  " + s for s in metadata_lines(f, max_items)]:
         click.echo(line)
     if not no_tensors:
@@ -142,75 +178,209 @@ def _stream(pieces, into: list[str] | None = None) -> bool:
     return True
 
 
-@main.command()
-@click.option("-m", "--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False), help="GGUF model file.")
+class LlamaCppCommand(click.Command):
+    """A command whose multi-letter single-dash options (-ngl, -cnv, -sys, -fa ...) are whole names, as
+    llama.cpp spells them; an unknown one is an error naming it, never read as clustered short flags
+    (-cnv as -c nv)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        names = {n for p in self.params for n in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+        takes_value = {n for p in self.params if isinstance(p, click.Option) and not p.is_flag and p.flag_value is None
+                       for n in p.opts}
+        skip = False
+        for a in args:
+            if skip:
+                skip = False
+                continue
+            if a == "--":
+                break
+            name = a.split("=", 1)[0]
+            if name in takes_value and "=" not in a:
+                skip = True
+            elif len(name) > 2 and name[0] == "-" and name[1] != "-" and name[1:].replace("-", "").isalpha() and name not in names:
+                raise click.NoSuchOption(name, ctx=ctx)
+        return super().parse_args(ctx, args)
+
+
+def _gpu_layers(value: str) -> int:
+    v = str(value).strip().lower()
+    if v in ("all", "auto"):
+        return -1
+    try:
+        return int(v)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use a number of layers, 'all' or 'auto'") from None
+
+
+def _version(ctx, _param, value) -> None:
+    if value and not ctx.resilient_parsing:
+        from . import __version__
+
+        click.echo(f"pyggml {__version__}")
+        ctx.exit()
+
+
+@main.command(cls=LlamaCppCommand)
+@click.option("-m", "--model", "model_path", type=click.Path(exists=True, dir_okay=False), help="GGUF model file.")
+@click.option("-hf", "-hfr", "--hf-repo", "hf_repo", help="(Not available: pyggml never downloads; pass -m FILE.)")
 @click.option("-p", "--prompt", help="Complete this prompt and exit (without it: interactive chat).")
 @click.option("-f", "--file", "prompt_file", type=click.Path(exists=True, dir_okay=False), help="Read the prompt from a file.")
+@click.option("-e", "--escape", is_flag=True, help="Process escapes (\\n, \\t, ...) in the prompt.")
+@click.option("-sys", "--system-prompt", "--system", "system_prompt", help="System prompt for the chat.")
+@click.option("-cnv", "--conversation", "conversation", is_flag=True, help="Chat mode (the default without -p).")
+@click.option("-no-cnv", "--no-conversation", "no_conversation", is_flag=True, help="Plain completion of -p, no chat template.")
+@click.option("-i", "--interactive", is_flag=True, help="Interactive chat (as -cnv).")
+@click.option("--chat-template", "chat_template", help="Chat template: a built-in name (llama-2, chatml) or a Jinja file.")
 @click.option("-n", "--n-predict", default=-1, show_default=True, help="Tokens to generate (-1 = until done or the context is full).")
-@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size in tokens (0 = the model's).")
+@click.option("-c", "--ctx-size", type=int, default=None,
+              help="Context size in tokens (0 = the model's trained context; default: 4096 or the trained context if smaller).")
 @click.option("-b", "--batch-size", default=512, show_default=True, help="Prompt tokens processed per batch.")
 @click.option("--temp", default=0.8, show_default=True, help="Temperature (0 = greedy).")
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--top-p", default=0.95, show_default=True)
 @click.option("--min-p", default=0.05, show_default=True)
-@click.option("--repeat-penalty", default=1.1, show_default=True)
+@click.option("--repeat-penalty", default=1.0, show_default=True, help="1.0 = off (llama.cpp's default).")
 @click.option("--repeat-last-n", default=64, show_default=True)
+@click.option("--presence-penalty", default=0.0, show_default=True)
+@click.option("--frequency-penalty", default=0.0, show_default=True)
 @click.option("-s", "--seed", type=int, default=None, help="RNG seed (default: random).")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
-@click.option("-ngl", "--n-gpu-layers", "--gpu-layers", default=0, show_default=True, help="Layers to offload to the GPU (-1 = all).")
+@click.option("-ngl", "--n-gpu-layers", "--gpu-layers", default="0", show_default=True,
+              help="Layers to offload to the GPU: N, 'all' or 'auto' (-1 = all).")
+@click.option("-fa", "--flash-attn", "flash_attn", is_flag=False, flag_value="on", default=None, metavar="[on|off|auto]",
+              help="Accepted for llama.cpp compatibility (pyggml's attention is always fused).")
+@click.option("-r", "--reverse-prompt", "stops", multiple=True, help="Stop when this text is generated (repeatable).")
+@click.option("--stop", "more_stops", multiple=True, help="Same as -r.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-generation tokens.")
+@click.option("--color", is_flag=True, help="Colour the prompt and the user's input.")
+@click.option("--grammar", "grammar_text", help="GBNF grammar constraining the output.")
+@click.option("--grammar-file", type=click.Path(exists=True, dir_okay=False), help="File with a GBNF grammar.")
+@click.option("-j", "--json-schema", "json_schema", help="JSON schema constraining the output (JSON text or a file).")
 @click.option("--kv-file", type=click.Path(dir_okay=False), help="Back the KV cache by this file (default: anonymous memory).")
 @click.option("--session", "session_path", type=click.Path(dir_okay=False), help="Load the context from / save it to this file.")
-@click.option("--system", "system_prompt", help="System prompt for the chat.")
-@click.option("--stop", "stops", multiple=True, help="Stop when this text is generated (repeatable).")
-def run(model_path, prompt, prompt_file, n_predict, ctx_size, batch_size, temp, top_k, top_p, min_p, repeat_penalty,
-        repeat_last_n, seed, threads, n_gpu_layers, kv_file, session_path, system_prompt, stops) -> None:
-    """Run a model: complete a prompt (-p), or chat interactively."""
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version, help="Print the version and exit.")
+def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, conversation, no_conversation, interactive,
+        chat_template, n_predict, ctx_size, batch_size, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+        presence_penalty, frequency_penalty, seed, threads, n_gpu_layers, flash_attn, stops, more_stops, ignore_eos,
+        color, grammar_text, grammar_file, json_schema, kv_file, session_path) -> None:
+    """Run a model: complete a prompt (-p), or chat interactively (llama.cpp's llama-cli flags)."""
+    import warnings
+
     from .api import BackendUnavailableError, ContextFullError, Llama
     from .gguf import GGUFError
+    from .grammar import GrammarError, LlamaGrammar
     from .model import ModelError
     from .sampling import SamplingParams
     from .session import SessionError
     from .tokenizer import TokenizerError
 
+    if hf_repo:
+        _fail(f"-hf {hf_repo}: pyggml does not download models (there is no network access); "
+              "download the GGUF file yourself and pass -m FILE")
+    if not model_path:
+        _fail("missing -m/--model FILE (a GGUF file)")
+    if flash_attn not in (None, "on", "off", "auto", "1", "0"):
+        _fail(f"-fa {flash_attn}: expected on, off or auto")
+    stops = list(stops) + list(more_stops)
     try:
-        llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads, n_gpu_layers=n_gpu_layers,
-                    seed=seed, kv_path=kv_file)
-        params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                                repeat_last_n=repeat_last_n, seed=seed)
-    except (GGUFError, ModelError, TokenizerError, BackendUnavailableError, ValueError, OSError) as e:
+        grammar = None
+        if grammar_file:
+            grammar = LlamaGrammar.from_file(grammar_file)
+        elif grammar_text:
+            grammar = LlamaGrammar.from_string(grammar_text)
+        elif json_schema:
+            text = Path(json_schema).read_text(encoding="utf-8") if Path(json_schema).is_file() else json_schema
+            grammar = LlamaGrammar.from_json_schema(text)
+    except GrammarError as e:
         _fail(str(e))
+    if ctx_size is None:
+        from .gguf import GGUFFile
+        from .model import LlamaConfig
+
+        try:
+            with GGUFFile(model_path) as f:
+                trained = LlamaConfig.from_metadata(f.metadata, model_path).n_ctx_train
+        except (GGUFError, ModelError) as e:
+            _fail(str(e))
+        ctx_size = min(4096, trained) if trained else 4096
+    template_name = chat_template
+    if chat_template and Path(chat_template).is_file():
+        template_name = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads,
+                        n_gpu_layers=_gpu_layers(n_gpu_layers), seed=seed if seed is not None else -1, kv_path=kv_file,
+                        chat_format=template_name, last_n_tokens_size=repeat_last_n, verbose=False)
+            params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                    repeat_last_n=repeat_last_n, seed=seed, presence_penalty=presence_penalty,
+                                    frequency_penalty=frequency_penalty)
+        except (GGUFError, ModelError, TokenizerError, BackendUnavailableError, ValueError, OSError) as e:
+            _fail(str(e))
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    if chat_template and Path(chat_template).is_file():
+        llm._template = Path(chat_template).read_text(encoding="utf-8")
+    if ignore_eos:
+        llm.tokenizer.eog_ids = frozenset()
     extra = {}
     if session_path and Path(session_path).exists():
         try:
-            extra = llm.load_state(session_path)
+            extra = llm.load_state_file(session_path)
         except SessionError as e:
             _fail(str(e))
         click.echo(f"[session: restored {len(llm.tokens)} tokens from {session_path}]", err=True)
     limit = n_predict if n_predict >= 0 else llm.n_ctx()
     if prompt_file:
         prompt = Path(prompt_file).read_text(encoding="utf-8")
+    if prompt is not None and escape:
+        prompt = prompt.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    chat = prompt is None or conversation or interactive
     try:
-        if prompt is not None:
+        if prompt is not None and not (conversation or interactive):
             from .api import GenerationState
 
             gen = GenerationState()
-            click.echo(prompt, nl=False)
-            _stream(llm.stream_text(llm.tokenize(prompt), params, limit, list(stops), gen))
+            click.echo(click.style(prompt, fg="yellow") if color else prompt, nl=False)
+            _stream(llm.stream_text(llm.tokenize(prompt), params, limit, stops, gen, grammar=grammar))
             click.echo()
             if llm.context_full:
                 click.echo(f"[context full: {llm.n_ctx()} tokens; raise -c/--ctx-size]", err=True)
             _print_timings(llm)
-        else:
-            extra = {"messages": _chat(llm, params, limit, system_prompt, list(stops), extra.get("messages"))}
-    except ContextFullError as e:
+        elif chat:
+            extra = {"messages": _chat(llm, params, limit, system_prompt, stops, extra.get("messages"), grammar,
+                                       first=prompt, color=color)}
+    except (ContextFullError, GrammarError) as e:
         _fail(str(e))
     if session_path:
-        llm.save_state(session_path, extra)
+        llm.save_state_file(session_path, extra)
         click.echo(f"[session: saved {len(llm.tokens)} tokens to {session_path}]", err=True)
 
 
-def _chat(llm, params, limit, system_prompt, stops, history) -> list:
-    """The interactive loop: a line in, a streamed answer out. /clear forgets, /exit or Ctrl-D quits."""
+CHAT_HELP = """commands:
+  /help          this text
+  /clear         forget the conversation (the system prompt stays)
+  /exit, /bye    quit (Ctrl-D too); Ctrl-C stops the current answer"""
+
+
+def _read_line(tty: bool, color: bool) -> str | None:
+    """One line of input, with line editing and history (readline) on a terminal; None at end of input."""
+    if tty:
+        try:
+            import readline  # noqa: F401 - importing it gives input() editing and history
+        except ImportError:
+            pass
+        try:
+            return input("\x1b[32m> \x1b[0m" if color else "> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def _chat(llm, params, limit, system_prompt, stops, history, grammar=None, first=None, color=False) -> list:
+    """The interactive loop: a line in, a streamed answer out. When the conversation outgrows the
+    context, the oldest turns are dropped (the system prompt stays), as llama.cpp's context shift."""
     from .api import ContextFullError, GenerationState
     from .chat import ChatTemplateError
 
@@ -218,22 +388,27 @@ def _chat(llm, params, limit, system_prompt, stops, history) -> list:
     if not messages and system_prompt:
         messages.append({"role": "system", "content": system_prompt})
     tty = sys.stdin.isatty()
-    click.echo("[chat: type a message; Ctrl-C stops an answer, /clear starts over, /exit or Ctrl-D quits]", err=True)
+    click.echo("[chat: type a message; /help lists commands; Ctrl-C stops an answer, /exit or Ctrl-D quits]", err=True)
+    pending = first
     while True:
-        if tty:
-            click.echo("> ", nl=False)
-        try:
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            click.echo()
-            break
-        if not line:
-            break
+        if pending is not None:
+            line, pending = pending, None
+        else:
+            try:
+                line = _read_line(tty, color)
+            except KeyboardInterrupt:
+                click.echo()
+                break
+            if line is None:
+                break
         line = line.strip()
         if not line:
             continue
-        if line in ("/exit", "/quit"):
+        if line in ("/exit", "/quit", "/bye"):
             break
+        if line in ("/help", "/?"):
+            click.echo(CHAT_HELP, err=True)
+            continue
         if line == "/clear":
             messages = [m for m in messages if m["role"] == "system"]
             llm.reset()
@@ -241,9 +416,21 @@ def _chat(llm, params, limit, system_prompt, stops, history) -> list:
             continue
         messages.append({"role": "user", "content": line})
         answer: list[str] = []
+        reserve = min(limit, max(16, llm.n_ctx() // 4))  # room kept for the answer when shifting
+
+        def prompt_tokens():
+            while True:
+                ids = llm.chat_prompt_tokens(messages)
+                system = 1 if messages and messages[0]["role"] == "system" else 0
+                if len(ids) + reserve <= llm.n_ctx() or len(messages) - system <= 1:
+                    return ids
+                del messages[system]  # context shift: drop the oldest turn (user + answer), keep the system prompt
+                while len(messages) - system > 1 and messages[system]["role"] != "user":
+                    del messages[system]
+                click.echo("[context shift: dropped the oldest turn]", err=True)
 
         def turn():  # rendering and prompt processing run inside _stream, so Ctrl-C covers them too
-            yield from llm.stream_text(llm.chat_prompt_tokens(messages), params, limit, stops, GenerationState())
+            yield from llm.stream_text(prompt_tokens(), params, limit, stops, GenerationState(), grammar=grammar)
 
         try:
             finished = _stream(turn(), answer)
@@ -256,7 +443,7 @@ def _chat(llm, params, limit, system_prompt, stops, history) -> list:
         click.echo()
         messages.append({"role": "assistant", "content": "".join(answer)})
         if llm.context_full:
-            click.echo(f"[context full: the answer was cut at {llm.n_ctx()} tokens; /clear to start over or raise -c]", err=True)
+            click.echo(f"[context full: the answer was cut at {llm.n_ctx()} tokens]", err=True)
         if not finished:
             continue
         _print_timings(llm)

@@ -153,9 +153,9 @@ def scored_logits(llm: Llama, chunk: np.ndarray) -> np.ndarray:
         piece = chunk[start : start + llm.n_batch]
         end = start + len(piece)  # one past the piece's last position
         if end <= first:
-            llm.model.forward(piece, start, llm.cache)
+            llm.model.forward(piece, start, llm.kv_cache)
         else:
-            logits = llm.model.forward(piece, start, llm.cache, all_logits=True)
+            logits = llm.model.forward(piece, start, llm.kv_cache, all_logits=True)
             rows.append(logits[max(first - start, 0) : last + 1 - start])
     return np.concatenate(rows)
 

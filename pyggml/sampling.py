@@ -2,7 +2,8 @@
 
 Every filter takes a float logits vector of shape (n,) and returns a new one in which the dropped
 tokens are -inf; none modifies its input. `Sampler` chains them in llama.cpp's default order:
-repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw. After top-k only the k
+logit bias -> penalties (repeat, frequency, presence) -> grammar mask -> top-k -> top-p -> min-p ->
+temperature -> draw. After top-k only the k
 survivors are carried on, so top-p's sort runs over k entries rather than the whole vocabulary.
 """
 
@@ -23,18 +24,22 @@ IdsLike = Sequence[int] | np.ndarray
 class SamplingParams:
     """Sampling hyperparameters; defaults are llama.cpp's.
 
-    temperature <= 0 means greedy. top_k <= 0, top_p >= 1, min_p <= 0 and repeat_penalty == 1 each
-    disable their stage. repeat_last_n is how many of the most recent ids are penalised: 0 none,
-    -1 all that are passed.
+    temperature <= 0 means greedy. top_k <= 0, top_p >= 1, min_p <= 0, repeat_penalty == 1 and
+    frequency/presence_penalty == 0 each disable their stage. repeat_last_n is how many of the most
+    recent ids are penalised: 0 none, -1 all that are passed. logit_bias maps token id -> value added
+    to its logit (OpenAI / llama-cpp-python's `logit_bias`).
     """
 
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
-    repeat_penalty: float = 1.1
+    repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.top_p <= 1.0:
@@ -63,6 +68,28 @@ def apply_repetition_penalty(logits: np.ndarray, recent_ids: IdsLike, penalty: f
     out = logits.copy()
     seen = out[ids]
     out[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+def apply_frequency_presence(logits: np.ndarray, recent_ids: IdsLike, frequency: float, presence: float) -> np.ndarray:
+    """OpenAI / llama.cpp rule: an id seen c > 0 times in `recent_ids` loses c * frequency + presence."""
+    if (frequency == 0.0 and presence == 0.0) or len(recent_ids) == 0:
+        return logits
+    ids, counts = np.unique(np.asarray(recent_ids, dtype=np.int64), return_counts=True)
+    out = logits.copy()
+    out[ids] -= counts * np.float32(frequency) + np.float32(presence)
+    return out
+
+
+def apply_logit_bias(logits: np.ndarray, bias: Sequence[tuple[int, float]]) -> np.ndarray:
+    """Add bias[id] to each listed id's logit (-inf bans a token); ids outside the vocabulary are an error."""
+    if not bias:
+        return logits
+    ids = np.array([i for i, _ in bias], dtype=np.int64)
+    if ids.min() < 0 or ids.max() >= logits.shape[0]:
+        raise ValueError(f"logit_bias token id out of range [0, {logits.shape[0]})")
+    out = logits.copy()
+    np.add.at(out, ids, np.array([b for _, b in bias], dtype=out.dtype))
     return out
 
 
@@ -150,20 +177,24 @@ class Sampler:
     Two samplers built from params with the same seed return the same sequence for the same inputs.
     """
 
-    def __init__(self, params: SamplingParams | None = None):
+    def __init__(self, params: SamplingParams | None = None, rng: np.random.Generator | None = None):
         self.params = params if params is not None else SamplingParams()
-        self.rng = np.random.default_rng(self.params.seed)
+        self.rng = rng if rng is not None else np.random.default_rng(self.params.seed)
 
     def penalise(self, logits: np.ndarray, recent_ids: IdsLike) -> np.ndarray:
         p = self.params
-        if p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or len(recent_ids) == 0:
+        logits = apply_logit_bias(logits, p.logit_bias)
+        if p.repeat_last_n == 0 or len(recent_ids) == 0:
             return logits
         if p.repeat_last_n > 0:
             recent_ids = recent_ids[-p.repeat_last_n :]
-        return apply_repetition_penalty(logits, recent_ids, p.repeat_penalty)
+        logits = apply_repetition_penalty(logits, recent_ids, p.repeat_penalty)
+        return apply_frequency_presence(logits, recent_ids, p.frequency_penalty, p.presence_penalty)
 
-    def sample(self, logits: np.ndarray, recent_ids: IdsLike = ()) -> int:
-        """Next token id from `logits` (n_vocab,), penalising repeats of `recent_ids` (oldest first)."""
+    def sample(self, logits: np.ndarray, recent_ids: IdsLike = (), allowed: np.ndarray | None = None) -> int:
+        """Next token id from `logits` (n_vocab,), penalising repeats of `recent_ids` (oldest first).
+
+        `allowed` (bool, (n_vocab,)) is a grammar's mask: other tokens are never returned."""
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.shape[0] == 0:
             raise ValueError(f"logits must be a non-empty vector (n_vocab,), got shape {logits.shape}")
@@ -171,6 +202,10 @@ class Sampler:
             raise ValueError("logits contain NaN (the forward pass produced invalid values)")
         p = self.params
         logits = self.penalise(logits, recent_ids)
+        if allowed is not None:
+            if not allowed.any():
+                raise ValueError("the grammar allows no token here")
+            logits = np.where(allowed, logits, -np.inf).astype(np.float32, copy=False)
         if p.is_greedy:
             return greedy(logits)
         ids = top_k_indices(logits, p.top_k)  # (k,) survivors, most likely first

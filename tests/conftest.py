@@ -41,9 +41,26 @@ def models_dir() -> Path:
     return d
 
 
+BUNDLED_STORIES = REPO_ROOT / "models" / "stories260K"  # the demo model shipped in the repository (MIT)
+
+
+def stories_path() -> Path:
+    """stories260K from PYGGML_TEST_MODELS when it has it, else the copy bundled in the repository."""
+    d = test_models_dir() / "stories260K-hf"
+    return d if (d / "model.safetensors").is_file() else BUNDLED_STORIES
+
+
 @pytest.fixture(scope="session")
-def stories_dir(models_dir) -> Path:
-    d = models_dir / "stories260K-hf"
+def stories_dir() -> Path:
+    d = stories_path()
     if not (d / "model.safetensors").is_file():
         pytest.skip(f"{d} has no model.safetensors")
     return d
+
+
+@pytest.fixture(scope="session")
+def stories_f32(stories_dir, tmp_path_factory) -> Path:
+    """stories260K converted to an f32 GGUF once per test session."""
+    from pyggml.convert import convert_hf_to_gguf
+
+    return convert_hf_to_gguf(stories_dir, tmp_path_factory.mktemp("stories") / "stories260K-f32.gguf", outtype="f32")

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = Path(os.environ.get("PYGGML_TEST_MODELS", ROOT.parent / "shared" / "models"))
 STORIES = MODELS / "stories260K-hf"
+if not (STORIES / "model.safetensors").is_file():
+    STORIES = ROOT / "models" / "stories260K"  # the bundled copy
 LLAMA2_TOKENIZER = MODELS / "llama2-tokenizer" / "tokenizer.model"
 A = "llama"  # general.architecture
 

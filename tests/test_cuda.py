@@ -137,8 +137,8 @@ def run(path, n_gpu_layers):
     """Prompt logits (all positions) and six decode steps' logits."""
     llm = Llama(path, n_ctx=40, n_gpu_layers=n_gpu_layers)
     prompt = np.array([1, 17, 299, 5, 42, 42, 100, 3, 250, 7, 8])
-    batch = llm.model.forward(prompt, 0, llm.cache, all_logits=True)
-    steps = [llm.model.forward(np.array([t]), len(prompt) + i, llm.cache) for i, t in enumerate([9, 4, 4, 200, 13, 1])]
+    batch = llm.model.forward(prompt, 0, llm.kv_cache, all_logits=True)
+    steps = [llm.model.forward(np.array([t]), len(prompt) + i, llm.kv_cache) for i, t in enumerate([9, 4, 4, 200, 13, 1])]
     return batch, np.stack(steps)
 
 
@@ -159,8 +159,8 @@ def test_decode_graph_replays_at_every_position(random_model):
     llm = Llama(random_model, n_ctx=40, n_gpu_layers=-1)
     ref = Llama(random_model, n_ctx=40, n_gpu_layers=0)
     tokens = [1] + [int(t) for t in np.random.default_rng(0).integers(3, 300, 29)]
-    got = [llm.model.forward(np.array([t]), i, llm.cache) for i, t in enumerate(tokens)]
-    want = [ref.model.forward(np.array([t]), i, ref.cache) for i, t in enumerate(tokens)]
+    got = [llm.model.forward(np.array([t]), i, llm.kv_cache) for i, t in enumerate(tokens)]
+    want = [ref.model.forward(np.array([t]), i, ref.kv_cache) for i, t in enumerate(tokens)]
     print(f"{random_model.name}: 30 decode steps {rel_err(np.stack(got), np.stack(want)):.2e}")
     tol = 2e-3 if GGMLType[random_model.stem.split("-")[1]] in FLOATS else 2e-2
     assert rel_err(np.stack(got), np.stack(want)) < tol
@@ -178,8 +178,8 @@ def test_decode_attention_over_many_key_ranges(tmp_path):
     logits = {}
     for ngl in (0, -1):
         llm = Llama(path, n_ctx=512, n_gpu_layers=ngl)
-        llm.model.forward(np.array(tokens[:150]), 0, llm.cache)
-        logits[ngl] = np.stack([llm.model.forward(np.array([t]), 150 + i, llm.cache) for i, t in enumerate(tokens[150:])])
+        llm.model.forward(np.array(tokens[:150]), 0, llm.kv_cache)
+        logits[ngl] = np.stack([llm.model.forward(np.array([t]), 150 + i, llm.kv_cache) for i, t in enumerate(tokens[150:])])
     print(f"decode at 150..419: {rel_err(logits[-1], logits[0]):.2e}")
     assert rel_err(logits[-1], logits[0]) < 2e-3
     assert same_top(logits[-1], logits[0])
@@ -196,7 +196,7 @@ def test_decode_folds_a_norm_whose_last_group_is_partial(tmp_path, t):
     logits = {}
     for ngl in (0, -1):
         llm = Llama(path, n_ctx=64, n_gpu_layers=ngl)
-        logits[ngl] = np.stack([llm.model.forward(np.array([v]), i, llm.cache) for i, v in enumerate(tokens)])
+        logits[ngl] = np.stack([llm.model.forward(np.array([v]), i, llm.kv_cache) for i, v in enumerate(tokens)])
     print(f"dim 40 {t.name}: {rel_err(logits[-1], logits[0]):.2e}")
     assert rel_err(logits[-1], logits[0]) < 2e-3
     assert same_top(logits[-1], logits[0])
@@ -213,7 +213,7 @@ def test_programmatic_launch_changes_nothing(gpu, random_model, n_gpu_layers):
         llm = Llama(random_model, n_ctx=40, n_gpu_layers=n_gpu_layers)
         next(L.backend for L in llm.model.layers if L.backend.name == "cuda").pdl = pdl
         tokens = [int(t) for t in np.random.default_rng(1).integers(3, 300, 25)]
-        steps[pdl] = np.stack([llm.model.forward(np.array([t]), i, llm.cache) for i, t in enumerate(tokens)])
+        steps[pdl] = np.stack([llm.model.forward(np.array([t]), i, llm.kv_cache) for i, t in enumerate(tokens)])
     np.testing.assert_array_equal(steps[True], steps[False])
 
 

@@ -136,7 +136,7 @@ def test_logits_equal_numpy_llama(random_model):
     tokens = [1, 17, 299, 5, 42, 42, 100, 3, 250, 7, 8]
     want = numpy_llama_logits(random_model, tokens)
     llm = Llama(random_model, n_ctx=32)
-    got = llm.model.forward(np.array(tokens), 0, llm.cache, all_logits=True)
+    got = llm.model.forward(np.array(tokens), 0, llm.kv_cache, all_logits=True)
     assert got.shape == want.shape
     # Float rounding only, except where a last-bit difference moved one activation across an int8
     # rounding boundary (the numpy forward rounds float64 values, the kernels float32 ones): such a
@@ -153,8 +153,8 @@ def test_logits_equal_numpy_llama(random_model):
 def test_prefill_equals_single_steps(random_model):
     tokens = np.array([1, 9, 8, 7, 6, 5, 4, 3, 2, 150, 151, 152, 153])
     llm = Llama(random_model, n_ctx=32)
-    batch = llm.model.forward(tokens, 0, llm.cache, all_logits=True)
-    steps = np.stack([llm.model.forward(tokens[i : i + 1], i, llm.cache) for i in range(len(tokens))])
+    batch = llm.model.forward(tokens, 0, llm.kv_cache, all_logits=True)
+    steps = np.stack([llm.model.forward(tokens[i : i + 1], i, llm.kv_cache) for i in range(len(tokens))])
     np.testing.assert_allclose(steps, batch, rtol=0, atol=1e-5 * np.abs(batch).max())
     # in chunks through the API (n_batch=4) too
     llm2 = Llama(random_model, n_ctx=32, n_batch=4)
@@ -189,7 +189,7 @@ def test_f32_reproduces_reference_greedy_exactly(stories):
     assert len(prompt) + len(ids) == 257  # run.c: 256 positions after BOS
     # run.c prints a newline after the generation
     assert llm.tokenizer.decode(prompt + ids) + "\n" == ref
-    assert llm.generate(PROMPT, max_tokens=252, temperature=0, repeat_penalty=1.0) + "\n" == ref[len(PROMPT):]
+    assert llm.generate_text(PROMPT, max_tokens=252, temperature=0, repeat_penalty=1.0) + "\n" == ref[len(PROMPT):]
 
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
@@ -210,7 +210,7 @@ def test_q4_0_output_is_fluent(stories):
 
     def nll(ids):
         seq = np.array(prompt + ids)
-        logits = f32.model.forward(seq, 0, f32.cache, all_logits=True).astype(np.float64)[len(prompt) - 1 : -1]
+        logits = f32.model.forward(seq, 0, f32.kv_cache, all_logits=True).astype(np.float64)[len(prompt) - 1 : -1]
         logp = logits - logits.max(1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(1, keepdims=True))
         return -logp[np.arange(len(ids)), seq[len(prompt):]].mean()
@@ -224,12 +224,12 @@ def test_session_round_trip_gives_identical_logits(stories, tmp_path):
     llm.eval(llm.tokenize(PROMPT + ", there was"))
     path = tmp_path / "s.session"
     llm.save_state(path, extra={"note": "x"})
-    next_logits = llm.eval(llm.tokens + [100]).copy()
+    next_logits = llm.eval([100]).copy()
 
     fresh = Llama(files["q8_0"], n_ctx=128)
     assert fresh.load_state(path) == {"note": "x"}
     assert fresh.tokens == llm.tokens[:-1]
-    assert np.array_equal(fresh.eval(fresh.tokens + [100]), next_logits)
+    assert np.array_equal(fresh.eval([100]), next_logits)
 
     with pytest.raises(SessionError, match="context of 128"):
         Llama(files["q8_0"], n_ctx=64).load_state(path)
@@ -242,29 +242,31 @@ def test_session_round_trip_gives_identical_logits(stories, tmp_path):
 
 
 def test_named_kv_file_holds_the_cache(stories, tmp_path):
+    from pyggml.kvfile import HEADER_BYTES
+
     files, _ = stories
     kv = tmp_path / "kv.bin"
     llm = Llama(files["f32"], n_ctx=64, kv_path=kv)
-    assert kv.stat().st_size == llm.cache.nbytes
-    a = llm.generate(PROMPT, max_tokens=20, temperature=0)
-    b = Llama(files["f32"], n_ctx=64).generate(PROMPT, max_tokens=20, temperature=0)
-    assert a == b and np.abs(np.fromfile(kv, np.float32)).max() > 0
+    assert kv.stat().st_size == HEADER_BYTES + llm.kv_cache.nbytes
+    a = llm.generate_text(PROMPT, max_tokens=20, temperature=0)
+    b = Llama(files["f32"], n_ctx=64).generate_text(PROMPT, max_tokens=20, temperature=0)
+    assert a == b and np.abs(np.fromfile(kv, np.float32, offset=HEADER_BYTES)).max() > 0
 
 
 def test_api_shapes_stop_strings_and_context_full(stories):
     files, _ = stories
     llm = Llama(files["f32"], n_ctx=40)
-    pieces = list(llm.generate(PROMPT, max_tokens=12, temperature=0, stream=True))
-    assert len(pieces) > 3 and "".join(pieces) == llm.generate(PROMPT, max_tokens=12, temperature=0)
-    full = llm.generate(PROMPT, max_tokens=30, temperature=0, repeat_penalty=1.0)
-    cut = llm.generate(PROMPT, max_tokens=30, temperature=0, repeat_penalty=1.0, stop="Lily")
+    pieces = list(llm.generate_text(PROMPT, max_tokens=12, temperature=0, stream=True))
+    assert len(pieces) > 3 and "".join(pieces) == llm.generate_text(PROMPT, max_tokens=12, temperature=0)
+    full = llm.generate_text(PROMPT, max_tokens=30, temperature=0, repeat_penalty=1.0)
+    cut = llm.generate_text(PROMPT, max_tokens=30, temperature=0, repeat_penalty=1.0, stop="Lily")
     assert "Lily" in full and cut == full[: full.index("Lily")]
 
     c = llm.create_completion(PROMPT, max_tokens=5, temperature=0)
     assert c["object"] == "text_completion" and c["choices"][0]["finish_reason"] == "length"
     assert c["usage"]["completion_tokens"] == 5 and c["usage"]["prompt_tokens"] == len(llm.tokenize(PROMPT))
 
-    long = llm.generate(PROMPT, max_tokens=1000, temperature=0)  # context of 40 fills up
+    long = llm.generate_text(PROMPT, max_tokens=1000, temperature=0)  # context of 40 fills up
     assert llm.context_full and len(llm.tokens) == 40 and long
     chat = llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
@@ -273,7 +275,7 @@ def test_api_shapes_stop_strings_and_context_full(stories):
     assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == chat["choices"][0]["message"]["content"]
     from pyggml.api import ContextFullError
     with pytest.raises(ContextFullError):
-        llm.generate("word " * 100, max_tokens=1)
+        llm.generate_text("word " * 100, max_tokens=1)
 
 
 def test_embed_is_mean_pooled_hidden_state(stories):
@@ -312,10 +314,10 @@ def test_architectures_equal_numpy_forward(arch_model):
     tokens = np.array([1, 17, 299, 5, 42, 42, 100, 3, 250, 7, 8])
     want = numpy_llama_logits(arch_model, tokens)
     llm = Llama(arch_model, n_ctx=32)
-    got = llm.model.forward(tokens, 0, llm.cache, all_logits=True)
+    got = llm.model.forward(tokens, 0, llm.kv_cache, all_logits=True)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
     llm2 = Llama(arch_model, n_ctx=32)
-    steps = np.stack([llm2.model.forward(tokens[i : i + 1], i, llm2.cache) for i in range(len(tokens))])
+    steps = np.stack([llm2.model.forward(tokens[i : i + 1], i, llm2.kv_cache) for i in range(len(tokens))])
     np.testing.assert_allclose(steps, got, rtol=0, atol=1e-5 * np.abs(got).max())
 
 
@@ -338,7 +340,7 @@ def test_linear_rope_scaling_divides_positions(tmp_path):
     tokens = np.array([1, 17, 299, 5, 42, 42, 100, 3])
     llm = Llama(path, n_ctx=32)
     assert llm.model.config.rope_linear_factor == 4.0
-    got = llm.model.forward(tokens, 0, llm.cache, all_logits=True)
+    got = llm.model.forward(tokens, 0, llm.kv_cache, all_logits=True)
     want = numpy_llama_logits(path, tokens)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
     plain = numpy_llama_logits(_write_f32(tmp_path / "plain.gguf", shape), tokens)

@@ -45,10 +45,12 @@ def test_too_little_memory_names_the_layers_that_fit(model):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy is installed here")
-def test_gpu_layers_without_cupy_is_a_clear_error(model):
+def test_gpu_layers_without_cupy_run_on_the_cpu_with_a_warning(model):
+    """As llama-cpp-python's CPU build: n_gpu_layers is a request, not a requirement (issue 22)."""
     f, _ = model
-    with pytest.raises(BackendUnavailableError, match="cupy"):
-        Llama(f.path, n_ctx=16, n_gpu_layers=-1)
+    with pytest.warns(RuntimeWarning, match="cupy"):
+        llm = Llama(f.path, n_ctx=16, n_gpu_layers=-1)
+    assert {layer.backend.name for layer in llm.model.layers} == {"cpu"}
 
 
 def test_decode_attention_ranges_fit_one_wave():

@@ -108,8 +108,8 @@ def test_kl_divergence_orders_quant_types_and_matches_numpy(stories):
     kld, same = [], []
     for chunk in chunks:
         rows = slice(N_CTX // 2, N_CTX - 1)
-        p = _softmax(base.model.forward(chunk, 0, base.cache, all_logits=True)[rows])
-        q = _softmax(quant.model.forward(chunk, 0, quant.cache, all_logits=True)[rows])
+        p = _softmax(base.model.forward(chunk, 0, base.kv_cache, all_logits=True)[rows])
+        q = _softmax(quant.model.forward(chunk, 0, quant.kv_cache, all_logits=True)[rows])
         kld.append((p * np.log(p / q)).sum(1))
         same.append(p.argmax(1) == q.argmax(1))
     kld, same = np.concatenate(kld), np.concatenate(same)
@@ -195,7 +195,7 @@ def test_q6_k_output_head_runs_against_gguf_package(tmp_path):
     tokens = [1, 17, 299, 5, 42, 42, 100, 3]
     llm = Llama(q6, n_ctx=Q6_K_SHAPE.ctx)
     assert llm.model.file.tensors[TensorNames.OUTPUT].ggml_type is GGMLType.Q6_K
-    got = llm.model.forward(np.array(tokens), 0, llm.cache, all_logits=True)
+    got = llm.model.forward(np.array(tokens), 0, llm.kv_cache, all_logits=True)
     want = numpy_llama_logits(q6, tokens)
     assert got.shape == want.shape == (len(tokens), Q6_K_SHAPE.vocab)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
