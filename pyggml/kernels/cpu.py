@@ -18,9 +18,9 @@ from numba import njit, prange
 from ..gguf.constants import QK, GGMLType
 from ..quant.registry import kernel_code
 from ..tensor import KERNEL_TYPE_CODES, QWeight
-from .kpack import K_PACKED_TYPES, kpacked_emitters, pack_k
+from .kpack import K_PACKED_TYPES, PAIRS, kpacked_emitters, pack_k
 from .decoders import F16_TABLE, decode_rows, try_decode_row
-from .simd import HAS_F16_VECTOR, INT8_PREFETCH, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
+from .simd import HAS_F16_VECTOR, INT8_PREFETCH, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
 
 _CODES = KERNEL_TYPE_CODES
 SUPPORTED_TYPES = frozenset(_CODES)  # every computable type: decoders.py decodes each of them
@@ -77,6 +77,10 @@ PACKED_TOKENS = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 3,
 _ONE = {t: 1 for t in PACKED_TOKENS}
 _PACKED_ONE = packed_kernel(_ONE, INT8_PREFETCH, kpacked_emitters(_ONE, INT8_PREFETCH))
 _PACKED_TILE = packed_kernel(PACKED_TOKENS, 0, kpacked_emitters(PACKED_TOKENS))
+# kpack.py's types on AVX-512 hosts: two row groups a call, 16 rows in 512-bit vectors (kpack.PAIRS;
+# elsewhere these are never called, and are emitted at one group's width so no AVX-512 code is made)
+_PAIR_ONE = int8_intrinsic("paired k-packed kernel", kpacked_emitters(_ONE, INT8_PREFETCH, width=2 if PAIRS else 1))
+_PAIR_TILE = int8_intrinsic("paired k-packed kernel", kpacked_emitters(PACKED_TOKENS, 0, width=2 if PAIRS else 1))
 _ROW = row_kernel(INT8_PREFETCH)
 
 
@@ -139,14 +143,20 @@ def pack(w: QWeight) -> np.ndarray:
 
 
 @njit(parallel=True, cache=True)
-def _matmul_packed(code, pw, step, xq, xd, xc, out, table, n_tasks):
+def _matmul_packed(code, pw, step, xq, xd, xc, out, table, n_tasks, pairs):
     """out[:, :8 * groups] = a packed weight pw (groups, superblocks) times int8-block activations;
-    step: PACKED_TOKENS of the type."""
+    step: PACKED_TOKENS of the type; pairs: two groups a call where two are left (kpack.PAIRS)."""
     groups, n_tok, nb = pw.shape[0], xq.shape[0], xd.shape[1]
     if n_tok == 1:
         for i in prange((groups + GROUPS_PER_TASK - 1) // GROUPS_PER_TASK):
-            for g in range(i * GROUPS_PER_TASK, min(groups, (i + 1) * GROUPS_PER_TASK)):
-                _PACKED_ONE(code, pw, g, xq, xd, xc, 0, 0, nb, out, table)
+            g, g1 = i * GROUPS_PER_TASK, min(groups, (i + 1) * GROUPS_PER_TASK)
+            while g < g1:
+                if pairs and g + 1 < g1:
+                    _PAIR_ONE(code, pw, g, xq, xd, xc, 0, 0, nb, out, table)
+                    g += 2
+                else:
+                    _PACKED_ONE(code, pw, g, xq, xd, xc, 0, 0, nb, out, table)
+                    g += 1
     else:
         panel = max(8, min(nb, PANEL_BYTES // (QK * n_tok)))
         for task in prange(n_tasks):
@@ -154,13 +164,22 @@ def _matmul_packed(code, pw, step, xq, xd, xc, out, table, n_tasks):
             g1 = groups * (task + 1) // n_tasks
             for b0 in range(0, nb, panel):
                 b1 = min(nb, b0 + panel)
-                for g in range(g0, g1):
+                g = g0
+                while g < g1:
+                    two = pairs and g + 1 < g1
                     t = 0
                     while t + step <= n_tok:
-                        _PACKED_TILE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+                        if two:
+                            _PAIR_TILE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+                        else:
+                            _PACKED_TILE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
                         t += step
                     for t in range(t, n_tok):
-                        _PACKED_ONE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+                        if two:
+                            _PAIR_ONE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+                        else:
+                            _PACKED_ONE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+                    g += 2 if two else 1
 
 
 @njit(parallel=True, cache=True)
@@ -298,7 +317,8 @@ def matmul(w: QWeight, x: np.ndarray, out: np.ndarray, quantized: tuple | None =
         xq, xd, xc = quantized if quantized is not None else quantize_activations(x)
         packed = w.packed if w.packed is not None else pack(w)
         if packed.shape[0]:
-            _matmul_packed(_CODES[t], packed, PACKED_TOKENS[t], xq, xd, xc, out, F16_TABLE, numba.get_num_threads())
+            _matmul_packed(_CODES[t], packed, PACKED_TOKENS[t], xq, xd, xc, out, F16_TABLE, numba.get_num_threads(),
+                           PAIRS and t in K_PACKED_TYPES)
         r0 = packed.shape[0] * PACK_ROWS  # rows past the last group of 8 (small test models) follow
         if r0 < w.rows and t in K_PACKED_TYPES:  # decoded, times the int8 activations as floats
             xf = (xq.reshape(len(xq), -1, QK) * xd[:, :, None]).reshape(len(xq), -1)

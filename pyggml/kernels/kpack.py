@@ -42,7 +42,7 @@ from numba.core import cgutils
 from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
 from ..quant.kquants import IQ4NL_VALUES
 from ..tensor import KERNEL_TYPE_CODES
-from .simd import (HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, _dot4, PACK_ROWS, _CONTRACT, _F32, _I8, _I16, _I32, _I64, _abs_i8,
+from .simd import (HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, SIMD_LEVEL, _FEATURES, _dot4, PACK_ROWS, _CONTRACT, _F32, _I8, _I16, _I32, _I64, _abs_i8,
                    _load_f16x8, _load_scalar, _load_vec, _madd_ones, _maddubs, _prefetch, _sign_i8, _splat, _splat_value,
                    _vec, _x86)
 
@@ -94,83 +94,129 @@ K_PACKED_TYPES = frozenset(K_LAYOUTS)
 
 
 # ------------------------------------------------------------------------------- the kernel
-def _f16x8(builder, base, offset, table):
-    """Eight consecutive fp16 at base + offset as <8 x float>."""
-    if HAS_F16_VECTOR:
-        return builder.fpext(_load_vec(builder, base, offset, ir.HalfType(), 8), _vec(_F32, 8))
-    return _load_f16x8(builder, base, offset, 2, table)
+# The emitters below work on W row groups at once (W = 1: 32-byte vectors, 8 rows; W = 2 with
+# AVX-512: 64-byte vectors, 16 rows, groups g and g + 1 side by side, their blocks at the same offset
+# `group bytes` apart). `At` carries W and the offsets; every load of a group's vector loads it from
+# each group and concatenates.
+class _At:
+    def __init__(self, builder, base, group_bytes, width: int):
+        self.b, self.base, self.w = builder, base, width
+        self.steps = [ir.Constant(_I64, 0)] + ([group_bytes] if width == 2 else [])
+
+    def load(self, offset, elem, n):
+        """n elements at offset in each group, concatenated: <n * W x elem>."""
+        parts = [_load_vec(self.b, self.base, self.b.add(offset, s), elem, n) for s in self.steps]
+        return parts[0] if self.w == 1 else _cat(self.b, parts[0], parts[1], n)
+
+    def f16(self, offset, table):
+        """Eight consecutive fp16 in each group as <8W x float>."""
+        if HAS_F16_VECTOR:
+            return self.b.fpext(self.load(offset, ir.HalfType(), 8), _vec(_F32, 8 * self.w))
+        parts = [_load_f16x8(self.b, self.base, self.b.add(offset, s), 2, table) for s in self.steps]
+        return parts[0] if self.w == 1 else _cat(self.b, parts[0], parts[1], 8)
+
+    def ints(self, offset, signed: bool):
+        """Eight bytes in each group as <8W x i32>."""
+        v = self.load(offset, _I8, 8)
+        return (self.b.sext if signed else self.b.zext)(v, _vec(_I32, 8 * self.w))
 
 
-def _int8x8(builder, base, offset, signed: bool):
-    """Eight bytes at base + offset as <8 x float> (signed or unsigned)."""
-    v = _load_vec(builder, base, offset, _I8, 8)
-    wide = builder.sext(v, _vec(_I32, 8)) if signed else builder.zext(v, _vec(_I32, 8))
-    return builder.sitofp(wide, _vec(_F32, 8))
+def _cat(builder, a, b, n: int):
+    return builder.shuffle_vector(a, b, ir.Constant(_vec(_I32, 2 * n), list(range(2 * n))))
 
 
-def _lookup(builder, nibbles):
-    """<32 x i8> of 4-bit indices -> the IQ4_NL values they name (vpshufb with AVX2)."""
+def _lookup(builder, nibbles, nb: int):
+    """<nb x i8> of 4-bit indices -> the IQ4_NL values they name (vpshufb)."""
     values = [int(v) for v in IQ4NL_VALUES]
     if HAS_AVX2:
-        table = ir.Constant(_vec(_I8, 32), [ir.Constant(_I8, v & 0xFF) for v in values * 2])
-        return _x86(builder, "llvm.x86.avx2.pshuf.b", _vec(_I8, 32), table, nibbles)
-    out = _splat(_I8, 32, 0)
+        table = ir.Constant(_vec(_I8, nb), [ir.Constant(_I8, v & 0xFF) for v in values * (nb // 16)])
+        name = "llvm.x86.avx2.pshuf.b" if nb == 32 else "llvm.x86.avx512.pshuf.b.512"
+        return _x86(builder, name, _vec(_I8, nb), table, nibbles)
+    out = _splat(_I8, nb, 0)
     for i, v in enumerate(values):
-        hit = builder.icmp_unsigned("==", nibbles, _splat(_I8, 32, i))
-        out = builder.select(hit, _splat(_I8, 32, v & 0xFF), out)
+        hit = builder.icmp_unsigned("==", nibbles, _splat(_I8, nb, i))
+        out = builder.select(hit, _splat(_I8, nb, v & 0xFF), out)
     return out
 
 
 def _shifted_bits(builder, v16, src: int, dst: int, mask: int):
-    """Per byte of v16 (<16 x i16> view of 32 bytes): bits from `src` moved to `dst`, masked."""
+    """Per byte of v16 (an i16 view of the bytes): bits from `src` moved to `dst`, masked."""
+    n16 = v16.type.count
     if src < dst:
-        v16 = builder.shl(v16, _splat(_I16, 16, dst - src))
+        v16 = builder.shl(v16, _splat(_I16, n16, dst - src))
     elif src > dst:
-        v16 = builder.lshr(v16, _splat(_I16, 16, src - dst))
-    return builder.and_(builder.bitcast(v16, _vec(_I8, 32)), _splat(_I8, 32, mask))
+        v16 = builder.lshr(v16, _splat(_I16, n16, src - dst))
+    return builder.and_(builder.bitcast(v16, _vec(_I8, 2 * n16)), _splat(_I8, 2 * n16, mask))
 
 
-def _codes(builder, lay: KLayout, w, blk):
+def _codes(builder, lay: KLayout, at: _At, blk):
     """The block at blk as 8 code vectors (vector k: elements 4k .. 4k + 3 of each row)."""
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-    at = builder.add(blk, const(lay.meta + lay.high))
+    nb = 32 * at.w
+    i16 = _vec(_I16, nb // 2)
+    base = builder.add(blk, const(lay.meta + lay.high))
     codes = [None] * 8
     if lay.low_bits == 4:
         for m in range(4):
-            v = _load_vec(builder, w, builder.add(at, const(32 * m)), _I8, 32)
-            codes[m] = builder.and_(v, _splat(_I8, 32, 15))
-            codes[m + 4] = _shifted_bits(builder, builder.bitcast(v, _vec(_I16, 16)), 4, 0, 15)
+            v = at.load(builder.add(base, const(32 * m)), _I8, 32)
+            codes[m] = builder.and_(v, _splat(_I8, nb, 15))
+            codes[m + 4] = _shifted_bits(builder, builder.bitcast(v, i16), 4, 0, 15)
     else:  # 2 bits: vector k // 4, bits 2(k % 4)
-        lv = [builder.bitcast(_load_vec(builder, w, builder.add(at, const(32 * v)), _I8, 32), _vec(_I16, 16)) for v in range(2)]
+        lv = [builder.bitcast(at.load(builder.add(base, const(32 * v)), _I8, 32), i16) for v in range(2)]
         codes = [_shifted_bits(builder, lv[k // 4], 2 * (k % 4), 0, 3) for k in range(8)]
     hi_at = builder.add(blk, const(lay.meta))
     top = lay.low_bits
     if lay.high_bits == 1:  # Q5, Q3_K: bit k of byte 4r + e -> bit `top` of group k's code
-        qh = builder.bitcast(_load_vec(builder, w, hi_at, _I8, 32), _vec(_I16, 16))
+        qh = builder.bitcast(at.load(hi_at, _I8, 32), i16)
         codes = [builder.or_(c, _shifted_bits(builder, qh, k, top, 1 << top)) for k, c in enumerate(codes)]
     elif lay.high_bits == 2:  # Q6_K: bits 2k', 2k' + 1 of vector k // 4 -> bits 4, 5 of group k's code
-        hv = [builder.bitcast(_load_vec(builder, w, builder.add(hi_at, const(32 * h)), _I8, 32), _vec(_I16, 16))
-              for h in range(2)]
+        hv = [builder.bitcast(at.load(builder.add(hi_at, const(32 * h)), _I8, 32), i16) for h in range(2)]
         codes = [builder.or_(c, _shifted_bits(builder, hv[k // 4], 2 * (k % 4), top, 3 << top)) for k, c in enumerate(codes)]
     if lay.offset:
-        codes = [builder.sub(c, _splat(_I8, 32, lay.offset)) for c in codes]
+        codes = [builder.sub(c, _splat(_I8, nb, lay.offset)) for c in codes]
     if lay.table:
-        codes = [_lookup(builder, c) for c in codes]
+        codes = [_lookup(builder, c, nb) for c in codes]
     return codes
 
 
+def _abs(builder, v):
+    """|v| of signed bytes read as unsigned (vpabsb at any width)."""
+    if v.type.count == 32:
+        return _abs_i8(builder, v)
+    zero = _splat(_I8, v.type.count, 0)
+    return builder.select(builder.icmp_signed("<", v, zero), builder.neg(v), v)
+
+
+def _sign(builder, x, s):
+    """x * sign(s) per byte (vpsignb; AVX-512 has none at 512 bits: two masked selects)."""
+    if x.type.count == 32:
+        return _sign_i8(builder, x, s)
+    zero = _splat(_I8, x.type.count, 0)
+    neg = builder.select(builder.icmp_signed("<", s, zero), builder.neg(x), x)
+    return builder.select(builder.icmp_signed("==", s, zero), zero, neg)
+
+
+def _dot(builder, acc, u, s):
+    """vpdpbusd at the width of u (256 or 512 bits)."""
+    if u.type.count == 32:
+        return _dot4(builder, acc, u, s)
+    i32 = _vec(_I32, 16)
+    a = acc if acc is not None else _splat(_I32, 16, 0)
+    return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", i32, a, builder.bitcast(u, i32), builder.bitcast(s, i32))
+
+
 def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
-    """<8 x i32>: lane r = row r's integer dot over the block. Unsigned 4-bit codes add 8 pair sums
-    as i16 (8 * 2 * 15 * 127 < 2^15), 5-bit ones 4; Q6_K's |q - 32| <= 32 (Q2_K's, Q3_K's <= 4) add
-    the 4 of a half (4 * 2 * 32 * 127 < 2^15) before its scale multiplies them; IQ4's |T[q]| <= 127
-    one at a time."""
+    """<8W x i32>: lane r = row r's integer dot over the block. Without VNNI (W = 1 only): unsigned
+    4-bit codes add 8 pair sums as i16 (8 * 2 * 15 * 127 < 2^15), 5-bit ones 4; Q6_K's |q - 32| <= 32
+    (Q2_K's, Q3_K's <= 4) add the 4 of a half (4 * 2 * 32 * 127 < 2^15) before its scale multiplies
+    them; IQ4's |T[q]| <= 127 one at a time."""
     if lay.signed:
-        x = [_sign_i8(builder, xk, ck) for xk, ck in zip(x, codes)]
-    if HAS_VNNI:  # one vpdpbusd per code vector; Q6_K's halves apart, then times their scales
+        x = [_sign(builder, xk, ck) for xk, ck in zip(x, codes)]
+    if HAS_VNNI:  # one vpdpbusd per code vector; the halves apart when they have scales
         halves = [None, None]
         for k in range(8):
             h = k // 4 if half_scales is not None else 0
-            halves[h] = _dot4(builder, halves[h], prepared[k], x[k])
+            halves[h] = _dot(builder, halves[h], prepared[k], x[k])
         if half_scales is None:
             return halves[0]
         return builder.add(builder.mul(halves[0], half_scales[0]), builder.mul(halves[1], half_scales[1]))
@@ -193,15 +239,16 @@ def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
 
 
 def _half_sums(builder, x):
-    """[S_a, S_b]: <8 x i32> with every lane the sum of the activation codes of elements 0-15 (16-31)
-    of the block (x: its 8 broadcast groups of 4 bytes)."""
-    ones = _splat(_I8, 32, 1)
+    """[S_a, S_b]: every lane the sum of the activation codes of elements 0-15 (16-31) of the block
+    (x: its 8 broadcast groups of 4 bytes)."""
+    nb = x[0].type.count
+    ones = _splat(_I8, nb, 1)
     out = []
     for h in range(2):
         if HAS_VNNI:
             total = None
             for k in range(4 * h, 4 * h + 4):
-                total = _dot4(builder, total, ones, x[k])
+                total = _dot(builder, total, ones, x[k])
         else:  # 4 pair sums of |x| <= 127 fit i16
             s16 = _maddubs(builder, ones, x[4 * h])
             for k in range(4 * h + 1, 4 * h + 4):
@@ -219,43 +266,44 @@ def _pair_mul(builder, a16, b16):
     return builder.add(even, odd)
 
 
-def _block_scales(builder, lay: KLayout, w, hdr, blk, table):
-    """(s, bias, half, mins): the block's per-row scale and offset as <8 x float> (bias None when the
+def _block_scales(builder, lay: KLayout, at: _At, hdr, blk, table):
+    """(s, bias, half, mins): the block's per-row scale and offset as <8W x float> (bias None when the
     type has none); for the half-scale types their two halves' integer scales, as <16 x i16> (lanes
-    2r, 2r + 1: row r) for vpmaddwd or with VNNI as <8 x i32> (lane r); for Q2_K its mins
-    (dmin <8 x float>, m_a and m_b <8 x i32>), else None."""
+    2r, 2r + 1: row r) for vpmaddwd or with VNNI as <8W x i32> (lane r); for Q2_K its mins
+    (dmin <8W x float>, m_a and m_b <8W x i32>), else None."""
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    lanes = 8 * at.w
     if lay.per_sb == 1:  # Q4_1, Q5_1, IQ4_NL: fp16 d[8] (and m[8]) in the block
-        s = _f16x8(builder, w, blk, table)
-        bias = _f16x8(builder, w, builder.add(blk, const(16)), table) if lay.affine else None
+        s = at.f16(blk, table)
+        bias = at.f16(builder.add(blk, const(16)), table) if lay.affine else None
         return s, bias, None, None
-    d = _f16x8(builder, w, hdr, table)
+    d = at.f16(hdr, table)
     if not lay.half_scales:  # Q4_K, Q5_K: sc[8], m[8] u8; IQ4_XS: ls[8] i8
-        s = builder.fmul(d, _int8x8(builder, w, blk, signed=lay.signed))
+        s = builder.fmul(d, builder.sitofp(at.ints(blk, signed=lay.signed), _vec(_F32, lanes)))
         bias = None
         if lay.affine:
-            dmin = _f16x8(builder, w, builder.add(hdr, const(16)), table)
-            bias = builder.fneg(builder.fmul(dmin, _int8x8(builder, w, builder.add(blk, const(8)), signed=False)))
+            dmin = at.f16(builder.add(hdr, const(16)), table)
+            m = builder.sitofp(at.ints(builder.add(blk, const(8)), signed=False), _vec(_F32, lanes))
+            bias = builder.fneg(builder.fmul(dmin, m))
         return s, bias, None, None
-    i32x8 = _vec(_I32, 8)
-    raw = [_load_vec(builder, w, builder.add(blk, const(8 * h)), _I8, 8) for h in range(2)]
+    raw = [at.ints(builder.add(blk, const(8 * h)), signed=not lay.half_mins) for h in range(2)]
     mins = None
     if lay.half_mins:  # Q2_K: [sc_a | sc_b << 4] x 8, [m_a | m_b << 4] x 8
-        nib = [builder.zext(v, i32x8) for v in raw]
-        lo = lambda v: builder.and_(v, _splat(_I32, 8, 15))  # noqa: E731
-        hi = lambda v: builder.lshr(v, _splat(_I32, 8, 4))  # noqa: E731
-        half = [lo(nib[0]), hi(nib[0])]
-        mins = (_f16x8(builder, w, builder.add(hdr, const(16)), table), lo(nib[1]), hi(nib[1]))
+        lo = lambda v: builder.and_(v, _splat(_I32, lanes, 15))  # noqa: E731
+        hi = lambda v: builder.lshr(v, _splat(_I32, lanes, 4))  # noqa: E731
+        half = [lo(raw[0]), hi(raw[0])]
+        mins = (at.f16(builder.add(hdr, const(16)), table), lo(raw[1]), hi(raw[1]))
     else:  # Q6_K, Q3_K: i8 scales of each half
-        half = [builder.sext(v, i32x8) for v in raw]
+        half = raw
     if not HAS_VNNI:  # <16 x i16>: lanes 2r, 2r + 1, for vpmaddwd
         pair = ir.Constant(_vec(_I32, 16), [r for r in range(8) for _ in range(2)])
         half = [builder.trunc(builder.shuffle_vector(v, v, pair), _vec(_I16, 16)) for v in half]
     return d, None, half, mins
 
 
-def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetch: int) -> None:
-    """The loop of `kpacked_kernel` for one layout (sig, args: the kernel's, without the code)."""
+def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetch: int, width: int = 1) -> None:
+    """The loop of the packed kernel for one layout (sig, args: the kernel's, without the code), over
+    `width` row groups (g, and g + 1 when 2)."""
     wa, xqa, xda, xca, outa, tablea = (context.make_array(sig.args[k])(context, builder, args[k])
                                        for k in (0, 2, 3, 4, 8, 9))
     group, tok0, b0, b1 = args[1], args[5], args[6], args[7]
@@ -264,51 +312,59 @@ def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetc
     cols = cgutils.unpack_tuple(builder, xqa.shape, 2)[1]
     nb = cgutils.unpack_tuple(builder, xda.shape, 2)[1]
     out_cols = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
+    lanes = 8 * width
+    at = _At(builder, wa.data, group_bytes, width)
     tok = [builder.add(tok0, const(j)) for j in range(n_tok)]
     x_off = [builder.mul(t, cols) for t in tok]
     d_off = [builder.mul(t, nb) for t in tok]
     w_off = builder.mul(group, group_bytes)
-    zero = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
+    zero = ir.Constant(_vec(_F32, lanes), [ir.Constant(_F32, 0.0)] * lanes)
     acc = [cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)]
     with cgutils.for_range_slice(builder, b0, b1, const(1), inc=True) as (b, _):
         hdr = builder.add(w_off, builder.mul(builder.udiv(b, const(lay.per_sb)), const(lay.superblock)))
         blk = builder.add(builder.add(hdr, const(lay.header)), builder.mul(builder.urem(b, const(lay.per_sb)), const(lay.block)))
         if prefetch:
-            for k in range(0, lay.block, 64):
-                _prefetch(builder, wa.data, builder.add(blk, const(prefetch + k)))
-        s, bias, half, mins = _block_scales(builder, lay, wa.data, hdr, blk, tablea.data)
-        codes = _codes(builder, lay, wa.data, blk)
-        prepared = [_abs_i8(builder, c) for c in codes] if lay.signed else codes
+            for g in range(width):
+                for k in range(0, lay.block, 64):
+                    _prefetch(builder, wa.data, builder.add(builder.add(blk, at.steps[g]), const(prefetch + k)))
+        s, bias, half, mins = _block_scales(builder, lay, at, hdr, blk, tablea.data)
+        codes = _codes(builder, lay, at, blk)
+        prepared = [_abs(builder, c) for c in codes] if lay.signed else codes
         xblk = builder.mul(b, const(QK))
         for j in range(n_tok):
             xo = builder.add(x_off[j], xblk)
-            x = [builder.bitcast(_splat_value(builder, _load_scalar(builder, xqa.data, builder.add(xo, const(4 * k)), _I32), 8),
-                                 _vec(_I8, 32)) for k in range(8)]
-            sums = builder.sitofp(_row_sums(builder, lay, codes, prepared, x, half), _vec(_F32, 8))
+            x = [builder.bitcast(_splat_value(builder, _load_scalar(builder, xqa.data, builder.add(xo, const(4 * k)), _I32), lanes),
+                                 _vec(_I8, 4 * lanes)) for k in range(8)]
+            sums = builder.sitofp(_row_sums(builder, lay, codes, prepared, x, half), _vec(_F32, lanes))
             dx = builder.load(builder.gep(xda.data, [builder.add(d_off[j], b)]))
             a = builder.load(acc[j])
-            a = builder.fadd(a, builder.fmul(sums, builder.fmul(s, _splat_value(builder, dx, 8)), flags=_CONTRACT), flags=_CONTRACT)
+            a = builder.fadd(a, builder.fmul(sums, builder.fmul(s, _splat_value(builder, dx, lanes)), flags=_CONTRACT), flags=_CONTRACT)
             if bias is not None:
                 xc = builder.load(builder.gep(xca.data, [builder.add(d_off[j], b)]))
-                a = builder.fadd(a, builder.fmul(bias, _splat_value(builder, xc, 8), flags=_CONTRACT), flags=_CONTRACT)
+                a = builder.fadd(a, builder.fmul(bias, _splat_value(builder, xc, lanes), flags=_CONTRACT), flags=_CONTRACT)
             if mins is not None:  # Q2_K: - dmin * d_x * (m_a * S_a + m_b * S_b)
                 sa, sb = _half_sums(builder, x)
-                msum = builder.sitofp(builder.add(builder.mul(mins[1], sa), builder.mul(mins[2], sb)), _vec(_F32, 8))
-                a = builder.fsub(a, builder.fmul(msum, builder.fmul(mins[0], _splat_value(builder, dx, 8))))
+                msum = builder.sitofp(builder.add(builder.mul(mins[1], sa), builder.mul(mins[2], sb)), _vec(_F32, lanes))
+                a = builder.fsub(a, builder.fmul(msum, builder.fmul(mins[0], _splat_value(builder, dx, lanes))))
             builder.store(a, acc[j])
     first = builder.icmp_signed("==", b0, const(0))
     for j in range(n_tok):
-        at = builder.mul(builder.add(builder.mul(tok[j], out_cols), builder.mul(group, const(PACK_ROWS))), const(4))
-        p = builder.bitcast(builder.gep(builder.bitcast(outa.data, _I8.as_pointer()), [at]), _vec(_F32, 8).as_pointer())
+        at_out = builder.mul(builder.add(builder.mul(tok[j], out_cols), builder.mul(group, const(PACK_ROWS))), const(4))
+        p = builder.bitcast(builder.gep(builder.bitcast(outa.data, _I8.as_pointer()), [at_out]), _vec(_F32, lanes).as_pointer())
         total = builder.load(acc[j])
         builder.store(builder.select(first, total, builder.fadd(builder.load(p, align=4), total)), p, align=4)
 
 
-def kpacked_emitters(tokens: dict, prefetch: int = 0) -> tuple:
+def kpacked_emitters(tokens: dict, prefetch: int = 0, width: int = 1) -> tuple:
     """(type code, emit) pairs for simd.packed_kernel's `more`: the products of a weight packed by
-    `pack_k`, with packed_kernel's arguments and meaning; tokens: tokens per call by type."""
-    return tuple((KERNEL_TYPE_CODES[t], lambda c, b, sig, args, lay=lay, n=tokens[t]: _emit_kpacked(c, b, sig, args, lay, n, prefetch))
-                 for t, lay in K_LAYOUTS.items())
+    `pack_k`, with packed_kernel's arguments and meaning; tokens: tokens per call by type; width 2:
+    row groups g and g + 1 at once in 512-bit vectors (PAIRS only)."""
+    return tuple((KERNEL_TYPE_CODES[t], lambda c, b, sig, args, lay=lay, n=tokens[t]:
+                  _emit_kpacked(c, b, sig, args, lay, n, prefetch, width)) for t, lay in K_LAYOUTS.items())
+
+
+# Two row groups a call in 512-bit vectors where the host has AVX-512 (BW for the byte ops, VNNI).
+PAIRS = HAS_VNNI and SIMD_LEVEL == "native" and all(f in _FEATURES for f in ("+avx512f", "+avx512bw", "+avx512vnni"))
 
 
 # ------------------------------------------------------------------------------- the packer

@@ -274,9 +274,9 @@ _ROW_ARGS = (types.Array(types.uint8, 2, "C"), types.int64, types.Array(types.in
              types.int64, types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C"))
 
 
-def _int8_intrinsic(what: str, emitters: list):
+def int8_intrinsic(what: str, emitters):
     """An intrinsic `(code, w, i, xq, xd, xc, t, b0, b1, out, table)` of the int8-activation kernels
-    (arguments as _ROW_ARGS): emitters is [(type code, emit(context, builder, sig, args))] with sig
+    (arguments as _ROW_ARGS): emitters are (type code, emit(context, builder, sig, args)) pairs, sig
     and args without the code; the loop of every type is emitted, and one branch per call picks it."""
     @intrinsic
     def kernel(typingctx, code, w, i, xq, xd, xc, t, b0, b1, out, table):
@@ -371,7 +371,7 @@ def row_kernel(prefetch: int = INT8_PREFETCH):
     Used for the rows of a weight past its last group of 8 (the rest is packed: `packed_kernel`) and
     by tools/bench_cpu_kernels.py.
     """
-    return _int8_intrinsic("int8 row kernel", [
+    return int8_intrinsic("int8 row kernel", [
         (KERNEL_TYPE_CODES[t], lambda c, b, sig, args, fmt=fmt: _emit_row(c, b, sig, args, fmt, prefetch))
         for t, fmt in _FORMATS.items()])
 
@@ -582,6 +582,6 @@ def packed_kernel(tokens: dict, prefetch: int = 0, more: tuple = ()):
     8 activation broadcasts, 8 vpmaddubsw, the i16 adds, 1-8 vpmaddwd, a convert and two
     multiply-adds, for 8 rows. more: further (type code, emit) pairs of other packed layouts
     (kpack.py's), dispatched by the same code branch."""
-    return _int8_intrinsic("packed int8 kernel", [
+    return int8_intrinsic("packed int8 kernel", [
         (KERNEL_TYPE_CODES[t], lambda c, b, sig, args, fmt=fmt, n=tokens[t]: _emit_packed(c, b, sig, args, fmt, n, prefetch))
         for t, fmt in PACKED_LAYOUTS.items()] + list(more))
