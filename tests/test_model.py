@@ -118,10 +118,21 @@ ARCH_SHAPES = {
 ARCH_MODELS = [(name, t) for name in ARCH_SHAPES for t in (GGMLType.F32, GGMLType.Q8_0)]
 
 
-@pytest.fixture(scope="module", params=MODEL_TYPES, ids=lambda p: p[1].name)
+# llama.cpp's most downloaded mixes: Q4_K with Q6_K for the output head and some attn_v / ffn_down
+# (4 layers: llama.cpp's use_more_bits picks layers 0, 2 and 3, so layer 1 keeps Q4_K), Q5_K with Q6_K.
+# More layers carry a rounding flip of one int8 activation (see below) into every later position.
+MIX_SHAPE = Shape(dim=256, n_layers=4, n_heads=4, n_kv_heads=1, ffn_dim=512, vocab=300, ctx=64)
+MIXES = [(MIX_SHAPE, m) for m in ("q4_k_m", "q5_k_m")]
+
+
+def _name(t) -> str:
+    return t if isinstance(t, str) else t.name
+
+
+@pytest.fixture(scope="module", params=MODEL_TYPES + MIXES, ids=lambda p: _name(p[1]))
 def random_model(request, tmp_path_factory):
     shape, t = request.param
-    path = tmp_path_factory.mktemp("rand") / f"gqa-{t.name}.gguf"
+    path = tmp_path_factory.mktemp("rand") / f"gqa-{_name(t)}.gguf"
     write_random_model(path, shape, t, seed=7)
     return path
 
@@ -138,11 +149,13 @@ def test_logits_equal_numpy_llama(random_model):
     llm = Llama(random_model, n_ctx=32)
     got = llm.model.forward(np.array(tokens), 0, llm.kv_cache, all_logits=True)
     assert got.shape == want.shape
-    # Float rounding only, except where a last-bit difference moved one activation across an int8
-    # rounding boundary (the numpy forward rounds float64 values, the kernels float32 ones): such a
-    # position's logits move by about one int8 step of that activation. At most one position may.
+    # Float rounding only, until a last-bit difference moves one activation across an int8 rounding
+    # boundary (the numpy forward rounds float64 values, the kernels float32 ones): from there that
+    # position's logits, and through attention later ones', move by about one int8 step (stated:
+    # within 2e-2 of the largest logit, as the GPU tests state it). BOS (position 0) never flips here.
     close = np.all(np.abs(got - want) <= 2e-4 * np.abs(want).max(), axis=1)
-    assert close.sum() >= len(tokens) - 1, np.flatnonzero(~close)
+    assert close[0], np.flatnonzero(~close)
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
     # Stated tolerance of the int8-activation path against an all-float forward on these weights:
     # within 5% of the largest logit, and the same top token at >= 90% of positions.
     exact = numpy_llama_logits(random_model, tokens, int8_activations=False)
