@@ -39,12 +39,12 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils
 
-from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
+from ..gguf.constants import QK, TYPE_TRAITS, GGMLType
 from ..quant.kquants import IQ4NL_VALUES
 from ..tensor import KERNEL_TYPE_CODES
-from .simd import (HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, SIMD_LEVEL, _FEATURES, _dot4, PACK_ROWS, _CONTRACT, _F32, _I8, _I16, _I32, _I64, _abs_i8,
-                   _load_f16x8, _load_scalar, _load_vec, _madd_ones, _maddubs, _prefetch, _sign_i8, _splat, _splat_value,
-                   _vec, _x86)
+from .simd import (_CONTRACT, _F32, _FEATURES, _I8, _I16, _I32, _I64, HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, PACK_ROWS, SIMD_LEVEL,
+                   PackedCall, _abs_i8, _dot4, _load_f16x8, _load_vec, _madd_ones, _maddubs, _prefetch, _sign_i8, _splat,
+                   _splat_value, _vec, _x86)
 
 _CODES_BYTES = 4 * 32  # the low 4 bits of a block of 8 rows
 
@@ -125,9 +125,15 @@ def _cat(builder, a, b, n: int):
     return builder.shuffle_vector(a, b, ir.Constant(_vec(_I32, 2 * n), list(range(2 * n))))
 
 
-def _lookup(builder, nibbles, nb: int):
-    """<nb x i8> of 4-bit indices -> the IQ4_NL values they name (vpshufb)."""
-    values = [int(v) for v in IQ4NL_VALUES]
+# With VNNI the signed codes are multiplied unsigned (no sign per activation vector and token): the
+# IQ4 values + TABLE_BIAS (1 .. 241), Q6_K's and Q3_K's codes before their offset; the products' excess
+# (TABLE_BIAS, resp. the offset, times the activations' sum) is taken off afterwards.
+TABLE_BIAS = 128
+
+
+def _lookup(builder, nibbles, nb: int, add: int = 0):
+    """<nb x i8> of 4-bit indices -> the IQ4_NL values they name, plus `add` (vpshufb)."""
+    values = [int(v) + add for v in IQ4NL_VALUES]
     if HAS_AVX2:
         table = ir.Constant(_vec(_I8, nb), [ir.Constant(_I8, v & 0xFF) for v in values * (nb // 16)])
         name = "llvm.x86.avx2.pshuf.b" if nb == 32 else "llvm.x86.avx512.pshuf.b.512"
@@ -172,10 +178,10 @@ def _codes(builder, lay: KLayout, at: _At, blk):
     elif lay.high_bits == 2:  # Q6_K: bits 2k', 2k' + 1 of vector k // 4 -> bits 4, 5 of group k's code
         hv = [builder.bitcast(at.load(builder.add(hi_at, const(32 * h)), _I8, 32), i16) for h in range(2)]
         codes = [builder.or_(c, _shifted_bits(builder, hv[k // 4], 2 * (k % 4), top, 3 << top)) for k, c in enumerate(codes)]
-    if lay.offset:
+    if lay.offset and not HAS_VNNI:
         codes = [builder.sub(c, _splat(_I8, nb, lay.offset)) for c in codes]
     if lay.table:
-        codes = [_lookup(builder, c, nb) for c in codes]
+        codes = [_lookup(builder, c, nb, TABLE_BIAS if HAS_VNNI else 0) for c in codes]
     return codes
 
 
@@ -210,16 +216,20 @@ def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
     4-bit codes add 8 pair sums as i16 (8 * 2 * 15 * 127 < 2^15), 5-bit ones 4; Q6_K's |q - 32| <= 32
     (Q2_K's, Q3_K's <= 4) add the 4 of a half (4 * 2 * 32 * 127 < 2^15) before its scale multiplies
     them; IQ4's |T[q]| <= 127 one at a time."""
-    if lay.signed:
-        x = [_sign(builder, xk, ck) for xk, ck in zip(x, codes)]
     if HAS_VNNI:  # one vpdpbusd per code vector; the halves apart when they have scales
         halves = [None, None]
         for k in range(8):
             h = k // 4 if half_scales is not None else 0
-            halves[h] = _dot(builder, halves[h], prepared[k], x[k])
+            halves[h] = _dot(builder, halves[h], codes[k], x[k])
         if half_scales is None:
-            return halves[0]
+            return halves[0]  # the table types' excess comes off with their bias (_block_scales)
+        if lay.offset:  # Q6_K, Q3_K: sum_j (q_j - offset) x_j per half
+            sums = _half_sums(builder, x)
+            off = _splat(_I32, halves[0].type.count, lay.offset)
+            halves = [builder.sub(a, builder.mul(off, s_h)) for a, s_h in zip(halves, sums)]
         return builder.add(builder.mul(halves[0], half_scales[0]), builder.mul(halves[1], half_scales[1]))
+    if lay.signed:
+        x = [_sign(builder, xk, ck) for xk, ck in zip(x, codes)]
     per = 4 if (lay.high or lay.half_scales) else 8
     if lay.table:
         per = 1
@@ -273,9 +283,12 @@ def _block_scales(builder, lay: KLayout, at: _At, hdr, blk, table):
     (dmin <8W x float>, m_a and m_b <8W x i32>), else None."""
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
     lanes = 8 * at.w
+    table_bias = lambda s: builder.fmul(s, ir.Constant(_vec(_F32, lanes), [ir.Constant(_F32, -TABLE_BIAS)] * lanes))  # noqa: E731
     if lay.per_sb == 1:  # Q4_1, Q5_1, IQ4_NL: fp16 d[8] (and m[8]) in the block
         s = at.f16(blk, table)
         bias = at.f16(builder.add(blk, const(16)), table) if lay.affine else None
+        if lay.table and HAS_VNNI:
+            bias = table_bias(s)
         return s, bias, None, None
     d = at.f16(hdr, table)
     if not lay.half_scales:  # Q4_K, Q5_K: sc[8], m[8] u8; IQ4_XS: ls[8] i8
@@ -285,6 +298,8 @@ def _block_scales(builder, lay: KLayout, at: _At, hdr, blk, table):
             dmin = at.f16(builder.add(hdr, const(16)), table)
             m = builder.sitofp(at.ints(builder.add(blk, const(8)), signed=False), _vec(_F32, lanes))
             bias = builder.fneg(builder.fmul(dmin, m))
+        if lay.table and HAS_VNNI:
+            bias = table_bias(s)
         return s, bias, None, None
     raw = [at.ints(builder.add(blk, const(8 * h)), signed=not lay.half_mins) for h in range(2)]
     mins = None
@@ -304,55 +319,36 @@ def _block_scales(builder, lay: KLayout, at: _At, hdr, blk, table):
 def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetch: int, width: int = 1) -> None:
     """The loop of the packed kernel for one layout (sig, args: the kernel's, without the code), over
     `width` row groups (g, and g + 1 when 2)."""
-    wa, xqa, xda, xca, outa, tablea = (context.make_array(sig.args[k])(context, builder, args[k])
-                                       for k in (0, 2, 3, 4, 8, 9))
-    group, tok0, b0, b1 = args[1], args[5], args[6], args[7]
+    call = PackedCall(context, builder, sig, args, n_tok)
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-    group_bytes = cgutils.unpack_tuple(builder, wa.shape, 2)[1]
-    cols = cgutils.unpack_tuple(builder, xqa.shape, 2)[1]
-    nb = cgutils.unpack_tuple(builder, xda.shape, 2)[1]
-    out_cols = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
     lanes = 8 * width
-    at = _At(builder, wa.data, group_bytes, width)
-    tok = [builder.add(tok0, const(j)) for j in range(n_tok)]
-    x_off = [builder.mul(t, cols) for t in tok]
-    d_off = [builder.mul(t, nb) for t in tok]
-    w_off = builder.mul(group, group_bytes)
-    zero = ir.Constant(_vec(_F32, lanes), [ir.Constant(_F32, 0.0)] * lanes)
-    acc = [cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)]
-    with cgutils.for_range_slice(builder, b0, b1, const(1), inc=True) as (b, _):
-        hdr = builder.add(w_off, builder.mul(builder.udiv(b, const(lay.per_sb)), const(lay.superblock)))
+    at = _At(builder, call.w, call.group_bytes, width)
+    acc = call.accumulators(builder, n_tok, lanes)
+    with cgutils.for_range_slice(builder, call.b0, call.b1, const(1), inc=True) as (b, _):
+        hdr = builder.add(call.w_off, builder.mul(builder.udiv(b, const(lay.per_sb)), const(lay.superblock)))
         blk = builder.add(builder.add(hdr, const(lay.header)), builder.mul(builder.urem(b, const(lay.per_sb)), const(lay.block)))
         if prefetch:
             for g in range(width):
                 for k in range(0, lay.block, 64):
-                    _prefetch(builder, wa.data, builder.add(builder.add(blk, at.steps[g]), const(prefetch + k)))
-        s, bias, half, mins = _block_scales(builder, lay, at, hdr, blk, tablea.data)
+                    _prefetch(builder, call.w, builder.add(builder.add(blk, at.steps[g]), const(prefetch + k)))
+        s, bias, half, mins = _block_scales(builder, lay, at, hdr, blk, call.table)
         codes = _codes(builder, lay, at, blk)
-        prepared = [_abs(builder, c) for c in codes] if lay.signed else codes
-        xblk = builder.mul(b, const(QK))
+        prepared = [_abs(builder, c) for c in codes] if lay.signed and not HAS_VNNI else codes
         for j in range(n_tok):
-            xo = builder.add(x_off[j], xblk)
-            x = [builder.bitcast(_splat_value(builder, _load_scalar(builder, xqa.data, builder.add(xo, const(4 * k)), _I32), lanes),
-                                 _vec(_I8, 4 * lanes)) for k in range(8)]
+            x = call.x_groups(builder, j, b, lanes)
             sums = builder.sitofp(_row_sums(builder, lay, codes, prepared, x, half), _vec(_F32, lanes))
-            dx = builder.load(builder.gep(xda.data, [builder.add(d_off[j], b)]))
+            dx = _splat_value(builder, call.scalar(builder, call.xd, j, b), lanes)
             a = builder.load(acc[j])
-            a = builder.fadd(a, builder.fmul(sums, builder.fmul(s, _splat_value(builder, dx, lanes)), flags=_CONTRACT), flags=_CONTRACT)
+            a = builder.fadd(a, builder.fmul(sums, builder.fmul(s, dx), flags=_CONTRACT), flags=_CONTRACT)
             if bias is not None:
-                xc = builder.load(builder.gep(xca.data, [builder.add(d_off[j], b)]))
-                a = builder.fadd(a, builder.fmul(bias, _splat_value(builder, xc, lanes), flags=_CONTRACT), flags=_CONTRACT)
+                xc = _splat_value(builder, call.scalar(builder, call.xc, j, b), lanes)
+                a = builder.fadd(a, builder.fmul(bias, xc, flags=_CONTRACT), flags=_CONTRACT)
             if mins is not None:  # Q2_K: - dmin * d_x * (m_a * S_a + m_b * S_b)
                 sa, sb = _half_sums(builder, x)
                 msum = builder.sitofp(builder.add(builder.mul(mins[1], sa), builder.mul(mins[2], sb)), _vec(_F32, lanes))
-                a = builder.fsub(a, builder.fmul(msum, builder.fmul(mins[0], _splat_value(builder, dx, lanes))))
+                a = builder.fsub(a, builder.fmul(msum, builder.fmul(mins[0], dx)))
             builder.store(a, acc[j])
-    first = builder.icmp_signed("==", b0, const(0))
-    for j in range(n_tok):
-        at_out = builder.mul(builder.add(builder.mul(tok[j], out_cols), builder.mul(group, const(PACK_ROWS))), const(4))
-        p = builder.bitcast(builder.gep(builder.bitcast(outa.data, _I8.as_pointer()), [at_out]), _vec(_F32, lanes).as_pointer())
-        total = builder.load(acc[j])
-        builder.store(builder.select(first, total, builder.fadd(builder.load(p, align=4), total)), p, align=4)
+    call.store(builder, acc, lanes)
 
 
 def kpacked_emitters(tokens: dict, prefetch: int = 0, width: int = 1) -> tuple:

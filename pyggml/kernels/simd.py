@@ -524,52 +524,75 @@ PACKED_LAYOUTS = {t: PackedLayout(fmt) for t, fmt in _FORMATS.items()}
 _CONTRACT = ("contract",)
 
 
+class PackedCall:
+    """What a packed emitter takes from its kernel's arguments (sig, args: without the type code):
+    the arrays, the row group, tokens t0 .. t0 + n_tok - 1 with their activation offsets, and the
+    blocks b0 .. b1; `accumulators` and `store` are the per-token sums and their write to out."""
+
+    def __init__(self, context, builder, sig, args, n_tok: int):
+        arrays = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 2, 3, 4, 8, 9))
+        self.w, self.xq, self.xd, self.xc, self.out, self.table = (a.data for a in arrays)
+        shape = lambda k: cgutils.unpack_tuple(builder, context.make_array(sig.args[k])(context, builder, args[k]).shape, 2)[1]  # noqa: E731
+        self.group, tok0, self.b0, self.b1 = args[1], args[5], args[6], args[7]
+        self.group_bytes, cols, nb, self.out_cols = shape(0), shape(2), shape(3), shape(8)
+        self.tok = [builder.add(tok0, ir.Constant(_I64, j)) for j in range(n_tok)]
+        self.x_off = [builder.mul(t, cols) for t in self.tok]  # token j's activation codes
+        self.d_off = [builder.mul(t, nb) for t in self.tok]  # and its block scales
+        self.w_off = builder.mul(self.group, self.group_bytes)
+
+    def x_groups(self, builder, j: int, b, lanes: int = 8) -> list:
+        """Token j's activation codes of block b as 8 broadcasts of 4 bytes (<4 * lanes x i8>)."""
+        xo = builder.add(self.x_off[j], builder.mul(b, ir.Constant(_I64, QK)))
+        return [builder.bitcast(_splat_value(builder, _load_scalar(builder, self.xq, builder.add(xo, ir.Constant(_I64, 4 * k)), _I32),
+                                             lanes), _vec(_I8, 4 * lanes)) for k in range(8)]
+
+    def scalar(self, builder, array, j: int, b):
+        """Token j's value of block b in xd or xc."""
+        return builder.load(builder.gep(array, [builder.add(self.d_off[j], b)]))
+
+    @staticmethod
+    def accumulators(builder, n_tok: int, lanes: int = 8) -> list:
+        zero = ir.Constant(_vec(_F32, lanes), [ir.Constant(_F32, 0.0)] * lanes)
+        return [cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)]
+
+    def store(self, builder, acc: list, lanes: int = 8) -> None:
+        """out[t, 8g ..] = the sums (b0 == 0), or += them."""
+        const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        first = builder.icmp_signed("==", self.b0, const(0))
+        for j, t in enumerate(self.tok):
+            at = builder.mul(builder.add(builder.mul(t, self.out_cols), builder.mul(self.group, const(PACK_ROWS))), const(4))
+            p = builder.bitcast(builder.gep(builder.bitcast(self.out, _I8.as_pointer()), [at]), _vec(_F32, lanes).as_pointer())
+            total = builder.load(acc[j])
+            builder.store(builder.select(first, total, builder.fadd(builder.load(p, align=4), total)), p, align=4)
+
+
 def _emit_packed(context, builder, sig, args, fmt: PackedLayout, n_tok: int, prefetch: int) -> None:
     """The loop of `packed_kernel` for one format (sig, args: the kernel's, without the code)."""
-    wa, xqa, xda, xca, outa, tablea = (context.make_array(sig.args[k])(context, builder, args[k])
-                                       for k in (0, 2, 3, 4, 8, 9))
-    group, tok0, b0, b1 = args[1], args[5], args[6], args[7]
+    call = PackedCall(context, builder, sig, args, n_tok)
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-    group_bytes = cgutils.unpack_tuple(builder, wa.shape, 2)[1]
-    cols = cgutils.unpack_tuple(builder, xqa.shape, 2)[1]
-    nb = cgutils.unpack_tuple(builder, xda.shape, 2)[1]
-    out_cols = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
-    tok = [builder.add(tok0, const(j)) for j in range(n_tok)]
-    x_off = [builder.mul(t, cols) for t in tok]
-    d_off = [builder.mul(t, nb) for t in tok]
-    w_off = builder.mul(group, group_bytes)
-    zero = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
-    acc = [cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)]
-    with cgutils.for_range_slice(builder, b0, b1, const(1), inc=True) as (b, _):
-        base = builder.add(w_off, builder.mul(b, const(fmt.superblock)))
+    acc = call.accumulators(builder, n_tok)
+    with cgutils.for_range_slice(builder, call.b0, call.b1, const(1), inc=True) as (b, _):
+        base = builder.add(call.w_off, builder.mul(b, const(fmt.superblock)))
         if prefetch:
             for k in range(0, fmt.superblock, 64):
-                _prefetch(builder, wa.data, builder.add(base, const(prefetch + k)))
+                _prefetch(builder, call.w, builder.add(base, const(prefetch + k)))
         if HAS_F16_VECTOR:
-            dw = builder.fpext(_load_vec(builder, wa.data, base, ir.HalfType(), 8), _vec(_F32, 8))
+            dw = builder.fpext(_load_vec(builder, call.w, base, ir.HalfType(), 8), _vec(_F32, 8))
         else:
-            dw = _load_f16x8(builder, wa.data, base, 2, tablea.data)
-        codes, signs = fmt.codes(builder, wa.data, base)
-        xblk = builder.mul(b, const(QK))
+            dw = _load_f16x8(builder, call.w, base, 2, call.table)
+        codes, signs = fmt.codes(builder, call.w, base)
         for j in range(n_tok):
-            xo = builder.add(x_off[j], xblk)
-            x = [builder.bitcast(_splat_value(builder, _load_scalar(builder, xqa.data, builder.add(xo, const(4 * k)), _I32), 8),
-                                 _vec(_I8, 32)) for k in range(8)]
+            x = call.x_groups(builder, j, b)
             sums = builder.sitofp(fmt.row_sums(builder, codes, signs, x), _vec(_F32, 8))
-            dx = builder.load(builder.gep(xda.data, [builder.add(d_off[j], b)]))
+            dx = call.scalar(builder, call.xd, j, b)
             a = builder.load(acc[j])
             a = builder.fadd(a, builder.fmul(sums, builder.fmul(dw, _splat_value(builder, dx, 8)), flags=_CONTRACT), flags=_CONTRACT)
             if fmt.bias:  # the codes' bias: - bias * d_w * (d_x * sum of the block's activation codes)
-                xc = builder.load(builder.gep(xca.data, [builder.add(d_off[j], b)]))
+                xc = call.scalar(builder, call.xc, j, b)
                 neg = _splat_value(builder, builder.fmul(xc, ir.Constant(_F32, -float(fmt.bias))), 8)
                 a = builder.fadd(a, builder.fmul(dw, neg, flags=_CONTRACT), flags=_CONTRACT)
             builder.store(a, acc[j])
-    first = builder.icmp_signed("==", b0, const(0))
-    for j in range(n_tok):
-        at = builder.mul(builder.add(builder.mul(tok[j], out_cols), builder.mul(group, const(PACK_ROWS))), const(4))
-        p = builder.bitcast(builder.gep(builder.bitcast(outa.data, _I8.as_pointer()), [at]), _vec(_F32, 8).as_pointer())
-        total = builder.load(acc[j])
-        builder.store(builder.select(first, total, builder.fadd(builder.load(p, align=4), total)), p, align=4)
+    call.store(builder, acc)
 
 
 def packed_kernel(tokens: dict, prefetch: int = 0, more: tuple = ()):
