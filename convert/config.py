@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pyggml.gguf.constants import Keys, TensorNames
+from pyggml.model.config import LIMITS
 
 from .archs import ArchSpec, resolve_arch
 from .errors import ConversionError
@@ -85,7 +86,24 @@ def _where(source: Path, key: str) -> str:
     return f"{source}: {key}"
 
 
-def _int(config: dict[str, Any], key: str, source: Path, default: int | None = None, positive: bool = True) -> int:
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"a {type(value).__name__}"
+
+
+def _bounded(value: float, key: str, source: Path, gguf_key: str | None) -> None:
+    """The runtime's bound on the GGUF key a field becomes (model/config.py LIMITS), so that nothing is
+    sized from a value no model has (and a file the runtime would refuse is never written)."""
+    if gguf_key is None:
+        return
+    lo, hi = LIMITS[gguf_key]
+    if not lo <= value <= hi:
+        raise ConversionError(f"{_where(source, key)}: {value!r} is outside [{lo:g}, {hi:g}], the bound pyggml "
+                              f"(and llama.cpp, for layers) puts on {gguf_key.format(arch='{arch}')}")
+
+
+def _int(config: dict[str, Any], key: str, source: Path, default: int | None = None, positive: bool = True,
+         bound: str | None = None) -> int:
     value = config.get(key)
     if value is None:
         if default is None:
@@ -94,18 +112,21 @@ def _int(config: dict[str, Any], key: str, source: Path, default: int | None = N
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # some configs write 4096.0
     if not isinstance(value, int) or isinstance(value, bool) or (positive and value <= 0):
-        raise ConversionError(f"{_where(source, key)}: expected a positive integer, found {value!r}")
+        raise ConversionError(f"{_where(source, key)}: expected a positive integer, found {_shown(value)}")
+    _bounded(value, key, source, bound)
     return value
 
 
-def _float(config: dict[str, Any], key: str, source: Path, default: float | None = None) -> float:
+def _float(config: dict[str, Any], key: str, source: Path, default: float | None = None,
+           bound: str | None = None) -> float:
     value = config.get(key)
     if value is None:
         if default is None:
             raise ConversionError(f"{_where(source, key)} is missing; expected a number")
         return default
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ConversionError(f"{_where(source, key)}: expected a positive number, found {value!r}")
+        raise ConversionError(f"{_where(source, key)}: expected a positive number, found {_shown(value)}")
+    _bounded(value, key, source, bound)
     return float(value)
 
 
@@ -157,7 +178,7 @@ def _rope_params(config: dict[str, Any], source: Path) -> dict[str, Any]:
 def _rope(config: dict[str, Any], spec: ArchSpec, source: Path) -> RopeSpec:
     params = _rope_params(config, source)
     name = "rope_parameters" if config.get("rope_parameters") is not None else "rope_scaling"
-    theta = _float(params, "rope_theta", source, DEFAULT_ROPE_THETA)
+    theta = _float(params, "rope_theta", source, DEFAULT_ROPE_THETA, bound=Keys.ROPE_FREQ_BASE)
     rope_type = params.get("rope_type") or "default"
     if not isinstance(rope_type, str):
         raise ConversionError(f"{source}: {name}.rope_type: expected a string, found {rope_type!r}")
@@ -172,7 +193,7 @@ def _rope(config: dict[str, Any], spec: ArchSpec, source: Path) -> RopeSpec:
         raise ConversionError(f"{source}: {name}.partial_rotary_factor {prf!r} is not supported (only 1.0)")
     where = Path(f"{source}: {name}")
     if rope_type == "linear":
-        return RopeSpec("linear", theta, factor=_float(params, "factor", where))
+        return RopeSpec("linear", theta, factor=_float(params, "factor", where, bound=Keys.ROPE_SCALING_FACTOR))
     if rope_type == "llama3":
         for k in LLAMA3_KEYS:
             if params.get(k) is None:
@@ -180,8 +201,9 @@ def _rope(config: dict[str, Any], spec: ArchSpec, source: Path) -> RopeSpec:
         low, high = _float(params, "low_freq_factor", where), _float(params, "high_freq_factor", where)
         if high <= low:
             raise ConversionError(f"{source}: {name}: high_freq_factor {high} must exceed low_freq_factor {low}")
-        return RopeSpec("llama3", theta, factor=_float(params, "factor", where), low_freq_factor=low,
-                        high_freq_factor=high, original_context=_int(params, "original_max_position_embeddings", where))
+        return RopeSpec("llama3", theta, factor=_float(params, "factor", where, bound=Keys.ROPE_SCALING_FACTOR), low_freq_factor=low,
+                        high_freq_factor=high, original_context=_int(params, "original_max_position_embeddings", where,
+                                                                   bound=Keys.CONTEXT_LENGTH))
     return RopeSpec("default", theta)
 
 
@@ -250,16 +272,16 @@ def _check_unhonoured(config: dict[str, Any], spec: ArchSpec, source: Path, n_ct
 def hparams_from_config(config: dict[str, Any], source: Path) -> HParams:
     """Validate config.json (already parsed) against its architecture's row; take the hyperparameters."""
     hf_arch, spec = resolve_arch(config, source)
-    n_embd = _int(config, "hidden_size", source)
-    n_head = _int(config, "num_attention_heads", source)
-    n_head_kv = _int(config, "num_key_value_heads", source, default=n_head)
-    n_ctx = _int(config, "max_position_embeddings", source)
+    n_embd = _int(config, "hidden_size", source, bound=Keys.EMBEDDING_LENGTH)
+    n_head = _int(config, "num_attention_heads", source, bound=Keys.HEAD_COUNT)
+    n_head_kv = _int(config, "num_key_value_heads", source, default=n_head, bound=Keys.HEAD_COUNT_KV)
+    n_ctx = _int(config, "max_position_embeddings", source, bound=Keys.CONTEXT_LENGTH)
     head_dim_in_config = config.get("head_dim") is not None
     if spec.head_dim_required and not head_dim_in_config:
         raise ConversionError(f"{_where(source, 'head_dim')} is missing; {hf_arch} needs it stated")
     if not head_dim_in_config and n_embd % n_head:
         raise ConversionError(f"{source}: hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
-    head_dim = _int(config, "head_dim", source, default=n_embd // n_head)
+    head_dim = _int(config, "head_dim", source, default=n_embd // n_head, bound=Keys.KEY_LENGTH)
     if n_head % n_head_kv or head_dim % 2:
         raise ConversionError(
             f"{source}: num_attention_heads {n_head} must be a multiple of num_key_value_heads {n_head_kv}, "
@@ -269,17 +291,17 @@ def hparams_from_config(config: dict[str, Any], source: Path) -> HParams:
     return HParams(
         hf_arch=hf_arch,
         spec=spec,
-        n_vocab=_int(config, "vocab_size", source),
+        n_vocab=_int(config, "vocab_size", source, bound=Keys.VOCAB_SIZE),
         n_embd=n_embd,
-        n_layer=_int(config, "num_hidden_layers", source),
-        n_ff=_int(config, "intermediate_size", source),
+        n_layer=_int(config, "num_hidden_layers", source, bound=Keys.BLOCK_COUNT),
+        n_ff=_int(config, "intermediate_size", source, bound=Keys.FEED_FORWARD_LENGTH),
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         head_dim_in_config=head_dim_in_config,
         n_ctx=n_ctx,
         rope=_rope(config, spec, source),
-        rms_eps=_float(config, "rms_norm_eps", source, DEFAULT_RMS_EPS),
+        rms_eps=_float(config, "rms_norm_eps", source, DEFAULT_RMS_EPS, bound=Keys.RMS_EPS),
         tied_embeddings=_bool(config, "tie_word_embeddings", source, False),
     )
 

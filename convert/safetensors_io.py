@@ -7,7 +7,6 @@ tensor's `load()` is called, and then only as a view into a memory map.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConversionError
+from pyggml.boundedjson import loads as bounded_json_loads
+
+from .errors import MAX_JSON_DEPTH, ConversionError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, LazyTensor]:
     except OSError as e:
         raise ConversionError(f"{path}: cannot read safetensors file: {e}") from e
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _header_error(path, f"header is not UTF-8 JSON ({e})") from e
+        header = bounded_json_loads(raw, MAX_HEADER_BYTES, MAX_JSON_DEPTH)
+    except ValueError as e:  # not UTF-8, not JSON, or nested too deeply
+        raise _header_error(path, f"header is not UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise _header_error(path, "header is not a JSON object")
 
@@ -110,7 +111,17 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, LazyTensor]:
         if name == "__metadata__":
             continue
         tensors[name] = _parse_entry(path, name, entry, data_start, data_size)
+    _check_extents(path, tensors, data_start)
     return tensors
+
+
+def _check_extents(path: Path, tensors: dict[str, LazyTensor], data_start: int) -> None:
+    """No two tensors' bytes may overlap (the safetensors library refuses such files too)."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (_, end, name), (begin, _, next_name) in zip(spans, spans[1:]):
+        if begin < end:
+            raise _header_error(path, f"the data of tensors {name!r} and {next_name!r} overlap "
+                                      f"(bytes {begin - data_start}..{end - data_start} of the data section)")
 
 
 def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> LazyTensor:
@@ -168,10 +179,7 @@ def _merge(per_file: dict[Path, dict[str, LazyTensor]]) -> dict[str, LazyTensor]
 
 
 def _open_sharded(index_path: Path) -> dict[str, LazyTensor]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{index_path}: cannot read the shard index: {e}") from e
+    index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ConversionError(f"{index_path}: expected a \"weight_map\" object of tensor name -> shard file name")

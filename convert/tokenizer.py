@@ -99,23 +99,49 @@ def piece_types_from_proto(model_proto: bytes) -> list[int]:
     return types
 
 
-def _token_content(value: Any) -> str | None:
-    """A special token as tokenizer_config / special_tokens_map write it: a string or {"content": ...}."""
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"a {type(value).__name__}"
+
+
+def _token_content(value: Any, where: str | None = None) -> str | None:
+    """A special token as tokenizer_config / special_tokens_map write it: a string or {"content": ...}.
+    With `where` (file: key), anything else but null is a ConversionError naming it."""
     if isinstance(value, dict):
         value = value.get("content")
+    if value is not None and not isinstance(value, str) and where is not None:
+        raise ConversionError(f"{where}: expected a string or {{\"content\": string}}, found {_shown(value)}")
     return value if isinstance(value, str) else None
+
+
+def config_flag(tok_config: dict[str, Any], key: str, default: bool, source: Path) -> bool:
+    """A true/false field of tokenizer_config.json (null or absent: `default`)."""
+    value = tok_config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConversionError(f"{source}: {key}: expected true or false, found {_shown(value)}")
+    return value
 
 
 def _chat_template(model_dir: Path, tok_config: dict[str, Any]) -> str | None:
     template = tok_config.get("chat_template")
+    source = model_dir / TOKENIZER_CONFIG
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in template):
+            raise ConversionError(f"{source}: chat_template: expected a string or a list of "
+                                  f"{{\"name\": string, \"template\": string}}")
+        named = {t["name"]: t["template"] for t in template}
         template = named.get("default")
         if template is None:
             log.warning("%s: no chat template named 'default' among %s; none written", model_dir, sorted(named))
+    elif template is not None and not isinstance(template, str):
+        raise ConversionError(f"{source}: chat_template: expected a string or a list of named templates, "
+                              f"found {_shown(template)}")
     if template is None and (model_dir / CHAT_TEMPLATE_FILE).is_file():
         template = (model_dir / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-    return template if isinstance(template, str) else None
+    return template
 
 
 def tokenizer_metadata(model_dir: str | Path, n_vocab: int, hf_config: dict[str, Any] | None = None) -> dict[str, object]:
@@ -162,12 +188,11 @@ def tokenizer_metadata(model_dir: str | Path, n_vocab: int, hf_config: dict[str,
             types[i] = TokenType.NORMAL
 
     tok_config = read_json_object(model_dir / TOKENIZER_CONFIG)
-    added = tok_config.get("added_tokens_decoder") or {}
+    added = _added_tokens_decoder(tok_config, model_dir / TOKENIZER_CONFIG)
     for i in range(n_pieces, n_vocab):
-        entry = added.get(str(i)) if isinstance(added, dict) else None
-        content = _token_content(entry)
-        if content is not None:
-            tokens.append(content)
+        entry = added.get(str(i))
+        if entry is not None:
+            tokens.append(entry["content"])
             types[i] = TokenType.CONTROL if entry.get("special") else TokenType.USER_DEFINED
         else:
             tokens.append(f"[PAD{i}]")
@@ -183,14 +208,30 @@ def tokenizer_metadata(model_dir: str | Path, n_vocab: int, hf_config: dict[str,
         Keys.TOKEN_TYPE: types,
     }
     meta.update(_special_ids(model_dir, sp, tokens, tok_config, hf_config or {}))
-    meta[Keys.ADD_BOS] = bool(tok_config.get("add_bos_token", True))
-    meta[Keys.ADD_EOS] = bool(tok_config.get("add_eos_token", False))
+    meta[Keys.ADD_BOS] = config_flag(tok_config, "add_bos_token", True, model_dir / TOKENIZER_CONFIG)
+    meta[Keys.ADD_EOS] = config_flag(tok_config, "add_eos_token", False, model_dir / TOKENIZER_CONFIG)
     meta[Keys.ADD_SPACE_PREFIX] = add_space_prefix
     meta[Keys.REMOVE_EXTRA_WHITESPACES] = remove_extra_whitespaces
     template = _chat_template(model_dir, tok_config)
     if template is not None:
         meta[Keys.CHAT_TEMPLATE] = template
     return meta
+
+
+def _added_tokens_decoder(tok_config: dict[str, Any], source: Path) -> dict[str, dict[str, Any]]:
+    """tokenizer_config.json's added_tokens_decoder, {"id": {"content": string, "special": bool, ...}}, checked."""
+    added = tok_config.get("added_tokens_decoder")
+    if added is None:
+        return {}
+    if not isinstance(added, dict):
+        raise ConversionError(f"{source}: added_tokens_decoder: expected an object of token id -> token, "
+                              f"found {_shown(added)}")
+    for key, entry in added.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("content"), str)
+                and isinstance(entry.get("special", False), bool)):
+            raise ConversionError(f"{source}: added_tokens_decoder[{key!r}]: expected "
+                                  f"{{\"content\": string, \"special\": true/false}}, found {_shown(entry)}")
+    return added
 
 
 def _special_ids(
@@ -204,7 +245,8 @@ def _special_ids(
     keys = {"bos": Keys.BOS_ID, "eos": Keys.EOS_ID, "unk": Keys.UNK_ID, "pad": Keys.PAD_ID}
     ids: dict[str, int] = {}
     for kind, key in keys.items():
-        content = _token_content(tok_config.get(f"{kind}_token")) or _token_content(special_map.get(f"{kind}_token"))
+        content = (_token_content(tok_config.get(f"{kind}_token"), f"{model_dir / TOKENIZER_CONFIG}: {kind}_token")
+                   or _token_content(special_map.get(f"{kind}_token"), f"{model_dir / SPECIAL_TOKENS_MAP}: {kind}_token"))
         token_id = index.get(content, -1) if content is not None else -1
         if content is not None and token_id < 0:
             log.warning("%s: %s_token %r is not in the vocabulary; ignored", model_dir, kind, content)

@@ -19,7 +19,7 @@ from pyggml.gguf.constants import Keys, TokenType
 from pyggml.tokenizer.bpe import EOG_TEXTS  # end-of-generation by text, as llama.cpp's runtime decides it
 
 from .errors import ConversionError, read_json_object
-from .tokenizer import TOKENIZER_CONFIG, _chat_template, _token_content
+from .tokenizer import TOKENIZER_CONFIG, _chat_template, _token_content, config_flag
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +209,20 @@ def _post_processor_adds(tokenizer: dict[str, Any], contents: dict[str, str | No
         return adds
     if not isinstance(post, dict):
         raise ConversionError(f"{path}: post_processor: expected an object, found {post!r}")
-    for proc in post.get("processors", [post]):
+    processors = post.get("processors", [post])
+    if not isinstance(processors, list):
+        raise ConversionError(f"{path}: post_processor.processors: expected a list, found {type(processors).__name__}")
+    for proc in processors:
         kind = proc.get("type") if isinstance(proc, dict) else proc
         if kind == "ByteLevel":
             adds.setdefault("bos", False)
             adds.setdefault("eos", False)
         elif kind == "TemplateProcessing":
             single = proc.get("single") or []
+            if not isinstance(single, list) or not all(
+                    isinstance(p, dict) and isinstance(p.get("SpecialToken", {}), dict) for p in single):
+                raise ConversionError(f"{path}: post_processor TemplateProcessing.single: expected a list of "
+                                      f"{{\"SpecialToken\": ...}} / {{\"Sequence\": ...}} pieces")
             if len(single) > 1:
                 first = single[0].get("SpecialToken", {}).get("id")
                 last = single[-1].get("SpecialToken", {}).get("id")
@@ -257,14 +264,15 @@ def bpe_tokenizer_metadata(model_dir: str | Path, n_vocab: int, hf_config: dict[
         raise ConversionError(f"{path}: added_tokens: expected a list of objects")
     tokens, types = _tokens_and_types(vocab, added, n_vocab, path)
 
-    contents = {t: _token_content(tok_config.get(f"{t}_token")) for t in (*SPECIAL_TYPES, "cls")}
+    contents = {t: _token_content(tok_config.get(f"{t}_token"), f"{model_dir / TOKENIZER_CONFIG}: {t}_token")
+                for t in (*SPECIAL_TYPES, "cls")}
     contents["bos"] = contents["bos"] or contents["cls"]
     contents["eos"] = contents["eos"] or contents["sep"]
     adds = _post_processor_adds(tokenizer, contents, path)
     for typ in SPECIAL_TYPES:
         flag = tok_config.get(f"add_{typ}_token")
-        if isinstance(flag, bool) and typ not in adds:
-            adds[typ] = flag
+        if flag is not None and typ not in adds:
+            adds[typ] = config_flag(tok_config, f"add_{typ}_token", False, model_dir / TOKENIZER_CONFIG)
     prefix = tok_config.get("add_prefix_space")
     if prefix is True:
         raise ConversionError(f"{model_dir / TOKENIZER_CONFIG}: add_prefix_space=true is not supported for byte-level "

@@ -10,12 +10,17 @@ import dataclasses
 import logging
 import mmap
 import os
-from typing import Protocol, Sequence
+import warnings
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
 from .kvfile import open_kv_file
 from .tensor import QWeight
+
+if TYPE_CHECKING:
+    from .gguf.reader import GGUFFile
+    from .model.config import LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +117,31 @@ class CPUBackend:
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return self.k.silu_mul(gate, up, np.empty_like(gate))
+
+
+def make_backends(gguf: GGUFFile, config: LlamaConfig, n_gpu_layers: int, n_threads: int | None, n_ctx: int, n_batch: int):
+    """Per-layer backends and the head backend. n_gpu_layers: 0 = CPU only, -1 (or >= n_layers) = all
+    on the GPU. Without cupy or a usable GPU the model runs on the CPU, with a warning (as
+    llama-cpp-python's CPU build does). The GPU memory a placement needs is checked before anything
+    is uploaded."""
+    cpu = CPUBackend(n_threads)
+    n_layers = config.n_layers
+    if n_gpu_layers == 0:
+        return [cpu] * n_layers, cpu
+    try:
+        from .cuda.backend import CUDABackend, check_fits
+        gpu = CUDABackend()
+    except ImportError as e:
+        warnings.warn(f"n_gpu_layers={n_gpu_layers} ignored, running on the CPU: the GPU backend needs cupy "
+                      f"(pip install 'pyggml[cuda]') and an NVIDIA GPU ({e})", RuntimeWarning, stacklevel=3)
+        return [cpu] * n_layers, cpu
+    except Exception as e:  # noqa: BLE001 - cupy is there but no usable GPU or driver
+        warnings.warn(f"n_gpu_layers={n_gpu_layers} ignored, running on the CPU: no usable CUDA GPU "
+                      f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=3)
+        return [cpu] * n_layers, cpu
+    n_gpu = n_layers if n_gpu_layers < 0 or n_gpu_layers >= n_layers else n_gpu_layers
+    plan = check_fits(gguf, config, n_gpu, n_ctx, n_batch, gpu.free_memory())
+    gpu.expect_upload(plan.weight_bytes)
+    # The last n_gpu layers go to the GPU (as llama.cpp offloads), the head too when all layers do.
+    backends = [cpu] * (n_layers - n_gpu) + [gpu] * n_gpu
+    return backends, (gpu if plan.head_on_gpu else cpu)

@@ -1,27 +1,33 @@
 """Chat prompts: render a GGUF `tokenizer.chat_template` (Jinja2) the way HF transformers does.
 
-Templates come from model files, i.e. from strangers, so they run in Jinja's immutable sandbox:
-no attribute starting with an underscore, no mutation of the passed-in messages. Every failure,
-whether a syntax error, a sandbox violation or the template's own `raise_exception`, surfaces as
-`ChatTemplateError`.
+Templates come from model files, i.e. from strangers. They run in Jinja's immutable sandbox (no
+attribute starting with an underscore, no mutation of the passed-in messages) inside a worker
+process with a time and memory budget (template_sandbox.py says why a process: `9 ** 10**9` is one
+C call). Every failure, whether a syntax error, a sandbox violation, the budget running out or the
+template's own `raise_exception`, surfaces as a one-line `ChatTemplateError`.
 """
 
 from __future__ import annotations
 
-import json
+import atexit
 import logging
+import os
+import pickle
+import select
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Mapping
-from datetime import datetime
-from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-
+from . import template_sandbox as sandbox
 from .gguf.constants import Keys
 
 logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 30.0  # a loaded machine may take seconds to start a Python process
 
 # Llama-2 chat format, as in the Llama-2-chat tokenizer_config.json, used when a file has no template:
 #   <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {assistant} </s><s>[INST] {user} [/INST]
@@ -53,33 +59,101 @@ LLAMA2_CHAT_TEMPLATE = (
 
 
 class ChatTemplateError(ValueError):
-    """A chat template failed to compile or render, or refused the conversation."""
+    """A chat template failed to compile or render, ran past its time or memory budget, or refused the
+    conversation. The message is one line and names the template line when it is known."""
 
 
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(f"chat template refused the conversation: {message}")
+class _Worker:
+    """The process rendering templates (template_sandbox.serve), started on first use and restarted
+    after a render that killed it or was stopped."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.owner = os.getpid()  # a forked child must not share its parent's worker
+        self.lock = threading.Lock()
+        self.unavailable = os.name != "posix"  # no select() on pipes elsewhere: render in-process
+
+    def _start(self) -> None:
+        code = ("import sys; sys.path[:] = sys.argv[1:2] + [p for p in sys.path if p not in ('', '.')]; "
+                "from pyggml.template_sandbox import serve; serve()")
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        self.proc = subprocess.Popen([sys.executable, "-c", code, package_parent], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, close_fds=True,
+                                     start_new_session=True)  # the terminal's Ctrl-C is for us, not it
+        if self._read(1, time.monotonic() + STARTUP_TIMEOUT_S) != sandbox.READY:
+            raise OSError("the template worker did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.owner == os.getpid():
+            self.proc.kill()
+            self.proc.wait()
+            for f in (self.proc.stdin, self.proc.stdout):
+                f.close()
+            self.proc = None
+
+    def _read(self, n: int, deadline: float) -> bytes | None:
+        """n bytes from the worker, or None if it died or the deadline passed."""
+        fd, data = self.proc.stdout.fileno(), b""
+        while len(data) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
+            chunk = os.read(fd, min(n - len(data), 1 << 20))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def render(self, payload: bytes, time_limit: float, max_chars: int) -> str:
+        with self.lock:
+            try:
+                return self._exchange(payload, time_limit, max_chars)
+            except BaseException:
+                self.stop()  # stopped, crashed, or interrupted mid-answer: the next render starts afresh
+                raise
+
+    def _exchange(self, payload: bytes, time_limit: float, max_chars: int) -> str:
+        if self.owner != os.getpid():
+            self.proc, self.owner = None, os.getpid()
+        for attempt in (0, 1):
+            if self.proc is None:
+                self._start()
+            try:
+                self.proc.stdin.write(sandbox.LENGTH.pack(len(payload)) + payload)
+                break
+            except BrokenPipeError:  # it exited after its last answer
+                self.stop()
+                if attempt:
+                    raise
+        deadline = time.monotonic() + time_limit + sandbox.KILL_GRACE_S
+        head = self._read(1 + sandbox.LENGTH.size, deadline)
+        if head is None:
+            if time.monotonic() >= deadline:
+                raise ChatTemplateError(f"chat template took longer than {time_limit:g} s to render; stopped")
+            raise ChatTemplateError("chat template crashed the renderer (out of memory or stack)")
+        status, n = head[:1], sandbox.LENGTH.unpack(head[1:])[0]
+        if status not in (sandbox.OK, sandbox.ERROR, sandbox.ERROR_EXITING) or n > 4 * max_chars + 4096:
+            raise ChatTemplateError("the chat template renderer sent a malformed answer")
+        data = self._read(n, deadline)
+        if data is None:
+            raise ChatTemplateError(f"chat template took longer than {time_limit:g} s to render; stopped")
+        text = data.decode("utf-8", "surrogatepass")
+        if status != sandbox.OK:
+            if status == sandbox.ERROR_EXITING:
+                self.stop()
+            raise ChatTemplateError(text)
+        return text
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # transformers replaces Jinja's tojson, which HTML-escapes <, >, & and ' in its output
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+_worker = _Worker()
+atexit.register(_worker.stop)
 
 
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
+def _render_in_process(template: str, variables: dict[str, Any]) -> str:
     try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from None
+        return sandbox.render(template, variables)
+    except sandbox.TemplateFailure as e:
+        raise ChatTemplateError(str(e)) from None
 
 
 def render_chat(
@@ -93,25 +167,26 @@ def render_chat(
     """Render `messages` ([{"role": ..., "content": ...}, ...]) with a Jinja chat template.
 
     `template` None (the file has none) uses the Llama-2 format. Extra `variables` (tools, ...)
-    are passed to the template as transformers' apply_chat_template passes its kwargs.
+    are passed to the template as transformers' apply_chat_template passes its kwargs. Rendered
+    in a worker process within template_sandbox's budget: TIME_LIMIT_S, MEMORY_BUDGET, MAX_OUTPUT_CHARS.
     """
-    compiled = _compile(template if template is not None else LLAMA2_CHAT_TEMPLATE)
-    try:
-        return compiled.render(
-            messages=messages,
-            bos_token=bos_token,
-            eos_token=eos_token,
-            add_generation_prompt=add_generation_prompt,
-            **variables,
-        )
-    except ChatTemplateError:
-        raise
-    except SecurityError as e:
-        raise ChatTemplateError(f"chat template attempted an operation the sandbox forbids: {e}") from None
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"chat template failed to render: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any other failure is template code misbehaving on this input
-        raise ChatTemplateError(f"chat template failed to render: {type(e).__name__}: {e}") from None
+    source = template if template is not None else LLAMA2_CHAT_TEMPLATE
+    variables = dict(variables, messages=messages, bos_token=bos_token, eos_token=eos_token,
+                     add_generation_prompt=add_generation_prompt)
+    if len(source) > sandbox.MAX_TEMPLATE_CHARS:
+        raise ChatTemplateError(f"chat template is {len(source):,} characters, more than the "
+                                f"{sandbox.MAX_TEMPLATE_CHARS:,} allowed")
+    if not _worker.unavailable:
+        try:
+            payload = pickle.dumps((source, variables, sandbox.TIME_LIMIT_S, sandbox.MAX_OUTPUT_CHARS))
+        except Exception as e:  # noqa: BLE001 - whatever pickle refuses
+            raise ChatTemplateError(f"chat template variables cannot be passed to the renderer: {e}") from None
+        try:
+            return _worker.render(payload, sandbox.TIME_LIMIT_S, sandbox.MAX_OUTPUT_CHARS)
+        except OSError as e:
+            _worker.unavailable = True
+            logger.warning("cannot start the chat template worker (%s); rendering without a time or memory budget", e)
+    return _render_in_process(source, variables)
 
 
 def chat_template_of(metadata: Mapping[str, Any] | Any) -> str | None:

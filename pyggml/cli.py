@@ -36,9 +36,122 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+FIRST_RUN_NOTICE = "compiling the CPU kernels once; later runs start at once"
+
+
+class _FirstRun:
+    """Around loading a model: on a cold numba cache (a fresh install), says once on stderr that the
+    kernels are being compiled, with a ticker on a terminal, and warm_up(llm) compiles them before any
+    output; on a warm cache it does nothing and costs nothing."""
+
+    shown = False  # once per process
+
+    def __enter__(self) -> "_FirstRun":
+        from .kernels.jitcache import kernels_cold
+
+        self.active = not _FirstRun.shown and kernels_cold()
+        self.thread = None
+        if self.active:
+            import threading
+            import time
+
+            _FirstRun.shown = True
+            self.t0, self.done = time.perf_counter(), threading.Event()
+            if sys.stderr.isatty():
+                self.thread = threading.Thread(target=self._tick, daemon=True)
+                self.thread.start()
+            else:
+                click.echo(FIRST_RUN_NOTICE, err=True)
+        return self
+
+    def _tick(self) -> None:
+        import time
+
+        from .kernels.jitcache import n_kernels_ready
+
+        shown = ""
+        while True:
+            msg = f"\r{FIRST_RUN_NOTICE} [{n_kernels_ready()} kernels ready, {time.perf_counter() - self.t0:.0f} s]"
+            if msg != shown:
+                click.echo(msg, err=True, nl=False)
+                shown = msg
+            if self.done.wait(0.5):
+                return
+
+    def warm_up(self, llm) -> None:
+        if self.active:
+            llm.warm_up()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread is not None:
+            import time
+
+            self.done.set()
+            self.thread.join()
+            click.echo(f"\r\x1b[K{FIRST_RUN_NOTICE}: done in {time.perf_counter() - self.t0:.0f} s", err=True)
+
+
+DEBUG_HINT = "(this is a bug in pyggml; rerun with --debug for the traceback)"
+MAX_ERROR_CHARS = 2000
+
+
+def _one_line(text: str) -> str:
+    """An error message as one terminal line: lines joined, control characters escaped (messages may
+    quote a hostile file), cut to MAX_ERROR_CHARS."""
+    text = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _is_pyggml_error(e: BaseException) -> bool:
+    """An error class pyggml defines (GGUFError, ModelError, ConversionError, SessionError ...): a
+    message meant for the user, as opposed to a bug."""
+    return any(c.__module__.startswith("pyggml.") for c in type(e).__mro__ if issubclass(c, Exception))
+
+
+class _Main(click.Group):
+    """The `pyggml` group: whatever a command raises ends as one line on stderr and exit code 1
+    (pyggml's own errors, OSError and MemoryError as their message; anything else as a bug, with a
+    hint to rerun with --debug for the traceback); Ctrl-C ends the run quietly with exit code 130."""
+
+    def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except click.ClickException as e:
+            if debug and e.__context__ is not None:  # a command's _fail(str(error)): show the error's traceback
+                import traceback
+
+                traceback.print_exception(e.__context__)
+            if type(e) is click.ClickException:
+                e.message = _one_line(e.message)
+            raise
+        except KeyboardInterrupt:
+            ctx.exit(130)
+        except BrokenPipeError:  # the reader went away (`pyggml inspect F | head`): nothing left to say
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            ctx.exit(1)
+        except Exception as e:
+            if debug:
+                raise
+            if _is_pyggml_error(e) or isinstance(e, OSError):
+                raise click.ClickException(_one_line(str(e))) from None
+            if isinstance(e, MemoryError):
+                raise click.ClickException("out of memory") from None
+            click.echo(f"Error: unexpected {type(e).__name__}: {_one_line(str(e))}", err=True)
+            click.echo(DEBUG_HINT, err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does.")
-def main(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, envvar="PYGGML_DEBUG",
+              help="Show the traceback of an error (for bug reports); also PYGGML_DEBUG=1.")
+def main(verbose: bool, debug: bool) -> None:
     """pyggml: run quantized LLaMA-family models from GGUF files, in pure Python."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -271,7 +384,7 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
     from .grammar import GrammarError, LlamaGrammar
     from .model import ModelError
     from .sampling import SamplingParams
-    from .session import SessionError
+    from .session import SessionError, check_writable, session_messages
     from .tokenizer import TokenizerError
 
     if hf_repo:
@@ -281,6 +394,11 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
         _fail("missing -m/--model FILE (a GGUF file)")
     if flash_attn not in (None, "on", "off", "auto", "1", "0"):
         _fail(f"-fa {flash_attn}: expected on, off or auto")
+    if session_path:
+        try:
+            check_writable(session_path)  # now, not after the generation it would lose
+        except SessionError as e:
+            _fail(str(e))
     stops = list(stops) + list(more_stops)
     try:
         grammar = None
@@ -309,9 +427,11 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads,
-                        n_gpu_layers=_gpu_layers(n_gpu_layers), seed=seed if seed is not None else -1, kv_path=kv_file,
-                        chat_format=template_name, last_n_tokens_size=repeat_last_n, verbose=False)
+            with _FirstRun() as first:
+                llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads,
+                            n_gpu_layers=_gpu_layers(n_gpu_layers), seed=seed if seed is not None else -1,
+                            kv_path=kv_file, chat_format=template_name, last_n_tokens_size=repeat_last_n, verbose=False)
+                first.warm_up(llm)
             params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                                     repeat_last_n=repeat_last_n, seed=seed, presence_penalty=presence_penalty,
                                     frequency_penalty=frequency_penalty)
@@ -323,10 +443,11 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
         llm._template = Path(chat_template).read_text(encoding="utf-8")
     if ignore_eos:
         llm.tokenizer.eog_ids = frozenset()
-    extra = {}
+    extra, history = {}, []
     if session_path and Path(session_path).exists():
         try:
             extra = llm.load_state_file(session_path)
+            history = session_messages(extra, session_path)
         except SessionError as e:
             _fail(str(e))
         click.echo(f"[session: restored {len(llm.tokens)} tokens from {session_path}]", err=True)
@@ -348,12 +469,15 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
                 click.echo(f"[context full: {llm.n_ctx()} tokens; raise -c/--ctx-size]", err=True)
             _print_timings(llm)
         elif chat:
-            extra = {"messages": _chat(llm, params, limit, system_prompt, stops, extra.get("messages"), grammar,
+            extra = {"messages": _chat(llm, params, limit, system_prompt, stops, history, grammar,
                                        first=prompt, color=color)}
     except (ContextFullError, GrammarError) as e:
         _fail(str(e))
     if session_path:
-        llm.save_state_file(session_path, extra)
+        try:
+            llm.save_state_file(session_path, extra)
+        except (SessionError, OSError) as e:
+            _fail(f"cannot save the session: {e}")
         click.echo(f"[session: saved {len(llm.tokens)} tokens to {session_path}]", err=True)
 
 
@@ -450,23 +574,56 @@ def _chat(llm, params, limit, system_prompt, stops, history, grammar=None, first
     return messages
 
 
-@main.command()
-@click.option("-m", "--model", "models", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
-              help="GGUF file (repeatable).")
-@click.option("-p", "--n-prompt", default=128, show_default=True, help="Prompt tokens for the pp test (0 = skip).")
-@click.option("-n", "--n-gen", default=64, show_default=True, help="Generated tokens for the tg test (0 = skip).")
-@click.option("-r", "--repetitions", default=3, show_default=True)
-@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
-@click.option("-ngl", "--n-gpu-layers", default=0, show_default=True)
-def bench(models, n_prompt, n_gen, repetitions, threads, n_gpu_layers) -> None:
-    """Measure prompt processing and generation speed (markdown table, like llama-bench)."""
-    from .bench import bench_model, markdown_table
+def _int_list(_ctx, param, values: tuple[str, ...]) -> list[int]:
+    """llama-bench's list values: comma-separated, the option repeatable (-p 128,512 -p 1024)."""
+    try:
+        return [_gpu_layers(v) if param.name == "n_gpu_layers" else int(v)
+                for value in values for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{','.join(values)!r}: expected comma-separated numbers") from None
 
-    rows = []
-    for path in models:
-        click.echo(f"benchmarking {path} ...", err=True)
-        rows.append(bench_model(path, n_prompt, n_gen, repetitions, threads, n_gpu_layers))
-    click.echo(markdown_table(rows))
+
+@main.command(cls=LlamaCppCommand)
+@click.option("-m", "--model", "models", multiple=True, required=True, type=click.Path(),
+              help="GGUF file (repeatable).")
+@click.option("-p", "--n-prompt", multiple=True, metavar="N[,N...]", default=["128"], show_default=True, callback=_int_list,
+              help="Prompt tokens for the pp tests, comma-separated (0 = skip).")
+@click.option("-n", "--n-gen", multiple=True, metavar="N[,N...]", default=["64"], show_default=True, callback=_int_list,
+              help="Generated tokens for the tg tests, comma-separated (0 = skip).")
+@click.option("-d", "--n-depth", multiple=True, metavar="N[,N...]", default=["0"], show_default=True, callback=_int_list,
+              help="Tokens already in the context when pp/tg is measured, comma-separated.")
+@click.option("-r", "--repetitions", default=3, show_default=True)
+@click.option("-t", "--threads", multiple=True, metavar="N[,N...]", callback=_int_list, help="CPU threads, comma-separated (default: all cores).")
+@click.option("-ngl", "--n-gpu-layers", multiple=True, metavar="N[,N...]", default=["0"], show_default=True, callback=_int_list,
+              help="Layers to offload to the GPU, comma-separated (N, all).")
+@click.option("-o", "--output", "output", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True,
+              help="Output format.")
+def bench(models, n_prompt, n_gen, n_depth, repetitions, threads, n_gpu_layers, output) -> None:
+    """Measure prompt processing and generation speed, as llama-bench: every combination of the
+    lists runs; a markdown table, JSON or CSV."""
+    from .api import BackendUnavailableError, Llama
+    from .bench import FORMATS, bench_model
+    from .gguf import GGUFError, GGUFFile
+    from .model import ModelError
+    from .tokenizer import TokenizerError
+
+    rows, read_bw = [], {}
+    try:
+        for path in models:  # a bad file fails at once, before any compiling or measuring
+            GGUFFile(path).close()
+        with _FirstRun() as first:
+            if first.active:  # compile on the first model, so that no benchmark times the compiler
+                with Llama(models[0], n_ctx=16, n_threads=threads[0] if threads else None,
+                           n_gpu_layers=n_gpu_layers[0]) as llm:
+                    first.warm_up(llm)
+        for path in models:
+            for ngl in n_gpu_layers:
+                for t in threads or [None]:
+                    click.echo(f"benchmarking {path} ...", err=True)
+                    rows.append(bench_model(path, n_prompt, n_gen, repetitions, t, ngl, depth=n_depth, read_bw=read_bw))
+    except (GGUFError, ModelError, TokenizerError, BackendUnavailableError, NotImplementedError, ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(FORMATS[output](rows))
 
 
 @main.command()
@@ -489,12 +646,15 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
     from .gguf import GGUFError
     from .model import ModelError
     from .perplexity import (KL_CHUNK_HEADER, PerplexityError, kl_chunk_line, kl_divergence, kl_summary,
-                             perplexity_summary)
+                             perplexity_summary, read_text_file)
     from .perplexity import perplexity as measure
     from .tokenizer import TokenizerError
 
     err = lambda s: click.echo(s, err=True)  # noqa: E731
-    text = Path(text_file).read_text(encoding="utf-8")
+    try:
+        text = read_text_file(text_file)
+    except (PerplexityError, OSError) as e:
+        _fail(str(e))
 
     def on_chunk(result) -> None:
         if result.n_done == 1:
@@ -509,7 +669,9 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
         sys.stdout.flush()
 
     try:
-        llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads, n_gpu_layers=n_gpu_layers)
+        with _FirstRun() as first:
+            llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads, n_gpu_layers=n_gpu_layers)
+            first.warm_up(llm)
         base = Llama(kl_base, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads,
                      n_gpu_layers=n_gpu_layers) if kl_base else None
         t0 = time.perf_counter()
@@ -526,6 +688,37 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
         click.echo(line)
     seconds = time.perf_counter() - t0
     err(f"perplexity: {result.n_done} chunks in {seconds:.2f} s")
+
+
+@main.command(cls=LlamaCppCommand)
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False), help="GGUF model file.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, help="Port to listen on.")
+@click.option("-c", "--ctx-size", type=int, default=None, help="Context size (default: the model's, at most 4096; 0 = the model's).")
+@click.option("-b", "--batch-size", default=512, show_default=True, help="Prompt tokens processed per batch.")
+@click.option("-np", "--parallel", "n_parallel", default=1, show_default=True, help="Slots (accepted; requests run one at a time for now).")
+@click.option("-cb/-nocb", "--cont-batching/--no-cont-batching", "cont_batching", default=True, show_default=True,
+              help="Continuous batching (accepted; requests run one at a time for now).")
+@click.option("-ngl", "--n-gpu-layers", "--gpu-layers", default="0", show_default=True, help="Layers to offload to the GPU ('all' = every one).")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--api-key", envvar="LLAMA_API_KEY", help="Require this key (Authorization: Bearer KEY); also from LLAMA_API_KEY.")
+@click.option("-a", "--alias", help="Model name the API reports (default: the file name).")
+@click.option("--chat-template", "chat_template", help="Built-in chat template (llama-2, chatml) instead of the file's.")
+@click.option("--max-queue", default=256, show_default=True, help="Requests that may wait for a slot; more are answered 503.")
+def serve(model_path, host, port, ctx_size, batch_size, n_parallel, cont_batching, n_gpu_layers, threads, api_key, alias,
+          chat_template, max_queue) -> None:
+    """OpenAI-compatible HTTP server (llama-server's flags and endpoints). Needs pip install "pyggml[server]"."""
+    try:
+        from .server.main import ServerSettings
+        from .server.main import serve as run_server
+    except ImportError as e:
+        _fail(f"pyggml serve needs the server extra: pip install \"pyggml[server]\" ({e})")
+    if n_parallel > 1:
+        click.echo(f"note: -np {n_parallel}: requests run one at a time for now; the others queue", err=True)
+    run_server(ServerSettings(model_path=model_path, host=host, port=port, n_ctx=ctx_size, n_batch=batch_size,
+                              n_parallel=n_parallel, n_gpu_layers=_gpu_layers(n_gpu_layers), n_threads=threads,
+                              api_key=api_key, alias=alias, max_queue=max_queue, cont_batching=cont_batching,
+                              chat_format=chat_template))
 
 if __name__ == "__main__":
     main()

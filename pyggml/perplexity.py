@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 from .api import Llama
+from .sampling import log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +63,6 @@ def fraction_estimate(hits: np.ndarray) -> Estimate:
     n = hits.size
     p = float(hits.mean()) if n else math.nan
     return Estimate(p, math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-probabilities over the last axis, in float64."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return x
 
 
 # ------------------------------------------------------------------------------ results
@@ -122,6 +117,17 @@ class KLDivergenceResult(PerplexityResult):
 
     def same_top_fraction(self) -> Estimate:
         return fraction_estimate(np.concatenate(self.same_top))
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The UTF-8 text of `path` to score; a binary or non-UTF-8 file is a PerplexityError naming the byte."""
+    data = Path(path).read_bytes()
+    if b"\x00" in data:
+        raise PerplexityError(f"{path}: a binary file (NUL byte at offset {data.index(0)}); perplexity needs UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PerplexityError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
 # ---------------------------------------------------------------------------- evaluation

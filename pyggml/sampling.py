@@ -125,6 +125,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64 (logprobs, perplexity)."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
 def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability sum reaches p
     (always at least one); p >= 1 keeps all."""

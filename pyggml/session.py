@@ -2,8 +2,11 @@
 conversation resumes without re-processing its prompt.
 
 File layout (little-endian): magic, u32 version, u64 JSON header length, JSON header
-(fingerprint, n_ctx, tokens), then for each layer k[:, :n] and v[:, :n] as float32, then the
-last logits (n_vocab float32). Untrusted like any input: sizes are checked before reading.
+(fingerprint, n_ctx, tokens, has_logits, extra), then for each layer k[:, :n] and v[:, :n] as
+float32, then the last logits (n_vocab float32). Untrusted like any input: sizes are checked before
+reading, the header is parsed within size and depth limits and every field's type is checked.
+Saving writes a temp file beside the target and renames it into place; `check_writable` lets a
+caller find out before a generation that the save would fail.
 """
 from __future__ import annotations
 
@@ -11,10 +14,13 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from .boundedjson import loads as bounded_json_loads
 from .gguf.reader import GGUFFile
 from .gguf.writer import atomic_output
 from .model.config import LlamaConfig
@@ -23,6 +29,7 @@ from .model.kvcache import KVCache
 MAGIC = b"PYGGMLSS"
 VERSION = 1
 MAX_HEADER = 64 << 20
+MAX_HEADER_DEPTH = 32  # {extra: {messages: [{content: [{...}]}]}} is 6
 
 
 class SessionError(ValueError):
@@ -55,6 +62,65 @@ def save_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, toke
             out.write(np.ascontiguousarray(logits, dtype=np.float32).tobytes())
 
 
+def _header_fields(header: Any, path: Path) -> tuple[list[int], int, str, bool, dict]:
+    """(tokens, n_ctx, fingerprint, has_logits, extra) of a parsed header, each of its JSON type."""
+    def bad(what: str) -> SessionError:
+        return SessionError(f"{path}: corrupt session header: {what}")
+
+    if not isinstance(header, dict):
+        raise bad(f"expected an object, found {type(header).__name__}")
+    for key, kind, name in (("fingerprint", str, "a string"), ("n_ctx", int, "an integer"),
+                            ("tokens", list, "a list"), ("has_logits", bool, "true or false")):
+        if key not in header:
+            raise bad(f"{key} is missing")
+        if not isinstance(header[key], kind) or (kind is int and isinstance(header[key], bool)):
+            raise bad(f"{key} is {type(header[key]).__name__}, expected {name}")
+    tokens = header["tokens"]
+    if not all(type(t) is int for t in tokens):
+        raise bad("tokens must all be integers")
+    extra = header.get("extra", {})
+    if not isinstance(extra, dict):
+        raise bad(f"extra is {type(extra).__name__}, expected an object")
+    return tokens, header["n_ctx"], header["fingerprint"], header["has_logits"], extra
+
+
+def session_messages(extra: dict, path: str | os.PathLike) -> list[dict[str, str]]:
+    """The chat history a session's `extra` holds (`extra["messages"]`, as the CLI saves it): a list of
+    {"role": str, "content": str}; SessionError naming the entry otherwise."""
+    messages = extra.get("messages")
+    if messages is None:
+        return []
+    if not isinstance(messages, list):
+        raise SessionError(f"{path}: extra.messages is {type(messages).__name__}, expected a list of messages")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise SessionError(f"{path}: extra.messages[{i}] is not a {{\"role\": string, \"content\": string}} message")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """SessionError now if a session could not be saved at `path` later (so that a caller can say so
+    before a generation rather than lose it after): `path` must not be a directory, and the directory
+    it goes in must exist and take a new file, or be creatable."""
+    path = Path(path)
+    if path.is_dir():
+        raise SessionError(f"{path}: is a directory; a session is saved as a file")
+    parent = path.parent
+    if parent.is_dir():
+        try:  # the truest test: make the temp file the save will make (named so a stale one gets removed)
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise SessionError(f"{path}: cannot save a session there: {e.strerror}") from None
+        return
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SessionError(f"{path}: cannot save a session there: cannot create {parent} in {ancestor}")
+
+
 def load_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, to_device) -> tuple[list[int], np.ndarray | None, dict]:
     """Restore a session into `cache`; returns (tokens, last logits, extra)."""
     path = Path(path)
@@ -74,12 +140,10 @@ def load_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, to_d
         if hlen > min(MAX_HEADER, size):
             raise SessionError(f"{path}: header length {hlen} is larger than the file")
         try:
-            header = json.loads(f.read(hlen))
-            tokens = [int(t) for t in header["tokens"]]
-            n_ctx, saved_fp, has_logits = int(header["n_ctx"]), str(header["fingerprint"]), bool(header["has_logits"])
-            extra = dict(header.get("extra") or {})
-        except (ValueError, KeyError, TypeError) as e:
+            header = bounded_json_loads(f.read(hlen), MAX_HEADER, MAX_HEADER_DEPTH)
+        except ValueError as e:
             raise SessionError(f"{path}: corrupt session header ({e})") from None
+        tokens, n_ctx, saved_fp, has_logits, extra = _header_fields(header, path)
         if saved_fp != fingerprint:
             raise SessionError(f"{path}: the session was saved with another model")
         if n_ctx != cache.n_ctx:

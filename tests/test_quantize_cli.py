@@ -129,7 +129,7 @@ def test_wheel_ships_convert_inside_pyggml(tmp_path):
                    check=True, cwd=tmp_path)
     wheel = next(tmp_path.glob("pyggml-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "pyggml/convert/__init__.py" in names and "pyggml/convert/llama.py" in names
+    assert "pyggml/convert/__init__.py" in names and "pyggml/convert/archs.py" in names
     assert not any(n.startswith("convert/") for n in names)
     sources = {str(p.relative_to(REPO)) for ext in ("*.py", "*.cu") for p in (REPO / "pyggml").rglob(ext)}
     assert sources <= set(names), f"missing from the wheel: {sorted(sources - set(names))}"

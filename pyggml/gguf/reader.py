@@ -170,8 +170,11 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: cannot open: {e.strerror}") from None
         if size < len(GGUF_MAGIC) + 4 + 8 + 8:
             raise GGUFError(f"{self.path}: {size} bytes is too short for a GGUF header (truncated file?)")
-        with open(self.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:  # a directory, a device, no permission
+            raise GGUFError(f"{self.path}: cannot open: {e.strerror}") from None
         self._mm = np.frombuffer(self._map, dtype=np.uint8)
         self.file_size = size
         cur = _Cursor(self._mm, str(self.path))
