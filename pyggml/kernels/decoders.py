@@ -62,7 +62,7 @@ _B_Q3_K = TYPE_TRAITS[GGMLType.Q3_K].type_size  # hmask[32], qs[64], scales[12],
 _B_Q4_K = TYPE_TRAITS[GGMLType.Q4_K].type_size  # d, dmin, scales[12], qs[128]
 _B_Q5_K = TYPE_TRAITS[GGMLType.Q5_K].type_size  # d, dmin, scales[12], qh[32], qs[128]
 _B_Q6_K = TYPE_TRAITS[GGMLType.Q6_K].type_size  # ql[128], qh[64], scales[16], d
-_B_IQ4_NL = TYPE_TRAITS[GGMLType.IQ4_NL].type_size  # d, qs[16]
+assert TYPE_TRAITS[GGMLType.IQ4_NL].type_size == _B_Q4_0  # d, qs[16]: one decoder for both
 _B_IQ4_XS = TYPE_TRAITS[GGMLType.IQ4_XS].type_size  # d, scales_h (u16), scales_l[4], qs[128]
 
 _HALF = QK // 2
@@ -92,14 +92,16 @@ def _i8(byte):
 
 # ------------------------------------------------------------------- blocks of 32
 @njit(inline="always")
-def _decode_q4_0(row, out, table):
+def _decode_nibble_values(row, out, table, values):
+    """Q4_0 and IQ4_NL (both fp16 d then 16 bytes of nibbles, 18 bytes per 32 weights): x = d * values[q],
+    values being q - 8 (Q4_0) or the IQ4_NL table."""
     for b in range(out.size // QK):
         o, y = b * _B_Q4_0, b * QK
         d = _f16(row, o, table)
         for j in range(_HALF):
             q = row[o + 2 + j]
-            out[y + j] = d * _Q4_0_F32[q & 15]
-            out[y + j + _HALF] = d * _Q4_0_F32[q >> 4]
+            out[y + j] = d * values[q & 15]
+            out[y + j + _HALF] = d * values[q >> 4]
 
 
 @njit(inline="always")
@@ -156,17 +158,6 @@ def _decode_q8_0(row, out, table):
         d = _f16(row, o, table)
         for j in range(QK):
             out[y + j] = d * np.float32(_i8(row[o + 2 + j]))
-
-
-@njit(inline="always")
-def _decode_iq4_nl(row, out, table):
-    for b in range(out.size // QK):
-        o, y = b * _B_IQ4_NL, b * QK
-        d = _f16(row, o, table)
-        for j in range(_HALF):
-            q = row[o + 2 + j]
-            out[y + j] = d * _IQ4NL_F32[q & 15]
-            out[y + j + _HALF] = d * _IQ4NL_F32[q >> 4]
 
 
 # ------------------------------------------------------------ super-blocks of 256
@@ -323,7 +314,7 @@ def try_decode_row(code, row, out, table):
         for j in range(out.size):
             u[j] = np.uint32(bits[j]) << 16
     elif code == _C_Q4_0:
-        _decode_q4_0(row, out, table)
+        _decode_nibble_values(row, out, table, _Q4_0_F32)
     elif code == _C_Q4_1:
         _decode_q4_1(row, out, table)
     elif code == _C_Q5_0:
@@ -343,7 +334,7 @@ def try_decode_row(code, row, out, table):
     elif code == _C_Q6_K:
         _decode_q6_k(row, out, table)
     elif code == _C_IQ4_NL:
-        _decode_iq4_nl(row, out, table)
+        _decode_nibble_values(row, out, table, _IQ4NL_F32)
     elif code == _C_IQ4_XS:
         _decode_iq4_xs(row, out, table)
     else:
