@@ -1,0 +1,84 @@
+"""serve(): start the HTTP server at once and load the model behind it (503 "Loading model" until then),
+as llama-server does."""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .engine import LlamaEngine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CTX = 4096  # the context when none is asked for: the model's, at most this (as `pyggml run`)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """`pyggml serve`'s options (llama-server's names and defaults)."""
+
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    n_ctx: int | None = None  # None: the model's trained context, at most DEFAULT_MAX_CTX; 0: the model's
+    n_batch: int = 512
+    n_parallel: int = 1  # slots asked for; the current engine serves one request at a time
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+    api_key: str | None = None
+    alias: str | None = None
+    max_queue: int = 256
+    cont_batching: bool = True
+    chat_format: str | None = None
+    log_level: str = "info"
+
+
+def default_ctx(model_path: str) -> int:
+    """The model's trained context length, at most DEFAULT_MAX_CTX."""
+    from ..gguf import GGUFFile
+    from ..model import LlamaConfig
+
+    with GGUFFile(model_path) as f:
+        trained = LlamaConfig.from_metadata(f.metadata, model_path).n_ctx_train
+    return min(DEFAULT_MAX_CTX, trained) if trained else DEFAULT_MAX_CTX
+
+
+def load_engine(s: ServerSettings) -> LlamaEngine:
+    """The Llama of the settings, behind a LlamaEngine."""
+    from ..api import Llama
+
+    n_ctx = s.n_ctx if s.n_ctx is not None else default_ctx(s.model_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm = Llama(s.model_path, n_ctx=n_ctx, n_batch=s.n_batch, n_threads=s.n_threads, n_gpu_layers=s.n_gpu_layers,
+                    seed=-1, chat_format=s.chat_format, verbose=False)
+    for w in caught:
+        log.warning("%s", w.message)
+    log.info("loaded %s: context %d tokens", s.model_path, llm.n_ctx())
+    return LlamaEngine(llm, max_queue=s.max_queue, model_id=s.alias or Path(s.model_path).name)
+
+
+def serve(s: ServerSettings) -> None:
+    """Serve until interrupted; raises the model's loading error if it cannot be loaded."""
+    import uvicorn
+
+    from .app import create_app
+
+    if s.n_ctx is None:  # reads the file's header: a file that is no GGUF fails here, before listening
+        s = replace(s, n_ctx=default_ctx(s.model_path))
+
+    server: uvicorn.Server | None = None
+
+    def stop(_error: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(lambda: load_engine(s), api_key=s.api_key, on_load_error=stop)
+    config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, timeout_graceful_shutdown=5,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    server.run()
+    error = app.state.pyggml.load_error
+    if error is not None:
+        raise error
