@@ -43,7 +43,7 @@ from ..gguf.constants import QK, TYPE_TRAITS, GGMLType
 from ..quant.kquants import IQ4NL_VALUES
 from ..tensor import KERNEL_TYPE_CODES
 from .simd import (_CONTRACT, _F32, _FEATURES, _I8, _I16, _I32, _I64, HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, PACK_ROWS, SIMD_LEVEL,
-                   PackedCall, _abs_i8, _dot4, _load_f16x8, _load_vec, _madd_ones, _maddubs, _prefetch, _sign_i8, _splat,
+                   PackedCall, _abs_i8, _dot4, grouped_pair_sums, _load_f16x8, _load_vec, _madd_ones, _maddubs, _prefetch, _sign_i8, _splat,
                    _splat_value, _vec, _x86)
 
 _CODES_BYTES = 4 * 32  # the low 4 bits of a block of 8 rows
@@ -233,19 +233,12 @@ def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
     per = 4 if (lay.high or lay.half_scales) else 8
     if lay.table:
         per = 1
-    total = None
-    for k0 in range(0, 8, per):
-        s16 = None
-        for k in range(k0, k0 + per):
-            p = _maddubs(builder, prepared[k], x[k])
-            s16 = p if s16 is None else builder.add(s16, p)
-        if half_scales is not None:
-            s32 = _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), s16, half_scales[k0 // 4]) if HAS_AVX2 else \
-                _pair_mul(builder, s16, half_scales[k0 // 4])
-        else:
-            s32 = _madd_ones(builder, s16)
-        total = s32 if total is None else builder.add(total, s32)
-    return total
+    if half_scales is None:
+        return grouped_pair_sums(builder, prepared, x, per, lambda s16, g: _madd_ones(builder, s16))
+    # per is 4 here: group g is half g, weighted by its scales in the pair sum
+    return grouped_pair_sums(builder, prepared, x, per, lambda s16, g: (
+        _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), s16, half_scales[g]) if HAS_AVX2
+        else _pair_mul(builder, s16, half_scales[g])))
 
 
 def _half_sums(builder, x):

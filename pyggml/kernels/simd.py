@@ -508,15 +508,22 @@ class PackedLayout:
             for k in range(8):
                 total = _dot4(builder, total, codes[k], x[k])
             return total
-        total = None
-        for k0 in range(0, 8, per):
-            s16 = None
-            for k in range(k0, k0 + per):
-                p = _maddubs(builder, codes[k], x[k])
-                s16 = p if s16 is None else builder.add(s16, p)
-            s32 = _madd_ones(builder, s16)
-            total = s32 if total is None else builder.add(total, s32)
-        return total
+        return grouped_pair_sums(builder, codes, x, per, lambda s16, g: _madd_ones(builder, s16))
+
+
+def grouped_pair_sums(builder, u: list, s: list, per: int, widen) -> ir.Value:
+    """The AVX2-shaped integer dot of code vectors u with activation vectors s: the vpmaddubsw pair sums
+    of each `per` consecutive vectors added as i16 (the caller keeps them below 2^15), each group's sum
+    made <8 x i32> by widen(s16, group index) (vpmaddwd with ones or with scales), the groups added."""
+    total = None
+    for k0 in range(0, len(u), per):
+        s16 = None
+        for k in range(k0, k0 + per):
+            p = _maddubs(builder, u[k], s[k])
+            s16 = p if s16 is None else builder.add(s16, p)
+        s32 = widen(s16, k0 // per)
+        total = s32 if total is None else builder.add(total, s32)
+    return total
 
 
 PACKED_LAYOUTS = {t: PackedLayout(fmt) for t, fmt in _FORMATS.items()}
