@@ -87,6 +87,7 @@ class Llama(ContextMixin, CompletionMixin):
         chat_format: str | None = None,
         verbose: bool = True,
         kv_path: str | os.PathLike | None = None,
+        n_seq_max: int = 1,
         **kwargs: Any,
     ):
         start = time.perf_counter()
@@ -102,9 +103,11 @@ class Llama(ContextMixin, CompletionMixin):
         elif self.config.n_ctx_train and n_ctx > self.config.n_ctx_train:
             warnings.warn(f"n_ctx={n_ctx} exceeds the {self.config.n_ctx_train} tokens the model was trained on: "
                           "output past that is likely to degrade", RuntimeWarning, stacklevel=2)
-        backends, head = make_backends(self.file, self.config, n_gpu_layers, n_threads, n_ctx, max(1, n_batch))
+        n_seq_max = max(1, int(n_seq_max))
+        backends, head = make_backends(self.file, self.config, n_gpu_layers, n_threads, n_ctx * n_seq_max, max(1, n_batch))
         self.model = LlamaModel(self.file, self.config, backends, head)
-        self.kv_cache = KVCache(self.config, n_ctx, backends, kv_path)
+        # n_seq_max sequences of n_ctx tokens each (a server's slots); this object's own context is slot 0
+        self.kv_cache = KVCache(self.config, n_ctx, backends, kv_path, n_seq=n_seq_max)
         self.n_batch = max(1, n_batch)
         self.last_n_tokens_size = last_n_tokens_size
         self.set_seed(seed)

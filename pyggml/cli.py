@@ -696,9 +696,9 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
 @click.option("--port", default=8080, show_default=True, help="Port to listen on.")
 @click.option("-c", "--ctx-size", type=int, default=None, help="Context size (default: the model's, at most 4096; 0 = the model's).")
 @click.option("-b", "--batch-size", default=512, show_default=True, help="Prompt tokens processed per batch.")
-@click.option("-np", "--parallel", "n_parallel", default=1, show_default=True, help="Slots (accepted; requests run one at a time for now).")
+@click.option("-np", "--parallel", "n_parallel", default=1, show_default=True, help="Slots: requests decoded together; each gets ctx-size / parallel tokens.")
 @click.option("-cb/-nocb", "--cont-batching/--no-cont-batching", "cont_batching", default=True, show_default=True,
-              help="Continuous batching (accepted; requests run one at a time for now).")
+              help="Continuous batching: the slots' sequences share each forward pass (off: one sequence a pass).")
 @click.option("-ngl", "--n-gpu-layers", "--gpu-layers", default="0", show_default=True, help="Layers to offload to the GPU ('all' = every one).")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--api-key", envvar="LLAMA_API_KEY", help="Require this key (Authorization: Bearer KEY); also from LLAMA_API_KEY.")
@@ -713,8 +713,6 @@ def serve(model_path, host, port, ctx_size, batch_size, n_parallel, cont_batchin
         from .server.main import serve as run_server
     except ImportError as e:
         _fail(f"pyggml serve needs the server extra: pip install \"pyggml[server]\" ({e})")
-    if n_parallel > 1:
-        click.echo(f"note: -np {n_parallel}: requests run one at a time for now; the others queue", err=True)
     run_server(ServerSettings(model_path=model_path, host=host, port=port, n_ctx=ctx_size, n_batch=batch_size,
                               n_parallel=n_parallel, n_gpu_layers=_gpu_layers(n_gpu_layers), n_threads=threads,
                               api_key=api_key, alias=alias, max_queue=max_queue, cont_batching=cont_batching,

@@ -90,12 +90,18 @@ class ContextMixin:
         if keep == len(tokens) == len(self.tokens) and self._logits is not None:
             return self._logits
         keep = min(keep, len(tokens) - 1)  # evaluate at least one token to get its logits
-        self.tokens = self.tokens[:keep]
+        if keep < len(self.tokens):
+            self.tokens, self._logits = self.tokens[:keep], None  # the logits were those after the dropped tokens
         for i in range(keep, len(tokens), self.n_batch):
             chunk = tokens[i : i + self.n_batch]
-            self._logits = self.model.forward(np.array(chunk), len(self.tokens), self.kv_cache)
+            self._logits = self._evaluate(np.array(chunk), len(self.tokens))
             self.tokens += chunk
         return self._logits
+
+    def _evaluate(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        """Next-token logits after `tokens` placed at positions start.. of this context's sequence
+        (a server's sequence replaces this with its batched evaluation)."""
+        return self.model.forward(tokens, start, self.kv_cache)
 
     def warm_up(self) -> None:
         """Run the forward pass over two tokens and over one on a scratch cache, so that numba compiles

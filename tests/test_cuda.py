@@ -167,6 +167,30 @@ def test_decode_graph_replays_at_every_position(random_model):
     assert same_top(np.stack(got), np.stack(want))
 
 
+def run_batched(path, n_gpu_layers):
+    """Logits of a batch of three sequences' prompts (slots 2, 0, 1), three steps of three decode tokens,
+    then one token of slot 2 alone (the captured step of that slot)."""
+    llm = Llama(path, n_ctx=40, n_gpu_layers=n_gpu_layers, n_seq_max=3)
+    m, cache = llm.model, llm.kv_cache
+    prompts = [[1, 17, 299, 5, 42], [1, 8, 9], [1, 250, 7, 3, 3, 60, 61]]
+    slots = [2, 0, 1]
+    ends = list(np.cumsum([len(p) for p in prompts]) - 1)
+    out = [m.forward_batch(np.concatenate(prompts), np.concatenate([np.arange(len(p)) for p in prompts]),
+                           np.concatenate([[s] * len(p) for p, s in zip(prompts, slots)]), cache, ends)]
+    for i, toks in enumerate([[9, 4, 4], [200, 13, 1], [5, 6, 7]]):
+        out.append(m.forward_batch(np.array(toks), np.array([len(p) + i for p in prompts]), np.array(slots), cache))
+    out.append(m.forward_batch(np.array([11]), np.array([len(prompts[0]) + 3]), np.array([2]), cache))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("n_gpu_layers", [-1, 1], ids=["all", "one-layer"])
+def test_batched_sequences_on_gpu_match_cpu(random_model, n_gpu_layers):
+    want, got = run_batched(random_model, 0), run_batched(random_model, n_gpu_layers)
+    print(f"{random_model.name} ngl={n_gpu_layers}: batched sequences {rel_err(got, want):.2e}")
+    tol = 2e-3 if GGMLType[random_model.stem.split("-")[1]] in FLOATS else 5e-2
+    assert rel_err(got, want) < tol and same_top(got, want)
+
+
 def test_decode_attention_over_many_key_ranges(tmp_path):
     """Past 128 keys the decode attention cuts the keys into ranges, and the last block of each head
     to finish merges them (attn_partial): decode steps from position 150 to 420 (1 to 4 ranges)

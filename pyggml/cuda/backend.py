@@ -531,7 +531,7 @@ class CUDABackend:
             ws = self._ws[id(model)] = _Workspace(self.cp, model.config)
         return ws
 
-    def _decode_ops(self, model, layer_ids: Sequence[int], cache, ws: _Workspace, embed: bool, head: bool) -> None:
+    def _decode_ops(self, model, layer_ids: Sequence[int], cache, seq: int, ws: _Workspace, embed: bool, head: bool) -> None:
         """Launch one token's work on the current stream, reading the token and position from ws.io.
 
         Per layer: the QKV product (RoPE, K and V into the cache), attention, the output projection
@@ -562,7 +562,7 @@ class CUDABackend:
 
         for i, li in enumerate(layer_ids):
             L = model.layers[li]
-            kc, vc = cache.layer(li)
+            kc, vc = cache.layer(li, seq)
             qkv = (L.wq, L.wk, L.wv)
             b, nss = normed(L.attn_norm, qkv)
             segments = [(0, cfg.dim + 2 * cfg.kv_dim)] if len({w.ggml_type for w in qkv}) == 1 else \
@@ -608,11 +608,11 @@ class CUDABackend:
             self._mmv(MODE_STORE, model.output, cfg.n_vocab, cfg.dim, *operands(b), ws.h, ws.logits, xa=b and b.arranged,
                       nss=nss, eps=eps)
 
-    def _graph(self, model, layer_ids: Sequence[int], cache, embed: bool, head: bool):
-        """The captured decode step for these layers and this cache (captured on first use)."""
+    def _graph(self, model, layer_ids: Sequence[int], cache, seq: int, embed: bool, head: bool):
+        """The captured decode step for these layers and this slot of this cache (captured on first use)."""
         ws = self._workspace(model)
         kv = cache.storage(layer_ids[0]) if layer_ids else None  # not cache.layer: cupy indexing costs ~10 us a token
-        key = (id(model), tuple(layer_ids), None if kv is None else kv.data.ptr, cache.n_ctx, embed, head)
+        key = (id(model), tuple(layer_ids), None if kv is None else kv.data.ptr, cache.n_ctx, seq, embed, head)
         g = self._graphs.get(key)
         if g is None:
             s = self.stream
@@ -621,11 +621,11 @@ class CUDABackend:
                 s.begin_capture()
                 self._programmatic = False if self.pdl else None
                 try:
-                    self._decode_ops(model, layer_ids, cache, ws, embed, head)
+                    self._decode_ops(model, layer_ids, cache, seq, ws, embed, head)
                 finally:
                     self._programmatic = None
                     g = s.end_capture()
-            if len(self._graphs) >= 8:  # caches come and go (embeddings use scratch ones): keep a few
+            if len(self._graphs) >= 8 + 2 * cache.n_seq:  # caches come and go (embeddings use scratch ones): keep a few
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = g
         return g, ws
@@ -641,16 +641,16 @@ class CUDABackend:
         self._done.record(s)
         cp.cuda.get_current_stream().wait_event(self._done)
 
-    def decode_layers(self, model, layer_ids: Sequence[int], x, start_pos: int, cache):
-        """One token through this backend's layers: (1, dim) hidden state in -> (1, dim) out (on the GPU)."""
-        g, ws = self._graph(model, layer_ids, cache, embed=False, head=False)
+    def decode_layers(self, model, layer_ids: Sequence[int], x, start_pos: int, cache, seq: int = 0):
+        """One token of slot seq through this backend's layers: (1, dim) hidden state in -> (1, dim) out (on the GPU)."""
+        g, ws = self._graph(model, layer_ids, cache, seq, embed=False, head=False)
         ws.x[...] = self.cp.asarray(x, np.float32).reshape(-1)
         self._launch(g, ws, 0, start_pos)
         return ws.x.reshape(1, -1).copy()
 
-    def decode_forward(self, model, token: int, start_pos: int, cache) -> np.ndarray:
-        """One token through the whole model (all layers and the head here): next-token logits on the host."""
-        g, ws = self._graph(model, range(len(model.layers)), cache, embed=True, head=True)
+    def decode_forward(self, model, token: int, start_pos: int, cache, seq: int = 0) -> np.ndarray:
+        """One token of slot seq through the whole model (all layers and the head here): next-token logits on the host."""
+        g, ws = self._graph(model, range(len(model.layers)), cache, seq, embed=True, head=True)
         self._launch(g, ws, token, start_pos)
         n = ws.logits.size
         if self._logits_np is None or self._logits_np.size != n:

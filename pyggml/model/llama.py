@@ -1,7 +1,10 @@
 """The LLaMA forward pass over weights that stay in the GGUF mmap.
 
 Blueprint (LlamaConfig) / weights (views into the file, each placed on a backend) / state
-(the KV cache) are separate; `forward(tokens, start_pos, cache)` -> logits.
+(the KV cache) are separate. `forward_batch(tokens, positions, seqs, cache, rows)` runs one batch in
+which every token has its own position and sequence (slot of the cache): the products read each weight
+once for the whole batch, attention looks only at the token's own sequence. `forward(tokens, start_pos,
+cache)` is the batch of one sequence.
 """
 from __future__ import annotations
 
@@ -21,6 +24,26 @@ from . import archs
 from .kvcache import KVCache
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Tokens t0..t1-1 of a batch: consecutive positions start.. of sequence seq."""
+
+    seq: int
+    start: int
+    t0: int
+    t1: int
+
+
+def batch_runs(positions: np.ndarray, seqs: np.ndarray) -> list[Run]:
+    """The batch cut where the sequence changes or the positions stop being consecutive."""
+    runs, t0, n = [], 0, len(positions)
+    for t in range(1, n + 1):
+        if t == n or seqs[t] != seqs[t - 1] or positions[t] != positions[t - 1] + 1:
+            runs.append(Run(int(seqs[t0]), int(positions[t0]), t0, t))
+            t0 = t
+    return runs
 
 
 @dataclass
@@ -159,7 +182,7 @@ class LlamaModel:
         return layer
 
     # ------------------------------------------------------------------------ forward
-    def _layer_forward(self, layer: Layer, li: int, x, positions: np.ndarray, start_pos: int, cache: KVCache):
+    def _layer_forward(self, layer: Layer, li: int, x, positions: np.ndarray, runs: list[Run], cache: KVCache):
         """x: (n_tok, dim) on the layer's backend -> same, after attention and FFN residuals."""
         cfg, b = self.config, layer.backend
         n_tok = x.shape[0]
@@ -175,27 +198,46 @@ class LlamaModel:
         v = v.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
         b.rope(q, positions, self.inv_freq)
         b.rope(k, positions, self.inv_freq)
-        k_cache, v_cache = cache.layer(li)  # (n_kv_heads, n_ctx, head_dim) each
-        k_cache[:, start_pos : start_pos + n_tok] = k.transpose(1, 0, 2)
-        v_cache[:, start_pos : start_pos + n_tok] = v.transpose(1, 0, 2)
-        att = b.attention(q, k_cache, v_cache, start_pos).reshape(n_tok, cfg.q_dim)
-        x = x + b.matmul(layer.wo, att)
+        for r in runs:
+            cache.write(li, r.seq, r.start, k[r.t0 : r.t1], v[r.t0 : r.t1])
+        if len(runs) == 1:
+            att = b.attention(q, *cache.layer(li, runs[0].seq), runs[0].start)
+        else:  # each sequence attends to its own slot
+            att = b.empty(q.shape)
+            for r in runs:
+                att[r.t0 : r.t1] = b.attention(q[r.t0 : r.t1], *cache.layer(li, r.seq), r.start)
+        x = x + b.matmul(layer.wo, att.reshape(n_tok, cfg.q_dim))
         h = b.rmsnorm(x, layer.ffn_norm, cfg.rms_eps)
         a = b.silu_mul(*b.matmuls((layer.w_gate, layer.w_up), h))
         return x + b.matmul(layer.w_down, a)
 
-    def _check(self, tokens: np.ndarray, start_pos: int, cache: KVCache) -> None:
+    def _batch(self, tokens, positions, seqs, cache: KVCache) -> tuple[np.ndarray, np.ndarray, list[Run]]:
+        """The batch checked against the vocabulary and the cache: (tokens, positions, runs)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        seqs = np.asarray(seqs, dtype=np.int64)
         n_tok = len(tokens)
         if n_tok == 0:
             raise ValueError("no tokens to evaluate")
-        if start_pos < 0 or start_pos + n_tok > cache.n_ctx:
-            raise ValueError(f"positions {start_pos}..{start_pos + n_tok - 1} do not fit the context of {cache.n_ctx} tokens")
+        if positions.shape != tokens.shape or seqs.shape != tokens.shape:
+            raise ValueError(f"{n_tok} tokens need as many positions and sequence ids ({len(positions)}, {len(seqs)} given)")
         if n_tok == 1:  # a decode step: no numpy reductions
             low = high = int(tokens[0])
         else:
             low, high = tokens.min(), tokens.max()
         if low < 0 or high >= self.config.n_vocab:
             raise ValueError(f"token id out of range [0, {self.config.n_vocab})")
+        runs = batch_runs(positions, seqs)
+        seen = set()
+        for r in runs:
+            if not 0 <= r.seq < cache.n_seq:
+                raise ValueError(f"sequence {r.seq} out of range [0, {cache.n_seq})")
+            if r.start < 0 or r.start + r.t1 - r.t0 > cache.n_ctx:
+                raise ValueError(f"positions {r.start}..{r.start + r.t1 - r.t0 - 1} do not fit the context of {cache.n_ctx} tokens")
+            if r.seq in seen:
+                raise ValueError(f"the tokens of sequence {r.seq} must be consecutive in the batch, at consecutive positions")
+            seen.add(r.seq)
+        return tokens, positions, runs
 
     def segments(self) -> list[tuple[Backend, list[int]]]:
         """Runs of consecutive layers on one backend, in order."""
@@ -208,37 +250,47 @@ class LlamaModel:
         return runs
 
     def hidden_states(self, tokens: np.ndarray, start_pos: int, cache: KVCache) -> tuple[object, Backend]:
-        """Run the layers on tokens at positions start_pos..; returns the final-normed (n_tok, dim)."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        self._check(tokens, start_pos, cache)
-        n_tok = len(tokens)
-        positions = np.arange(start_pos, start_pos + n_tok, dtype=np.int64)
+        """Run the layers on tokens at positions start_pos.. of sequence 0; returns the final-normed (n_tok, dim)."""
+        n = len(tokens)
+        return self._hidden(*self._batch(tokens, np.arange(start_pos, start_pos + n), np.zeros(n, np.int64), cache), cache)
+
+    def _hidden(self, tokens: np.ndarray, positions: np.ndarray, runs: list[Run], cache: KVCache) -> tuple[object, Backend]:
         x = self.head_backend.embed(self.tok_embd, tokens)
         on = self.head_backend
         for backend, ids in self.segments():
             if backend is not on:  # the hidden state crosses once per device boundary
                 x = backend.to_device(on.to_host(x))
                 on = backend
-            fused = getattr(backend, "decode_layers", None) if n_tok == 1 and self.arch.plain_block else None
+            fused = getattr(backend, "decode_layers", None) if len(tokens) == 1 and self.arch.plain_block else None
             if fused is not None:  # one token: the backend runs its layers as one captured step
-                x = fused(self, ids, x, start_pos, cache)
+                x = fused(self, ids, x, runs[0].start, cache, runs[0].seq)
                 continue
             for li in ids:
-                x = self._layer_forward(self.layers[li], li, x, positions, start_pos, cache)
+                x = self._layer_forward(self.layers[li], li, x, positions, runs, cache)
         if on is not self.head_backend:
             x = self.head_backend.to_device(on.to_host(x))
         return self.head_backend.rmsnorm(x, self.output_norm, self.config.rms_eps), self.head_backend
 
-    def forward(self, tokens: np.ndarray, start_pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Logits (float32) for the last token (n_vocab,), or for every token (n_tok, n_vocab)."""
-        tokens = np.asarray(tokens, dtype=np.int64)
+    def forward_batch(self, tokens, positions, seqs, cache: KVCache, rows=None) -> np.ndarray:
+        """Logits (len(rows), n_vocab) float32 of the batch's tokens `rows` (default: every token);
+        token t is at position positions[t] of sequence seqs[t]. A sequence's tokens in one batch are
+        consecutive, at consecutive positions; each attends to its own slot's earlier positions."""
+        tokens, positions, runs = self._batch(tokens, positions, seqs, cache)
         whole = getattr(self.head_backend, "decode_forward", None)
         if whole is not None and len(tokens) == 1 and self._all_on_head:
-            self._check(tokens, start_pos, cache)
-            logits = whole(self, int(tokens[0]), start_pos, cache)
-            return logits.reshape(1, -1) if all_logits else logits
-        h, b = self.hidden_states(tokens, start_pos, cache)
-        if not all_logits:
-            h = h[-1:]
-        logits = b.to_host(b.matmul(self.output, h))
+            logits = whole(self, int(tokens[0]), runs[0].start, cache, runs[0].seq)
+            return logits.reshape(1, -1)
+        h, b = self._hidden(tokens, positions, runs, cache)
+        if rows is not None:
+            rows = [int(r) for r in rows]
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
+            h = h[rows[0] : rows[0] + len(rows)] if contiguous else h[rows]  # a list index: numpy and cupy alike
+        return b.to_host(b.matmul(self.output, h))
+
+    def forward(self, tokens: np.ndarray, start_pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Logits (float32) for the last token (n_vocab,), or for every token (n_tok, n_vocab), of
+        tokens at positions start_pos.. of sequence 0."""
+        n = len(tokens)
+        positions = np.arange(start_pos, start_pos + n, dtype=np.int64)
+        logits = self.forward_batch(tokens, positions, np.zeros(n, np.int64), cache, None if all_logits else [n - 1])
         return logits if all_logits else logits[0]

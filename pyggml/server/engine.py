@@ -15,14 +15,14 @@ The interface (all that pyggml/server/app.py uses):
     engine.status()                     {"slots_idle", "slots_processing", "requests_queued"}
     engine.tokenize / detokenize / model_id / n_ctx / n_vocab / describe() / close()
 
-`LlamaEngine` implements it over one `Llama`: one request at a time, run on a worker thread (generation
-never blocks the event loop), the others waiting in a bounded queue. Continuous batching plugs in here:
-an engine that decodes many sequences in one forward pass (pyggml/engine/) serves the same submit / Job
-interface, reports its slots in status(), and the routes do not change.
+`LlamaEngine` implements it over one `Llama`: each slot runs its request on a worker thread (generation
+never blocks the event loop), the others wait in a bounded queue; with several slots their sequences
+are decoded together, many tokens to a forward pass (server/batching.py).
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -97,25 +97,44 @@ class Job:
 
 
 class LlamaEngine:
-    """The engine over one Llama: requests run one at a time on a worker thread; up to `max_queue`
-    more wait, in order. The engine owns the Llama it is given (it observes its generations)."""
+    """The engine over one Llama. With n_parallel = 1 requests run one at a time on a worker thread;
+    with more, the Llama's KV cache must hold that many sequences (Llama(n_seq_max=...)) and each slot
+    runs its request on its own worker thread, all of them decoded together by one Batcher
+    (server/batching.py: continuous batching). Up to `max_queue` more requests wait, in order, for a
+    free slot; a request goes to the idle slot whose last prompt shares the longest prefix with it.
+    The engine owns the Llama it is given (it observes its generations)."""
 
-    n_slots = 1
-
-    def __init__(self, llm, max_queue: int = 256, model_id: str | None = None):
+    def __init__(self, llm, max_queue: int = 256, model_id: str | None = None, n_parallel: int = 1,
+                 n_batch: int | None = None, continuous: bool = True):
         self.llm = llm
         self.model_id = model_id or Path(llm.model_path).name
         self.max_queue = max(0, int(max_queue))
         self.created = int(time.time())
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.n_slots = max(1, int(n_parallel))
+        self.batcher = None
+        if self.n_slots > 1:
+            from .batching import Batcher, sequence_view
+
+            if llm.kv_cache.n_seq < self.n_slots:
+                raise ValueError(f"{self.n_slots} slots need a KV cache of as many sequences (Llama(n_seq_max=...)), "
+                                 f"this one holds {llm.kv_cache.n_seq}")
+            self.batcher = Batcher(llm.model, llm.kv_cache, n_batch or llm.n_batch, continuous=continuous)
+            self.slots = [sequence_view(llm, self.batcher, i) for i in range(self.n_slots)]
+        else:
+            self.slots = [llm]
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: dict[int, Job] = {}
+        self._keys = [""] * self.n_slots  # each slot's last prompt, to send a follow-up where its prefix is
         self._closed = False
-        self._state = None  # the GenerationState of the running generation (see _observe_generations)
-        _observe_generations(llm, self._set_state)
-        self._thread = threading.Thread(target=self._work, name="pyggml-engine", daemon=True)
-        self._thread.start()
+        self._states: list[Any] = [None] * self.n_slots  # the GenerationState of each slot's generation
+        for i, slot in enumerate(self.slots):
+            _observe_generations(slot, lambda st, i=i: self._states.__setitem__(i, st))
+        self._threads = [threading.Thread(target=self._work, args=(i,), name=f"pyggml-slot-{i}", daemon=True)
+                         for i in range(self.n_slots)]
+        for t in self._threads:
+            t.start()
 
     # ------------------------------------------------------------------------------ facts
     @property
@@ -130,7 +149,7 @@ class LlamaEngine:
         """Facts about the model for GET /v1/models (llama-server's "meta")."""
         cfg = self.llm.config
         return {"n_vocab": self.llm.n_vocab(), "n_ctx_train": cfg.n_ctx_train, "n_embd": self.llm.n_embd(),
-                "n_ctx": self.n_ctx, "n_layer": cfg.n_layers}
+                "n_ctx": self.n_ctx, "n_layer": cfg.n_layers, "n_slots": self.n_slots}
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8", "surrogatepass"), add_bos=add_special, special=parse_special)
@@ -144,7 +163,7 @@ class LlamaEngine:
 
     def status(self) -> dict[str, int]:
         with self._cond:
-            busy = int(self._running is not None)
+            busy = len(self._running)
             return {"slots_idle": self.n_slots - busy, "slots_processing": busy, "requests_queued": len(self._waiting)}
 
     # ----------------------------------------------------------------------------- requests
@@ -156,60 +175,79 @@ class LlamaEngine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            if len(self._waiting) >= self.max_queue and (self._running is not None or self._waiting):
+            if len(self._waiting) >= self.max_queue and (len(self._running) >= self.n_slots or self._waiting):
                 raise EngineBusy(f"{len(self._waiting)} requests are already waiting (the queue holds {self.max_queue})")
             self._waiting.append(job)
-            self._cond.notify()
+            self._cond.notify_all()
         return job
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker: queued requests end, the running one is cancelled."""
+        """Stop the workers: queued requests end, the running ones are cancelled."""
         with self._cond:
             self._closed = True
             waiting, self._waiting = list(self._waiting), deque()
-            running = self._running
+            running = list(self._running.items())
             self._cond.notify_all()
         for job in waiting:
             job._cancelled.set()
             job._push(_END)
-        if running is not None:
-            running._cancelled.set()
-        self._thread.join(timeout)
+        for slot, job in running:
+            job._cancelled.set()
+            if self.batcher is not None:
+                self.batcher.abort(slot)
+        for t in self._threads:
+            t.join(timeout)
+        if self.batcher is not None:
+            self.batcher.close(timeout)
 
     def _drop(self, job: Job) -> None:
-        """A cancelled job leaves the queue at once (a running one stops at its next token)."""
+        """A cancelled job leaves the queue at once; a running one stops at its next token, or at once
+        when it is waiting for its tokens to be evaluated."""
         with self._cond:
             try:
                 self._waiting.remove(job)
             except ValueError:
+                slot = next((i for i, j in self._running.items() if j is job), None)
+                if slot is not None and self.batcher is not None:
+                    self.batcher.abort(slot)
                 return
             self.stats["cancelled"] += 1
         job._push(_END)
 
-    def _set_state(self, state) -> None:
-        self._state = state
+    def _best_slot(self, job: Job) -> int:
+        """The idle slot whose last prompt shares the longest prefix with the job's (under _cond)."""
+        key = _prompt_key(job)
+        idle = [i for i in range(self.n_slots) if i not in self._running]
+        return max(idle, key=lambda i: (_common_prefix(self._keys[i], key), -i))
 
-    def _work(self) -> None:
+    def _work(self, slot: int) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._closed:
+                while not self._closed and not (self._waiting and self._best_slot(self._waiting[0]) == slot):
                     self._cond.wait()
                 if self._closed:
                     return
-                job = self._running = self._waiting.popleft()
+                job = self._running[slot] = self._waiting.popleft()
+                self._keys[slot] = _prompt_key(job)
+                self._cond.notify_all()  # the next waiting job may be another slot's
             try:
-                self._run(job)
+                self._run(job, slot)
             finally:
+                if self.batcher is not None:
+                    self.batcher.release(slot)
                 with self._cond:
-                    self._running = None
+                    del self._running[slot]
+                    self._cond.notify_all()
                 job._push(_END)
 
-    def _run(self, job: Job) -> None:
-        llm = self.llm
+    def _run(self, job: Job, slot: int) -> None:
+        from .batching import SequenceAborted
+
+        llm = self.slots[slot]
         params = dict(job.params)
         if job.kind != "embedding":
             params["logits_processor"] = _cancel_check(job)
-        self._state = None
+        self._states[slot] = None
         try:
             if job.cancelled:
                 raise _Cancelled
@@ -226,9 +264,9 @@ class LlamaEngine:
                     result.close()
             else:
                 job._push(result)
-            self._finish(job, result if not params.get("stream") else None)
+            self._finish(job, slot, result if not params.get("stream") else None)
             self._count("completed")
-        except _Cancelled:
+        except (_Cancelled, SequenceAborted):
             self._count("cancelled")
             log.info("request cancelled")
         except Exception as e:  # noqa: BLE001 - handed to the reader, which maps it to an HTTP error
@@ -240,9 +278,9 @@ class LlamaEngine:
         with self._cond:
             self.stats[outcome] += 1
 
-    def _finish(self, job: Job, result: dict | None) -> None:
+    def _finish(self, job: Job, slot: int, result: dict | None) -> None:
         """Usage, timings and the stop word of a finished job, from the generation the engine observed."""
-        st = self._state
+        st, llm = self._states[slot], self.slots[slot]
         if result is not None and "usage" in result:
             job.usage = dict(result["usage"])
         elif st is not None:
@@ -250,12 +288,35 @@ class LlamaEngine:
                          "total_tokens": st.n_prompt + st.n_completion}
         if st is not None and st.finish_reason == "stop" and job.params.get("stop"):
             stops = job.params["stop"]
-            text = self.llm.detokenize(st.tokens).decode("utf-8", errors="ignore")
+            text = llm.detokenize(st.tokens).decode("utf-8", errors="ignore")
             job.stopping_word = min(((text.find(s), s) for s in ([stops] if isinstance(stops, str) else stops)
                                      if s and s in text), default=(0, ""))[1]
-        t = self.llm.timings
+        t = llm.timings
         job.timings = {"prompt_n": t.prompt_tokens, "prompt_ms": 1000 * t.prompt_s,
                        "predicted_n": t.gen_tokens, "predicted_ms": 1000 * t.gen_s}
+
+
+def _prompt_key(job: Job) -> str:
+    """What a request's prompt starts with, as text: the prompt, or the chat messages in order."""
+    p = job.params
+    if job.kind == "chat":
+        return json.dumps(p.get("messages"), sort_keys=True, default=str)
+    prompt = p.get("prompt", p.get("input", ""))
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, default=str)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _cancel_check(job: Job) -> Callable:

@@ -23,7 +23,7 @@ class ServerSettings:
     port: int = 8080
     n_ctx: int | None = None  # None: the model's trained context, at most DEFAULT_MAX_CTX; 0: the model's
     n_batch: int = 512
-    n_parallel: int = 1  # slots asked for; the current engine serves one request at a time
+    n_parallel: int = 1  # slots: sequences decoded together; each gets n_ctx / n_parallel of the context
     n_gpu_layers: int = 0
     n_threads: int | None = None
     api_key: str | None = None
@@ -45,18 +45,24 @@ def default_ctx(model_path: str) -> int:
 
 
 def load_engine(s: ServerSettings) -> LlamaEngine:
-    """The Llama of the settings, behind a LlamaEngine."""
+    """The Llama of the settings, behind a LlamaEngine of n_parallel slots. As llama-server, the
+    context is shared out: each slot holds n_ctx / n_parallel tokens."""
     from ..api import Llama
 
     n_ctx = s.n_ctx if s.n_ctx is not None else default_ctx(s.model_path)
+    n_par = max(1, s.n_parallel)
+    if n_ctx and n_ctx < n_par:
+        raise ValueError(f"a context of {n_ctx} tokens cannot be shared by {n_par} slots")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        llm = Llama(s.model_path, n_ctx=n_ctx, n_batch=s.n_batch, n_threads=s.n_threads, n_gpu_layers=s.n_gpu_layers,
-                    seed=-1, chat_format=s.chat_format, verbose=False)
+        llm = Llama(s.model_path, n_ctx=n_ctx // n_par if n_ctx else 0, n_batch=s.n_batch, n_threads=s.n_threads,
+                    n_gpu_layers=s.n_gpu_layers, seed=-1, chat_format=s.chat_format, verbose=False, n_seq_max=n_par)
     for w in caught:
         log.warning("%s", w.message)
-    log.info("loaded %s: context %d tokens", s.model_path, llm.n_ctx())
-    return LlamaEngine(llm, max_queue=s.max_queue, model_id=s.alias or Path(s.model_path).name)
+    log.info("loaded %s: %d slot%s of %d tokens%s", s.model_path, n_par, "s" if n_par > 1 else "", llm.n_ctx(),
+             "" if n_par == 1 or s.cont_batching else " (continuous batching off: one sequence per forward pass)")
+    return LlamaEngine(llm, max_queue=s.max_queue, model_id=s.alias or Path(s.model_path).name, n_parallel=n_par,
+                       continuous=s.cont_batching)
 
 
 def serve(s: ServerSettings) -> None:
