@@ -478,3 +478,79 @@ def test_pyggml_serve_command(stories_f32):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ------------------------------------------------------------------------- several slots, one batch
+@pytest.fixture(scope="module")
+def slots_server(stories_f32):
+    llm = Llama(str(stories_f32), n_ctx=N_CTX, n_threads=2, seed=-1, verbose=False, n_seq_max=4)
+    eng = LlamaEngine(llm, max_queue=64, model_id="stories", n_parallel=4)
+    s = LocalServer(create_app(eng, api_key=KEY))
+    yield s, eng
+    s.stop()
+    eng.close()
+    llm.close()
+
+
+def test_slots_decode_concurrent_requests_together_with_the_text_alone(slots_server, reference):
+    """16 concurrent greedy requests (completions and chats, streamed and not) on 4 slots: each returns the
+    text it returns alone, and the slots' sequences shared forward passes."""
+    server, engine = slots_server
+    prompts = ["Once upon a time", "The dog", "Lily saw a bird", "Tim had a red ball", "One day", "The sun was",
+               "Sam and Mia", "A little cat"] * 2
+    want = [_greedy_text(reference, p, 16) for p in prompts]
+    want_chat = reference.create_chat_completion(MESSAGES, max_tokens=16, temperature=0)["choices"][0]["message"]["content"]
+    client = server.client()
+
+    def ask(i):
+        if i % 4 == 3:
+            return client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=16, temperature=0).choices[0].message.content
+        if i % 2:
+            chunks = client.completions.create(model="any", prompt=prompts[i], max_tokens=16, temperature=0, stream=True)
+            return "".join(c.choices[0].text for c in chunks)
+        return client.completions.create(model="any", prompt=prompts[i], max_tokens=16, temperature=0).choices[0].text
+
+    steps = engine.batcher.stats["steps"]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, range(16)))
+    assert got == [want_chat if i % 4 == 3 else want[i] for i in range(16)]
+    assert engine.batcher.stats["max_batch"] > 1
+    assert engine.batcher.stats["steps"] - steps < 16 * 16  # fewer passes than tokens: they were shared
+    health = server.request("GET", "/health")[1]
+    assert (health["slots_idle"], health["slots_processing"], health["requests_queued"]) == (4, 0, 0)
+
+
+def test_slots_disconnects_free_their_slots(slots_server, reference, monkeypatch):
+    """Clients that leave mid-stream on a batched server: their slots are free at once, the others finish."""
+    server, engine = slots_server
+    forward = engine.batcher.model.forward_batch
+
+    def slow_forward(*a, **kw):  # ~1 s for a slot's whole context: the streams cannot end before the disconnects
+        time.sleep(0.004)
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(engine.batcher.model, "forward_batch", slow_forward)
+    before = dict(engine.stats)
+    socks = []
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 10**6, "temperature": 0, "stream": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                     b"\r\n\r\n" + body)
+        socks.append(sock)
+    for sock in socks:
+        seen = b""
+        while b"data: {" not in seen:
+            seen += sock.recv(4096)
+    with ThreadPoolExecutor(1) as pool:
+        fine = pool.submit(lambda: server.client().completions.create(model="any", prompt="The dog", max_tokens=16,
+                                                                      temperature=0).choices[0].text)
+        for sock in socks:
+            sock.close()
+        assert fine.result(60) == _greedy_text(reference, "The dog", 16)
+    deadline = time.monotonic() + 15
+    while server.request("GET", "/health")[1]["slots_idle"] != 4:
+        assert time.monotonic() < deadline, "a slot stayed busy"
+        time.sleep(0.02)
+    assert engine.stats["cancelled"] - before["cancelled"] == 3
