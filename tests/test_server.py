@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -554,3 +555,20 @@ def test_slots_disconnects_free_their_slots(slots_server, reference, monkeypatch
         assert time.monotonic() < deadline, "a slot stayed busy"
         time.sleep(0.02)
     assert engine.stats["cancelled"] - before["cancelled"] == 3
+
+
+def test_slots_survive_an_abuse_campaign(slots_server):
+    """tools/abuse_serve.py's mix (dropped streams, malformed JSON, wrong types, over-long prompts, max_tokens
+    of 10^9, more connections than slots) against 4 slots: only 200/400 answers, every slot free afterwards,
+    the greedy text unchanged."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from abuse_serve import campaign
+
+    server, engine = slots_server
+    out = campaign("127.0.0.1", server.port, n=200, clients=40, n_ctx=N_CTX, seed=3, api_key=KEY)
+    outcomes = {k.split(" -> ")[1] for k in out["tally"]}
+    assert outcomes <= {"200", "400", "dropped:200"}, out["tally"]
+    assert sum(out["tally"].values()) == 200
+    assert out["greedy_after"] == out["greedy_before"] and not out["greedy_before"].startswith("HTTP")
+    assert (out["health"]["slots_processing"], out["health"]["requests_queued"]) == (0, 0)
+    assert engine.batcher._busy == set() and engine.batcher._pending == {}
