@@ -30,6 +30,7 @@ from .completion import CompletionMixin
 from .generation import ContextFullError, ContextMixin, GenerationState, Timings
 from .gguf.reader import GGUFFile
 from .model import LlamaConfig, LlamaModel
+from .model.config import ModelError
 from .model.kvcache import KVCache
 from .prompt_cache import BaseLlamaCache, LlamaState
 from .session import SessionError, load_session, model_fingerprint, save_session
@@ -98,6 +99,9 @@ class Llama(ContextMixin, CompletionMixin):
         self.file = GGUFFile(model_path)
         self.tokenizer_ = load_tokenizer(self.file.metadata)
         self.config = LlamaConfig.from_metadata(self.file.metadata, str(self.file.path))
+        if self.tokenizer_.n_vocab != self.config.n_vocab:  # else a prompt or a sampled id fails mid-generation
+            raise ModelError(f"{self.file.path}: the tokenizer has {self.tokenizer_.n_vocab} tokens but the model's "
+                             f"vocabulary (token_embd rows, {self.config.architecture.name}.vocab_size) is {self.config.n_vocab}")
         if n_ctx <= 0:
             n_ctx = self.config.n_ctx_train
         elif self.config.n_ctx_train and n_ctx > self.config.n_ctx_train:

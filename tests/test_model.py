@@ -6,6 +6,7 @@ import pytest
 from pyggml import Llama
 from pyggml.convert import convert_hf_to_gguf
 from pyggml.gguf import GGMLType, GGUFFile
+from pyggml.model.config import ModelError
 from pyggml.quant import codecs
 from pyggml.quantize import quantize_file
 from pyggml.sampling import SamplingParams
@@ -374,3 +375,16 @@ def test_unused_or_missing_arch_tensor_is_an_error(tmp_path):
     llama = ARCH_SHAPES["llama3"]
     with pytest.raises(ModelError, match=r"blk\.0\.attn_q_norm\.weight.*not used by architecture 'llama'"):
         Llama(write(tmp_path / "b.gguf", llama, add={"blk.0.attn_q_norm.weight": (8,)}), n_ctx=16)
+
+
+@pytest.mark.parametrize("delta", [-3, 5])
+def test_tokenizer_and_model_vocabulary_must_agree(tmp_path, delta):
+    """A tokenizer with more or fewer tokens than the model's embedding rows is refused at load (else a
+    prompt token or a sampled id fails mid-generation)."""
+    from pyggml.synthetic import synthetic_vocab
+
+    shape = ARCH_SHAPES["qwen2"]
+    vocab = synthetic_vocab(shape.vocab + delta)
+    path = _write_f32(tmp_path / "v.gguf", shape, keys=vocab)
+    with pytest.raises(ModelError, match=f"the tokenizer has {shape.vocab + delta} tokens .* is {shape.vocab}"):
+        Llama(path, n_ctx=16)
