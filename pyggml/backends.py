@@ -43,7 +43,9 @@ class Backend(Protocol):
     def embed(self, w: QWeight, tokens: np.ndarray): ...
     def rmsnorm(self, x, weight, eps: float): ...
     def rope(self, x, positions: np.ndarray, inv_freq: np.ndarray): ...
-    def attention(self, q, k_cache, v_cache, start_pos: int): ...
+    def attention(self, q, k_cache, v_cache, start_pos: int): ...  # tokens at start_pos.. of one sequence
+    def attention_seqs(self, q, k_slots, v_slots, seqs, positions): ...  # token t at positions[t] of slot seqs[t]
+    def indices(self, a: np.ndarray): ...  # int64 indices where this backend's ops read them
     def silu_mul(self, gate, up): ...
 
 
@@ -114,6 +116,13 @@ class CPUBackend:
 
     def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int) -> np.ndarray:
         return self.k.attention(q, k_cache, v_cache, start_pos, np.empty_like(q))
+
+    def attention_seqs(self, q: np.ndarray, k_slots: np.ndarray, v_slots: np.ndarray, seqs: np.ndarray,
+                       positions: np.ndarray) -> np.ndarray:
+        return self.k.attention_seqs(q, k_slots, v_slots, seqs, positions, np.empty_like(q))
+
+    def indices(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=np.int64)
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return self.k.silu_mul(gate, up, np.empty_like(gate))

@@ -709,6 +709,9 @@ def serve(model_path, host, port, ctx_size, batch_size, n_parallel, cont_batchin
           chat_template, max_queue) -> None:
     """OpenAI-compatible HTTP server (llama-server's flags and endpoints). Needs pip install "pyggml[server]"."""
     try:
+        import starlette  # noqa: F401 - the server extra, imported by serve() only once the model is set
+        import uvicorn  # noqa: F401
+
         from .server.main import ServerSettings
         from .server.main import serve as run_server
     except ImportError as e:

@@ -309,7 +309,7 @@ class CUDABackend:
         self.device.use()
         self.mod = _module()
         self.fn = {n: self.mod.get_function(n) for n in _kernel_names()}
-        for n in ("quantize_q8", "rmsnorm", "rmsnorm_row", "rope", "causal_softmax", "silu_mul"):
+        for n in ("quantize_q8", "rmsnorm", "rmsnorm_row", "rope", "causal_softmax", "silu_mul", "attn_seqs"):
             self.fn[n] = self.mod.get_function(n)
         self.stream = cp.cuda.Stream(non_blocking=True)  # decode graphs are captured and replayed here
         self.io_host = cp.cuda.alloc_pinned_memory(16)
@@ -518,6 +518,21 @@ class CUDABackend:
         self.fn["causal_softmax"]((rows,), (256,), (scores, np.int32(n_tok), np.int32(n_keys), np.int32(start_pos)))
         out = cp.matmul(scores, v_cache[:, :n_keys])  # (n_kv, group*n_tok, head_dim)
         return cp.ascontiguousarray(out.reshape(n_kv, group, n_tok, head_dim).transpose(2, 0, 1, 3).reshape(n_tok, n_heads, head_dim))
+
+    def attention_seqs(self, q, k_slots, v_slots, seqs, positions):
+        """Token t attends to positions 0..positions[t] of slot seqs[t]: one kernel for the whole batch."""
+        n_tok, n_heads, head_dim = q.shape
+        if head_dim > 256:
+            raise ValueError(f"attention over several sequences handles head_dim up to 256, not {head_dim}")
+        q = self.cp.ascontiguousarray(q)
+        out = self.cp.empty_like(q)
+        self.fn["attn_seqs"]((n_heads, n_tok), (128,), (q, k_slots, v_slots, seqs, positions, np.int32(n_heads),
+                             np.int32(k_slots.shape[1]), np.int32(k_slots.shape[2]), np.int32(head_dim),
+                             np.float32(1.0 / math.sqrt(head_dim)), out))
+        return out
+
+    def indices(self, a: np.ndarray):
+        return self.cp.asarray(np.ascontiguousarray(a, dtype=np.int64))
 
     def silu_mul(self, gate, up):
         out = self.cp.empty_like(gate)

@@ -1189,3 +1189,68 @@ extern "C" __global__ void silu_mul(const float* g, const float* u, i64 n, float
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         out[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }
+
+// Attention of a batch of tokens of several sequences (a server's decode step): token t = blockIdx.y,
+// head h = blockIdx.x attends to positions 0..pos[t] of slot seq[t] of k, v (n_seq, n_kv, n_ctx, head_dim).
+// Each of the block's SEQ_WARPS warps takes every SEQ_WARPS-th key with an online softmax (lanes over
+// head_dim, at most 256), then the warps' partial results are merged in shared memory.
+#define SEQ_WARPS 4
+extern "C" __global__ void __launch_bounds__(32 * SEQ_WARPS) attn_seqs(const float* __restrict__ q,
+        const float* __restrict__ kc, const float* __restrict__ vc, const i64* __restrict__ seq,
+        const i64* __restrict__ pos, int n_heads, int n_kv, int n_ctx, int head_dim, float scale, float* __restrict__ out) {
+    __shared__ float sm[SEQ_WARPS], sl[SEQ_WARPS], sacc[SEQ_WARPS][256];
+    const int h = blockIdx.x, t = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int n = (int)pos[t] + 1;
+    const i64 slot = (seq[t] * n_kv + h / (n_heads / n_kv)) * (i64)n_ctx * head_dim;
+    const float* K = kc + slot;
+    const float* V = vc + slot;
+    const float* Q = q + ((i64)t * n_heads + h) * head_dim;
+    float qv[8], acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        const int d = lane + 32 * e;
+        qv[e] = d < head_dim ? Q[d] * scale : 0.f;
+        acc[e] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    for (int p = warp; p < n; p += SEQ_WARPS) {
+        const float* kp = K + (i64)p * head_dim;
+        const float* vp = V + (i64)p * head_dim;
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const int d = lane + 32 * e;
+            if (d < head_dim) s += qv[e] * kp[d];
+        }
+        s = warp_sum(s);
+        const float mn = fmaxf(m, s);
+        const float c = expf(m - mn), w = expf(s - mn);  // c = 0 on the first key (m = -inf)
+        l = l * c + w;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const int d = lane + 32 * e;
+            if (d < head_dim) acc[e] = acc[e] * c + w * vp[d];
+        }
+        m = mn;
+    }
+    if (lane == 0) { sm[warp] = m; sl[warp] = l; }
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        const int d = lane + 32 * e;
+        if (d < head_dim) sacc[warp][d] = acc[e];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float M = NEG_INF;
+    for (int w = 0; w < SEQ_WARPS; w++) M = fmaxf(M, sm[w]);
+    float L = 0.f, f[SEQ_WARPS];
+    for (int w = 0; w < SEQ_WARPS; w++) {
+        f[w] = sm[w] == NEG_INF ? 0.f : expf(sm[w] - M);  // a warp with no keys (n < SEQ_WARPS) adds nothing
+        L += sl[w] * f[w];
+    }
+    for (int d = lane; d < head_dim; d += 32) {
+        float o = 0.f;
+        for (int w = 0; w < SEQ_WARPS; w++) o += sacc[w][d] * f[w];
+        out[((i64)t * n_heads + h) * head_dim + d] = o / L;
+    }
+}

@@ -256,21 +256,22 @@ def _rope(x, positions, inv_freq):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def _attention(q, k, v, start_pos, out):
-    """Causal GQA attention. q: (n_tok, n_head, hd); k, v: (n_kv, ctx, hd); out like q."""
+def _attention(q, k, v, seqs, pos, out):
+    """Causal GQA attention of tokens of several sequences. q: (n_tok, n_head, hd); k, v: (n_seq, n_kv,
+    ctx, hd); token t attends to positions 0..pos[t] of sequence seqs[t]; out like q."""
     n_tok, n_head, hd = q.shape
-    group = n_head // k.shape[0]
+    group = n_head // k.shape[1]
     scale = np.float32(1.0 / np.sqrt(hd))
     for th in prange(n_tok * n_head):
         t, h = th // n_head, th % n_head
-        kv = h // group
-        n = start_pos + t + 1
+        kt, vt = k[seqs[t], h // group], v[seqs[t], h // group]
+        n = pos[t] + 1
         scores = np.empty(n, np.float32)
         m = np.float32(-np.inf)
         for p in range(n):
             s = np.float32(0.0)
             for j in range(hd):
-                s += q[t, h, j] * k[kv, p, j]
+                s += q[t, h, j] * kt[p, j]
             s *= scale
             scores[p] = s
             m = max(m, s)
@@ -284,7 +285,7 @@ def _attention(q, k, v, start_pos, out):
         for p in range(n):
             wgt = scores[p] / total
             for j in range(hd):
-                out[t, h, j] += wgt * v[kv, p, j]
+                out[t, h, j] += wgt * vt[p, j]
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -382,7 +383,15 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, out: np.ndarray) -> np.ndarray:
-    _attention(q, k, v, start_pos, out)
+    """Tokens at start_pos.. of one sequence: k, v (n_kv, ctx, hd)."""
+    n = q.shape[0]
+    _attention(q, k[None], v[None], np.zeros(n, np.int64), np.arange(start_pos, start_pos + n, dtype=np.int64), out)
+    return out
+
+
+def attention_seqs(q: np.ndarray, k: np.ndarray, v: np.ndarray, seqs: np.ndarray, pos: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Tokens of several sequences: k, v (n_seq, n_kv, ctx, hd); token t at pos[t] of slot seqs[t]."""
+    _attention(q, k, v, seqs, pos, out)
     return out
 
 

@@ -57,6 +57,18 @@ class KVCache:
         store[j, 0, seq, :, start : start + n] = k.transpose(1, 0, 2)
         store[j, 1, seq, :, start : start + n] = v.transpose(1, 0, 2)
 
+    def slots(self, i: int):
+        """(k, v) of layer i for every slot: (n_seq, n_kv_heads, n_ctx, head_dim) each."""
+        store, j = self._index[i]
+        return store[j, 0], store[j, 1]
+
+    def write_tokens(self, i: int, seqs, positions, k, v) -> None:
+        """Store token t's k, v (n_tok, n_kv_heads, head_dim) of layer i at positions[t] of slot seqs[t]
+        (index arrays on the layer's backend): one scatter for a batch of many sequences."""
+        store, j = self._index[i]
+        store[j, 0][seqs, :, positions] = k
+        store[j, 1][seqs, :, positions] = v
+
     def slot(self, seq: int) -> "KVSlot":
         if not 0 <= seq < self.n_seq:
             raise ValueError(f"slot {seq} out of range [0, {self.n_seq})")

@@ -182,8 +182,9 @@ class LlamaModel:
         return layer
 
     # ------------------------------------------------------------------------ forward
-    def _layer_forward(self, layer: Layer, li: int, x, positions: np.ndarray, runs: list[Run], cache: KVCache):
-        """x: (n_tok, dim) on the layer's backend -> same, after attention and FFN residuals."""
+    def _layer_forward(self, layer: Layer, li: int, x, positions: np.ndarray, runs: list[Run], cache: KVCache, index):
+        """x: (n_tok, dim) on the layer's backend -> same, after attention and FFN residuals. index(b):
+        the batch's (sequence ids, positions) on backend b."""
         cfg, b = self.config, layer.backend
         n_tok = x.shape[0]
         h = b.rmsnorm(x, layer.attn_norm, cfg.rms_eps)
@@ -198,14 +199,14 @@ class LlamaModel:
         v = v.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
         b.rope(q, positions, self.inv_freq)
         b.rope(k, positions, self.inv_freq)
-        for r in runs:
-            cache.write(li, r.seq, r.start, k[r.t0 : r.t1], v[r.t0 : r.t1])
         if len(runs) == 1:
-            att = b.attention(q, *cache.layer(li, runs[0].seq), runs[0].start)
-        else:  # each sequence attends to its own slot
-            att = b.empty(q.shape)
-            for r in runs:
-                att[r.t0 : r.t1] = b.attention(q[r.t0 : r.t1], *cache.layer(li, r.seq), r.start)
+            r = runs[0]
+            cache.write(li, r.seq, r.start, k, v)
+            att = b.attention(q, *cache.layer(li, r.seq), r.start)
+        else:  # several sequences: one scatter into their slots, each token attends to its own slot
+            seqs, pos = index(b)
+            cache.write_tokens(li, seqs, pos, k, v)
+            att = b.attention_seqs(q, *cache.slots(li), seqs, pos)
         x = x + b.matmul(layer.wo, att.reshape(n_tok, cfg.q_dim))
         h = b.rmsnorm(x, layer.ffn_norm, cfg.rms_eps)
         a = b.silu_mul(*b.matmuls((layer.w_gate, layer.w_up), h))
@@ -257,6 +258,14 @@ class LlamaModel:
     def _hidden(self, tokens: np.ndarray, positions: np.ndarray, runs: list[Run], cache: KVCache) -> tuple[object, Backend]:
         x = self.head_backend.embed(self.tok_embd, tokens)
         on = self.head_backend
+        seqs = np.array([r.seq for r in runs for _ in range(r.t1 - r.t0)], dtype=np.int64)
+        placed: dict[int, tuple] = {}
+
+        def index(b: Backend) -> tuple:
+            if id(b) not in placed:
+                placed[id(b)] = (b.indices(seqs), b.indices(positions))
+            return placed[id(b)]
+
         for backend, ids in self.segments():
             if backend is not on:  # the hidden state crosses once per device boundary
                 x = backend.to_device(on.to_host(x))
@@ -266,7 +275,7 @@ class LlamaModel:
                 x = fused(self, ids, x, runs[0].start, cache, runs[0].seq)
                 continue
             for li in ids:
-                x = self._layer_forward(self.layers[li], li, x, positions, runs, cache)
+                x = self._layer_forward(self.layers[li], li, x, positions, runs, cache, index)
         if on is not self.head_backend:
             x = self.head_backend.to_device(on.to_host(x))
         return self.head_backend.rmsnorm(x, self.output_norm, self.config.rms_eps), self.head_backend
