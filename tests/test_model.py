@@ -388,3 +388,21 @@ def test_tokenizer_and_model_vocabulary_must_agree(tmp_path, delta):
     path = _write_f32(tmp_path / "v.gguf", shape, keys=vocab)
     with pytest.raises(ModelError, match=f"the tokenizer has {shape.vocab + delta} tokens .* is {shape.vocab}"):
         Llama(path, n_ctx=16)
+
+
+def test_packed_matrices_leave_the_files_pages(tmp_path, monkeypatch):
+    """Matrices the CPU multiplies from a packed copy release their file pages (resident memory holds the
+    weights once); float matrices, read in place, keep theirs. The model still computes the same logits."""
+    path = tmp_path / "q8.gguf"
+    write_random_model(path, K_SHAPE, GGMLType.Q8_0, seed=2)
+    with Llama(path, n_ctx=16) as ref:
+        want = ref.model.forward(np.array([1, 5, 9]), 0, ref.kv_cache)
+    released = []
+    monkeypatch.setattr(GGUFFile, "release", lambda self, name: released.append(name))
+    llm = Llama(path, n_ctx=16)
+    packed = {layer.wq.name for layer in llm.model.layers if layer.wq.packed is not None}
+    assert packed and packed <= set(released)
+    assert not any(n.endswith("_norm.weight") for n in released)
+    monkeypatch.undo()
+    llm2 = Llama(path, n_ctx=16)  # the real release: the pages come back when read
+    np.testing.assert_array_equal(llm2.model.forward(np.array([1, 5, 9]), 0, llm2.kv_cache), want)

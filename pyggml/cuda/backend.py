@@ -498,7 +498,7 @@ class CUDABackend:
 
     def rope(self, x, positions: np.ndarray, inv_freq: np.ndarray):
         n_tok, n_heads, head_dim = x.shape
-        pos = self.cp.asarray(np.asarray(positions, np.int64))
+        pos = positions if isinstance(positions, self.cp.ndarray) else self.cp.asarray(np.asarray(positions, np.int64))
         pairs = n_tok * n_heads * head_dim // 2
         self.fn["rope"](((pairs + 255) // 256,), (256,), (x, pos, np.int32(n_tok), np.int32(n_heads), np.int32(head_dim),
                                                           self._inv_freq_dev(inv_freq), np.int32(2 * len(inv_freq))))

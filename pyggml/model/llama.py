@@ -138,7 +138,13 @@ class LlamaModel:
         raw = self.file.tensor(name)
         if heads and self._neox is not None:
             raw = np.ascontiguousarray(raw[self._head_order(heads)])
-        return b.load_weight(QWeight(name, raw, info.ggml_type, shape), products=products)
+        w = b.load_weight(QWeight(name, raw, info.ggml_type, shape), products=products)
+        if w.packed is not None or w.raw is not raw:
+            # the products read the backend's copy (packed rows, GPU memory): the file's pages leave this
+            # process, so resident memory holds the weights once; anything that reads them later (a last
+            # partial row group, embedding rows) faults back in just those pages
+            self.file.release(name)
+        return w
 
     def _head_order(self, heads: int) -> np.ndarray:
         return (np.arange(heads)[:, None] * self.config.head_dim + self._neox[None, :]).reshape(-1)
@@ -182,7 +188,7 @@ class LlamaModel:
         return layer
 
     # ------------------------------------------------------------------------ forward
-    def _layer_forward(self, layer: Layer, li: int, x, positions: np.ndarray, runs: list[Run], cache: KVCache, index):
+    def _layer_forward(self, layer: Layer, li: int, x, runs: list[Run], cache: KVCache, index):
         """x: (n_tok, dim) on the layer's backend -> same, after attention and FFN residuals. index(b):
         the batch's (sequence ids, positions) on backend b."""
         cfg, b = self.config, layer.backend
@@ -197,14 +203,14 @@ class LlamaModel:
         q = q.reshape(n_tok, cfg.n_heads, cfg.head_dim)
         k = k.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim)
-        b.rope(q, positions, self.inv_freq)
-        b.rope(k, positions, self.inv_freq)
+        seqs, pos = index(b)  # on the backend, once a forward pass (not once an op)
+        b.rope(q, pos, self.inv_freq)
+        b.rope(k, pos, self.inv_freq)
         if len(runs) == 1:
             r = runs[0]
             cache.write(li, r.seq, r.start, k, v)
             att = b.attention(q, *cache.layer(li, r.seq), r.start)
         else:  # several sequences: one scatter into their slots, each token attends to its own slot
-            seqs, pos = index(b)
             cache.write_tokens(li, seqs, pos, k, v)
             att = b.attention_seqs(q, *cache.slots(li), seqs, pos)
         x = x + b.matmul(layer.wo, att.reshape(n_tok, cfg.q_dim))
@@ -275,7 +281,7 @@ class LlamaModel:
                 x = fused(self, ids, x, runs[0].start, cache, runs[0].seq)
                 continue
             for li in ids:
-                x = self._layer_forward(self.layers[li], li, x, positions, runs, cache, index)
+                x = self._layer_forward(self.layers[li], li, x, runs, cache, index)
         if on is not self.head_backend:
             x = self.head_backend.to_device(on.to_host(x))
         return self.head_backend.rmsnorm(x, self.output_norm, self.config.rms_eps), self.head_backend
