@@ -23,7 +23,7 @@ def test_capped_simd_paths_pass_the_kernel_tests(level, tmp_path):
             f"and simd.HAS_AVX2 == {level == 'avx2'}")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kpack.py",
-                        "tests/test_kernels.py"], env=env, cwd=REPO, capture_output=True, text=True)
+                        "tests/test_kernels.py", "tests/test_f16tile.py"], env=env, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 

@@ -20,6 +20,7 @@ from ..quant.registry import kernel_code
 from ..tensor import KERNEL_TYPE_CODES, QWeight
 from .kpack import K_PACKED_TYPES, PAIRS, kpacked_emitters, pack_k
 from .decoders import F16_TABLE, decode_rows, try_decode_row
+from .f16tile import matmul_bf16_tiled, matmul_f16_tiled
 from .simd import HAS_F16_VECTOR, INT8_PREFETCH, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
 
 _CODES = KERNEL_TYPE_CODES
@@ -340,6 +341,12 @@ def matmul(w: QWeight, x: np.ndarray, out: np.ndarray, quantized: tuple | None =
             _matmul_rows(_CODES[t], w.raw, r0, xq, xd, xc, out, F16_TABLE)
     elif t is GGMLType.F32 and x.shape[0] > 1:
         np.matmul(x, w.raw.T, out=out)
+    elif t is GGMLType.F16 and HAS_F16_VECTOR and x.shape[0] > 1:  # a prompt: register tiles (f16tile.py)
+        out[...] = 0
+        matmul_f16_tiled(_bytes2d(w.raw), x, out, numba.get_num_threads())
+    elif t is GGMLType.BF16 and x.shape[0] > 1:
+        out[...] = 0
+        matmul_bf16_tiled(_bytes2d(w.raw), x, out, numba.get_num_threads())
     elif t is GGMLType.F16 and HAS_F16_VECTOR:
         _matmul_f16(_bytes2d(w.raw), x, out)
     else:
