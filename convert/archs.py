@@ -60,7 +60,8 @@ HF_GLOBAL = {
     "model.norm.weight": T.OUTPUT_NORM,
     "lm_head.weight": T.OUTPUT,
 }
-HF_BLOCK_PREFIX = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# ASCII digits, at most 9: a longer index is no layer of any model (and int() refuses 4300 digits).
+HF_BLOCK_PREFIX = re.compile(r"model\.layers\.([0-9]{1,9})\.(.+)")
 HF_SKIPPED_SUFFIXES = ("self_attn.rotary_emb.inv_freq",)  # buffers recomputed at run time
 
 
@@ -164,8 +165,9 @@ def gguf_name(hf_name: str, spec: ArchSpec) -> str | None:
             return spec.block_tensors[suffix].format(i=i)
         if suffix in HF_SKIPPED_SUFFIXES:
             return None
+    shown = repr(hf_name) if len(hf_name) <= 120 else f"{hf_name[:60]!r}... ({len(hf_name):,} characters)"
     raise ConversionError(
-        f"tensor {hf_name!r} has no GGUF {spec.gguf_arch} equivalent "
+        f"tensor {shown} has no GGUF {spec.gguf_arch} equivalent "
         f"(is this a {'/'.join(a for a, s in ARCHS.items() if s is spec) or spec.gguf_arch} checkpoint?)"
     )
 

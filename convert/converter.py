@@ -60,6 +60,7 @@ class ConversionPlan:
 def model_name(model_dir: Path) -> str:
     """general.name: the directory's name without a trailing '-hf'."""
     name = model_dir.resolve().name
+    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # a directory name that is not UTF-8
     return name[: -len(HF_DIR_SUFFIX)] if name.endswith(HF_DIR_SUFFIX) and len(name) > len(HF_DIR_SUFFIX) else name
 
 
@@ -83,6 +84,10 @@ def _map_tensors(checkpoint: dict[str, LazyTensor], hp: HParams, model_dir: Path
         name = gguf_name(hf_name, hp.spec)
         if name is None:
             continue
+        if name in found:  # e.g. model.layers.1.* and model.layers.01.*: which one is meant?
+            raise ConversionError(
+                f"{src.path}: tensors {found[name].name!r} ({found[name].path.name}) and {hf_name!r} both map to {name}"
+            )
         if name not in shapes:
             raise ConversionError(
                 f"{src.path}: tensor {hf_name!r} ({name}) is beyond the {hp.n_layer} layers of {CONFIG_FILE}"
@@ -129,6 +134,32 @@ def _vocab_metadata(model_dir: Path, hp: HParams, config: dict) -> dict[str, obj
         f"{model_dir}: no tokenizer: expected a SentencePiece {TOKENIZER_FILE} or a byte-level BPE {TOKENIZER_JSON}"
         + (f" (found {', '.join(found)})" if found else "")
     )
+
+
+# Where each text-valued key's strings come from, for the error that finds one not encodable as UTF-8.
+TEXT_SOURCES = {
+    Keys.TOKENS: "tokenizer.json / tokenizer_config.json added tokens",
+    Keys.MERGES: "tokenizer.json model.merges",
+    Keys.CHAT_TEMPLATE: "tokenizer_config.json chat_template",
+}
+
+
+def _check_text(metadata: dict[str, object], model_dir: Path) -> None:
+    """Every string the file will hold encodes as UTF-8: JSON may spell a lone surrogate (\\ud800), which
+    Python reads into a str that GGUF (UTF-8) cannot hold."""
+    for key, value in metadata.items():
+        strings = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for i, text in enumerate(strings):
+            if not isinstance(text, str):
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                at = f"{key}[{i}]" if isinstance(value, list) else key
+                raise ConversionError(
+                    f"{model_dir}: {at} {text[:40]!r} is not valid Unicode ({e.reason}: a lone surrogate escape "
+                    f"in a JSON string?); it comes from {TEXT_SOURCES.get(key, 'the checkpoint files')}"
+                ) from None
 
 
 def _extra_tensors(hp: HParams) -> list[TensorPlan]:
@@ -189,6 +220,7 @@ def plan_conversion(model_dir: str | os.PathLike, outtype: str = "f16") -> Conve
         metadata[Keys.QUANTIZATION_VERSION] = QUANTIZATION_VERSION
     metadata.update(arch_metadata(hp))
     metadata.update(tok_meta)
+    _check_text(metadata, model_dir)
     return ConversionPlan(metadata, tensors, fallbacks)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,10 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, LazyTensor]:
     """Parse and validate the header of one safetensors file; return its tensors, unread."""
     path = Path(path)
     try:
-        file_size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below forever; a device never ends
+            raise ConversionError(f"{path}: not a regular file, so not a safetensors file")
+        file_size = st.st_size
         with open(path, "rb") as f:
             head = f.read(HEADER_LENGTH_BYTES)
             if len(head) < HEADER_LENGTH_BYTES:
@@ -131,7 +135,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     if not isinstance(entry, dict):
         raise bad("header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")

@@ -23,6 +23,7 @@ TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+MAX_TEMPLATE_BYTES = 16 << 20  # real chat templates are tens of KB; a bigger file is not one (and could exhaust memory)
 GGUF_TOKENIZER_MODEL = "llama"  # tokenizer.ggml.model for SentencePiece
 PAD_SCORE = -1000.0  # score of the [PAD{i}] pieces that fill a vocabulary larger than the tokenizer's
 
@@ -139,8 +140,15 @@ def _chat_template(model_dir: Path, tok_config: dict[str, Any]) -> str | None:
     elif template is not None and not isinstance(template, str):
         raise ConversionError(f"{source}: chat_template: expected a string or a list of named templates, "
                               f"found {_shown(template)}")
-    if template is None and (model_dir / CHAT_TEMPLATE_FILE).is_file():
-        template = (model_dir / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    path = model_dir / CHAT_TEMPLATE_FILE
+    if template is None and path.is_file():
+        size = path.stat().st_size
+        if size > MAX_TEMPLATE_BYTES:
+            raise ConversionError(f"{path}: {size:,} bytes, more than the {MAX_TEMPLATE_BYTES:,} a chat template may have")
+        try:
+            template = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConversionError(f"{path}: not UTF-8 text: {e}") from None
     return template
 
 
@@ -160,19 +168,23 @@ def tokenizer_metadata(model_dir: str | Path, n_vocab: int, hf_config: dict[str,
         hint = f"; found {', '.join(found)} (only SentencePiece tokenizers are supported)" if found else ""
         raise ConversionError(f"{model_dir}: expected a SentencePiece {TOKENIZER_FILE} at {path}{hint}")
     proto = path.read_bytes()
-    try:
+    try:  # sentencepiece raises UnicodeDecodeError (a ValueError) for a piece that is not UTF-8
         sp = spm.SentencePieceProcessor(model_proto=proto)
         add_space_prefix, remove_extra_whitespaces = normalizer_flags(proto)
         proto_types = piece_types_from_proto(proto)
-    except (RuntimeError, OSError, _ProtoError) as e:
+        n_pieces = sp.vocab_size()
+        pieces = [sp.id_to_piece(i) for i in range(n_pieces)]
+    except (RuntimeError, OSError, ValueError, _ProtoError) as e:
         raise ConversionError(f"{path}: not a valid SentencePiece model: {e}") from e
+    if len(proto_types) != n_pieces:
+        raise ConversionError(f"{path}: not a valid SentencePiece model: sentencepiece reads {n_pieces} pieces, "
+                              f"the protobuf holds {len(proto_types)}")
 
-    n_pieces = sp.vocab_size()
     if n_pieces > n_vocab:
         raise ConversionError(f"{path}: {n_pieces} pieces, but config.json vocab_size is only {n_vocab}")
     tokens, scores, types = [], np.empty(n_vocab, np.float32), np.empty(n_vocab, np.int32)
     for i in range(n_pieces):
-        tokens.append(sp.id_to_piece(i))
+        tokens.append(pieces[i])
         scores[i] = sp.get_score(i)
         if sp.is_unknown(i):
             types[i] = TokenType.UNKNOWN

@@ -19,7 +19,7 @@ from pyggml.gguf.constants import Keys, TokenType
 from pyggml.tokenizer.bpe import EOG_TEXTS  # end-of-generation by text, as llama.cpp's runtime decides it
 
 from .errors import ConversionError, read_json_object
-from .tokenizer import TOKENIZER_CONFIG, _chat_template, _token_content, config_flag
+from .tokenizer import TOKENIZER_CONFIG, _chat_template, _shown, _token_content, config_flag
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,10 @@ def _splits(pre: Any, path: Path) -> tuple[list[str], bool]:
     kind = pre.get("type")
     if kind == "Sequence":
         regexes, byte_level = [], False
-        for step in pre.get("pretokenizers") or []:
+        steps = pre.get("pretokenizers") or []
+        if not isinstance(steps, list):
+            raise ConversionError(f"{path}: pre_tokenizer.pretokenizers: expected a list, found {_shown(steps)}")
+        for step in steps:
             if byte_level:
                 kind = step.get("type") if isinstance(step, dict) else step
                 raise ConversionError(f"{path}: pre_tokenizer: a {kind!r} step after ByteLevel is not supported")
@@ -138,11 +141,16 @@ def _check_model(model: Any, path: Path) -> tuple[dict[str, int], list]:
     if model.get("dropout"):
         raise ConversionError(f"{path}: BPE dropout {model['dropout']!r} is not supported")
     vocab, merges = model.get("vocab"), model.get("merges")
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) and i >= 0 for i in vocab.values()):
+    if not isinstance(vocab, dict) or not all(_is_id(i) for i in vocab.values()):
         raise ConversionError(f"{path}: model.vocab: expected an object of token -> non-negative id")
     if not isinstance(merges, list):
         raise ConversionError(f"{path}: model.merges: expected a list")
     return vocab, merges
+
+
+def _is_id(value: Any) -> bool:
+    """A token id as JSON may hold one: a non-negative integer, not true/false."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _merge_strings(merges: list, path: Path) -> list[str]:
@@ -171,7 +179,7 @@ def _tokens_and_types(vocab: dict[str, int], added: list[dict[str, Any]], n_voca
     special: dict[str, bool] = {}
     for a in added:
         content, i = a.get("content"), a.get("id")
-        if not isinstance(content, str) or not isinstance(i, int) or i < 0:
+        if not isinstance(content, str) or not _is_id(i):
             raise ConversionError(f"{path}: added_tokens: entry {a!r} lacks a string content and an id")
         by_id[i] = content
         special[content] = bool(a.get("special"))
@@ -220,9 +228,10 @@ def _post_processor_adds(tokenizer: dict[str, Any], contents: dict[str, str | No
         elif kind == "TemplateProcessing":
             single = proc.get("single") or []
             if not isinstance(single, list) or not all(
-                    isinstance(p, dict) and isinstance(p.get("SpecialToken", {}), dict) for p in single):
+                    isinstance(p, dict) and isinstance(p.get("SpecialToken", {}), dict)
+                    and isinstance(p.get("SpecialToken", {}).get("id", ""), str) for p in single):
                 raise ConversionError(f"{path}: post_processor TemplateProcessing.single: expected a list of "
-                                      f"{{\"SpecialToken\": ...}} / {{\"Sequence\": ...}} pieces")
+                                      f"{{\"SpecialToken\": {{\"id\": string}}}} / {{\"Sequence\": ...}} pieces")
             if len(single) > 1:
                 first = single[0].get("SpecialToken", {}).get("id")
                 last = single[-1].get("SpecialToken", {}).get("id")
