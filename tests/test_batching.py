@@ -2,8 +2,11 @@
 itself, and the Batcher / engine serve concurrent requests with the text each returns alone.
 
 On the f32 model the batched and the one-at-a-time products differ only in float summation order
-(np.matmul over a batch against the per-row dot of one token), so logits agree to float32 rounding;
-on a q8_0 file the int8 products are exact and only the float accumulation order differs."""
+(np.matmul over a batch against the per-row dot of one token), so logits agree to float32 rounding.
+The q8_0 file keeps some matrices in F16, which a batch multiplies with register tiles and one token
+with a row dot: a last-bit difference there can move one activation across an int8 rounding boundary
+of the next Q8_0 product, so its logits agree within the suite's stated int8-flip bound (2e-2 of the
+largest logit, tests/test_model.py) and its greedy tokens are equal."""
 import asyncio
 import threading
 import time
@@ -31,10 +34,10 @@ def stories_q8(stories_f32, tmp_path_factory):
     return out
 
 
-def _tolerance(logits: np.ndarray) -> float:
-    """float32 rounding of sums over the model's widths, on the scale of the logits: the batched and the
-    one-token products add the same terms in another order."""
-    return 64 * np.finfo(np.float32).eps * float(np.abs(logits).max())
+def _tolerance(logits: np.ndarray, int8: bool) -> float:
+    """float32 rounding of sums over the model's widths, on the scale of the logits (the batched and the
+    one-token products add the same terms in another order); with int8 activations, one code flip."""
+    return (2e-2 if int8 else 64 * np.finfo(np.float32).eps) * float(np.abs(logits).max())
 
 
 def test_batch_runs():
@@ -70,7 +73,7 @@ def test_forward_batch_equals_each_sequence_alone(fixture, request):
         got = model.forward_batch(tokens, positions, seqs, cache, ends)
         for step in range(steps + 1):
             for i, (rows, toks) in enumerate(alone):
-                tol = _tolerance(rows[step])
+                tol = _tolerance(rows[step], fixture == "stories_q8")
                 np.testing.assert_allclose(got[i], rows[step], rtol=0, atol=tol, err_msg=f"sequence {i}, step {step}")
                 assert int(np.argmax(got[i])) == toks[len(prompts[i]) + step] if step < steps else True
             if step == steps:
