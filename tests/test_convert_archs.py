@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ from pyggml.convert.config import RopeSpec, rope_freqs
 from pyggml.convert.tokenizer_bpe import LLAMA3_RE, QWEN2_RE, TEKKEN_RE, pre_tokenizer_name
 from pyggml.gguf.constants import GGMLType, Keys, LlamaFileType, TensorNames as T, TokenType, ValueType
 from pyggml.gguf.reader import GGUFFile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from hf_checkpoints import hf_shapes  # noqa: E402  (the HF tensor set of each family, shared with tools/fuzz_convert.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("PYGGML_TEST_MODELS", ROOT.parent / "shared" / "models"))
@@ -135,29 +139,6 @@ CONFIGS = {
     "qwen3": dict(BASE, architectures=["Qwen3ForCausalLM"], model_type="qwen3", rope_theta=1000000.0, head_dim=32,
                   tie_word_embeddings=False, attention_bias=False, use_sliding_window=False, sliding_window=None),
 }
-
-
-def hf_shapes(c: dict, tied: bool) -> dict[str, tuple[int, ...]]:
-    d, f, n_vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    hd = c.get("head_dim") or d // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    qwen2, qwen3 = c["model_type"] == "qwen2", c["model_type"] == "qwen3"
-    shapes = {"model.embed_tokens.weight": (n_vocab, d), "model.norm.weight": (d,)}
-    if not tied:
-        shapes["lm_head.weight"] = (n_vocab, d)
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                   p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-                   p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-                   p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                   p + "mlp.down_proj.weight": (d, f)}
-        if qwen2:
-            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.bias": (kv,)}
-        if qwen3:
-            shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
-    return shapes
 
 
 def build(d: Path, kind: str, seed: int = 0, tokenizer: bool = True, **overrides) -> dict[str, np.ndarray]:
