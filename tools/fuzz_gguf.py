@@ -82,7 +82,9 @@ def metadata_mutant(src: GGUFFile, path: Path, rng) -> bool:
     keys = list(fields)
     for _ in range(rng.integers(1, 3)):
         k = keys[rng.integers(0, len(keys))]
-        r, v = rng.integers(0, 4), fields[k]
+        r, v = rng.integers(0, 4), fields.get(k)
+        if v is None:  # deleted by the previous change of this mutant
+            continue
         if r == 0:
             fields.pop(k, None)
         elif r == 1 and v.type is ValueType.ARRAY and len(v.value):
