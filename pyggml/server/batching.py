@@ -238,5 +238,4 @@ def sequence_view(llm, batcher: Batcher, seq: int):
     view._warned = set()
     view.set_seed(-1)
     view._evaluate = lambda tokens, start: batcher.evaluate(seq, tokens, start)
-    view.slot_id = seq
     return view
