@@ -258,3 +258,187 @@ def test_stories_greedy_unchanged_on_gpu(stories_dir, tmp_path):
     ref = (stories_dir / "reference_greedy.txt").read_text(encoding="utf-8")
     assert llm.tokenizer.decode(prompt + out[-1]) + "\n" == ref  # run.c prints a newline after the generation
     assert out[-1] == out[0] == out[2]
+
+
+# ------------------------------------------------------------------------------ KV cache types
+# Writes are bit-exact against KVType.encode (ggml's rounding); every attention kernel reads the stored
+# rows and matches reference.attention over KVType.decode of them within 1e-4 of the largest output
+# (float summation order and expf; the decoded values are the same floats).
+from pyggml.model.kvtypes import KV_TYPES  # noqa: E402
+
+KV_NAMES = tuple(KV_TYPES)
+KV_PAIRS = [(t, t) for t in KV_NAMES] + [("f16", "q8_0"), ("q4_0", "f32"), ("q8_0", "q4_0")]
+
+
+def kv_rows(rng, shape) -> np.ndarray:
+    """float32 rows (..., head_dim) with what breaks an encoder: a zero block, a block whose largest
+    |x| appears with both signs (q4_0 takes the first), tiny and large scales, exact halves."""
+    x = rng.standard_normal(shape, dtype=np.float32)
+    flat = x.reshape(-1, shape[-1])
+    flat[0, :32 if shape[-1] >= 32 else None] = 0
+    if flat.shape[0] > 3 and shape[-1] >= 32:
+        flat[1, :32] = rng.standard_normal(32, dtype=np.float32)
+        flat[1, 5], flat[1, 9] = -3.0, 3.0  # a tie in |x|: the first (negative) one sets d
+        flat[2] *= np.float32(1e-6)
+        flat[3] *= np.float32(300)
+        flat[1, 32:] = np.arange(shape[-1] - 32, dtype=np.float32) * 0.5 - 7.5  # halves: ties of every rounding
+    return x
+
+
+def stored(rng, t, shape) -> tuple[np.ndarray, np.ndarray]:
+    """(rows as stored, their decoded floats) for rows of `shape` (..., head_dim)."""
+    rows = KV_TYPES[t].encode(kv_rows(rng, shape))
+    return rows, KV_TYPES[t].decode(rows)
+
+
+@pytest.mark.parametrize("head_dim", [128, 64, 32, 8])
+@pytest.mark.parametrize("t", KV_NAMES)
+def test_kv_write_matches_encode(gpu, t, head_dim):
+    kt = KV_TYPES[t]
+    if kt.quantized and head_dim % 32:
+        pytest.skip("blocks of 32")
+    rng = np.random.default_rng(head_dim)
+    n_seq, n_kv, n_ctx, n_tok = 3, 2, 20, 9
+    x = kv_rows(rng, (n_tok, n_kv, head_dim))
+    seqs = np.array([0, 2, 2, 1, 0, 2, 1, 1, 0])
+    positions = np.array([0, 19, 3, 7, 1, 4, 8, 0, 18])
+    slots = gpu.kv_storage([((n_seq, n_kv, n_ctx, kt.row_width(head_dim)), kt.dtype)], None)[0]
+    gpu.kv_write(slots, kt, gpu.to_device(x), gpu.indices(seqs), gpu.indices(positions))
+    want = np.zeros(slots.shape, kt.dtype)
+    want[seqs, :, positions] = kt.encode(x)
+    np.testing.assert_array_equal(slots.get().view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("tk, tv", KV_PAIRS)
+@pytest.mark.parametrize("shape", [(4, 2, 64, 37, 50), (2, 2, 128, 70, 0), (8, 2, 8, 5, 33), (3, 3, 32, 1, 100)],
+                         ids=["hd64-gqa", "hd128-prompt", "hd8", "hd32-one"])
+def test_prompt_attention_reads_stored_rows(gpu, tk, tv, shape):
+    """attn_prompt (tiles of 32 queries and 32 keys) at start positions inside and past the first tile."""
+    n_heads, n_kv, hd, n_tok, start = shape
+    if hd % 32 and (KV_TYPES[tk].quantized or KV_TYPES[tv].quantized):
+        pytest.skip("blocks of 32")
+    rng = np.random.default_rng(hd + n_tok)
+    n_ctx = start + n_tok + 3
+    k, kf = stored(rng, tk, (n_kv, n_ctx, hd))
+    v, vf = stored(rng, tv, (n_kv, n_ctx, hd))
+    q = rng.standard_normal((n_tok, n_heads, hd), dtype=np.float32)
+    got = gpu.attention(gpu.to_device(q), cp.asarray(k), cp.asarray(v), start, KV_TYPES[tk], KV_TYPES[tv]).get()
+    want = reference.attention(q, kf, vf, start)
+    assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("tk, tv", KV_PAIRS)
+@pytest.mark.parametrize("hd", [64, 128, 8])
+def test_attention_seqs_reads_stored_rows(gpu, tk, tv, hd):
+    if hd % 32 and (KV_TYPES[tk].quantized or KV_TYPES[tv].quantized):
+        pytest.skip("blocks of 32")
+    rng = np.random.default_rng(hd)
+    n_seq, n_heads, n_kv, n_ctx = 3, 4, 2, 90
+    k, kf = stored(rng, tk, (n_seq, n_kv, n_ctx, hd))
+    v, vf = stored(rng, tv, (n_seq, n_kv, n_ctx, hd))
+    seqs, positions = np.array([2, 0, 1, 0, 2]), np.array([89, 0, 40, 3, 7])
+    q = rng.standard_normal((len(seqs), n_heads, hd), dtype=np.float32)
+    got = gpu.attention_seqs(gpu.to_device(q), cp.asarray(k), cp.asarray(v), gpu.indices(seqs), gpu.indices(positions),
+                             KV_TYPES[tk], KV_TYPES[tv]).get()
+    want = np.concatenate([reference.attention(q[i:i + 1], kf[s], vf[s], p) for i, (s, p) in enumerate(zip(seqs, positions))])
+    assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("tk, tv", KV_PAIRS)
+@pytest.mark.parametrize("hd, n", [(128, 1), (128, 200), (128, 600), (64, 300), (32, 257), (8, 130)])
+def test_decode_attention_kernel_reads_stored_rows(gpu, tk, tv, hd, n):
+    """attn_partial as the decode step runs it, for the token at position n-1: the rows before it are
+    in the cache; its own row is in the cache too for f32/f16 (the QKV product stores those), else
+    in `staged` as floats, which the kernel encodes (the first head of each KV group's block stores
+    the row, bit-exact against KVType.encode) and attends to decoded. 1 to 4 key ranges."""
+    from pyggml.cuda.backend import ATT_SPLITS, ATT_THREADS, NO_INT8, attn_per_lane, attn_splits
+
+    if hd % 32 and (KV_TYPES[tk].quantized or KV_TYPES[tv].quantized):
+        pytest.skip("blocks of 32")
+    ktk, ktv = KV_TYPES[tk], KV_TYPES[tv]
+    rng = np.random.default_rng(n)
+    n_heads, n_kv, n_ctx = 8, 2, n + 5
+    k, kf = stored(rng, tk, (n_kv, n_ctx, hd))
+    v, vf = stored(rng, tv, (n_kv, n_ctx, hd))
+    new = kv_rows(rng, (2, n_kv, hd))  # this token's key and value rows
+    for rows, full, t, x in ((k, kf, ktk, new[0]), (v, vf, ktv, new[1])):
+        enc = t.encode(x)
+        rows[:, n - 1] = enc if not t.quantized else 0  # quantized: the kernel must store it
+        full[:, n - 1] = t.decode(enc)
+    q = rng.standard_normal((1, n_heads, hd), dtype=np.float32)
+    kd, vd = cp.asarray(k), cp.asarray(v)
+    out = cp.zeros(n_heads * hd, np.float32)
+    name, fn = gpu._attn_fn("attn_partial", attn_per_lane(hd), ktk, ktv)
+    part = cp.zeros(n_heads * ATT_SPLITS * (hd + 2), np.float32)
+    fn((n_heads, ATT_SPLITS), (ATT_THREADS,),
+       (gpu.to_device(q.reshape(-1)), kd, vd, gpu.to_device(new.reshape(-1)), gpu.indices(np.array([0, n - 1])),
+        np.int32(n_ctx), np.int32(hd), np.int32(n_heads // n_kv), np.float32(1 / np.sqrt(hd)), part,
+        cp.zeros(n_heads, np.int32), out, *NO_INT8, np.int32(attn_splits(n_heads, gpu.sms))))
+    assert rel_err(out.get().reshape(1, n_heads, hd), reference.attention(q, kf, vf, n - 1)) < 1e-4
+    for got, t, x in ((kd, ktk, new[0]), (vd, ktv, new[1])):
+        np.testing.assert_array_equal(got[:, n - 1].get().view(np.uint8), t.encode(x).view(np.uint8))
+
+
+KV_MODEL = Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=300, ctx=160)
+
+
+@pytest.fixture(scope="module")
+def kv_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kv") / "kv-f32.gguf"
+    write_random_model(path, KV_MODEL, GGMLType.F32, seed=13)
+    return path
+
+
+def kv_logits(path, t, split: int | None, n_gpu_layers=-1):
+    """Logits of 150 tokens with K and V cached as t: all at once (split None), or the first `split`
+    as a prompt and the rest as captured decode steps."""
+    tokens = [1] + [int(v) for v in np.random.default_rng(7).integers(3, 300, 149)]
+    llm = Llama(path, n_ctx=160, n_gpu_layers=n_gpu_layers, type_k=t, type_v=t)
+    m = llm.model
+    if split is None:
+        return m.forward(np.array(tokens), 0, llm.kv_cache, all_logits=True)
+    first = m.forward(np.array(tokens[:split]), 0, llm.kv_cache, all_logits=True)
+    steps = [m.forward(np.array([v]), split + i, llm.kv_cache) for i, v in enumerate(tokens[split:])]
+    return np.concatenate([first, np.stack(steps).reshape(len(steps), -1)])
+
+
+@pytest.mark.parametrize("t", KV_NAMES)
+def test_prefill_then_decode_equals_all_at_once(kv_model, t):
+    """The captured decode steps (the QKV product's epilogue and attn_partial write and read the
+    stored rows) give the logits of one prompt pass over the same tokens. f32 weights: the two paths
+    differ in float summation order only, so f32/f16 caches agree to 1e-4; a q8_0 / q4_0 row may
+    round one code differently from a last-bit difference of its float (one step of d), so those
+    get 1e-2."""
+    whole, split = kv_logits(kv_model, t, None), kv_logits(kv_model, t, 40)
+    err = rel_err(split, whole)
+    print(f"KV {t}: prefill 40 + 110 decode steps vs all at once {err:.2e}")
+    assert err < (1e-2 if KV_TYPES[t].quantized else 1e-4)
+    assert same_top(split, whole)
+
+
+@pytest.mark.parametrize("t", ["f16", "q8_0", "q4_0"])
+def test_kv_types_against_f32_cache(kv_model, t):
+    """Whole-model logits with K and V stored as t against an f32 cache, prompt and decode steps:
+    the rounding of every K and V value, carried through two layers of a random model. Measured on
+    an H200: f16 5.5e-4 of the largest logit (fp16 keeps 11 bits), q8_0 1.4e-2 (8 bits a block),
+    q4_0 2.1e-1 (4 bits); bounds at about twice that. Exact agreement with the CPU's encoder and
+    attention is the next test's."""
+    want = kv_logits(kv_model, "f32", 40)
+    got = kv_logits(kv_model, t, 40)
+    err = rel_err(got, want)
+    print(f"KV {t} vs f32: {err:.2e}")
+    assert err < {"f16": 2e-3, "q8_0": 3e-2, "q4_0": 4e-1}[t]
+    if t == "f16":
+        assert same_top(got, want)
+
+
+@pytest.mark.parametrize("t", KV_NAMES)
+def test_kv_types_gpu_matches_cpu(kv_model, t):
+    """The same cache type on the CPU backend (its own encoder and attention): the rows are encoded
+    bit-exactly on both, so only float summation order (and rare code flips) separate them."""
+    want = kv_logits(kv_model, t, 40, n_gpu_layers=0)
+    got = kv_logits(kv_model, t, 40)
+    err = rel_err(got, want)
+    print(f"KV {t} GPU vs CPU: {err:.2e}")
+    assert err < (1e-2 if KV_TYPES[t].quantized else 2e-3)
+    assert same_top(got, want)

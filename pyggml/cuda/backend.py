@@ -8,8 +8,12 @@
   On compute capability 9.0+ the kernels of the graph are launched programmatically (each may
   start while the one before it finishes; kernels.cu's pdl_wait keeps the order of their data).
 - A prompt batch dequantizes one weight matrix at a time into a reused fp16 scratch tile and
-  multiplies on the tensor cores (cuBLAS, fp32 accumulate and output); attention is batched
-  matrix products with a causal softmax.
+  multiplies on the tensor cores (cuBLAS, fp32 accumulate and output); its attention is one
+  flash-attention-style kernel (attn_prompt) over the stored cache rows.
+- The KV cache stores its rows as the cache's KV types (model/kvtypes.py: f32, f16, q8_0, q4_0):
+  every attention kernel reads the stored rows and decodes them in registers; writes encode with
+  ggml's rounding (kv_write, and in the decode step the QKV product and attn_partial). The
+  attention kernels of a (key type, value type) pair are compiled on first use (_attn_module).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import numpy as np
 
 from ..backends import BackendUnavailableError
 from ..gguf.constants import GGMLType, TensorNames
+from ..model.kvtypes import KV_TYPES, KVType, kv_type
+from ..model.kvtypes import cuda_defines as kv_cuda_defines
 from ..quant.registry import cuda_type_defines
 from ..tensor import KERNEL_TYPE_CODES, QWeight
 
@@ -69,7 +75,9 @@ WARPS = 8  # warps (row pairs) per block of the matvec ...
 ADD_WARPS = 16  # ... but 16 for an ADD product with one warp per pair (kernels.cu): one 32-row group
 ATT_SPLITS = 16  # decode attention: at most this many key ranges per head (kernels.cu, attn_partial)
 ATT_THREADS = 512  # attn_partial's block (kernels.cu, ATT_WARPS)
-ATT_MAX_HEAD_DIM = 256  # attn_partial's per-warp outputs in shared memory (kernels.cu, sacc)
+ATT_MAX_HEAD_DIM = 256  # attn_partial's and attn_seqs' per-warp outputs in shared memory (kernels.cu, sacc)
+PROMPT_QUERIES, PROMPT_KEYS, PROMPT_THREADS = 32, 32, 128  # attn_prompt's tile (kernels.cu, PQ_*)
+SHARED_DEFAULT = 48 << 10  # dynamic shared memory a kernel gets without opting in
 MARGIN = 512 << 20  # GPU memory left free for cuBLAS workspaces, cupy's pool and the driver
 CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
 
@@ -106,9 +114,12 @@ class OffloadPlan:
         return self.weight_bytes + self.kv_bytes + self.scratch_bytes
 
 
-def plan_offload(gguf, config, n_gpu: int, n_ctx: int, n_batch: int) -> OffloadPlan:
-    """Bytes on the GPU for the last `n_gpu` layers (and the head when n_gpu == all)."""
+def plan_offload(gguf, config, n_gpu: int, n_ctx: int, n_batch: int,
+                 kv_types: tuple[KVType, KVType] | None = None) -> OffloadPlan:
+    """Bytes on the GPU for the last `n_gpu` layers (and the head when n_gpu == all), with a KV cache
+    of types kv_types = (type_k, type_v) (None: the default, f16 for both)."""
     cfg = config
+    tk, tv = (kv_type(None), kv_type(None)) if kv_types is None else (kv_type(kv_types[0]), kv_type(kv_types[1]))
     head = n_gpu == cfg.n_layers
     on_gpu = tuple(f"blk.{i}." for i in range(cfg.n_layers - n_gpu, cfg.n_layers))
     weights = sum(info.nbytes for name, info in gguf.tensors.items() if name.startswith(on_gpu))
@@ -119,25 +130,28 @@ def plan_offload(gguf, config, n_gpu: int, n_ctx: int, n_batch: int) -> OffloadP
                 weights += gguf.tensors[name].nbytes
                 if name != TensorNames.OUTPUT_NORM:
                     matrices.append(gguf.tensors[name])
-    kv = n_gpu * 2 * cfg.n_kv_heads * n_ctx * cfg.head_dim * 4
-    # prompt batches: the largest matrix as fp16, activations of n_batch tokens, attention scores
+    kv = n_gpu * n_ctx * cfg.n_kv_heads * (tk.row_bytes(cfg.head_dim) + tv.row_bytes(cfg.head_dim))
+    # prompt batches: the largest matrix as fp16, activations of n_batch tokens (attention forms no
+    # score matrix: attn_prompt)
     largest = max((int(np.prod(m.shape)) for m in matrices), default=0) * 2 if n_gpu else 0
     acts = n_batch * (4 * cfg.dim + 3 * cfg.ffn_dim) * 4 + n_batch * max(cfg.dim, cfg.ffn_dim) * 2
-    scores = cfg.n_heads * n_batch * n_ctx * 4 * 2
-    decode = (4 * max(cfg.dim, cfg.ffn_dim) + cfg.n_vocab) * 4 + cfg.n_heads * ATT_SPLITS * (cfg.head_dim + 2) * 4
-    scratch = (largest + acts + scores + decode) if n_gpu else 0
+    decode = ((4 * max(cfg.dim, cfg.ffn_dim) + cfg.n_vocab + 2 * cfg.kv_dim) * 4
+              + cfg.n_heads * ATT_SPLITS * (cfg.head_dim + 2) * 4)
+    scratch = (largest + acts + decode) if n_gpu else 0
     return OffloadPlan(n_gpu, head, weights, kv, scratch)
 
 
-def check_fits(gguf, config, n_gpu: int, n_ctx: int, n_batch: int, free: int) -> OffloadPlan:
+def check_fits(gguf, config, n_gpu: int, n_ctx: int, n_batch: int, free: int,
+               kv_types: tuple[KVType, KVType] | None = None) -> OffloadPlan:
     """The plan for n_gpu layers, or GPUMemoryError naming how many layers would fit."""
-    plan = plan_offload(gguf, config, n_gpu, n_ctx, n_batch)
+    plan = plan_offload(gguf, config, n_gpu, n_ctx, n_batch, kv_types)
     log.info("GPU memory needed for %d layers%s: %.2f GiB (weights %.2f, KV cache %.2f, scratch %.2f); %.2f GiB free",
              n_gpu, " and the head" if plan.head_on_gpu else "", plan.total / 2**30, plan.weight_bytes / 2**30,
              plan.kv_bytes / 2**30, plan.scratch_bytes / 2**30, free / 2**30)
     if plan.total + MARGIN <= free:
         return plan
-    fits = max((n for n in range(n_gpu) if plan_offload(gguf, config, n, n_ctx, n_batch).total + MARGIN <= free), default=0)
+    fits = max((n for n in range(n_gpu) if plan_offload(gguf, config, n, n_ctx, n_batch, kv_types).total + MARGIN <= free),
+               default=0)
     raise GPUMemoryError(
         f"{gguf.path}: {n_gpu} layers on the GPU need {plan.total / 2**30:.2f} GiB (weights {plan.weight_bytes / 2**30:.2f}, "
         f"KV cache for {n_ctx} tokens {plan.kv_bytes / 2**30:.2f}, scratch {plan.scratch_bytes / 2**30:.2f}) but only "
@@ -148,8 +162,11 @@ def check_fits(gguf, config, n_gpu: int, n_ctx: int, n_batch: int, free: int) ->
 _MODULE = None
 
 
+ATT_PER = (1, 2, 4, 8)  # the attention kernels' dimensions per lane (attn_per_lane): head_dim <= 256
+
+
 def _kernel_names() -> list[str]:
-    names = [f"attn_partial<{per}>" for per in (1, 2, 4, 8)]
+    names = [f"kv_write<{t.code}>" for t in KV_TYPES.values()]
     for t, code in TYPE_CODES.items():
         names += [f"get_rows<{code}>", f"dequant_f16<{code}>"]
         for mode in (MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV):
@@ -164,23 +181,45 @@ def _kernel_names() -> list[str]:
     return names
 
 
+def _attn_kernel_names(tk: KVType, tv: KVType) -> list[str]:
+    """The attention kernels reading keys stored as tk and values as tv, for every ATT_PER."""
+    return [f"{k}<{per}, {tk.code}, {tv.code}>" for k in ("attn_partial", "attn_seqs", "attn_prompt") for per in ATT_PER]
+
+
 def _generated_constants() -> str:
-    """What kernels.cu takes from Python: the weight type codes and the IQ4_NL value table."""
+    """What kernels.cu takes from Python: the weight and KV type codes and the IQ4_NL value table."""
     from ..quant.kquants import IQ4NL_VALUES
 
     table = ", ".join(str(int(v)) for v in IQ4NL_VALUES)
-    return cuda_type_defines() + f"__device__ __constant__ __align__(16) signed char IQ4NL_VALUES[16] = {{{table}}};\n"
+    return (cuda_type_defines() + kv_cuda_defines()
+            + f"__device__ __constant__ __align__(16) signed char IQ4NL_VALUES[16] = {{{table}}};\n")
+
+
+def _compile(names: list[str]):
+    import cupy as cp
+
+    src = resources.files(__package__).joinpath("kernels.cu").read_text()
+    return cp.RawModule(code=_generated_constants() + src, options=("-std=c++17",), name_expressions=names)
 
 
 def _module():
     """kernels.cu compiled for this GPU (cupy keeps the binary in its on-disk kernel cache)."""
     global _MODULE
     if _MODULE is None:
-        import cupy as cp
-
-        src = resources.files(__package__).joinpath("kernels.cu").read_text()
-        _MODULE = cp.RawModule(code=_generated_constants() + src, options=("-std=c++17",), name_expressions=_kernel_names())
+        _MODULE = _compile(_kernel_names())
     return _MODULE
+
+
+_ATTN_MODULES: dict[tuple[int, int], object] = {}
+
+
+def _attn_module(tk: KVType, tv: KVType):
+    """kernels.cu compiled with the attention kernels of one (key type, value type) pair only: 16 pairs
+    times 3 kernels times 4 head sizes would make every first start compile 192 kernels."""
+    key = (tk.code, tv.code)
+    if key not in _ATTN_MODULES:
+        _ATTN_MODULES[key] = _compile(_attn_kernel_names(tk, tv))
+    return _ATTN_MODULES[key]
 
 
 def _ptr(a) -> np.uint64:
@@ -286,6 +325,7 @@ class _Workspace:
         self.act = cp.zeros(cfg.ffn_dim, np.float32)
         self.up = cp.zeros(cfg.ffn_dim, np.float32)
         self.part = cp.zeros(cfg.n_heads * ATT_SPLITS * (cfg.head_dim + 2), np.float32)
+        self.staged = cp.zeros(2 * cfg.kv_dim, np.float32)  # this token's q8_0 / q4_0 K and V rows as floats
         self.att_cnt = cp.zeros(cfg.n_heads, np.int32)  # key ranges finished per head (back to 0 after)
         self.logits = cp.zeros(cfg.n_vocab, np.float32)
 
@@ -309,7 +349,7 @@ class CUDABackend:
         self.device.use()
         self.mod = _module()
         self.fn = {n: self.mod.get_function(n) for n in _kernel_names()}
-        for n in ("quantize_q8", "rmsnorm", "rmsnorm_row", "rope", "causal_softmax", "silu_mul", "attn_seqs"):
+        for n in ("quantize_q8", "rmsnorm", "rmsnorm_row", "rope", "silu_mul"):
             self.fn[n] = self.mod.get_function(n)
         self.stream = cp.cuda.Stream(non_blocking=True)  # decode graphs are captured and replayed here
         self.io_host = cp.cuda.alloc_pinned_memory(16)
@@ -367,10 +407,56 @@ class CUDABackend:
     def empty(self, shape: tuple[int, ...]):
         return self.cp.empty(shape, np.float32)
 
-    def kv_storage(self, shape: tuple[int, ...], path):
+    def kv_storage(self, parts, path) -> list:
+        """Zeroed GPU arrays for parts [(shape, dtype), ...] (the cache's K and V storage)."""
         if path is not None:
             log.info("the KV cache of GPU layers lives in GPU memory; %s is not used for them", path)
-        return self.cp.zeros(shape, np.float32)
+        return [self.cp.zeros(shape, dtype) for shape, dtype in parts]
+
+    def kv_write(self, slots, t: KVType, x, seqs, positions) -> None:
+        """Row x[i] (x: (n_tok, n_kv, head_dim) float32) encoded as t into slots[seqs[i], :, positions[i]]
+        of slots (n_seq, n_kv, n_ctx, width): one launch for the batch."""
+        cp = self.cp
+        n_tok, n_kv, hd = x.shape
+        self._check_rows(slots, t, hd, "slots")
+        if slots.shape[1] != n_kv:
+            raise ValueError(f"KV rows of {n_kv} heads for a cache of {slots.shape[1]}")
+        x = cp.ascontiguousarray(x, dtype=np.float32)
+        seqs, positions = (cp.ascontiguousarray(cp.asarray(a), dtype=np.int64) for a in (seqs, positions))
+        if n_tok:
+            self.fn[f"kv_write<{t.code}>"]((n_tok * n_kv,), (32 * ((hd + 31) // 32),),
+                                          (slots, x, seqs, positions, np.int32(n_kv), np.int32(slots.shape[2]), np.int32(hd)))
+
+    @staticmethod
+    def _check_rows(a, t: KVType, head_dim: int, what: str) -> None:
+        if a.dtype != t.dtype or a.shape[-1] != t.row_width(head_dim) or not a.flags.c_contiguous:
+            raise ValueError(f"{what}: {a.dtype}{tuple(a.shape)} (contiguous: {a.flags.c_contiguous}) does not hold "
+                             f"{t.name} rows of head_dim {head_dim} ({t.dtype}, {t.row_width(head_dim)} a row)")
+
+    @classmethod
+    def _kv_types(cls, k, v, head_dim: int, tk: KVType | None, tv: KVType | None) -> tuple[KVType, KVType]:
+        """The KV types of cache arrays k, v (given, or the registry's type whose storage they match)."""
+        def find(a):
+            for t in KV_TYPES.values():
+                if a.dtype == t.dtype and (not t.quantized or head_dim % t.block == 0) and a.shape[-1] == t.row_width(head_dim):
+                    return t
+            raise ValueError(f"no KV type stores rows of head_dim {head_dim} as {a.dtype}{tuple(a.shape)}")
+
+        tk, tv = kv_type(tk) if tk is not None else find(k), kv_type(tv) if tv is not None else find(v)
+        cls._check_rows(k, tk, head_dim, "keys")
+        cls._check_rows(v, tv, head_dim, "values")
+        return tk, tv
+
+    def _attn_fn(self, kind: str, per: int, tk: KVType, tv: KVType):
+        """The attention kernel `kind` for these types (its module compiled on first use)."""
+        name = f"{kind}<{per}, {tk.code}, {tv.code}>"
+        fn = self.fn.get(name)
+        if fn is None:
+            mod = _attn_module(tk, tv)
+            for n in _attn_kernel_names(tk, tv):
+                self.fn[n] = mod.get_function(n)
+            fn = self.fn[name]
+        return name, fn
 
     # ------------------------------------------------------------------------ kernel launch
     def _call(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
@@ -387,7 +473,8 @@ class CUDABackend:
 
     def _mmv(self, mode: int, w: QWeight, n0: int, cols: int, xq, xd, xf, out, *, xa: Arranged | None = None, w1=None,
              w2=None, n1: int = 0, rb: int = 0, re: int = 0, kc=None, vc=None, io=None, inv_freq=None, head_dim: int = 0,
-             n_rot: int = 0, n_ctx: int = 0, nss=None, eps: float = 0.0, fold: tuple = NO_FOLD):
+             n_rot: int = 0, n_ctx: int = 0, kv_codes: int = 0, staged=None, nss=None, eps: float = 0.0,
+             fold: tuple = NO_FOLD):
         """Launch the decode product `mmv` (see kernels.cu) for one weight type. nss: the input is a
         deferred RMSNorm's (its sums of squares, eps); fold: the next RMSNorm an ADD product folds (_fold)."""
         t = w.ggml_type
@@ -414,7 +501,7 @@ class CUDABackend:
                     np.int64(ld), np.int32(n0), np.int32(n1), np.int32(cols), np.int32(rb), np.int32(re),
                     _ptr(xq), _ptr(xd), _ptr(xf), *(xa.args_for(t) if path == PATH_CHUNK else NO_ARRANGED[:2]),
                     _ptr(nss), np.float32(eps), _ptr(out), _ptr(kc), _ptr(vc), _ptr(io), _ptr(inv_freq),
-                    np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx), *fold))
+                    np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx), np.int32(kv_codes), _ptr(staged), *fold))
 
     @staticmethod
     def _fold(ws: _Workspace, norm, into: Int8Input | None) -> tuple:
@@ -504,31 +591,41 @@ class CUDABackend:
                                                           self._inv_freq_dev(inv_freq), np.int32(2 * len(inv_freq))))
         return x
 
-    def attention(self, q, k_cache, v_cache, start_pos: int):
-        """Causal GQA for n_tok queries at start_pos..: batched products and a masked softmax."""
+    def attention(self, q, k_cache, v_cache, start_pos: int, tk: KVType | None = None, tv: KVType | None = None):
+        """Causal GQA for n_tok queries (n_tok, n_heads, head_dim) at start_pos.. over the cache rows
+        k_cache, v_cache (n_kv, n_ctx, width) stored as tk, tv: one flash-attention kernel (attn_prompt)."""
         cp = self.cp
         n_tok, n_heads, head_dim = q.shape
-        n_kv = k_cache.shape[0]
-        group = n_heads // n_kv
-        n_keys = start_pos + n_tok
-        qg = q.reshape(n_tok, n_kv, group, head_dim).transpose(1, 2, 0, 3).reshape(n_kv, group * n_tok, head_dim)
-        scores = cp.matmul(qg, k_cache[:, :n_keys].transpose(0, 2, 1))  # (n_kv, group*n_tok, n_keys)
-        scores *= np.float32(1.0 / math.sqrt(head_dim))
-        rows = scores.shape[0] * scores.shape[1]
-        self.fn["causal_softmax"]((rows,), (256,), (scores, np.int32(n_tok), np.int32(n_keys), np.int32(start_pos)))
-        out = cp.matmul(scores, v_cache[:, :n_keys])  # (n_kv, group*n_tok, head_dim)
-        return cp.ascontiguousarray(out.reshape(n_kv, group, n_tok, head_dim).transpose(2, 0, 1, 3).reshape(n_tok, n_heads, head_dim))
+        if head_dim > ATT_MAX_HEAD_DIM:
+            raise ValueError(f"the CUDA attention handles head_dim up to {ATT_MAX_HEAD_DIM}, not {head_dim}")
+        tk, tv = self._kv_types(k_cache, v_cache, head_dim, tk, tv)
+        n_kv, n_ctx = k_cache.shape[:2]
+        if start_pos + n_tok > n_ctx:
+            raise ValueError(f"{n_tok} tokens at position {start_pos} do not fit a cache of {n_ctx}")
+        q = cp.ascontiguousarray(q, dtype=np.float32)
+        out = cp.empty_like(q)
+        _, fn = self._attn_fn("attn_prompt", attn_per_lane(head_dim), tk, tv)
+        smem = 4 * (PROMPT_QUERIES * head_dim + PROMPT_KEYS * (2 * head_dim + 1))
+        if smem > SHARED_DEFAULT and fn.max_dynamic_shared_size_bytes < smem:
+            fn.max_dynamic_shared_size_bytes = smem
+        fn(((n_tok + PROMPT_QUERIES - 1) // PROMPT_QUERIES, n_heads), (PROMPT_THREADS,),
+           (q, k_cache, v_cache, np.int32(n_tok), np.int32(start_pos), np.int32(n_heads), np.int32(n_kv), np.int32(n_ctx),
+            np.int32(head_dim), np.float32(1.0 / math.sqrt(head_dim)), out), shared_mem=smem)
+        return out
 
-    def attention_seqs(self, q, k_slots, v_slots, seqs, positions):
-        """Token t attends to positions 0..positions[t] of slot seqs[t]: one kernel for the whole batch."""
+    def attention_seqs(self, q, k_slots, v_slots, seqs, positions, tk: KVType | None = None, tv: KVType | None = None):
+        """Token t attends to positions 0..positions[t] of slot seqs[t] of k_slots, v_slots (n_seq, n_kv,
+        n_ctx, width) stored as tk, tv: one kernel for the whole batch."""
         n_tok, n_heads, head_dim = q.shape
-        if head_dim > 256:
-            raise ValueError(f"attention over several sequences handles head_dim up to 256, not {head_dim}")
-        q = self.cp.ascontiguousarray(q)
+        if head_dim > ATT_MAX_HEAD_DIM:
+            raise ValueError(f"attention over several sequences handles head_dim up to {ATT_MAX_HEAD_DIM}, not {head_dim}")
+        tk, tv = self._kv_types(k_slots, v_slots, head_dim, tk, tv)
+        q = self.cp.ascontiguousarray(q, dtype=np.float32)
         out = self.cp.empty_like(q)
-        self.fn["attn_seqs"]((n_heads, n_tok), (128,), (q, k_slots, v_slots, seqs, positions, np.int32(n_heads),
-                             np.int32(k_slots.shape[1]), np.int32(k_slots.shape[2]), np.int32(head_dim),
-                             np.float32(1.0 / math.sqrt(head_dim)), out))
+        _, fn = self._attn_fn("attn_seqs", attn_per_lane(head_dim), tk, tv)
+        fn((n_heads, n_tok), (128,), (q, k_slots, v_slots, seqs, positions, np.int32(n_heads),
+           np.int32(k_slots.shape[1]), np.int32(k_slots.shape[2]), np.int32(head_dim),
+           np.float32(1.0 / math.sqrt(head_dim)), out))
         return out
 
     def indices(self, a: np.ndarray):
@@ -575,6 +672,9 @@ class CUDABackend:
         def operands(x: Int8Input | None) -> tuple:
             return (x.q, x.d) if x else (None, None)
 
+        tk, tv = cache.types
+        kv_codes = tk.code | tv.code << 8  # the QKV epilogue's (kernels.cu, Epilogue)
+        attn = self._attn_fn("attn_partial", attn_per_lane(hd), tk, tv)[0]
         for i, li in enumerate(layer_ids):
             L = model.layers[li]
             kc, vc = cache.layer(li, seq)
@@ -586,11 +686,11 @@ class CUDABackend:
                 w = L.wq if rb == 0 else (L.wk if rb == cfg.dim else L.wv)
                 self._mmv(MODE_QKV, w, cfg.dim, cfg.dim, *operands(b), ws.h, ws.q, xa=b and b.arranged, w1=L.wk, w2=L.wv,
                           n1=cfg.kv_dim, rb=rb, re=re, kc=kc, vc=vc, io=ws.io, inv_freq=inv_freq, head_dim=hd,
-                          n_rot=cfg.rope_dim, n_ctx=cache.n_ctx, nss=nss, eps=eps)
+                          n_rot=cfg.rope_dim, n_ctx=cache.n_ctx, kv_codes=kv_codes, staged=ws.staged, nss=nss, eps=eps)
             a = ws.int8_for(ws.a, L.wo)
             fused_q = a is not None and hd % 32 == 0
-            self._call(f"attn_partial<{attn_per_lane(hd)}>", (cfg.n_heads, ATT_SPLITS), (ATT_THREADS,),
-                       (ws.q, kc, vc, ws.io, np.int32(cache.n_ctx), np.int32(hd), np.int32(cfg.n_heads // cfg.n_kv_heads),
+            self._call(attn, (cfg.n_heads, ATT_SPLITS), (ATT_THREADS,),
+                       (ws.q, kc, vc, ws.staged, ws.io, np.int32(cache.n_ctx), np.int32(hd), np.int32(cfg.n_heads // cfg.n_kv_heads),
                         np.float32(1.0 / math.sqrt(hd)), ws.part, ws.att_cnt, ws.att, *(a.args() if fused_q else NO_INT8), splits))
             if a is not None and not fused_q:
                 self._quantize(ws.att, a.q, a.d, a.arranged)
@@ -631,7 +731,9 @@ class CUDABackend:
         g = self._graphs.get(key)
         if g is None:
             s = self.stream
-            self._inv_freq_dev(model.inv_freq)  # nothing may be allocated while capturing
+            self._inv_freq_dev(model.inv_freq)  # nothing may be allocated (or compiled) while capturing
+            if model.config.head_dim <= ATT_MAX_HEAD_DIM:
+                self._attn_fn("attn_partial", attn_per_lane(model.config.head_dim), *cache.types)
             with s:
                 s.begin_capture()
                 self._programmatic = False if self.pdl else None

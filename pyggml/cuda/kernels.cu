@@ -697,14 +697,18 @@ __device__ __forceinline__ void quantize_block(float v, int i, signed char* __re
 //   STORE/ADD: rows 2p, 2p+1 of w0 (n0 rows) -> out[row] = / += dot
 //   SILU:      row p of w0 (gate) and of w1 (up) -> out[p] = silu(gate) * up
 //   QKV:       rows rb+2p, rb+2p+1 (< re) of [w0 (n0 rows: q); w1 (n1: k); w2 (n1: v)]: RoPE on q and k,
-//              q -> out, k and v -> the layer's cache at position io[1] (kc, vc: (n_kv, n_ctx, head_dim))
+//              q -> out, k and v -> the layer's cache at position io[1] (kc, vc: (n_kv, n_ctx, row) of
+//              the KV types kv_codes & 255 (keys), kv_codes >> 8 (values)). f32 and f16 rows are stored
+//              here; a q8_0 or q4_0 row needs its whole blocks of 32, so its floats go to `stage`
+//              ((2, n_kv, head_dim): keys, then values) and the attention kernel encodes them (attn_partial).
 struct Epilogue {
     float* out;
-    float* kc;
-    float* vc;
+    u8* kc;
+    u8* vc;
     const i64* io;               // (token, position)
     const double* inv_freq;
-    int head_dim, n_rot, n_ctx;
+    int head_dim, n_rot, n_ctx, kv_codes;
+    float* stage;
 };
 
 // What an ADD product prepares for the next product, so that no RMSNorm kernel runs in between:
@@ -749,10 +753,10 @@ enum { PATH_GROUP = 0, PATH_CHUNK = 1, PATH_ANY = 2, PATH_WIDE = 3 };
 template <int T, int MODE, int U, int PATH, int KS>
 __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS : 256) mmv(const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
         i64 ld, int n0, int n1, int cols, int rb, int re, const int* xq, const float* xd, const float* xf, const u8* xa, i64 plane,
-        const float* nss, float eps, float* out, float* kc, float* vc, const i64* io, const double* inv_freq, int head_dim,
-        int n_rot, int n_ctx, const float* fnw, float* fy, signed char* fq, float* fd, u8* fa4, i64 fplane, u8* fa8, float* fss) {
+        const float* nss, float eps, float* out, u8* kc, u8* vc, const i64* io, const double* inv_freq, int head_dim,
+        int n_rot, int n_ctx, int kv_codes, float* stage, const float* fnw, float* fy, signed char* fq, float* fd, u8* fa4, i64 fplane, u8* fa8, float* fss) {
     const Input in{xq, xd, xf};
-    const Epilogue ep{out, kc, vc, io, inv_freq, head_dim, n_rot, n_ctx};
+    const Epilogue ep{out, kc, vc, io, inv_freq, head_dim, n_rot, n_ctx, kv_codes, stage};
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     constexpr int W = MODE == MODE_ADD && KS == 1 ? ADD_WARPS : 8;  // warps per block
     const int p = blockIdx.x * (W / KS) + warp / KS, ks = warp % KS;  // W/KS row pairs, KS warps each
@@ -840,9 +844,25 @@ __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS :
             const int r = row < n0 ? row : (row < n0 + n1 ? row - n0 : row - n0 - n1);
             const int dd = r % ep.head_dim, head = r / ep.head_dim;
             if (row < n0 + n1) rope_pair(s.x, s.y, dd, pos, ep.inv_freq, ep.n_rot);
-            float* dst = row < n0 ? ep.out + r : (row < n0 + n1 ? ep.kc : ep.vc) + ((i64)head * ep.n_ctx + pos) * ep.head_dim + dd;
-            dst[0] = s.x;
-            dst[1] = s.y;
+            const bool is_k = row < n0 + n1;
+            const int code = is_k ? ep.kv_codes & 255 : ep.kv_codes >> 8;
+            const i64 at = ((i64)head * ep.n_ctx + pos) * ep.head_dim + dd;  // element of the cache
+            if (row < n0) {
+                ep.out[r] = s.x;
+                ep.out[r + 1] = s.y;
+            } else if (code == KV_F32) {
+                float* dst = (float*)(is_k ? ep.kc : ep.vc) + at;
+                dst[0] = s.x;
+                dst[1] = s.y;
+            } else if (code == KV_F16) {
+                __half* dst = (__half*)(is_k ? ep.kc : ep.vc) + at;
+                dst[0] = __float2half_rn(s.x);
+                dst[1] = __float2half_rn(s.y);
+            } else {
+                float* dst = ep.stage + (is_k ? 0 : n1) + r;
+                dst[0] = s.x;
+                dst[1] = s.y;
+            }
         }
     }
     if constexpr (MODE == MODE_ADD && KS == 1) {
@@ -917,6 +937,257 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __res
     if (q != nullptr && i - (int)(threadIdx.x & 31) < n) quantize_block(v, i, q, d, Arranged{a4, plane, a8});
 }
 
+// ------------------------------------------------------------------------------ KV cache rows
+// A row of the KV cache is one head's key or value at one position: head_dim values stored as the
+// cache's KV type (KV_F32, KV_F16, KV_Q8_0, KV_Q4_0: prepended by backend.py from
+// pyggml/model/kvtypes.py): floats, halves, or ggml's blocks of 32 along the head (q8_0: fp16 d then
+// 32 int8, x = q*d; q4_0: fp16 d then 16 bytes, byte j holding element j in its low nibble and j+16
+// in its high one, x = (q-8)*d). Writes round as ggml's reference quantizers (KVType.encode: the
+// divisions, products and sums below are the _rn intrinsics so that no FMA contraction changes a
+// code); reads decode as KVType.decode, in float.
+template <int KV> struct no_kv_type { static constexpr bool value = false; };
+
+template <int KV>
+__device__ __forceinline__ int kv_row_bytes(int head_dim) {
+    if constexpr (KV == KV_F32) return 4 * head_dim;
+    else if constexpr (KV == KV_F16) return 2 * head_dim;
+    else if constexpr (KV == KV_Q8_0) return head_dim / QK * 34;
+    else if constexpr (KV == KV_Q4_0) return head_dim / QK * 18;
+    else {
+        static_assert(no_kv_type<KV>::value, "kv_row_bytes: no KV type of this code");
+        return 0;
+    }
+}
+
+// Element i of a stored row (the general path).
+template <int KV>
+__device__ __forceinline__ float kv_elem(const u8* __restrict__ row, int i) {
+    if constexpr (KV == KV_F32) return ((const float*)row)[i];
+    else if constexpr (KV == KV_F16) return f16(((const u16*)row)[i]);
+    else if constexpr (KV == KV_Q8_0) {
+        const u8* blk = row + (i / QK) * 34;
+        return (float)(signed char)blk[2 + i % QK] * f16(ld16(blk));
+    } else {
+        const u8* blk = row + (i / QK) * 18;
+        const int j = i % QK;
+        const int q = j < 16 ? (blk[2 + j] & 15) : (blk[2 + j - 16] >> 4);
+        return (float)(q - 8) * f16(ld16(blk));
+    }
+}
+
+template <int PER>
+__device__ __forceinline__ void load_dims(const float* __restrict__ row, int lane, int head_dim, float (&x)[PER]) {
+    const int d0 = lane * PER;
+    if (d0 + PER <= head_dim && head_dim % PER == 0) {
+        if constexpr (PER == 8) {
+            const float4 a = ((const float4*)(row + d0))[0], b = ((const float4*)(row + d0))[1];
+            x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+        } else if constexpr (PER == 4) {
+            const float4 a = *(const float4*)(row + d0);
+            x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+        } else if constexpr (PER == 2) {
+            const float2 a = *(const float2*)(row + d0);
+            x[0] = a.x; x[1] = a.y;
+        } else {
+            x[0] = row[d0];
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < PER; e++) x[e] = d0 + e < head_dim ? row[d0 + e] : 0.f;
+    }
+}
+
+// A lane's share of a stored row as loaded, not yet decoded: load_keys fetches a whole batch of keys
+// before it converts any, so that the batch costs one memory latency (decoding each row as it
+// arrived made the loads wait one after another: 7B q4_0 weights, f16 cache at 4096 keys, 3735 us
+// a token against 2823 for an f32 cache).
+template <int KV, int PER> struct RawRow {
+    static constexpr int N = KV == KV_F32 ? PER : (KV == KV_F16 ? (PER + 1) / 2 : (PER + 3) / 4);
+    u32 w[N];
+    u32 d;  // a block's scale bits (q8_0, q4_0)
+};
+
+template <int KV, int PER>
+__device__ __forceinline__ void zero_raw(RawRow<KV, PER>& r) {
+#pragma unroll
+    for (int i = 0; i < RawRow<KV, PER>::N; i++) r.w[i] = 0;
+    r.d = 0;
+}
+
+// Dimensions d0 .. d0+PER-1 of a stored row, raw (head_dim % PER == 0, d0 + PER <= head_dim): f32 and
+// f16 rows in one load of 4*PER or 2*PER bytes, the blocks in one of PER code bytes and one of the scale.
+template <int KV, int PER>
+__device__ __forceinline__ void fetch_row(const u8* __restrict__ row, int d0, RawRow<KV, PER>& r) {
+    if constexpr (KV == KV_F32) {
+        const float* p = (const float*)row + d0;
+        if constexpr (PER == 8) {
+            const uint4 a = ((const uint4*)p)[0], b = ((const uint4*)p)[1];
+            r.w[0] = a.x; r.w[1] = a.y; r.w[2] = a.z; r.w[3] = a.w; r.w[4] = b.x; r.w[5] = b.y; r.w[6] = b.z; r.w[7] = b.w;
+        } else if constexpr (PER == 4) {
+            const uint4 a = *(const uint4*)p;
+            r.w[0] = a.x; r.w[1] = a.y; r.w[2] = a.z; r.w[3] = a.w;
+        } else if constexpr (PER == 2) {
+            const uint2 a = *(const uint2*)p;
+            r.w[0] = a.x; r.w[1] = a.y;
+        } else {
+            r.w[0] = *(const u32*)p;
+        }
+    } else if constexpr (KV == KV_F16) {
+        const u8* p = row + 2 * d0;
+        if constexpr (PER == 8) {
+            const uint4 a = *(const uint4*)p;
+            r.w[0] = a.x; r.w[1] = a.y; r.w[2] = a.z; r.w[3] = a.w;
+        } else if constexpr (PER == 4) {
+            const uint2 a = *(const uint2*)p;
+            r.w[0] = a.x; r.w[1] = a.y;
+        } else if constexpr (PER == 2) {
+            r.w[0] = *(const u32*)p;
+        } else {
+            r.w[0] = *(const u16*)p;
+        }
+    } else if constexpr (KV == KV_Q8_0 || KV == KV_Q4_0) {
+        constexpr int BS = KV == KV_Q8_0 ? 34 : 18;
+        const u8* blk = row + (d0 / QK) * BS;
+        const u8* qs = blk + 2 + (KV == KV_Q8_0 ? d0 % QK : (d0 % QK) & 15);  // 2-byte aligned
+        r.d = ld16(blk);
+        if constexpr (PER >= 4) r.w[0] = ld32(qs);
+        if constexpr (PER == 8) r.w[1] = ld32(qs + 4);
+        if constexpr (PER == 2) r.w[0] = ld16(qs);
+        if constexpr (PER == 1) r.w[0] = qs[0];
+    } else {
+        static_assert(no_kv_type<KV>::value, "fetch_row: no KV type of this code");
+    }
+}
+
+// The floats of a raw share (a zeroed one gives zeros).
+template <int KV, int PER>
+__device__ __forceinline__ void decode_raw(const RawRow<KV, PER>& r, int d0, float (&x)[PER]) {
+    if constexpr (KV == KV_F32) {
+#pragma unroll
+        for (int e = 0; e < PER; e++) x[e] = __uint_as_float(r.w[e]);
+    } else if constexpr (KV == KV_F16) {
+        if constexpr (PER == 1) {
+            x[0] = f16((u16)r.w[0]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < PER / 2; e++) {
+                const float2 f = h2f(r.w[e]);
+                x[2 * e] = f.x;
+                x[2 * e + 1] = f.y;
+            }
+        }
+    } else if constexpr (KV == KV_Q8_0) {
+        const float d = f16((u16)r.d);
+#pragma unroll
+        for (int e = 0; e < PER; e++) x[e] = (float)(signed char)(r.w[e / 4] >> (8 * (e % 4))) * d;
+    } else {
+        const float d = f16((u16)r.d);
+        const int sh = d0 % QK < 16 ? 0 : 4;  // elements 16..31 of a block are the high nibbles
+#pragma unroll
+        for (int e = 0; e < PER; e++) x[e] = (float)((int)((r.w[e / 4] >> (8 * (e % 4) + sh)) & 15) - 8) * d;
+    }
+}
+
+// Dimensions lane*PER .. lane*PER+PER-1 of a stored row, decoded (zero past head_dim). A lane's
+// dimensions lie in one block of 32 (PER divides 32): f16 rows take one load of 2*PER bytes, the
+// blocks one of PER code bytes and one of the scale.
+template <int KV, int PER>
+__device__ __forceinline__ void load_row(const u8* __restrict__ row, int lane, int head_dim, float (&x)[PER]) {
+    const int d0 = lane * PER;
+    if (d0 + PER <= head_dim && head_dim % PER == 0) {
+        RawRow<KV, PER> r;
+        fetch_row<KV, PER>(row, d0, r);
+        decode_raw<KV, PER>(r, d0, x);
+    } else {
+#pragma unroll
+        for (int e = 0; e < PER; e++) x[e] = d0 + e < head_dim ? kv_elem<KV>(row, d0 + e) : 0.f;
+    }
+}
+
+// This lane's PER values x (dimensions lane*PER.. of a row; a block of 32 is 32/PER neighbouring
+// lanes) encoded as KV: stored at `row` when `store` (dimensions past head_dim are not), and x
+// replaced by its decoded values, what a later read of the row gives. Every lane of the warp calls
+// it (the blocks' scales are warp shuffles).
+template <int KV, int PER>
+__device__ __forceinline__ void encode_row(float (&x)[PER], u8* __restrict__ row, bool store, int lane, int head_dim) {
+    const int d0 = lane * PER;
+    store = store && d0 < head_dim;
+    if constexpr (KV == KV_F32) {
+#pragma unroll
+        for (int e = 0; e < PER; e++) if (store && d0 + e < head_dim) ((float*)row)[d0 + e] = x[e];
+    } else if constexpr (KV == KV_F16) {
+#pragma unroll
+        for (int e = 0; e < PER; e++) {
+            const __half h = __float2half_rn(x[e]);
+            if (store && d0 + e < head_dim) ((__half*)row)[d0 + e] = h;
+            x[e] = __half2float(h);
+        }
+    } else if constexpr (KV == KV_Q8_0 || KV == KV_Q4_0) {
+        constexpr int G = 32 / PER;  // lanes of a block
+        const int gl = lane % G;
+        u8* blk = row + (d0 / QK) * (KV == KV_Q8_0 ? 34 : 18);
+        float d;
+        if constexpr (KV == KV_Q8_0) {  // d = amax / 127
+            float amax = 0.f;
+#pragma unroll
+            for (int e = 0; e < PER; e++) amax = fmaxf(amax, fabsf(x[e]));
+#pragma unroll
+            for (int o = G / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            d = __fdiv_rn(amax, 127.f);
+        } else {  // d = max / -8, max the value of largest |x| (the first on ties) with its sign
+            float best = x[0];
+            int at = d0;
+#pragma unroll
+            for (int e = 1; e < PER; e++) if (fabsf(x[e]) > fabsf(best)) { best = x[e]; at = d0 + e; }
+#pragma unroll
+            for (int o = G / 2; o > 0; o >>= 1) {
+                const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+                const int oa = __shfl_xor_sync(0xffffffffu, at, o);
+                if (fabsf(ob) > fabsf(best) || (fabsf(ob) == fabsf(best) && oa < at)) { best = ob; at = oa; }
+            }
+            d = __fdiv_rn(best, -8.f);
+        }
+        const float id = d != 0.f ? __fdiv_rn(1.f, d) : 0.f;
+        const __half dh = __float2half_rn(d);
+        const float ds = __half2float(dh);
+        int q[PER];
+#pragma unroll
+        for (int e = 0; e < PER; e++) {
+            if constexpr (KV == KV_Q8_0) {
+                q[e] = max(-127, min(127, (int)roundf(__fmul_rn(x[e], id))));  // roundf: half away from zero
+                x[e] = (float)q[e] * ds;
+            } else {
+                q[e] = max(0, min(15, (int)truncf(__fadd_rn(__fmul_rn(x[e], id), 8.5f))));
+                x[e] = (float)(q[e] - 8) * ds;
+            }
+        }
+        if (store && gl == 0) *(__half*)blk = dh;
+#pragma unroll
+        for (int e = 0; e < PER; e++) {
+            if constexpr (KV == KV_Q8_0) {
+                if (store) blk[2 + gl * PER + e] = (u8)q[e];
+            } else {  // the lanes of elements 0..15 take the high nibbles from those of 16..31
+                const int hi = __shfl_xor_sync(0xffffffffu, q[e], G / 2);
+                if (store && gl < G / 2) blk[2 + gl * PER + e] = (u8)(q[e] | (hi << 4));
+            }
+        }
+    } else {
+        static_assert(no_kv_type<KV>::value, "encode_row: no KV type of this code");
+    }
+}
+
+// Token t's rows x (n_tok, n_kv, head_dim; float) into slots (n_seq, n_kv, n_ctx, row) at slot
+// seq[t], position pos[t], encoded as KV. A block per (token, head), a warp per 32 dimensions (one
+// q8_0 / q4_0 block), a lane per dimension.
+template <int KV>
+__global__ void kv_write(u8* __restrict__ slots, const float* __restrict__ x, const i64* __restrict__ seq,
+                         const i64* __restrict__ pos, int n_kv, int n_ctx, int head_dim) {
+    const int t = blockIdx.x / n_kv, head = blockIdx.x % n_kv, i = threadIdx.x, warp = i / 32;
+    float v[1] = {i < head_dim ? x[(i64)blockIdx.x * head_dim + i] : 0.f};
+    u8* row = slots + ((seq[t] * n_kv + head) * n_ctx + pos[t]) * (i64)kv_row_bytes<KV>(head_dim);
+    encode_row<KV, 1>(v, row + warp * kv_row_bytes<KV>(QK), true, i & 31, head_dim - QK * warp);
+}
+
 // Decode attention for the n = io[1]+1 keys in the cache. The keys are cut into n_active ranges
 // (attn_ranges), one block of ATT_WARPS warps per (head, range); blocks past n_active return at
 // once. Lane l holds dimensions l*PER .. l*PER+PER-1 of the head (PER = head_dim / 32 rounded up to
@@ -944,49 +1215,58 @@ __device__ __forceinline__ int attn_ranges(int n, int n_split) {
     return n <= 2 * ATT_RANGE ? 1 : min(n_split, (n + ATT_RANGE - 1) / ATT_RANGE);
 }
 
-template <int PER>
-__device__ __forceinline__ void load_dims(const float* __restrict__ row, int lane, int head_dim, float (&x)[PER]) {
-    const int d0 = lane * PER;
-    if (d0 + PER <= head_dim && head_dim % PER == 0) {
-        if constexpr (PER == 8) {
-            const float4 a = ((const float4*)(row + d0))[0], b = ((const float4*)(row + d0))[1];
-            x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
-        } else if constexpr (PER == 4) {
-            const float4 a = *(const float4*)(row + d0);
-            x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
-        } else if constexpr (PER == 2) {
-            const float2 a = *(const float2*)(row + d0);
-            x[0] = a.x; x[1] = a.y;
-        } else {
-            x[0] = row[d0];
-        }
-    } else {
-#pragma unroll
-        for (int e = 0; e < PER; e++) x[e] = d0 + e < head_dim ? row[d0 + e] : 0.f;
-    }
-}
-
-// This lane's dimensions of key and value t.
-template <int PER>
-__device__ __forceinline__ void load_kv(const float* __restrict__ K, const float* __restrict__ V, int t, int lane, int head_dim,
-                                        float (&k)[PER], float (&v)[PER]) {
-    load_dims<PER>(K + (i64)t * head_dim, lane, head_dim, k);
-    load_dims<PER>(V + (i64)t * head_dim, lane, head_dim, v);
-}
-
 // Keys and values tb, tb + ATT_WARPS, ... (KB of them) below t1, but for `skip`; zero past t1.
-template <int PER, int KB>
-__device__ __forceinline__ void load_keys(const float* __restrict__ K, const float* __restrict__ V, int tb, int t1, int skip, int lane,
-                                          int head_dim, float (&k)[KB][PER], float (&v)[KB][PER]) {
+// K, V: the head's rows of rbk, rbv bytes. Every load of the batch is issued before any is decoded.
+template <int PER, int KB, int TK, int TV>
+__device__ __forceinline__ void load_keys(const u8* __restrict__ K, const u8* __restrict__ V, int rbk, int rbv, int tb, int t1,
+                                          int skip, int lane, int head_dim, float (&k)[KB][PER], float (&v)[KB][PER]) {
+    const int d0 = lane * PER;
+    if (head_dim % PER == 0) {
+        RawRow<TK, PER> rk[KB];
+        RawRow<TV, PER> rv[KB];
 #pragma unroll
-    for (int j = 0; j < KB; j++) {
+        for (int j = 0; j < KB; j++) {
+            const int t = tb + ATT_WARPS * j;
+            if (t < t1 && t != skip && d0 < head_dim) {
+                fetch_row<TK, PER>(K + (i64)t * rbk, d0, rk[j]);
+                fetch_row<TV, PER>(V + (i64)t * rbv, d0, rv[j]);
+            } else {
+                zero_raw(rk[j]);
+                zero_raw(rv[j]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < KB; j++) {
+            decode_raw<TK, PER>(rk[j], d0, k[j]);
+            decode_raw<TV, PER>(rv[j], d0, v[j]);
+        }
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < KB; j++) {  // odd head sizes (a lane's dimensions may straddle the end)
         const int t = tb + ATT_WARPS * j;
         if (t < t1 && t != skip) {
-            load_kv<PER>(K, V, t, lane, head_dim, k[j], v[j]);
+            load_row<TK, PER>(K + (i64)t * rbk, lane, head_dim, k[j]);
+            load_row<TV, PER>(V + (i64)t * rbv, lane, head_dim, v[j]);
         } else {
 #pragma unroll
             for (int e = 0; e < PER; e++) k[j][e] = v[j][e] = 0.f;
         }
+    }
+}
+
+// The row of this step's token (position n-1) that the QKV product just formed: f32 and f16 rows it
+// stored in the cache; q8_0 and q4_0 rows it left as floats in `staged`, which are encoded here
+// (the values the attention uses are the decoded ones, as any later read gives) and, by the one
+// block that `store`s, written to the cache.
+template <int KV, int PER>
+__device__ __forceinline__ void new_row(u8* __restrict__ row, const float* __restrict__ staged, bool store, int lane, int head_dim,
+                                        float (&x)[PER]) {
+    if constexpr (KV == KV_Q8_0 || KV == KV_Q4_0) {
+        load_dims<PER>(staged, lane, head_dim, x);
+        encode_row<KV, PER>(x, row, store, lane, head_dim);
+    } else {
+        load_row<KV, PER>(row, lane, head_dim, x);
     }
 }
 
@@ -1013,10 +1293,13 @@ __device__ __forceinline__ void merge_ranges(const float* p, int n_active, int h
     if (q != nullptr) quantize_block(v, base + tid, q, d, ar);
 }
 
-template <int PER>
-__global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __restrict__ q, const float* __restrict__ kc,
-        const float* __restrict__ vc, const i64* __restrict__ io, int n_ctx, int head_dim, int group, float scale,
-        float* __restrict__ part, int* __restrict__ cnt, float* __restrict__ out, signed char* __restrict__ oq,
+// kc, vc: the layer's cache of this slot (n_kv, n_ctx, row) as the KV types TK, TV; staged: the QKV
+// product's q8_0 / q4_0 rows of this token as floats ((2, n_kv, head_dim): keys, then values), which
+// the first head of each KV group's block with position n-1 stores (new_row).
+template <int PER, int TK, int TV>
+__global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __restrict__ q, u8* __restrict__ kc,
+        u8* __restrict__ vc, const float* __restrict__ staged, const i64* __restrict__ io, int n_ctx, int head_dim, int group,
+        float scale, float* __restrict__ part, int* __restrict__ cnt, float* __restrict__ out, signed char* __restrict__ oq,
         float* __restrict__ od, u8* a4, i64 plane, u8* a8, int n_split) {
     constexpr int KB = 32 / PER;
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS], sacc[ATT_WARPS][256];
@@ -1027,18 +1310,27 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
     if (s >= n_active) return;
     const int chunk = (n + n_active - 1) / n_active;
     const int t0 = s * chunk, t1 = min(n, t0 + chunk);
-    const float* K = kc + (i64)(h / group) * n_ctx * head_dim;
-    const float* V = vc + (i64)(h / group) * n_ctx * head_dim;
+    const int kvh = h / group, rbk = kv_row_bytes<TK>(head_dim), rbv = kv_row_bytes<TV>(head_dim);
+    u8* K = kc + (i64)kvh * n_ctx * rbk;
+    u8* V = vc + (i64)kvh * n_ctx * rbv;
     // The warp's first batch is loaded before the wait, but for position n-1: the product before
     // this kernel writes that key and value; earlier steps wrote the others.
     float k[KB][PER], v[KB][PER];
-    load_keys<PER, KB>(K, V, t0 + warp, t1, n - 1, lane, head_dim, k, v);
+    load_keys<PER, KB, TK, TV>(K, V, rbk, rbv, t0 + warp, t1, n - 1, lane, head_dim, k, v);
     pdl_wait();
+    // position n-1 in the warp's batch from tb (whichever batch holds it)
+    auto new_key = [&](int tb) {
 #pragma unroll
-    for (int j = 0; j < KB; j++) {
-        const int t = t0 + warp + ATT_WARPS * j;
-        if (t == n - 1 && t < t1) load_kv<PER>(K, V, t, lane, head_dim, k[j], v[j]);
-    }
+        for (int j = 0; j < KB; j++) {
+            const int t = tb + ATT_WARPS * j;
+            if (t == n - 1 && t < t1) {  // the same for the whole warp
+                const float* sk = staged + (i64)kvh * head_dim;
+                new_row<TK, PER>(K + (i64)t * rbk, sk, h % group == 0, lane, head_dim, k[j]);
+                new_row<TV, PER>(V + (i64)t * rbv, sk + (i64)gridDim.x / group * head_dim, h % group == 0, lane, head_dim, v[j]);
+            }
+        }
+    };
+    new_key(t0 + warp);
     float qv[PER], acc[PER];
     load_dims<PER>(q + h * head_dim, lane, head_dim, qv);
 #pragma unroll
@@ -1046,7 +1338,10 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
     float m = NEG_INF, l = 0.f;
     for (int tb = t0 + warp; tb < t1; tb += ATT_WARPS * KB) {
         float sc[KB];
-        if (tb != t0 + warp) load_keys<PER, KB>(K, V, tb, t1, -1, lane, head_dim, k, v);
+        if (tb != t0 + warp) {
+            load_keys<PER, KB, TK, TV>(K, V, rbk, rbv, tb, t1, n - 1, lane, head_dim, k, v);
+            if (tb + ATT_WARPS * KB > n - 1) new_key(tb);
+        }
         // the KB sums interleaved, the keys past the range masked after: a warp_sum per key under
         // its condition ran one after another (7B f16 at 66 keys: graph replay 3574 -> 3556 us)
         float mb = m;
@@ -1155,32 +1450,102 @@ extern "C" __global__ void rope(float* __restrict__ x, const i64* __restrict__ p
     p[1] = b;
 }
 
-// Causal softmax of scores (rows, L) in place: row r is query (r % n_tok) at position start + r % n_tok.
-extern "C" __global__ void causal_softmax(float* __restrict__ s, int n_tok, int L, int start) {
-    __shared__ float red[32];
-    float* row = s + (i64)blockIdx.x * L;
-    const int last = start + (int)(blockIdx.x % n_tok);  // keys 0..last are visible
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j <= last && j < L; j += blockDim.x) m = fmaxf(m, row[j]);
-    m = warp_max(m);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = m;
-    __syncthreads();
-    m = NEG_INF;
-    for (int w = 0; w < (int)blockDim.x / 32; w++) m = fmaxf(m, red[w]);
-    __syncthreads();
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < L; j += blockDim.x) {
-        const float e = j <= last ? expf(row[j] - m) : 0.f;
-        row[j] = e;
-        sum += e;
+// Causal attention of a prompt batch: n_tok queries (q: (n_tok, n_heads, head_dim)) at positions
+// start.. of one sequence over its stored keys and values (kc, vc: (n_kv, n_ctx, row) as TK, TV),
+// flash-attention style: a block takes PQ_WARPS * PQ_ROWS queries of one head and walks the keys
+// 0..start+n_tok-1 in tiles of PQ_KEYS, decoded into shared memory, each query keeping its running
+// (max, sum, output) in registers (an online softmax), so no score matrix is formed. Warp w owns
+// queries PQ_ROWS*w .. of the tile; for the scores lane l takes key l of the tile, for the output
+// dimensions l, l + 32, ... (PER of them: head_dim <= 32 * PER). Dynamic shared memory: the
+// queries (scaled), a K tile with rows padded by one float (lane l reads row l: no bank conflicts)
+// and a V tile: 4 * (PQ_WARPS * PQ_ROWS * head_dim + PQ_KEYS * (2 * head_dim + 1)) bytes.
+#define PQ_WARPS 4
+#define PQ_ROWS 8
+#define PQ_KEYS 32
+template <int PER, int TK, int TV>
+__global__ void __launch_bounds__(32 * PQ_WARPS) attn_prompt(const float* __restrict__ q, const u8* __restrict__ kc,
+        const u8* __restrict__ vc, int n_tok, int start, int n_heads, int n_kv, int n_ctx, int head_dim, float scale,
+        float* __restrict__ out) {
+    constexpr int BQ = PQ_WARPS * PQ_ROWS;
+    extern __shared__ float smem[];
+    const int hd = head_dim, kstride = hd + 1;
+    float* Qs = smem;                 // (BQ, hd)
+    float* Ks = Qs + BQ * hd;         // (PQ_KEYS, hd + 1)
+    float* Vs = Ks + PQ_KEYS * kstride;  // (PQ_KEYS, hd)
+    const int h = blockIdx.y, q0 = blockIdx.x * BQ, tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
+    const int kvh = h / (n_heads / n_kv), rbk = kv_row_bytes<TK>(hd), rbv = kv_row_bytes<TV>(hd);
+    const u8* K = kc + (i64)kvh * n_ctx * rbk;
+    const u8* V = vc + (i64)kvh * n_ctx * rbv;
+    for (int i = tid; i < BQ * hd; i += blockDim.x) {
+        const int r = i / hd;
+        Qs[i] = q0 + r < n_tok ? q[((i64)(q0 + r) * n_heads + h) * hd + i % hd] * scale : 0.f;
     }
-    sum = warp_sum(sum);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = sum;
-    __syncthreads();
-    sum = 0.f;
-    for (int w = 0; w < (int)blockDim.x / 32; w++) sum += red[w];
-    const float inv = 1.f / sum;
-    for (int j = threadIdx.x; j < L; j += blockDim.x) row[j] *= inv;
+    float m[PQ_ROWS], l[PQ_ROWS], o[PQ_ROWS][PER];
+#pragma unroll
+    for (int i = 0; i < PQ_ROWS; i++) {
+        m[i] = NEG_INF;
+        l[i] = 0.f;
+#pragma unroll
+        for (int e = 0; e < PER; e++) o[i][e] = 0.f;
+    }
+    const int last = start + min(n_tok, q0 + BQ) - 1;  // the last key a query of the tile sees
+    const float* qr = Qs + warp * PQ_ROWS * hd;
+    for (int kb = 0; kb <= last; kb += PQ_KEYS) {
+        __syncthreads();  // the last tile is read (and the queries written)
+        for (int i = tid; i < PQ_KEYS * hd; i += blockDim.x) {
+            const int r = i / hd, d = i % hd;
+            const bool in = kb + r <= last;
+            Ks[r * kstride + d] = in ? kv_elem<TK>(K + (i64)(kb + r) * rbk, d) : 0.f;
+            Vs[i] = in ? kv_elem<TV>(V + (i64)(kb + r) * rbv, d) : 0.f;
+        }
+        __syncthreads();
+        float s[PQ_ROWS];
+#pragma unroll
+        for (int i = 0; i < PQ_ROWS; i++) s[i] = 0.f;
+        const float* kr = Ks + lane * kstride;
+#pragma unroll 4
+        for (int d = 0; d < hd; d++) {
+            const float kd = kr[d];
+#pragma unroll
+            for (int i = 0; i < PQ_ROWS; i++) s[i] += qr[i * hd + d] * kd;
+        }
+        const int key = kb + lane;
+#pragma unroll
+        for (int i = 0; i < PQ_ROWS; i++) {
+            // a query sees keys up to its position; key 0 is in the first tile, so m is finite after it
+            // (queries past n_tok see zero rows past `last`: finite, and not written)
+            if (key > start + q0 + warp * PQ_ROWS + i) s[i] = NEG_INF;
+            const float mn = fmaxf(m[i], warp_max(s[i]));
+            const float c = expf(m[i] - mn);  // 0 on the first tile (m = -inf)
+            s[i] = expf(s[i] - mn);
+            l[i] = l[i] * c + s[i];  // this lane's share of the sum
+            m[i] = mn;
+#pragma unroll
+            for (int e = 0; e < PER; e++) o[i][e] *= c;
+        }
+        for (int k = 0; k < PQ_KEYS; k++) {
+            float vv[PER];
+#pragma unroll
+            for (int e = 0; e < PER; e++) vv[e] = lane + 32 * e < hd ? Vs[k * hd + lane + 32 * e] : 0.f;
+#pragma unroll
+            for (int i = 0; i < PQ_ROWS; i++) {
+                const float p = __shfl_sync(0xffffffffu, s[i], k);
+#pragma unroll
+                for (int e = 0; e < PER; e++) o[i][e] += p * vv[e];
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < PQ_ROWS; i++) {
+        const float L = warp_sum(l[i]);
+        const int t = q0 + warp * PQ_ROWS + i;
+        if (t >= n_tok) continue;
+#pragma unroll
+        for (int e = 0; e < PER; e++) {
+            const int d = lane + 32 * e;
+            if (d < hd) out[((i64)t * n_heads + h) * hd + d] = o[i][e] / L;
+        }
+    }
 }
 
 extern "C" __global__ void silu_mul(const float* g, const float* u, i64 n, float* out) {
@@ -1191,54 +1556,48 @@ extern "C" __global__ void silu_mul(const float* g, const float* u, i64 n, float
 }
 
 // Attention of a batch of tokens of several sequences (a server's decode step): token t = blockIdx.y,
-// head h = blockIdx.x attends to positions 0..pos[t] of slot seq[t] of k, v (n_seq, n_kv, n_ctx, head_dim).
-// Each of the block's SEQ_WARPS warps takes every SEQ_WARPS-th key with an online softmax (lanes over
-// head_dim, at most 256), then the warps' partial results are merged in shared memory.
+// head h = blockIdx.x attends to positions 0..pos[t] of slot seq[t] of k, v (n_seq, n_kv, n_ctx, row),
+// stored as TK, TV. Each of the block's SEQ_WARPS warps takes every SEQ_WARPS-th key with an online
+// softmax (lane l holds dimensions l*PER.., as attn_partial; head_dim <= 256), then the warps' partial
+// results are merged in shared memory.
 #define SEQ_WARPS 4
-extern "C" __global__ void __launch_bounds__(32 * SEQ_WARPS) attn_seqs(const float* __restrict__ q,
-        const float* __restrict__ kc, const float* __restrict__ vc, const i64* __restrict__ seq,
+template <int PER, int TK, int TV>
+__global__ void __launch_bounds__(32 * SEQ_WARPS) attn_seqs(const float* __restrict__ q,
+        const u8* __restrict__ kc, const u8* __restrict__ vc, const i64* __restrict__ seq,
         const i64* __restrict__ pos, int n_heads, int n_kv, int n_ctx, int head_dim, float scale, float* __restrict__ out) {
     __shared__ float sm[SEQ_WARPS], sl[SEQ_WARPS], sacc[SEQ_WARPS][256];
     const int h = blockIdx.x, t = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int n = (int)pos[t] + 1;
-    const i64 slot = (seq[t] * n_kv + h / (n_heads / n_kv)) * (i64)n_ctx * head_dim;
-    const float* K = kc + slot;
-    const float* V = vc + slot;
-    const float* Q = q + ((i64)t * n_heads + h) * head_dim;
-    float qv[8], acc[8];
+    const i64 slot = (seq[t] * n_kv + h / (n_heads / n_kv)) * (i64)n_ctx;
+    const int rbk = kv_row_bytes<TK>(head_dim), rbv = kv_row_bytes<TV>(head_dim);
+    const u8* K = kc + slot * rbk;
+    const u8* V = vc + slot * rbv;
+    float qv[PER], acc[PER];
+    load_dims<PER>(q + ((i64)t * n_heads + h) * head_dim, lane, head_dim, qv);
 #pragma unroll
-    for (int e = 0; e < 8; e++) {
-        const int d = lane + 32 * e;
-        qv[e] = d < head_dim ? Q[d] * scale : 0.f;
+    for (int e = 0; e < PER; e++) {
+        qv[e] *= scale;
         acc[e] = 0.f;
     }
     float m = NEG_INF, l = 0.f;
     for (int p = warp; p < n; p += SEQ_WARPS) {
-        const float* kp = K + (i64)p * head_dim;
-        const float* vp = V + (i64)p * head_dim;
+        float kr[PER], vr[PER];
+        load_row<TK, PER>(K + (i64)p * rbk, lane, head_dim, kr);
+        load_row<TV, PER>(V + (i64)p * rbv, lane, head_dim, vr);
         float s = 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            const int d = lane + 32 * e;
-            if (d < head_dim) s += qv[e] * kp[d];
-        }
+        for (int e = 0; e < PER; e++) s += qv[e] * kr[e];
         s = warp_sum(s);
         const float mn = fmaxf(m, s);
         const float c = expf(m - mn), w = expf(s - mn);  // c = 0 on the first key (m = -inf)
         l = l * c + w;
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            const int d = lane + 32 * e;
-            if (d < head_dim) acc[e] = acc[e] * c + w * vp[d];
-        }
+        for (int e = 0; e < PER; e++) acc[e] = acc[e] * c + w * vr[e];
         m = mn;
     }
     if (lane == 0) { sm[warp] = m; sl[warp] = l; }
 #pragma unroll
-    for (int e = 0; e < 8; e++) {
-        const int d = lane + 32 * e;
-        if (d < head_dim) sacc[warp][d] = acc[e];
-    }
+    for (int e = 0; e < PER; e++) if (lane * PER + e < head_dim) sacc[warp][lane * PER + e] = acc[e];
     __syncthreads();
     if (warp != 0) return;
     float M = NEG_INF;
