@@ -32,6 +32,7 @@ from .gguf.reader import GGUFFile
 from .model import LlamaConfig, LlamaModel
 from .model.config import ModelError
 from .model.kvcache import KVCache
+from .model.kvtypes import kv_type
 from .prompt_cache import BaseLlamaCache, LlamaState
 from .session import SessionError, load_session, model_fingerprint, save_session
 from .tokenizer import load_tokenizer
@@ -52,7 +53,7 @@ _UNSUPPORTED_INIT = {
     "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_orig_ctx": 0,
     "offload_kqv": True, "flash_attn": False, "op_offload": None, "swa_full": None, "no_perf": False,
     "lora_base": None, "lora_scale": 1.0, "lora_path": None, "numa": False, "chat_handler": None,
-    "draft_model": None, "tokenizer": None, "type_k": None, "type_v": None, "spm_infill": False,
+    "draft_model": None, "tokenizer": None, "spm_infill": False,
 }
 # Accepted and meaningless here (always on or always available): logits_all, embedding.
 _NO_EFFECT_INIT = ("logits_all", "embedding")
@@ -89,6 +90,8 @@ class Llama(ContextMixin, CompletionMixin):
         verbose: bool = True,
         kv_path: str | os.PathLike | None = None,
         n_seq_max: int = 1,
+        type_k: str | int | None = None,
+        type_v: str | int | None = None,
         **kwargs: Any,
     ):
         start = time.perf_counter()
@@ -108,10 +111,14 @@ class Llama(ContextMixin, CompletionMixin):
             warnings.warn(f"n_ctx={n_ctx} exceeds the {self.config.n_ctx_train} tokens the model was trained on: "
                           "output past that is likely to degrade", RuntimeWarning, stacklevel=2)
         n_seq_max = max(1, int(n_seq_max))
-        backends, head = make_backends(self.file, self.config, n_gpu_layers, n_threads, n_ctx * n_seq_max, max(1, n_batch))
+        kv_types = (kv_type(type_k), kv_type(type_v))  # f16 by default, as llama.cpp
+        for t in kv_types:
+            t.row_width(self.config.head_dim)  # KVTypeError before anything is loaded
+        backends, head = make_backends(self.file, self.config, n_gpu_layers, n_threads, n_ctx * n_seq_max, max(1, n_batch),
+                                       kv_types=kv_types)
         self.model = LlamaModel(self.file, self.config, backends, head)
         # n_seq_max sequences of n_ctx tokens each (a server's slots); this object's own context is slot 0
-        self.kv_cache = KVCache(self.config, n_ctx, backends, kv_path, n_seq=n_seq_max)
+        self.kv_cache = KVCache(self.config, n_ctx, backends, kv_path, n_seq=n_seq_max, type_k=kv_types[0], type_v=kv_types[1])
         self.n_batch = max(1, n_batch)
         self.last_n_tokens_size = last_n_tokens_size
         self.set_seed(seed)
@@ -220,11 +227,11 @@ class Llama(ContextMixin, CompletionMixin):
         if path is not None:
             return self.save_state_file(path, extra)
         n = len(self.tokens)
-        kv = [tuple(np.array(_host(part[:, :n]), dtype=np.float32) for part in self.kv_cache.layer(i))
-              for i in range(self.config.n_layers)]
+        kv = [tuple(np.array(_host(part[:, :n])) for part in self.kv_cache.layer(i)) for i in range(self.config.n_layers)]
         return LlamaState(input_ids=np.array(self.tokens, dtype=np.intc),
                           scores=None if self._logits is None else np.array(_host(self._logits), dtype=np.float32),
-                          n_tokens=n, kv=kv, seed=self.seed, fingerprint=self._fp(), n_ctx=self.n_ctx())
+                          n_tokens=n, kv=kv, seed=self.seed, fingerprint=self._fp(), n_ctx=self.n_ctx(),
+                          kv_types=tuple(t.name for t in self.kv_cache.types))
 
     def load_state(self, state: LlamaState | str | os.PathLike) -> dict | None:
         """Restore a LlamaState, or a session file (returning its `extra`); a state of another model or
@@ -233,6 +240,10 @@ class Llama(ContextMixin, CompletionMixin):
             return self.load_state_file(state)
         if state.fingerprint and state.fingerprint != self._fp():
             raise SessionError("the state was saved with another model")
+        types = tuple(t.name for t in self.kv_cache.types)
+        if tuple(state.kv_types) != types:
+            raise SessionError(f"the state holds a KV cache of types {'/'.join(state.kv_types)} (keys/values); this "
+                               f"context stores {'/'.join(types)} (type_k / type_v)")
         if state.n_tokens > self.n_ctx():
             raise SessionError(f"the state holds {state.n_tokens} tokens, the context has room for {self.n_ctx()}")
         n = state.n_tokens

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
-from .kvfile import open_kv_file
+from .kvfile import open_kv_parts
 from .tensor import QWeight
 
 if TYPE_CHECKING:
     from .gguf.reader import GGUFFile
     from .model.config import LlamaConfig
+    from .model.kvtypes import KVType
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +37,18 @@ class Backend(Protocol):
     def load_vector(self, v: np.ndarray): ...
     def to_device(self, x: np.ndarray): ...
     def to_host(self, x) -> np.ndarray: ...
-    def kv_storage(self, shape: tuple[int, ...], path: str | None): ...
+    def kv_storage(self, parts: list[tuple[tuple[int, ...], np.dtype]], path: str | None) -> list: ...  # K, V arrays
+    def kv_write(self, slots, t: KVType, x, seqs, positions) -> None: ...  # x[t] encoded at slots[seqs[t], :, positions[t]]
     def empty(self, shape: tuple[int, ...]): ...
     def matmul(self, w: QWeight, x, out=None): ...
     def matmuls(self, weights: Sequence[QWeight], x) -> list: ...  # several weights, one input
     def embed(self, w: QWeight, tokens: np.ndarray): ...
     def rmsnorm(self, x, weight, eps: float): ...
     def rope(self, x, positions: np.ndarray, inv_freq: np.ndarray): ...
-    def attention(self, q, k_cache, v_cache, start_pos: int): ...  # tokens at start_pos.. of one sequence
-    def attention_seqs(self, q, k_slots, v_slots, seqs, positions): ...  # token t at positions[t] of slot seqs[t]
+    # tokens at start_pos.. of one sequence; k/v caches (n_kv, ctx, width) stored as tk / tv
+    def attention(self, q, k_cache, v_cache, start_pos: int, tk: KVType, tv: KVType): ...
+    # token t at positions[t] of slot seqs[t]; k/v slots (n_seq, n_kv, ctx, width)
+    def attention_seqs(self, q, k_slots, v_slots, seqs, positions, tk: KVType, tv: KVType): ...
     def indices(self, a: np.ndarray): ...  # int64 indices where this backend's ops read them
     def silu_mul(self, gate, up): ...
 
@@ -90,12 +94,15 @@ class CPUBackend:
     def empty(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.empty(shape, np.float32)
 
-    def kv_storage(self, shape: tuple[int, ...], path: str | os.PathLike | None) -> np.ndarray:
-        """KV cache memory: a named memory-mapped file (kvfile.py: created, or reused only when it is
-        pyggml's KV file of this shape), or an anonymous mapping."""
+    def kv_storage(self, parts: list[tuple[tuple[int, ...], np.dtype]], path: str | os.PathLike | None) -> list[np.ndarray]:
+        """KV cache memory, one array per (shape, dtype) part: a named memory-mapped file (kvfile.py:
+        created, or reused only when it is pyggml's KV file of these parts), or anonymous mappings."""
         if path is None:
-            return anonymous_array(shape)
-        return open_kv_file(path, shape, np.float32)
+            return [anonymous_array(shape, dtype) for shape, dtype in parts]
+        return open_kv_parts(path, parts)
+
+    def kv_write(self, slots: np.ndarray, t: KVType, x: np.ndarray, seqs: np.ndarray, positions: np.ndarray) -> None:
+        self.k.kv_write(slots, t.code, x, seqs, positions)
 
     def matmul(self, w: QWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if out is None:
@@ -114,12 +121,15 @@ class CPUBackend:
     def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
         return self.k.rope(x, positions, inv_freq)
 
-    def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int) -> np.ndarray:
-        return self.k.attention(q, k_cache, v_cache, start_pos, np.empty_like(q))
+    def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int, tk: KVType,
+                  tv: KVType) -> np.ndarray:
+        n = q.shape[0]
+        return self.k.attention_seqs(q, k_cache[None], v_cache[None], tk.code, tv.code, np.zeros(n, np.int64),
+                                     np.arange(start_pos, start_pos + n, dtype=np.int64), np.empty_like(q))
 
     def attention_seqs(self, q: np.ndarray, k_slots: np.ndarray, v_slots: np.ndarray, seqs: np.ndarray,
-                       positions: np.ndarray) -> np.ndarray:
-        return self.k.attention_seqs(q, k_slots, v_slots, seqs, positions, np.empty_like(q))
+                       positions: np.ndarray, tk: KVType, tv: KVType) -> np.ndarray:
+        return self.k.attention_seqs(q, k_slots, v_slots, tk.code, tv.code, seqs, positions, np.empty_like(q))
 
     def indices(self, a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.int64)
@@ -128,7 +138,8 @@ class CPUBackend:
         return self.k.silu_mul(gate, up, np.empty_like(gate))
 
 
-def make_backends(gguf: GGUFFile, config: LlamaConfig, n_gpu_layers: int, n_threads: int | None, n_ctx: int, n_batch: int):
+def make_backends(gguf: GGUFFile, config: LlamaConfig, n_gpu_layers: int, n_threads: int | None, n_ctx: int, n_batch: int,
+                  kv_types: tuple[KVType, KVType] | None = None):
     """Per-layer backends and the head backend. n_gpu_layers: 0 = CPU only, -1 (or >= n_layers) = all
     on the GPU. Without cupy or a usable GPU the model runs on the CPU, with a warning (as
     llama-cpp-python's CPU build does). The GPU memory a placement needs is checked before anything
@@ -149,7 +160,7 @@ def make_backends(gguf: GGUFFile, config: LlamaConfig, n_gpu_layers: int, n_thre
                       f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=3)
         return [cpu] * n_layers, cpu
     n_gpu = n_layers if n_gpu_layers < 0 or n_gpu_layers >= n_layers else n_gpu_layers
-    plan = check_fits(gguf, config, n_gpu, n_ctx, n_batch, gpu.free_memory())
+    plan = check_fits(gguf, config, n_gpu, n_ctx, n_batch, gpu.free_memory(), kv_types=kv_types)
     gpu.expect_upload(plan.weight_bytes)
     # The last n_gpu layers go to the GPU (as llama.cpp offloads), the head too when all layers do.
     backends = [cpu] * (n_layers - n_gpu) + [gpu] * n_gpu

@@ -146,7 +146,8 @@ def _ints(v: int | Sequence[int]) -> list[int]:
 
 def bench_model(model_path: str, n_prompt: int | Sequence[int] = 128, n_gen: int | Sequence[int] = 64,
                 repetitions: int = 3, n_threads: int | None = None, n_gpu_layers: int = 0, seed: int = 0,
-                depth: int | Sequence[int] = 0, read_bw: dict | None = None) -> dict:
+                depth: int | Sequence[int] = 0, read_bw: dict | None = None, type_k: str = "f16",
+                type_v: str = "f16") -> dict:
     """Run every pp test (one per n_prompt > 0) and tg test (one per n_gen > 0) at every depth on one
     model; returns the figures a table needs. `read_bw` caches bandwidth measurements between calls
     (keyed by placement and threads)."""
@@ -157,7 +158,7 @@ def bench_model(model_path: str, n_prompt: int | Sequence[int] = 128, n_gen: int
         raise ValueError(f"depth {min(depths)}: expected a number of tokens >= 0")
     n_ctx = max([16] + [d + n for d in depths for n in prompts] + [max(d, 1) + n for d in depths for n in gens])
     llm = Llama(model_path, n_ctx=n_ctx, n_batch=max(prompts, default=1), n_threads=n_threads,
-                n_gpu_layers=n_gpu_layers)
+                n_gpu_layers=n_gpu_layers, type_k=type_k, type_v=type_v)
     import numba
 
     threads = numba.get_num_threads()
@@ -180,6 +181,9 @@ def bench_model(model_path: str, n_prompt: int | Sequence[int] = 128, n_gen: int
         "bytes_per_token": weight_bytes_per_token(llm, None if all_on_gpu or not n_gpu else "cpu"),
         "read_bw": read_bw[key],
         "bw_kind": "GPU copy" if all_on_gpu else ("CPU read, CPU layers' weights" if n_gpu else "CPU read"),
+        "type_k": llm.kv_cache.type_k.name,
+        "type_v": llm.kv_cache.type_v.name,
+        "kv_bytes_per_token": llm.kv_cache.nbytes / (llm.kv_cache.n_ctx * llm.kv_cache.n_seq),  # of the arrays made
         "results": results,
     }
     llm.close()
@@ -195,8 +199,8 @@ def _bandwidth(r: dict, res: BenchResult) -> tuple[float, float] | None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | size | params | backend | test | t/s | weights GB/s | share of measured bw |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | size | params | backend | KV (bytes/token) | test | t/s | weights GB/s | share of measured bw |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for res in r["results"]:
             gbs = share = ""
@@ -204,14 +208,15 @@ def markdown_table(rows: list[dict]) -> str:
             if bw is not None:
                 gbs = f"{bw[0] / 1e9:.1f}"
                 share = f"{100 * bw[1]:.0f}% of {r['bw_kind']} {r['read_bw'] / 1e9:.1f}"
+            kv = f"{r['type_k']}/{r['type_v']} ({r['kv_bytes_per_token']:,.0f})"
             lines.append(f"| {r['model']} | {r['size'] / 2**20:.0f} MiB | {r['params'] / 1e9:.2f} B | {r['backend']} "
-                         f"| {res.test} | {res.mean:.2f} ± {res.std:.2f} | {gbs} | {share} |")
+                         f"| {kv} | {res.test} | {res.mean:.2f} ± {res.std:.2f} | {gbs} | {share} |")
     return "\n".join(lines)
 
 
 # llama-bench's field names where it has the figure; weights_gbs / bw_share are pyggml's (tg only).
 RECORD_FIELDS = ("model_filename", "model_size", "model_n_params", "backends", "n_threads", "n_gpu_layers",
-                 "n_prompt", "n_gen", "n_depth", "test", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts",
+                 "type_k", "type_v", "kv_bytes_per_token", "n_prompt", "n_gen", "n_depth", "test", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts",
                  "weights_gbs", "measured_gbs", "bw_kind", "bw_share")
 
 
@@ -225,6 +230,7 @@ def records(rows: list[dict]) -> list[dict]:
             out.append({
                 "model_filename": r["model"], "model_size": r["size"], "model_n_params": r["params"],
                 "backends": r["backend"], "n_threads": r["threads"], "n_gpu_layers": r["n_gpu_layers"],
+                "type_k": r["type_k"], "type_v": r["type_v"], "kv_bytes_per_token": r["kv_bytes_per_token"],
                 "n_prompt": res.n_tokens if res.kind == "pp" else 0, "n_gen": res.n_tokens if res.kind == "tg" else 0,
                 "n_depth": res.depth, "test": res.test,
                 "avg_ns": round(statistics.fmean(ns)), "stddev_ns": round(statistics.stdev(ns)) if len(ns) > 1 else 0,

@@ -315,6 +315,41 @@ class LlamaCppCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
+class KVTypeParam(click.ParamType):
+    """A KV cache type of the registry (model/kvtypes.py), looked up only when the option is used."""
+
+    name = "kv_type"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        from .model.kvtypes import KV_TYPES
+
+        return "[" + "|".join(KV_TYPES) + "]"
+
+    def convert(self, value, param, ctx) -> str:
+        from .model.kvtypes import KVTypeError, kv_type
+
+        try:
+            return kv_type(str(value).strip()).name
+        except KVTypeError as e:
+            self.fail(str(e), param, ctx)
+
+
+KV_TYPE = KVTypeParam()
+
+
+def _kv_options(f):
+    """-ctk / -ctv, as llama.cpp's."""
+    f = click.option("-ctv", "--cache-type-v", "type_v", type=KV_TYPE, default="f16", show_default=True,
+                     help="KV cache type of the values.")(f)
+    return click.option("-ctk", "--cache-type-k", "type_k", type=KV_TYPE, default="f16", show_default=True,
+                        help="KV cache type of the keys.")(f)
+
+
+def _kv_list(ctx, param, values: tuple[str, ...]) -> list[str]:
+    """llama-bench's -ctk/-ctv lists: comma-separated, repeatable."""
+    return [KV_TYPE.convert(v, param, ctx) for value in values for v in str(value).split(",") if v.strip()]
+
+
 def _gpu_layers(value: str) -> int:
     v = str(value).strip().lower()
     if v in ("all", "auto"):
@@ -370,12 +405,13 @@ def _version(ctx, _param, value) -> None:
 @click.option("--grammar-file", type=click.Path(exists=True, dir_okay=False), help="File with a GBNF grammar.")
 @click.option("-j", "--json-schema", "json_schema", help="JSON schema constraining the output (JSON text or a file).")
 @click.option("--kv-file", type=click.Path(dir_okay=False), help="Back the KV cache by this file (default: anonymous memory).")
+@_kv_options
 @click.option("--session", "session_path", type=click.Path(dir_okay=False), help="Load the context from / save it to this file.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version, help="Print the version and exit.")
 def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, conversation, no_conversation, interactive,
         chat_template, n_predict, ctx_size, batch_size, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
         presence_penalty, frequency_penalty, seed, threads, n_gpu_layers, flash_attn, stops, more_stops, ignore_eos,
-        color, grammar_text, grammar_file, json_schema, kv_file, session_path) -> None:
+        color, grammar_text, grammar_file, json_schema, kv_file, type_k, type_v, session_path) -> None:
     """Run a model: complete a prompt (-p), or chat interactively (llama.cpp's llama-cli flags)."""
     import warnings
 
@@ -430,7 +466,8 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
             with _FirstRun() as first:
                 llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads,
                             n_gpu_layers=_gpu_layers(n_gpu_layers), seed=seed if seed is not None else -1,
-                            kv_path=kv_file, chat_format=template_name, last_n_tokens_size=repeat_last_n, verbose=False)
+                            kv_path=kv_file, chat_format=template_name, last_n_tokens_size=repeat_last_n, verbose=False,
+                            type_k=type_k, type_v=type_v)
                 first.warm_up(llm)
             params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                                     repeat_last_n=repeat_last_n, seed=seed, presence_penalty=presence_penalty,
@@ -596,9 +633,13 @@ def _int_list(_ctx, param, values: tuple[str, ...]) -> list[int]:
 @click.option("-t", "--threads", multiple=True, metavar="N[,N...]", callback=_int_list, help="CPU threads, comma-separated (default: all cores).")
 @click.option("-ngl", "--n-gpu-layers", multiple=True, metavar="N[,N...]", default=["0"], show_default=True, callback=_int_list,
               help="Layers to offload to the GPU, comma-separated (N, all).")
+@click.option("-ctk", "--cache-type-k", "types_k", multiple=True, metavar="TYPE[,TYPE...]", default=["f16"], show_default=True,
+              callback=_kv_list, help="KV cache types of the keys, comma-separated (f32, f16, q8_0, q4_0).")
+@click.option("-ctv", "--cache-type-v", "types_v", multiple=True, metavar="TYPE[,TYPE...]", default=["f16"], show_default=True,
+              callback=_kv_list, help="KV cache types of the values, comma-separated.")
 @click.option("-o", "--output", "output", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True,
               help="Output format.")
-def bench(models, n_prompt, n_gen, n_depth, repetitions, threads, n_gpu_layers, output) -> None:
+def bench(models, n_prompt, n_gen, n_depth, repetitions, threads, n_gpu_layers, types_k, types_v, output) -> None:
     """Measure prompt processing and generation speed, as llama-bench: every combination of the
     lists runs; a markdown table, JSON or CSV."""
     from .api import BackendUnavailableError, Llama
@@ -619,8 +660,11 @@ def bench(models, n_prompt, n_gen, n_depth, repetitions, threads, n_gpu_layers, 
         for path in models:
             for ngl in n_gpu_layers:
                 for t in threads or [None]:
-                    click.echo(f"benchmarking {path} ...", err=True)
-                    rows.append(bench_model(path, n_prompt, n_gen, repetitions, t, ngl, depth=n_depth, read_bw=read_bw))
+                    for tk in types_k:
+                        for tv in types_v:
+                            click.echo(f"benchmarking {path} ...", err=True)
+                            rows.append(bench_model(path, n_prompt, n_gen, repetitions, t, ngl, depth=n_depth,
+                                                    read_bw=read_bw, type_k=tk, type_v=tv))
     except (GGUFError, ModelError, TokenizerError, BackendUnavailableError, NotImplementedError, ValueError, OSError) as e:
         _fail(str(e))
     click.echo(FORMATS[output](rows))
@@ -638,7 +682,12 @@ def bench(models, n_prompt, n_gen, n_depth, repetitions, threads, n_gpu_layers, 
 @click.option("--chunks", "n_chunks", default=-1, show_default=True, help="Chunks to evaluate (-1 = all the text has).")
 @click.option("--kl-base", "kl_base", type=click.Path(exists=True, dir_okay=False),
               help="Base model (e.g. f16) to compare against: KL divergence, PPL of both, top-1 agreement.")
-def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layers, n_chunks, kl_base) -> None:
+@_kv_options
+@click.option("--kl-base-kv", "kl_base_kv", type=KV_TYPE, default=None,
+              help="KV cache type (keys and values) of the --kl-base run (default: -ctk/-ctv). With --kl-base the same file "
+                   "measures what a KV cache type costs: --kl-base MODEL --kl-base-kv f32 -ctk q8_0 -ctv q8_0.")
+def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layers, n_chunks, kl_base, type_k, type_v,
+               kl_base_kv) -> None:
     """Perplexity of a model over a text (as llama.cpp's perplexity tool), or its KL divergence from a base model."""
     import time
 
@@ -670,10 +719,12 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
 
     try:
         with _FirstRun() as first:
-            llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads, n_gpu_layers=n_gpu_layers)
+            llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads, n_gpu_layers=n_gpu_layers,
+                        type_k=type_k, type_v=type_v)
             first.warm_up(llm)
-        base = Llama(kl_base, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads,
-                     n_gpu_layers=n_gpu_layers) if kl_base else None
+        base_k, base_v = (kl_base_kv, kl_base_kv) if kl_base_kv else (type_k, type_v)
+        base = Llama(kl_base, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads, n_gpu_layers=n_gpu_layers,
+                     type_k=base_k, type_v=base_v) if kl_base else None
         t0 = time.perf_counter()
         if base is not None:
             result = kl_divergence(llm, base, text, n_chunks=n_chunks, on_chunk=on_chunk)
@@ -705,8 +756,9 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
 @click.option("-a", "--alias", help="Model name the API reports (default: the file name).")
 @click.option("--chat-template", "chat_template", help="Built-in chat template (llama-2, chatml) instead of the file's.")
 @click.option("--max-queue", default=256, show_default=True, help="Requests that may wait for a slot; more are answered 503.")
+@_kv_options
 def serve(model_path, host, port, ctx_size, batch_size, n_parallel, cont_batching, n_gpu_layers, threads, api_key, alias,
-          chat_template, max_queue) -> None:
+          chat_template, max_queue, type_k, type_v) -> None:
     """OpenAI-compatible HTTP server (llama-server's flags and endpoints). Needs pip install "pyggml[server]"."""
     try:
         import starlette  # noqa: F401 - the server extra, imported by serve() only once the model is set
@@ -719,7 +771,7 @@ def serve(model_path, host, port, ctx_size, batch_size, n_parallel, cont_batchin
     run_server(ServerSettings(model_path=model_path, host=host, port=port, n_ctx=ctx_size, n_batch=batch_size,
                               n_parallel=n_parallel, n_gpu_layers=_gpu_layers(n_gpu_layers), n_threads=threads,
                               api_key=api_key, alias=alias, max_queue=max_queue, cont_batching=cont_batching,
-                              chat_format=chat_template))
+                              chat_format=chat_template, type_k=type_k, type_v=type_v))
 
 if __name__ == "__main__":
     main()

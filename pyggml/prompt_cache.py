@@ -18,10 +18,11 @@ class LlamaState:
     input_ids: np.ndarray          # (n_tokens,) int32
     scores: np.ndarray | None      # (n_vocab,) float32 logits after input_ids, or None
     n_tokens: int
-    kv: list[tuple[np.ndarray, np.ndarray]]  # per layer: k, v of shape (n_kv_heads, n_tokens, head_dim)
+    kv: list[tuple[np.ndarray, np.ndarray]]  # per layer: k, v (n_kv_heads, n_tokens, width) as the cache stores them
     seed: int | None
     fingerprint: str = ""          # the model it belongs to
     n_ctx: int = 0
+    kv_types: tuple[str, str] = ("f32", "f32")  # the KV cache types of kv (model/kvtypes.py)
 
     @property
     def llama_state_size(self) -> int:

@@ -2,8 +2,9 @@
 conversation resumes without re-processing its prompt.
 
 File layout (little-endian): magic, u32 version, u64 JSON header length, JSON header
-(fingerprint, n_ctx, tokens, has_logits, extra), then for each layer k[:, :n] and v[:, :n] as
-float32, then the last logits (n_vocab float32). Untrusted like any input: sizes are checked before
+(fingerprint, n_ctx, tokens, has_logits, extra, type_k, type_v), then for each layer k[:, :n] and
+v[:, :n] as the cache stores them (model/kvtypes.py; version 1 files hold float32), then the last logits
+(n_vocab float32). Untrusted like any input: sizes are checked before
 reading, the header is parsed within size and depth limits and every field's type is checked.
 Saving writes a temp file beside the target and renames it into place; `check_writable` lets a
 caller find out before a generation that the save would fail.
@@ -27,7 +28,7 @@ from .model.config import LlamaConfig
 from .model.kvcache import KVCache
 
 MAGIC = b"PYGGMLSS"
-VERSION = 1
+VERSION = 2  # 2: the KV cache types in the header, rows stored in them
 MAX_HEADER = 64 << 20
 MAX_HEADER_DEPTH = 32  # {extra: {messages: [{content: [{...}]}]}} is 6
 
@@ -52,12 +53,13 @@ def save_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, toke
     """`extra` is any JSON-able data the caller wants back (e.g. a chat history)."""
     n = len(tokens)
     header = json.dumps({"fingerprint": fingerprint, "n_ctx": cache.n_ctx, "tokens": [int(t) for t in tokens],
-                         "has_logits": logits is not None, "extra": extra or {}}).encode()
+                         "has_logits": logits is not None, "extra": extra or {},
+                         "type_k": cache.type_k.name, "type_v": cache.type_v.name}).encode()
     with atomic_output(path) as out:
         out.write(MAGIC + struct.pack("<IQ", VERSION, len(header)) + header)
         for li in range(cache.config.n_layers):
-            for part in cache.layer(li):
-                out.write(np.ascontiguousarray(to_host(part[:, :n]), dtype=np.float32).tobytes())
+            for part, t in zip(cache.layer(li), cache.types):
+                out.write(np.ascontiguousarray(to_host(part[:, :n]), dtype=t.dtype).tobytes())
         if logits is not None:
             out.write(np.ascontiguousarray(logits, dtype=np.float32).tobytes())
 
@@ -135,7 +137,7 @@ def load_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, to_d
         if len(head) < len(MAGIC) + 12 or head[: len(MAGIC)] != MAGIC:
             raise SessionError(f"{path}: not a pyggml session file")
         version, hlen = struct.unpack("<IQ", head[len(MAGIC):])
-        if version != VERSION:
+        if version not in (1, VERSION):
             raise SessionError(f"{path}: session format version {version}, expected {VERSION}")
         if hlen > min(MAX_HEADER, size):
             raise SessionError(f"{path}: header length {hlen} is larger than the file")
@@ -151,13 +153,18 @@ def load_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, to_d
         n = len(tokens)
         if n > cache.n_ctx or any(not 0 <= t < cfg.n_vocab for t in tokens):
             raise SessionError(f"{path}: corrupt token list")
-        per_part = cfg.n_kv_heads * n * cfg.head_dim
-        expected = len(MAGIC) + 12 + hlen + 4 * (2 * cfg.n_layers * per_part + (cfg.n_vocab if has_logits else 0))
+        saved = ("f32", "f32") if version == 1 else (header.get("type_k"), header.get("type_v"))
+        if saved != (cache.type_k.name, cache.type_v.name):
+            raise SessionError(f"{path}: the session was saved with KV cache types {saved[0]}/{saved[1]} (keys/values); this "
+                               f"context stores {cache.type_k.name}/{cache.type_v.name} (-ctk/-ctv)")
+        widths = [t.row_width(cfg.head_dim) for t in cache.types]
+        part_bytes = [cfg.n_kv_heads * n * w * t.dtype.itemsize for w, t in zip(widths, cache.types)]
+        expected = len(MAGIC) + 12 + hlen + cfg.n_layers * sum(part_bytes) + (4 * cfg.n_vocab if has_logits else 0)
         if size != expected:
             raise SessionError(f"{path}: {size} bytes, expected {expected} for {n} tokens (truncated or corrupt)")
         for li in range(cfg.n_layers):
-            for part in cache.layer(li):
-                data = np.frombuffer(f.read(4 * per_part), dtype=np.float32).reshape(cfg.n_kv_heads, n, cfg.head_dim)
+            for part, t, w, nb in zip(cache.layer(li), cache.types, widths, part_bytes):
+                data = np.frombuffer(f.read(nb), dtype=t.dtype).reshape(cfg.n_kv_heads, n, w)
                 part[:, :n] = to_device(data)
         logits = np.frombuffer(f.read(4 * cfg.n_vocab), dtype=np.float32).copy() if has_logits else None
     return tokens, logits, extra

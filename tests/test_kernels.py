@@ -149,7 +149,8 @@ def test_attention_gqa_causal(n_head, n_kv, n_tok, start):
     k = rng.standard_normal((n_kv, ctx, hd)).astype(np.float32)
     v = rng.standard_normal((n_kv, ctx, hd)).astype(np.float32)
     k[:, start + n_tok :] = 1e6  # positions past the last token must not be read
-    got = cpu.attention(q, k, v, start, np.empty_like(q))
+    n = q.shape[0]
+    got = cpu.attention_seqs(q, k[None], v[None], 0, 0, np.zeros(n, np.int64), np.arange(start, start + n), np.empty_like(q))
     np.testing.assert_allclose(got, ref.attention(q, k, v, start), rtol=1e-4, atol=1e-5)
 
 

@@ -32,7 +32,7 @@ def test_created_then_reused_for_the_same_shape(tmp_path):
     assert p.stat().st_size == HEADER_BYTES + 2 * 3 * 4 * 4
     b = open_kv_file(p, (2, 3, 4))
     assert (b == 7).all()
-    with pytest.raises(KVFileError, match="another model or context size"):
+    with pytest.raises(KVFileError, match="another model, context size or cache type"):
         open_kv_file(p, (2, 3, 5))
 
 

@@ -8,6 +8,7 @@ from pyggml.backends import BackendUnavailableError
 from pyggml.cuda.backend import ATT_SPLITS, GPUMemoryError, attn_splits, check_fits, plan_offload
 from pyggml.gguf import GGMLType, GGUFFile
 from pyggml.model import LlamaConfig
+from pyggml.model.kvtypes import kv_type
 from pyggml.synthetic import Shape, write_random_model
 
 SHAPE = Shape(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=300, ctx=64)
@@ -27,7 +28,9 @@ def test_plan_counts_layer_weights_head_and_kv(model):
     head = sum(f.tensors[n].nbytes for n in ("token_embd.weight", "output.weight", "output_norm.weight"))
     two = plan_offload(f, cfg, 2, n_ctx=64, n_batch=8)
     assert two.weight_bytes == 2 * layer and not two.head_on_gpu
-    assert two.kv_bytes == 2 * 2 * cfg.n_kv_heads * 64 * cfg.head_dim * 4
+    assert two.kv_bytes == 2 * 2 * cfg.n_kv_heads * 64 * cfg.head_dim * 2  # f16 keys and values by default
+    q8 = plan_offload(f, cfg, 2, n_ctx=64, n_batch=8, kv_types=(kv_type("q8_0"), kv_type("f32")))
+    assert q8.kv_bytes == 2 * cfg.n_kv_heads * 64 * (cfg.head_dim // 32 * 34 + cfg.head_dim * 4)
     full = plan_offload(f, cfg, 4, n_ctx=64, n_batch=8)
     assert full.head_on_gpu and full.weight_bytes == 4 * layer + head
     assert plan_offload(f, cfg, 0, 64, 8).total == 0

@@ -21,6 +21,7 @@ from ..tensor import KERNEL_TYPE_CODES, QWeight
 from .kpack import K_PACKED_TYPES, PAIRS, kpacked_emitters, pack_k
 from .decoders import F16_TABLE, decode_rows, try_decode_row
 from .f16tile import matmul_bf16_tiled, matmul_f16_tiled
+from .kvattn import attention_seqs, kv_write  # noqa: F401  (the backend's KV ops)
 from .simd import HAS_F16_VECTOR, INT8_PREFETCH, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
 
 _CODES = KERNEL_TYPE_CODES
@@ -257,39 +258,6 @@ def _rope(x, positions, inv_freq):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def _attention(q, k, v, seqs, pos, out):
-    """Causal GQA attention of tokens of several sequences. q: (n_tok, n_head, hd); k, v: (n_seq, n_kv,
-    ctx, hd); token t attends to positions 0..pos[t] of sequence seqs[t]; out like q."""
-    n_tok, n_head, hd = q.shape
-    group = n_head // k.shape[1]
-    scale = np.float32(1.0 / np.sqrt(hd))
-    for th in prange(n_tok * n_head):
-        t, h = th // n_head, th % n_head
-        kt, vt = k[seqs[t], h // group], v[seqs[t], h // group]
-        n = pos[t] + 1
-        scores = np.empty(n, np.float32)
-        m = np.float32(-np.inf)
-        for p in range(n):
-            s = np.float32(0.0)
-            for j in range(hd):
-                s += q[t, h, j] * kt[p, j]
-            s *= scale
-            scores[p] = s
-            m = max(m, s)
-        total = np.float32(0.0)
-        for p in range(n):
-            e = np.exp(scores[p] - m)
-            scores[p] = e
-            total += e
-        for j in range(hd):
-            out[t, h, j] = 0.0
-        for p in range(n):
-            wgt = scores[p] / total
-            for j in range(hd):
-                out[t, h, j] += wgt * vt[p, j]
-
-
-@njit(parallel=True, cache=True, fastmath=True)
 def _silu_mul(g, u, out):
     for i in prange(g.size):
         x = g.flat[i]
@@ -387,19 +355,6 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
     """Rotate adjacent pairs in place. x: (n_tok, n_heads, head_dim)."""
     _rope(x, positions, inv_freq)
     return x
-
-
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, out: np.ndarray) -> np.ndarray:
-    """Tokens at start_pos.. of one sequence: k, v (n_kv, ctx, hd)."""
-    n = q.shape[0]
-    _attention(q, k[None], v[None], np.zeros(n, np.int64), np.arange(start_pos, start_pos + n, dtype=np.int64), out)
-    return out
-
-
-def attention_seqs(q: np.ndarray, k: np.ndarray, v: np.ndarray, seqs: np.ndarray, pos: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Tokens of several sequences: k, v (n_seq, n_kv, ctx, hd); token t at pos[t] of slot seqs[t]."""
-    _attention(q, k, v, seqs, pos, out)
-    return out
 
 
 def silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -17,10 +17,10 @@ def cached_kernels() -> list:
     """The numba dispatchers of the CPU kernels that keep their code on disk (cache=True)."""
     from numba.core.dispatcher import Dispatcher
 
-    from . import cpu, decoders, kpack
+    from . import cpu, decoders, kpack, kvattn
 
     seen: dict[int, Dispatcher] = {}
-    for module in (cpu, decoders, kpack):
+    for module in (cpu, decoders, kpack, kvattn):
         for v in vars(module).values():
             if isinstance(v, Dispatcher) and hasattr(v._cache, "_cache_file"):
                 seen.setdefault(id(v), v)

@@ -206,13 +206,11 @@ class LlamaModel:
         seqs, pos = index(b)  # on the backend, once a forward pass (not once an op)
         b.rope(q, pos, self.inv_freq)
         b.rope(k, pos, self.inv_freq)
+        cache.write_tokens(li, seqs, pos, k, v)  # encoded as the cache stores them
         if len(runs) == 1:
-            r = runs[0]
-            cache.write(li, r.seq, r.start, k, v)
-            att = b.attention(q, *cache.layer(li, r.seq), r.start)
-        else:  # several sequences: one scatter into their slots, each token attends to its own slot
-            cache.write_tokens(li, seqs, pos, k, v)
-            att = b.attention_seqs(q, *cache.slots(li), seqs, pos)
+            att = b.attention(q, *cache.layer(li, runs[0].seq), runs[0].start, *cache.types)
+        else:  # several sequences: each token attends to its own slot
+            att = b.attention_seqs(q, *cache.slots(li), seqs, pos, *cache.types)
         x = x + b.matmul(layer.wo, att.reshape(n_tok, cfg.q_dim))
         h = b.rmsnorm(x, layer.ffn_norm, cfg.rms_eps)
         a = b.silu_mul(*b.matmuls((layer.w_gate, layer.w_up), h))

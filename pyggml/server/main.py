@@ -31,6 +31,8 @@ class ServerSettings:
     max_queue: int = 256
     cont_batching: bool = True
     chat_format: str | None = None
+    type_k: str = "f16"  # KV cache types (-ctk / -ctv)
+    type_v: str = "f16"
     log_level: str = "info"
 
 
@@ -56,7 +58,8 @@ def load_engine(s: ServerSettings) -> LlamaEngine:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         llm = Llama(s.model_path, n_ctx=n_ctx // n_par if n_ctx else 0, n_batch=s.n_batch, n_threads=s.n_threads,
-                    n_gpu_layers=s.n_gpu_layers, seed=-1, chat_format=s.chat_format, verbose=False, n_seq_max=n_par)
+                    n_gpu_layers=s.n_gpu_layers, seed=-1, chat_format=s.chat_format, verbose=False, n_seq_max=n_par,
+                    type_k=s.type_k, type_v=s.type_v)
     for w in caught:
         log.warning("%s", w.message)
     log.info("loaded %s: %d slot%s of %d tokens%s", s.model_path, n_par, "s" if n_par > 1 else "", llm.n_ctx(),

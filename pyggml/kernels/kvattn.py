@@ -1,0 +1,250 @@
+"""The KV cache's CPU kernels: rows written in the cache's type, attention reading that type directly.
+
+Every cache array reaches these kernels as its bytes (uint8, C-contiguous): row (slot s, head h,
+position p) of a (n_seq, n_kv, ctx, width) array starts at byte ((s * n_kv + h) * ctx + p) * row_bytes
+and holds head_dim values as f32, f16, or ggml's q8_0 / q4_0 blocks (model/kvtypes.py; the codes are
+its rows' `code`). The numpy references are KVType.encode / decode and kernels/reference.py's attention.
+
+Attention takes the query heads that share a key head together: each cached row is decoded once into
+a float buffer (vcvtph2ps for f16 where the host has F16C; a table elsewhere) and serves every head of
+the group, so the cache is read once per token and key head, in its stored size.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from ..model.kvtypes import KV_TYPES
+from .decoders import F16_TABLE
+from .simd import _F32, HAS_F16_VECTOR, _data, _load_scalar
+
+KV_F32, KV_F16, KV_Q8_0, KV_Q4_0 = (KV_TYPES[n].code for n in ("f32", "f16", "q8_0", "q4_0"))
+QK = 32  # values per q8_0 / q4_0 block
+B_Q8_0, B_Q4_0 = 34, 18  # bytes per block
+_NATIVE_HALF = HAS_F16_VECTOR
+
+__all__ = ["kv_write", "attention_seqs"]
+
+
+@intrinsic
+def _float_at(typingctx, buf, off):
+    """The float32 at byte `off` of a uint8 array."""
+    def codegen(context, builder, sig, args):
+        return _load_scalar(builder, _data(context, builder, sig.args[0], args[0]), args[1], _F32)
+    return types.float32(buf, off), codegen
+
+
+@intrinsic
+def _half_at(typingctx, buf, off):
+    """The fp16 at byte `off` of a uint8 array, as float32 (hardware conversion; hosts with F16C)."""
+    def codegen(context, builder, sig, args):
+        from llvmlite import ir
+        h = _load_scalar(builder, _data(context, builder, sig.args[0], args[0]), args[1], ir.HalfType())
+        return builder.fpext(h, _F32)
+    return types.float32(buf, off), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """The bits of a float32 as uint32."""
+    def codegen(context, builder, sig, args):
+        from llvmlite import ir
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@njit(inline="always")
+def _half(buf, o, table):
+    if _NATIVE_HALF:
+        return _half_at(buf, o)
+    return table[np.int64(buf[o]) | (np.int64(buf[o + 1]) << 8)]
+
+
+@njit(inline="always")
+def _load_row(buf, o, code, hd, out, table):
+    """Decode the row at byte o of buf into out[:hd] (float32)."""
+    if code == KV_F32:
+        for j in range(hd):
+            out[j] = _float_at(buf, o + 4 * j)
+    elif code == KV_F16:
+        for j in range(hd):
+            out[j] = _half(buf, o + 2 * j, table)
+    elif code == KV_Q8_0:
+        for b in range(hd // QK):
+            ob = o + b * B_Q8_0
+            d = _half(buf, ob, table)
+            for j in range(QK):
+                out[b * QK + j] = d * np.float32(np.int8(buf[ob + 2 + j]))
+    else:  # KV_Q4_0 (codes are checked by the public functions)
+        for b in range(hd // QK):
+            ob = o + b * B_Q4_0
+            d = _half(buf, ob, table)
+            for j in range(QK // 2):
+                byte = np.int32(buf[ob + 2 + j])
+                out[b * QK + j] = d * np.float32((byte & 15) - 8)
+                out[b * QK + j + QK // 2] = d * np.float32((byte >> 4) - 8)
+
+
+# ------------------------------------------------------------------------------------ writes
+@njit(inline="always")
+def _f16_bits(x):
+    """float32 -> fp16 bits, rounded to nearest even (numpy's astype(float16), ggml's F16C)."""
+    b = np.int64(_f32_bits(x))
+    sign = (b >> 16) & 0x8000
+    e = (b >> 23) & 0xFF
+    m = b & 0x7FFFFF
+    if e == 0xFF:  # inf, NaN (payload kept, never turned into inf)
+        if m == 0:
+            return sign | 0x7C00
+        h = 0x7C00 | (m >> 13)
+        return sign | (h + 1 if h == 0x7C00 else h)
+    if e >= 143:  # |x| >= 65536: inf
+        return sign | 0x7C00
+    if e <= 112:  # subnormal half, or zero
+        if e < 102:
+            return sign
+        sig = m | 0x800000
+        shift = 126 - e
+        h = sig >> shift
+        rem = sig & ((np.int64(1) << shift) - 1)
+        half = np.int64(1) << (shift - 1)
+        if rem > half or (rem == half and (h & 1)):
+            h += 1
+        return sign | h
+    h = ((e - 112) << 10) | (m >> 13)
+    rem = m & 0x1FFF
+    if rem > 0x1000 or (rem == 0x1000 and (h & 1)):
+        h += 1  # a carry into the exponent is right, up to inf
+    return sign | h
+
+
+@njit(inline="always")
+def _put16(buf, o, bits):
+    buf[o] = np.uint8(bits & 0xFF)
+    buf[o + 1] = np.uint8((bits >> 8) & 0xFF)
+
+
+@njit(inline="always")
+def _encode_row(x, code, buf, o):
+    """Store x (float32, head_dim) at byte o of buf as ggml does (quantize_row_q8_0_ref / q4_0_ref:
+    float32 arithmetic, no contraction into fma)."""
+    hd = x.size
+    if code == KV_F32:
+        for j in range(hd):
+            bits = np.int64(_f32_bits(x[j]))
+            _put16(buf, o + 4 * j, bits)
+            _put16(buf, o + 4 * j + 2, bits >> 16)
+    elif code == KV_F16:
+        for j in range(hd):
+            _put16(buf, o + 2 * j, _f16_bits(x[j]))
+    elif code == KV_Q8_0:
+        for b in range(hd // QK):
+            ob = o + b * B_Q8_0
+            amax = np.float32(0.0)
+            for j in range(QK):
+                amax = max(amax, abs(x[b * QK + j]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            _put16(buf, ob, _f16_bits(d))
+            for j in range(QK):
+                v = np.float64(x[b * QK + j] * inv)  # roundf: half away from zero
+                q = np.int64(np.floor(abs(v) + 0.5))
+                buf[ob + 2 + j] = np.uint8((q if v >= 0 else -q) & 0xFF)
+    else:  # KV_Q4_0
+        for b in range(hd // QK):
+            ob = o + b * B_Q4_0
+            amax, vmax = np.float32(0.0), np.float32(0.0)
+            for j in range(QK):
+                v = x[b * QK + j]
+                if amax < abs(v):
+                    amax, vmax = abs(v), v
+            d = vmax / np.float32(-8.0)
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            _put16(buf, ob, _f16_bits(d))
+            for j in range(QK // 2):
+                lo = min(15, np.int64(np.float32(x[b * QK + j] * inv) + np.float32(8.5)))
+                hi = min(15, np.int64(np.float32(x[b * QK + j + QK // 2] * inv) + np.float32(8.5)))
+                buf[ob + 2 + j] = np.uint8(lo | (hi << 4))
+
+
+@njit(cache=True)
+def _kv_write(buf, code, row_bytes, n_kv, ctx, x, seqs, pos):
+    """x (n_tok, n_kv, head_dim) float32: token t's rows into slot seqs[t] at position pos[t]."""
+    for t in range(x.shape[0]):
+        for h in range(n_kv):
+            _encode_row(x[t, h], code, buf, ((seqs[t] * n_kv + h) * ctx + pos[t]) * row_bytes)
+
+
+# ---------------------------------------------------------------------------------- attention
+@njit(parallel=True, cache=True, fastmath=True)
+def _attention(q, kb, vb, code_k, code_v, rk, rv, n_kv, ctx, seqs, pos, out, table):
+    """Causal GQA attention: q (n_tok, n_head, hd) float32; kb, vb the bytes of (n_seq, n_kv, ctx, width)
+    caches with rows of rk / rv bytes; token t attends to positions 0..pos[t] of slot seqs[t]."""
+    n_tok, n_head, hd = q.shape
+    group = n_head // n_kv
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for tg in prange(n_tok * n_kv):
+        t, g = tg // n_kv, tg % n_kv
+        n = pos[t] + 1
+        base = (seqs[t] * n_kv + g) * ctx
+        row = np.empty(hd, np.float32)
+        scores = np.empty((group, n), np.float32)
+        for p in range(n):
+            _load_row(kb, (base + p) * rk, code_k, hd, row, table)
+            for i in range(group):
+                s = np.float32(0.0)
+                for j in range(hd):
+                    s += q[t, g * group + i, j] * row[j]
+                scores[i, p] = s * scale
+        for i in range(group):
+            m = np.float32(-np.inf)
+            for p in range(n):
+                m = max(m, scores[i, p])
+            total = np.float32(0.0)
+            for p in range(n):
+                e = np.exp(scores[i, p] - m)
+                scores[i, p] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for p in range(n):
+                scores[i, p] *= inv
+        acc = np.zeros((group, hd), np.float32)
+        for p in range(n):
+            _load_row(vb, (base + p) * rv, code_v, hd, row, table)
+            for i in range(group):
+                w = scores[i, p]
+                for j in range(hd):
+                    acc[i, j] += w * row[j]
+        for i in range(group):
+            for j in range(hd):
+                out[t, g * group + i, j] = acc[i, j]
+
+
+# ------------------------------------------------------------------------------------ public API
+def _bytes(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1).view(np.uint8)  # a view: cache arrays are C-contiguous
+
+
+def _check(code: int) -> int:
+    if code not in (KV_F32, KV_F16, KV_Q8_0, KV_Q4_0):
+        raise ValueError(f"no CPU KV kernel for type code {code}")
+    return code
+
+
+def kv_write(slots: np.ndarray, code: int, x: np.ndarray, seqs: np.ndarray, pos: np.ndarray) -> None:
+    """slots (n_seq, n_kv, ctx, width) stored as type `code`; x (n_tok, n_kv, head_dim): token t's rows
+    encoded into slot seqs[t] at position pos[t]."""
+    n_kv, ctx = slots.shape[1], slots.shape[2]
+    row_bytes = slots.shape[3] * slots.itemsize
+    _kv_write(_bytes(slots), _check(code), row_bytes, n_kv, ctx, np.ascontiguousarray(x, np.float32), seqs, pos)
+
+
+def attention_seqs(q: np.ndarray, k: np.ndarray, v: np.ndarray, code_k: int, code_v: int, seqs: np.ndarray,
+                   pos: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Tokens of several sequences: k, v (n_seq, n_kv, ctx, width) stored as code_k / code_v; token t at
+    pos[t] of slot seqs[t]; q, out (n_tok, n_head, head_dim)."""
+    rk, rv = k.shape[3] * k.itemsize, v.shape[3] * v.itemsize
+    _attention(q, _bytes(k), _bytes(v), _check(code_k), _check(code_v), rk, rv, k.shape[1], k.shape[2], seqs, pos, out,
+               F16_TABLE)
+    return out
