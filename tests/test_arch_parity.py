@@ -227,6 +227,42 @@ def test_q8_0_within_int8_tolerance(model):
     assert top1 >= Q8_TOP1, f"{name}: oracle's top-1 token at only {top1:.0%} of positions"
 
 
+def _transformers_logits(d: Path, ids: list[int]) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_transformers_itself_where_installed(model):
+    """Where transformers and torch are installed (the GPU machine has them; CI does not): transformers'
+    own forward of the checkpoint, in float64, is the oracle. The numpy oracle equals it to float64
+    rounding, its greedy continuation is the oracle's, and pyggml's logits (CPU, and every layer on the
+    GPU where cupy is) are within F32_TOL of it; pyggml's greedy text on the GPU equals it too."""
+    name, d, files, prompt, cont, want = model
+    ref = _transformers_logits(d, prompt + cont)
+    assert np.abs(ref - want).max() / np.abs(ref).max() <= 1e-9, f"{name}: the numpy oracle is not transformers"
+    ids = list(prompt)
+    for _ in range(N_GEN):  # transformers' greedy continuation, one full forward a token
+        ids.append(int(_transformers_logits(d, ids)[-1].argmax()))
+    assert ids[N_PROMPT:] == cont, f"{name}: transformers' greedy text differs from the numpy oracle's"
+    placements = [0]
+    try:
+        import cupy  # noqa: F401
+
+        placements.append(-1)
+    except ImportError:
+        pass
+    for ngl in placements:
+        llm = Llama(files["f32"], n_ctx=64, n_gpu_layers=ngl)
+        got = llm.model.forward(np.array(prompt + cont), 0, llm.kv_cache, all_logits=True)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err <= F32_TOL, f"{name} ngl={ngl}: max |logit error| {err:.2e} of the largest logit"
+        llm = Llama(files["f32"], n_ctx=64, n_gpu_layers=ngl)
+        assert list(llm.generate_tokens(prompt, GREEDY, N_GEN)) == cont, f"{name} ngl={ngl}: greedy text differs"
+
+
 # The oracle must be able to fail: each architecture's distinguishing feature, dropped from the HF
 # side only, moves the logits by far more than the f32 tolerance (measured: 7% to 120% of the largest).
 def _adjacent_pair_qk(c, w):  # q/k rows left in GGUF's adjacent-pair order, as if HF stored that
