@@ -122,6 +122,8 @@ def campaign(n: int, seed: int, folder: Path, in_process: bool, timeout: float =
     rng = np.random.default_rng(seed)
     bases = [(p, p.read_bytes(), GGUFFile(p)) for p in base_files(folder)]
     outcomes, escapes = collections.Counter(), {}
+    if not in_process:  # numba compiles the kernels on the first model load (~20 s into a fresh cache):
+        _in_subprocess(bases[0][0], timeout=600)  # not a mutant's time (seed 15's mutant 9 was "hang" so)
     for i in range(n):
         base, data, src = bases[i % len(bases)]
         path = folder / f"mutant-{i % 8}.gguf"
