@@ -345,12 +345,14 @@ def test_attention_seqs_reads_stored_rows(gpu, tk, tv, hd):
 
 
 @pytest.mark.parametrize("tk, tv", KV_PAIRS)
-@pytest.mark.parametrize("hd, n", [(128, 1), (128, 200), (128, 600), (64, 300), (32, 257), (8, 130)])
-def test_decode_attention_kernel_reads_stored_rows(gpu, tk, tv, hd, n):
+@pytest.mark.parametrize("hd, n, one_range", [(128, 1, False), (128, 200, False), (128, 600, False), (128, 600, True),
+                                              (64, 300, False), (64, 700, True), (32, 257, False), (8, 130, False)])
+def test_decode_attention_kernel_reads_stored_rows(gpu, tk, tv, hd, n, one_range):
     """attn_partial as the decode step runs it, for the token at position n-1: the rows before it are
     in the cache; its own row is in the cache too for f32/f16 (the QKV product stores those), else
     in `staged` as floats, which the kernel encodes (the first head of each KV group's block stores
-    the row, bit-exact against KVType.encode) and attends to decoded. 1 to 4 key ranges."""
+    the row, bit-exact against KVType.encode) and attends to decoded. 1 to 5 key ranges; one_range:
+    a single range of all the keys, so that position n-1 falls in a warp's later batch."""
     from pyggml.cuda.backend import ATT_SPLITS, ATT_THREADS, NO_INT8, attn_per_lane, attn_splits
 
     if hd % 32 and (KV_TYPES[tk].quantized or KV_TYPES[tv].quantized):
@@ -373,7 +375,7 @@ def test_decode_attention_kernel_reads_stored_rows(gpu, tk, tv, hd, n):
     fn((n_heads, ATT_SPLITS), (ATT_THREADS,),
        (gpu.to_device(q.reshape(-1)), kd, vd, gpu.to_device(new.reshape(-1)), gpu.indices(np.array([0, n - 1])),
         np.int32(n_ctx), np.int32(hd), np.int32(n_heads // n_kv), np.float32(1 / np.sqrt(hd)), part,
-        cp.zeros(n_heads, np.int32), out, *NO_INT8, np.int32(attn_splits(n_heads, gpu.sms))))
+        cp.zeros(n_heads, np.int32), out, *NO_INT8, np.int32(1 if one_range else attn_splits(n_heads, gpu.sms))))
     assert rel_err(out.get().reshape(1, n_heads, hd), reference.attention(q, kf, vf, n - 1)) < 1e-4
     for got, t, x in ((kd, ktk, new[0]), (vd, ktv, new[1])):
         np.testing.assert_array_equal(got[:, n - 1].get().view(np.uint8), t.encode(x).view(np.uint8))

@@ -1059,6 +1059,13 @@ __device__ __forceinline__ void fetch_row(const u8* __restrict__ row, int d0, Ra
     }
 }
 
+// Byte k of w (0..255) minus (bias - 2^23), exactly: the byte becomes the low mantissa byte of 2^23
+// (one byte permute and one add; the integer-to-float conversion runs at a quarter of the FMA rate,
+// and a q8_0 / q4_0 cache converts every value it reads).
+__device__ __forceinline__ float byte_value(u32 w, int k, float bias) {
+    return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 | k)) - bias;
+}
+
 // The floats of a raw share (a zeroed one gives zeros).
 template <int KV, int PER>
 __device__ __forceinline__ void decode_raw(const RawRow<KV, PER>& r, int d0, float (&x)[PER]) {
@@ -1079,12 +1086,12 @@ __device__ __forceinline__ void decode_raw(const RawRow<KV, PER>& r, int d0, flo
     } else if constexpr (KV == KV_Q8_0) {
         const float d = f16((u16)r.d);
 #pragma unroll
-        for (int e = 0; e < PER; e++) x[e] = (float)(signed char)(r.w[e / 4] >> (8 * (e % 4))) * d;
+        for (int e = 0; e < PER; e++) x[e] = byte_value(r.w[e / 4] ^ 0x80808080u, e % 4, 8388736.f) * d;  // q + 128 - 128
     } else {
         const float d = f16((u16)r.d);
         const int sh = d0 % QK < 16 ? 0 : 4;  // elements 16..31 of a block are the high nibbles
 #pragma unroll
-        for (int e = 0; e < PER; e++) x[e] = (float)((int)((r.w[e / 4] >> (8 * (e % 4) + sh)) & 15) - 8) * d;
+        for (int e = 0; e < PER; e++) x[e] = byte_value((r.w[e / 4] >> sh) & 0x0F0F0F0Fu, e % 4, 8388616.f) * d;  // q - 8
     }
 }
 
@@ -1109,7 +1116,8 @@ __device__ __forceinline__ void load_row(const u8* __restrict__ row, int lane, i
 // replaced by its decoded values, what a later read of the row gives. Every lane of the warp calls
 // it (the blocks' scales are warp shuffles).
 template <int KV, int PER>
-__device__ __forceinline__ void encode_row(float (&x)[PER], u8* __restrict__ row, bool store, int lane, int head_dim) {
+__device__ __forceinline__ void encode_row(float (&x)[PER], u8* __restrict__ row, bool store, int lane, int head_dim,
+                                           RawRow<KV, PER>* raw = nullptr) {
     const int d0 = lane * PER;
     store = store && d0 < head_dim;
     if constexpr (KV == KV_F32) {
@@ -1162,6 +1170,13 @@ __device__ __forceinline__ void encode_row(float (&x)[PER], u8* __restrict__ row
             }
         }
         if (store && gl == 0) *(__half*)blk = dh;
+        if (raw != nullptr) {  // this lane's share as fetch_row would load it (q4_0: its own nibbles)
+            zero_raw(*raw);
+            raw->d = __half_as_ushort(dh);
+#pragma unroll
+            for (int e = 0; e < PER; e++)
+                raw->w[e / 4] |= (KV == KV_Q8_0 ? (u32)(q[e] & 255) : (u32)q[e] << (d0 % QK < 16 ? 0 : 4)) << (8 * (e % 4));
+        }
 #pragma unroll
         for (int e = 0; e < PER; e++) {
             if constexpr (KV == KV_Q8_0) {
@@ -1191,9 +1206,10 @@ __global__ void kv_write(u8* __restrict__ slots, const float* __restrict__ x, co
 // Decode attention for the n = io[1]+1 keys in the cache. The keys are cut into n_active ranges
 // (attn_ranges), one block of ATT_WARPS warps per (head, range); blocks past n_active return at
 // once. Lane l holds dimensions l*PER .. l*PER+PER-1 of the head (PER = head_dim / 32 rounded up to
-// a power of two). Warp w takes keys w, w+ATT_WARPS, ... of the range, KB = 32/PER at a time: it
-// loads their K and V rows together (one memory latency per batch, not per key), reduces the KB
-// scores across the lanes at once and folds them into its running (max, sum, output); then the
+// a power of two). Warp w takes keys w, w+ATT_WARPS, ... of the range, KB at a time: it loads their
+// K and V rows together, raw (one memory latency per batch, not per key; KB is as many as ~64
+// registers hold: 32/PER f32 rows, twice as many f16 ones), decodes each as it uses it, reduces the
+// KB scores across the lanes at once and folds them into its running (max, sum, output); then the
 // warps merge. With n_active == 1 the block writes the normalised output (and its
 // int8 blocks) itself. Otherwise each block leaves its (max, sum, unnormalised output) in `part` and
 // counts itself in cnt[head]; the last block of the head merges the ranges (merge_ranges).
@@ -1215,58 +1231,57 @@ __device__ __forceinline__ int attn_ranges(int n, int n_split) {
     return n <= 2 * ATT_RANGE ? 1 : min(n_split, (n + ATT_RANGE - 1) / ATT_RANGE);
 }
 
-// Keys and values tb, tb + ATT_WARPS, ... (KB of them) below t1, but for `skip`; zero past t1.
-// K, V: the head's rows of rbk, rbv bytes. Every load of the batch is issued before any is decoded.
+// A lane's raw share of row t (fetch_row), also where its dimensions straddle the end of an odd
+// head size: f32 and f16 values then come one by one (a float read from f16 storage is a half again).
+template <int KV, int PER>
+__device__ __forceinline__ void fetch_any(const u8* __restrict__ row, int lane, int head_dim, RawRow<KV, PER>& r) {
+    const int d0 = lane * PER;
+    if (d0 + PER <= head_dim && head_dim % PER == 0) {
+        fetch_row<KV, PER>(row, d0, r);
+    } else if constexpr (KV == KV_F32 || KV == KV_F16) {
+        zero_raw(r);
+#pragma unroll
+        for (int e = 0; e < PER; e++) {
+            const float x = d0 + e < head_dim ? kv_elem<KV>(row, d0 + e) : 0.f;
+            if constexpr (KV == KV_F32) r.w[e] = __float_as_uint(x);
+            else r.w[e / 2] |= (u32)__half_as_ushort(__float2half_rn(x)) << (16 * (e % 2));
+        }
+    } else {
+        zero_raw(r);  // blocks of 32: a lane's dimensions never straddle the end
+    }
+}
+
+// Keys and values tb, tb + ATT_WARPS, ... (KB of them) below t1, but for `skip`, raw (zero past t1):
+// every load of the batch is issued before any is used.
 template <int PER, int KB, int TK, int TV>
 __device__ __forceinline__ void load_keys(const u8* __restrict__ K, const u8* __restrict__ V, int rbk, int rbv, int tb, int t1,
-                                          int skip, int lane, int head_dim, float (&k)[KB][PER], float (&v)[KB][PER]) {
-    const int d0 = lane * PER;
-    if (head_dim % PER == 0) {
-        RawRow<TK, PER> rk[KB];
-        RawRow<TV, PER> rv[KB];
+                                          int skip, int lane, int head_dim, RawRow<TK, PER> (&k)[KB], RawRow<TV, PER> (&v)[KB]) {
 #pragma unroll
-        for (int j = 0; j < KB; j++) {
-            const int t = tb + ATT_WARPS * j;
-            if (t < t1 && t != skip && d0 < head_dim) {
-                fetch_row<TK, PER>(K + (i64)t * rbk, d0, rk[j]);
-                fetch_row<TV, PER>(V + (i64)t * rbv, d0, rv[j]);
-            } else {
-                zero_raw(rk[j]);
-                zero_raw(rv[j]);
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < KB; j++) {
-            decode_raw<TK, PER>(rk[j], d0, k[j]);
-            decode_raw<TV, PER>(rv[j], d0, v[j]);
-        }
-        return;
-    }
-#pragma unroll
-    for (int j = 0; j < KB; j++) {  // odd head sizes (a lane's dimensions may straddle the end)
+    for (int j = 0; j < KB; j++) {
         const int t = tb + ATT_WARPS * j;
         if (t < t1 && t != skip) {
-            load_row<TK, PER>(K + (i64)t * rbk, lane, head_dim, k[j]);
-            load_row<TV, PER>(V + (i64)t * rbv, lane, head_dim, v[j]);
+            fetch_any<TK, PER>(K + (i64)t * rbk, lane, head_dim, k[j]);
+            fetch_any<TV, PER>(V + (i64)t * rbv, lane, head_dim, v[j]);
         } else {
-#pragma unroll
-            for (int e = 0; e < PER; e++) k[j][e] = v[j][e] = 0.f;
+            zero_raw(k[j]);
+            zero_raw(v[j]);
         }
     }
 }
 
-// The row of this step's token (position n-1) that the QKV product just formed: f32 and f16 rows it
-// stored in the cache; q8_0 and q4_0 rows it left as floats in `staged`, which are encoded here
-// (the values the attention uses are the decoded ones, as any later read gives) and, by the one
-// block that `store`s, written to the cache.
+// The row of this step's token (position n-1) that the QKV product just formed, raw: f32 and f16
+// rows it stored in the cache; q8_0 and q4_0 rows it left as floats in `staged`, which are encoded
+// here (the attention uses the codes, as any later read does) and, by the one block that `store`s,
+// written to the cache.
 template <int KV, int PER>
 __device__ __forceinline__ void new_row(u8* __restrict__ row, const float* __restrict__ staged, bool store, int lane, int head_dim,
-                                        float (&x)[PER]) {
+                                        RawRow<KV, PER>& r) {
     if constexpr (KV == KV_Q8_0 || KV == KV_Q4_0) {
+        float x[PER];
         load_dims<PER>(staged, lane, head_dim, x);
-        encode_row<KV, PER>(x, row, store, lane, head_dim);
+        encode_row<KV, PER>(x, row, store, lane, head_dim, &r);
     } else {
-        load_row<KV, PER>(row, lane, head_dim, x);
+        fetch_any<KV, PER>(row, lane, head_dim, r);
     }
 }
 
@@ -1301,7 +1316,11 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
         u8* __restrict__ vc, const float* __restrict__ staged, const i64* __restrict__ io, int n_ctx, int head_dim, int group,
         float scale, float* __restrict__ part, int* __restrict__ cnt, float* __restrict__ out, signed char* __restrict__ oq,
         float* __restrict__ od, u8* a4, i64 plane, u8* a8, int n_split) {
-    constexpr int KB = 32 / PER;
+    // keys a warp loads at once: as many raw rows as ~64 registers hold (48 with blocks: their
+    // encoding and decoding need more), at most 16 (hd <= 32); past that they spill
+    constexpr int RR = RawRow<TK, PER>::N + RawRow<TV, PER>::N + (TK >= KV_Q8_0) + (TV >= KV_Q8_0);
+    constexpr int KB_REGS = (TK >= KV_Q8_0 || TV >= KV_Q8_0 ? 48 : 64) / RR, KB_MAX = PER == 1 ? 16 : 24;
+    constexpr int KB = KB_REGS < KB_MAX ? KB_REGS : KB_MAX;
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS], sacc[ATT_WARPS][256];
     pdl_trigger();
     const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -1310,15 +1329,17 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
     if (s >= n_active) return;
     const int chunk = (n + n_active - 1) / n_active;
     const int t0 = s * chunk, t1 = min(n, t0 + chunk);
-    const int kvh = h / group, rbk = kv_row_bytes<TK>(head_dim), rbv = kv_row_bytes<TV>(head_dim);
+    const int kvh = h / group, rbk = kv_row_bytes<TK>(head_dim), rbv = kv_row_bytes<TV>(head_dim), d0 = lane * PER;
     u8* K = kc + (i64)kvh * n_ctx * rbk;
     u8* V = vc + (i64)kvh * n_ctx * rbv;
     // The warp's first batch is loaded before the wait, but for position n-1: the product before
-    // this kernel writes that key and value; earlier steps wrote the others.
-    float k[KB][PER], v[KB][PER];
+    // this kernel writes that key and value; earlier steps wrote the others. The rows stay raw in
+    // registers (halves, codes) and are decoded as they are used.
+    RawRow<TK, PER> k[KB];
+    RawRow<TV, PER> v[KB];
     load_keys<PER, KB, TK, TV>(K, V, rbk, rbv, t0 + warp, t1, n - 1, lane, head_dim, k, v);
     pdl_wait();
-    // position n-1 in the warp's batch from tb (whichever batch holds it)
+    // position n-1, in whichever of the warp's batches holds it
     auto new_key = [&](int tb) {
 #pragma unroll
         for (int j = 0; j < KB; j++) {
@@ -1347,9 +1368,11 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
         float mb = m;
 #pragma unroll
         for (int j = 0; j < KB; j++) {
+            float kf[PER];
+            decode_raw<TK, PER>(k[j], d0, kf);
             float a = 0.f;
 #pragma unroll
-            for (int e = 0; e < PER; e++) a += qv[e] * k[j][e];
+            for (int e = 0; e < PER; e++) a += qv[e] * kf[e];
             sc[j] = a;
         }
 #pragma unroll
@@ -1371,8 +1394,10 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
             if (tb + ATT_WARPS * j < t1) {
                 const float p = expf(sc[j] - mb);
                 l += p;
+                float vf[PER];
+                decode_raw<TV, PER>(v[j], d0, vf);
 #pragma unroll
-                for (int e = 0; e < PER; e++) acc[e] += p * v[j][e];
+                for (int e = 0; e < PER; e++) acc[e] += p * vf[e];
             }
         }
         m = mb;
