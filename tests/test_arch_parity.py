@@ -242,7 +242,10 @@ def test_transformers_itself_where_installed(model):
     GPU where cupy is) are within F32_TOL of it; pyggml's greedy text on the GPU equals it too."""
     name, d, files, prompt, cont, want = model
     ref = _transformers_logits(d, prompt + cont)
-    assert np.abs(ref - want).max() / np.abs(ref).max() <= 1e-9, f"{name}: the numpy oracle is not transformers"
+    # transformers makes its RoPE tables in float32 (inv_freq and cos/sin): 3e-7 of the largest logit
+    # on the H200 run; 1e-5 is still 10x below F32_TOL and 1e4x below what a wrong feature costs
+    oracle_err = np.abs(ref - want).max() / np.abs(ref).max()
+    assert oracle_err <= 1e-5, f"{name}: the numpy oracle is {oracle_err:.1e} from transformers"
     ids = list(prompt)
     for _ in range(N_GEN):  # transformers' greedy continuation, one full forward a token
         ids.append(int(_transformers_logits(d, ids)[-1].argmax()))

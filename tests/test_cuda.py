@@ -134,8 +134,9 @@ def random_model(request, tmp_path_factory):
 
 
 def run(path, n_gpu_layers):
-    """Prompt logits (all positions) and six decode steps' logits."""
-    llm = Llama(path, n_ctx=40, n_gpu_layers=n_gpu_layers)
+    """Prompt logits (all positions) and six decode steps' logits, with an f32 KV cache: the weights'
+    paths are compared here (the cache types GPU against CPU: test_kv_types_gpu_matches_cpu)."""
+    llm = Llama(path, n_ctx=40, n_gpu_layers=n_gpu_layers, type_k="f32", type_v="f32")
     prompt = np.array([1, 17, 299, 5, 42, 42, 100, 3, 250, 7, 8])
     batch = llm.model.forward(prompt, 0, llm.kv_cache, all_logits=True)
     steps = [llm.model.forward(np.array([t]), len(prompt) + i, llm.kv_cache) for i, t in enumerate([9, 4, 4, 200, 13, 1])]
