@@ -313,15 +313,15 @@ class _Workspace:
     `a` is the attention output's and the SwiGLU output's, `b` the normed residual's."""
 
     def __init__(self, cp, cfg):
-        width = max(cfg.dim, cfg.ffn_dim)
+        width = max(cfg.dim, cfg.ffn_dim, cfg.q_dim)
         self.io = cp.zeros(2, np.int64)  # token, position
         self.x = cp.zeros(cfg.dim, np.float32)  # the residual stream
         self.h = cp.zeros(width, np.float32)  # a normed input in float (deferred: times the norm weight only)
         self.a = Int8Input(cp, width)
         self.b = Int8Input(cp, width)
         self.ss = cp.zeros(width // 32 + 1, np.float32)  # a deferred norm's sums of squares per 32 rows
-        self.q = cp.zeros(cfg.dim, np.float32)
-        self.att = cp.zeros(cfg.dim, np.float32)
+        self.q = cp.zeros(cfg.q_dim, np.float32)  # n_heads * head_dim (Mistral, Qwen3: not dim)
+        self.att = cp.zeros(cfg.q_dim, np.float32)
         self.act = cp.zeros(cfg.ffn_dim, np.float32)
         self.up = cp.zeros(cfg.ffn_dim, np.float32)
         self.part = cp.zeros(cfg.n_heads * ATT_SPLITS * (cfg.head_dim + 2), np.float32)
@@ -680,11 +680,12 @@ class CUDABackend:
             kc, vc = cache.layer(li, seq)
             qkv = (L.wq, L.wk, L.wv)
             b, nss = normed(L.attn_norm, qkv)
-            segments = [(0, cfg.dim + 2 * cfg.kv_dim)] if len({w.ggml_type for w in qkv}) == 1 else \
-                [(0, cfg.dim), (cfg.dim, cfg.dim + cfg.kv_dim), (cfg.dim + cfg.kv_dim, cfg.dim + 2 * cfg.kv_dim)]
+            qd = cfg.q_dim  # the q rows: n_heads * head_dim, which need not be dim
+            segments = [(0, qd + 2 * cfg.kv_dim)] if len({w.ggml_type for w in qkv}) == 1 else \
+                [(0, qd), (qd, qd + cfg.kv_dim), (qd + cfg.kv_dim, qd + 2 * cfg.kv_dim)]
             for rb, re in segments:
-                w = L.wq if rb == 0 else (L.wk if rb == cfg.dim else L.wv)
-                self._mmv(MODE_QKV, w, cfg.dim, cfg.dim, *operands(b), ws.h, ws.q, xa=b and b.arranged, w1=L.wk, w2=L.wv,
+                w = L.wq if rb == 0 else (L.wk if rb == qd else L.wv)
+                self._mmv(MODE_QKV, w, qd, cfg.dim, *operands(b), ws.h, ws.q, xa=b and b.arranged, w1=L.wk, w2=L.wv,
                           n1=cfg.kv_dim, rb=rb, re=re, kc=kc, vc=vc, io=ws.io, inv_freq=inv_freq, head_dim=hd,
                           n_rot=cfg.rope_dim, n_ctx=cache.n_ctx, kv_codes=kv_codes, staged=ws.staged, nss=nss, eps=eps)
             a = ws.int8_for(ws.a, L.wo)
@@ -695,7 +696,7 @@ class CUDABackend:
             if a is not None and not fused_q:
                 self._quantize(ws.att, a.q, a.d, a.arranged)
             b = ws.int8_for(ws.b, L.w_gate, L.w_up)
-            self._mmv(MODE_ADD, L.wo, cfg.dim, cfg.dim, *operands(a), ws.att, ws.x, xa=a and a.arranged,
+            self._mmv(MODE_ADD, L.wo, cfg.dim, qd, *operands(a), ws.att, ws.x, xa=a and a.arranged,
                       fold=self._fold(ws, L.ffn_norm, b))
             nss = ws.ss  # the FFN's RMSNorm, deferred by that fold into ws.h (and b)
             if L.w_gate.ggml_type == L.w_up.ggml_type:

@@ -1332,13 +1332,14 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
     const int kvh = h / group, rbk = kv_row_bytes<TK>(head_dim), rbv = kv_row_bytes<TV>(head_dim), d0 = lane * PER;
     u8* K = kc + (i64)kvh * n_ctx * rbk;
     u8* V = vc + (i64)kvh * n_ctx * rbv;
-    // The warp's first batch is loaded before the wait, but for position n-1: the product before
-    // this kernel writes that key and value; earlier steps wrote the others. The rows stay raw in
-    // registers (halves, codes) and are decoded as they are used.
+    // The rows stay raw in registers (halves, codes) and are decoded as they are used. The first
+    // batch is loaded after the wait: loading it before (all but position n-1, which the product
+    // before this kernel writes) gave wrong f16 rows at head_dim 8 on an H200 under programmatic
+    // launch (session 15: 0.8 of the largest logit at the second step; f32 and head_dim 64 unaffected).
     RawRow<TK, PER> k[KB];
     RawRow<TV, PER> v[KB];
-    load_keys<PER, KB, TK, TV>(K, V, rbk, rbv, t0 + warp, t1, n - 1, lane, head_dim, k, v);
     pdl_wait();
+    load_keys<PER, KB, TK, TV>(K, V, rbk, rbv, t0 + warp, t1, n - 1, lane, head_dim, k, v);
     // position n-1, in whichever of the warp's batches holds it
     auto new_key = [&](int tb) {
 #pragma unroll
