@@ -1,5 +1,5 @@
 """The kernels' capped instruction-set paths on this host: PYGGML_SIMD=avx2 (no VNNI) and =portable
-(plain LLVM vector IR) run the packed-product tests in a fresh process each, with its own numba
+(plain LLVM vector IR; f16 KV rows widened through a table) run the packed-product and KV-cache tests in a fresh process each, with its own numba
 cache (the on-disk cache does not know the setting). The default (native) path is what the rest of
 the suite runs."""
 import os
@@ -23,7 +23,7 @@ def test_capped_simd_paths_pass_the_kernel_tests(level, tmp_path):
             f"and simd.HAS_AVX2 == {level == 'avx2'}")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kpack.py",
-                        "tests/test_kernels.py", "tests/test_f16tile.py"], env=env, cwd=REPO, capture_output=True, text=True)
+                        "tests/test_kernels.py", "tests/test_f16tile.py", "tests/test_kvtypes.py"], env=env, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 

@@ -17,12 +17,12 @@ from numba.extending import intrinsic
 
 from ..model.kvtypes import KV_TYPES
 from .decoders import F16_TABLE
-from .simd import _F32, HAS_F16_VECTOR, _data, _load_scalar
+from .simd import _F32, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar
 
 KV_F32, KV_F16, KV_Q8_0, KV_Q4_0 = (KV_TYPES[n].code for n in ("f32", "f16", "q8_0", "q4_0"))
 QK = 32  # values per q8_0 / q4_0 block
 B_Q8_0, B_Q4_0 = 34, 18  # bytes per block
-_NATIVE_HALF = HAS_F16_VECTOR
+_NATIVE_HALF = HAS_F16_VECTOR and SIMD_LEVEL != "portable"  # the table path runs where the cap says portable
 
 __all__ = ["kv_write", "attention_seqs"]
 
