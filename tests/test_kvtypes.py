@@ -166,3 +166,22 @@ def test_cli_flags(model, tmp_path):
     per_token = {x["type_k"]: x["kv_bytes_per_token"] for x in recs}
     row = SHAPE.n_layers * SHAPE.n_kv_heads  # rows of one position: head_dim 32
     assert per_token == {"f32": row * (128 + 64), "q4_0": row * (18 + 64)}
+
+
+def test_eval_appends_as_sync_context_does(model):
+    """eval's append path (no copy of the context per token) gives what sync_context gives, keeps the
+    token list, and refuses what does not fit without evaluating any of it."""
+    from pyggml.api import ContextFullError
+
+    a = Llama(model, n_ctx=16, n_batch=3, verbose=False)
+    b = Llama(model, n_ctx=16, n_batch=3, verbose=False)
+    a.eval([1, 2, 3, 4, 5])
+    la = a.eval([6, 7])
+    b.sync_context([1, 2, 3, 4, 5])
+    lb = b.sync_context([1, 2, 3, 4, 5, 6, 7])  # the same batches: [1 2 3] [4 5] [6 7]
+    np.testing.assert_array_equal(la, lb)
+    assert a.tokens == b.tokens == [1, 2, 3, 4, 5, 6, 7]
+    np.testing.assert_array_equal(a.eval([]), la)  # nothing new: the same logits
+    with pytest.raises(ContextFullError):
+        a.eval(list(range(10)))
+    assert a.tokens == [1, 2, 3, 4, 5, 6, 7]
