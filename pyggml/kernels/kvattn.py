@@ -223,7 +223,9 @@ def _attention(q, kb, vb, code_k, code_v, rk, rv, n_kv, ctx, seqs, pos, out, tab
 
 # ------------------------------------------------------------------------------------ public API
 def _bytes(a: np.ndarray) -> np.ndarray:
-    return a.reshape(-1).view(np.uint8)  # a view: cache arrays are C-contiguous
+    if not a.flags.c_contiguous:  # reshape would copy, and a write would go to the copy
+        raise ValueError(f"KV cache array of shape {a.shape} is not C-contiguous")
+    return a.reshape(-1).view(np.uint8)
 
 
 def _check(code: int) -> int:
