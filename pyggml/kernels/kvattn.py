@@ -61,7 +61,7 @@ def _half(buf, o, table):
     return table[np.int64(buf[o]) | (np.int64(buf[o + 1]) << 8)]
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _load_row(buf, o, code, hd, out, table):
     """Decode the row at byte o of buf into out[:hd] (float32)."""
     if code == KV_F32:
@@ -125,7 +125,7 @@ def _put16(buf, o, bits):
     buf[o + 1] = np.uint8((bits >> 8) & 0xFF)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _encode_row(x, code, buf, o):
     """Store x (float32, head_dim) at byte o of buf as ggml does (quantize_row_q8_0_ref / q4_0_ref:
     float32 arithmetic, no contraction into fma)."""
