@@ -231,7 +231,7 @@ class Llama(ContextMixin, CompletionMixin):
         return LlamaState(input_ids=np.array(self.tokens, dtype=np.intc),
                           scores=None if self._logits is None else np.array(_host(self._logits), dtype=np.float32),
                           n_tokens=n, kv=kv, seed=self.seed, fingerprint=self._fp(), n_ctx=self.n_ctx(),
-                          kv_types=tuple(t.name for t in self.kv_cache.types))
+                          kv_types=self.kv_cache.type_names)
 
     def load_state(self, state: LlamaState | str | os.PathLike) -> dict | None:
         """Restore a LlamaState, or a session file (returning its `extra`); a state of another model or
@@ -240,7 +240,7 @@ class Llama(ContextMixin, CompletionMixin):
             return self.load_state_file(state)
         if state.fingerprint and state.fingerprint != self._fp():
             raise SessionError("the state was saved with another model")
-        types = tuple(t.name for t in self.kv_cache.types)
+        types = self.kv_cache.type_names
         if tuple(state.kv_types) != types:
             raise SessionError(f"the state holds a KV cache of types {'/'.join(state.kv_types)} (keys/values); this "
                                f"context stores {'/'.join(types)} (type_k / type_v)")

@@ -146,8 +146,8 @@ def _ints(v: int | Sequence[int]) -> list[int]:
 
 def bench_model(model_path: str, n_prompt: int | Sequence[int] = 128, n_gen: int | Sequence[int] = 64,
                 repetitions: int = 3, n_threads: int | None = None, n_gpu_layers: int = 0, seed: int = 0,
-                depth: int | Sequence[int] = 0, read_bw: dict | None = None, type_k: str = "f16",
-                type_v: str = "f16") -> dict:
+                depth: int | Sequence[int] = 0, read_bw: dict | None = None, type_k: str | None = None,
+                type_v: str | None = None) -> dict:
     """Run every pp test (one per n_prompt > 0) and tg test (one per n_gen > 0) at every depth on one
     model; returns the figures a table needs. `read_bw` caches bandwidth measurements between calls
     (keyed by placement and threads)."""

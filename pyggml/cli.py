@@ -634,7 +634,7 @@ def _int_list(_ctx, param, values: tuple[str, ...]) -> list[int]:
 @click.option("-ngl", "--n-gpu-layers", multiple=True, metavar="N[,N...]", default=["0"], show_default=True, callback=_int_list,
               help="Layers to offload to the GPU, comma-separated (N, all).")
 @click.option("-ctk", "--cache-type-k", "types_k", multiple=True, metavar="TYPE[,TYPE...]", default=["f16"], show_default=True,
-              callback=_kv_list, help="KV cache types of the keys, comma-separated (f32, f16, q8_0, q4_0).")
+              callback=_kv_list, help="KV cache types of the keys, comma-separated (the names of run's -ctk).")
 @click.option("-ctv", "--cache-type-v", "types_v", multiple=True, metavar="TYPE[,TYPE...]", default=["f16"], show_default=True,
               callback=_kv_list, help="KV cache types of the values, comma-separated.")
 @click.option("-o", "--output", "output", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True,

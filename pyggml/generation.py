@@ -92,8 +92,12 @@ class ContextMixin:
         keep = min(keep, len(tokens) - 1)  # evaluate at least one token to get its logits
         if keep < len(self.tokens):
             self.tokens, self._logits = self.tokens[:keep], None  # the logits were those after the dropped tokens
-        for i in range(keep, len(tokens), self.n_batch):
-            chunk = tokens[i : i + self.n_batch]
+        return self._append(tokens[keep:])
+
+    def _append(self, new: list[int]) -> np.ndarray:
+        """Evaluate `new` after the context's tokens, n_batch at a time; the next-token logits."""
+        for i in range(0, len(new), self.n_batch):
+            chunk = new[i : i + self.n_batch]
             self._logits = self._evaluate(np.array(chunk), len(self.tokens))
             self.tokens += chunk
         return self._logits
@@ -120,11 +124,7 @@ class ContextMixin:
             return self.sync_context(self.tokens)
         if len(self.tokens) + len(new) > self.n_ctx():
             raise ContextFullError(f"{len(self.tokens) + len(new)} tokens do not fit the context of {self.n_ctx()} (raise n_ctx)")
-        for i in range(0, len(new), self.n_batch):
-            chunk = new[i : i + self.n_batch]
-            self._logits = self._evaluate(np.array(chunk), len(self.tokens))
-            self.tokens += chunk
-        return self._logits
+        return self._append(new)
 
     def _sampling(self, temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
                   logit_bias, seed) -> SamplingParams:

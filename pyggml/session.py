@@ -54,7 +54,7 @@ def save_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, toke
     n = len(tokens)
     header = json.dumps({"fingerprint": fingerprint, "n_ctx": cache.n_ctx, "tokens": [int(t) for t in tokens],
                          "has_logits": logits is not None, "extra": extra or {},
-                         "type_k": cache.type_k.name, "type_v": cache.type_v.name}).encode()
+                         "type_k": cache.type_names[0], "type_v": cache.type_names[1]}).encode()
     with atomic_output(path) as out:
         out.write(MAGIC + struct.pack("<IQ", VERSION, len(header)) + header)
         for li in range(cache.config.n_layers):
@@ -154,9 +154,9 @@ def load_session(path: str | os.PathLike, fingerprint: str, cache: KVCache, to_d
         if n > cache.n_ctx or any(not 0 <= t < cfg.n_vocab for t in tokens):
             raise SessionError(f"{path}: corrupt token list")
         saved = ("f32", "f32") if version == 1 else (header.get("type_k"), header.get("type_v"))
-        if saved != (cache.type_k.name, cache.type_v.name):
+        if saved != cache.type_names:
             raise SessionError(f"{path}: the session was saved with KV cache types {saved[0]}/{saved[1]} (keys/values); this "
-                               f"context stores {cache.type_k.name}/{cache.type_v.name} (-ctk/-ctv)")
+                               f"context stores {'/'.join(cache.type_names)} (-ctk/-ctv)")
         widths = [t.row_width(cfg.head_dim) for t in cache.types]
         part_bytes = [cfg.n_kv_heads * n * w * t.dtype.itemsize for w, t in zip(widths, cache.types)]
         expected = len(MAGIC) + 12 + hlen + cfg.n_layers * sum(part_bytes) + (4 * cfg.n_vocab if has_logits else 0)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import numpy as np
-
 from ..backends import Backend
 from .config import LlamaConfig
 from .kvtypes import KVType, kv_type
@@ -56,6 +54,11 @@ class KVCache:
     def types(self) -> tuple[KVType, KVType]:
         return self.type_k, self.type_v
 
+    @property
+    def type_names(self) -> tuple[str, str]:
+        """(keys, values) type names, as sessions and states record them."""
+        return self.type_k.name, self.type_v.name
+
     def bytes_per_token(self) -> int:
         """KV bytes one position of one sequence takes, over every layer."""
         cfg = self.config
@@ -77,12 +80,6 @@ class KVCache:
         b, ks, vs, j = self._index[i]
         b.kv_write(ks[j], self.type_k, k, seqs, positions)
         b.kv_write(vs[j], self.type_v, v, seqs, positions)
-
-    def write(self, i: int, seq: int, start: int, k, v) -> None:
-        """Store k, v (n_tok, n_kv_heads, head_dim) of layer i at positions start.. of slot seq."""
-        b = self._index[i][0]
-        n = k.shape[0]
-        self.write_tokens(i, b.indices(np.full(n, seq)), b.indices(np.arange(start, start + n)), k, v)
 
     def slot(self, seq: int) -> "KVSlot":
         if not 0 <= seq < self.n_seq:
@@ -111,6 +108,10 @@ class KVSlot:
     @property
     def types(self):
         return self.cache.types
+
+    @property
+    def type_names(self) -> tuple[str, str]:
+        return self.cache.type_names
 
     @property
     def nbytes(self) -> int:

@@ -31,8 +31,8 @@ class ServerSettings:
     max_queue: int = 256
     cont_batching: bool = True
     chat_format: str | None = None
-    type_k: str = "f16"  # KV cache types (-ctk / -ctv)
-    type_v: str = "f16"
+    type_k: str | None = None  # KV cache types (-ctk / -ctv); None: Llama's default (f16)
+    type_v: str | None = None
     log_level: str = "info"
 
 
