@@ -46,16 +46,22 @@ class _FirstRun:
 
     shown = False  # once per process
 
+    def __init__(self, type_k: str | None = None, type_v: str | None = None):
+        self.kv_types = (type_k, type_v)  # the KV types the helper process compiles attention for
+
     def __enter__(self) -> "_FirstRun":
         from .kernels.jitcache import kernels_cold
 
         self.active = not _FirstRun.shown and kernels_cold()
-        self.thread = None
+        self.thread = self.helper = None
         if self.active:
             import threading
             import time
 
+            from .kernels import precompile
+
             _FirstRun.shown = True
+            self.helper = precompile.start(*self.kv_types)  # compiles half of the kernels beside this process
             self.t0, self.done = time.perf_counter(), threading.Event()
             if sys.stderr.isatty():
                 self.thread = threading.Thread(target=self._tick, daemon=True)
@@ -80,9 +86,17 @@ class _FirstRun:
 
     def warm_up(self, llm) -> None:
         if self.active:
+            from .kernels import precompile
+
+            precompile.compile_products(llm)
+            precompile.finish(self.helper)
             llm.warm_up()
 
     def __exit__(self, *exc: object) -> None:
+        if self.helper is not None:
+            from .kernels import precompile
+
+            precompile.finish(self.helper, timeout=0)  # a no-op after warm_up; kills it on a failed load
         if self.thread is not None:
             import time
 
@@ -463,7 +477,7 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with _FirstRun() as first:
+            with _FirstRun(type_k, type_v) as first:
                 llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads,
                             n_gpu_layers=_gpu_layers(n_gpu_layers), seed=seed if seed is not None else -1,
                             kv_path=kv_file, chat_format=template_name, last_n_tokens_size=repeat_last_n, verbose=False,
@@ -718,7 +732,7 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
         sys.stdout.flush()
 
     try:
-        with _FirstRun() as first:
+        with _FirstRun(type_k, type_v) as first:
             llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads, n_gpu_layers=n_gpu_layers,
                         type_k=type_k, type_v=type_v)
             first.warm_up(llm)

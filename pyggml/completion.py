@@ -14,7 +14,6 @@ import numpy as np
 from .chat import render_chat, strip_leading_bos
 from .generation import ContextFullError, GenerationState, stop_list
 from .grammar import LlamaGrammar, json_grammar
-from .model.kvcache import KVCache
 from .prompt_cache import longest_token_prefix
 from .responses import chat_chunks, chat_from_completion, completion_logprobs, tool_call_format
 from .sampling import SamplingParams, log_softmax
@@ -43,7 +42,7 @@ class CompletionMixin:
 
     def _prompt_logprobs(self, prompt_tokens: list[int], n: int) -> list[tuple[int, float | None, dict | None]]:
         """Log-probabilities of each prompt token given those before it (echo=True), on a scratch cache."""
-        scratch = KVCache(self.config, len(prompt_tokens), [layer.backend for layer in self.model.layers])
+        scratch = self._scratch_cache(len(prompt_tokens))
         logits = self.model.forward(np.array(prompt_tokens), 0, scratch, all_logits=True)
         out: list[tuple[int, float | None, dict | None]] = []
         bos = self.token_bos()
@@ -244,7 +243,7 @@ class CompletionMixin:
                     raise ContextFullError(f"{len(ids)} tokens do not fit the context of {self.n_ctx()}")
                 ids = ids[: self.n_ctx()]
             count += len(ids)
-            scratch = KVCache(self.config, len(ids), [layer.backend for layer in self.model.layers])
+            scratch = self._scratch_cache(len(ids))
             h, b = self.model.hidden_states(np.array(ids), 0, scratch)
             v = b.to_host(h).astype(np.float64).mean(axis=0)
             if normalize:

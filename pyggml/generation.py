@@ -107,10 +107,16 @@ class ContextMixin:
         (a server's sequence replaces this with its batched evaluation)."""
         return self.model.forward(tokens, start, self.kv_cache)
 
+    def _scratch_cache(self, n_ctx: int) -> KVCache:
+        """A cache of n_ctx positions beside the context's, of its K and V types (the same kernels and the
+        same rounding as the context's own cache)."""
+        return KVCache(self.config, n_ctx, [layer.backend for layer in self.model.layers],
+                       type_k=self.kv_cache.type_k, type_v=self.kv_cache.type_v)
+
     def warm_up(self) -> None:
         """Run the forward pass over two tokens and over one on a scratch cache, so that numba compiles
         (or loads) the kernels this model uses now rather than at the first prompt. The context is untouched."""
-        scratch = KVCache(self.config, 3, [layer.backend for layer in self.model.layers])
+        scratch = self._scratch_cache(3)
         bos = max(self.token_bos(), 0)
         self.model.forward(np.array([bos, bos]), 0, scratch)
         self.model.forward(np.array([bos]), 2, scratch)

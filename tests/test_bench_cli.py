@@ -99,3 +99,25 @@ def test_first_run_notice_once_then_compiles_before_output(model, monkeypatch):
     assert r.exit_code == 0, r.output
     assert r.output.count(FIRST_RUN_NOTICE) == 1
     assert r.output.index(FIRST_RUN_NOTICE) < r.output.index("| model |")
+
+
+def test_precompile_helper_leaves_the_forward_kernels_cached(tmp_path):
+    """The first run's helper process (kernels/precompile.py) compiles the kernels every forward pass
+    needs into numba's cache: a process started after it finds the cache warm."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "pyggml.kernels.precompile", "q8_0", "-"], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    code = "from pyggml.kernels.jitcache import kernels_cold; print(kernels_cold())"
+    warm = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert warm.stdout.strip() == "False", warm.stderr
+    assert any("_writer" in p.name for p in tmp_path.rglob("*.nbi")), "no KV write kernel was cached"
+
+
+def test_precompile_finish_kills_a_helper_that_overruns():
+    from pyggml.kernels import precompile
+
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    precompile.finish(helper, timeout=0.2)
+    assert helper.returncode is not None
+    precompile.finish(None)  # no helper (it could not be started): nothing to wait for

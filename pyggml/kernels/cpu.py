@@ -9,6 +9,7 @@ are decoded through a 65536-entry float32 table where the CPU has no half-precis
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ from ..quant.registry import kernel_code
 from ..tensor import KERNEL_TYPE_CODES, QWeight
 from .kpack import K_PACKED_TYPES, PAIRS, kpacked_emitters, pack_k
 from .decoders import F16_TABLE, decode_rows, try_decode_row
+from .jitcache import per_type
 from .f16tile import matmul_bf16_tiled, matmul_f16_tiled
 from .kvattn import attention_seqs, kv_write  # noqa: F401  (the backend's KV ops)
 from .simd import HAS_F16_VECTOR, INT8_PREFETCH, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
@@ -151,10 +153,25 @@ def pack(w: QWeight) -> np.ndarray:
     raise ValueError(f"{w.name}: {w.ggml_type.name} weights have no packed layout (they multiply float activations)")
 
 
-@njit(parallel=True, cache=True)
-def _matmul_packed(code, pw, step, xq, xd, xc, out, table, n_tasks, pairs):
-    """out[:, :8 * groups] = a packed weight pw (groups, superblocks) times int8-block activations;
-    step: PACKED_TOKENS of the type; pairs: two groups a call where two are left (kpack.PAIRS)."""
+# The products are made per weight type (functools.cache'd factories; the type's kernel code a constant
+# of the closure), so numba compiles only the types a model has: the first run of a q4_0 file compiles
+# the q4_0 loops, not those of all twelve int8-activation types.
+@functools.cache
+def _packed_product(code: int):
+    """The kernel `(pw, step, xq, xd, xc, out, table, n_tasks, pairs)`: out[:, :8 * groups] = a packed
+    weight pw (groups, superblocks) of the type `code` times int8-block activations; step: PACKED_TOKENS
+    of the type; pairs: two groups a call where two are left (kpack.PAIRS)."""
+    if code not in _PACKED_CODES:
+        raise ValueError(f"_packed_product: kernel code {code} has no packed layout")
+
+    @njit(parallel=True, cache=True)
+    def kernel(pw, step, xq, xd, xc, out, table, n_tasks, pairs):
+        _packed_loops(code, pw, step, xq, xd, xc, out, table, n_tasks, pairs)
+    return per_type(kernel)
+
+
+@njit(inline="always")
+def _packed_loops(code, pw, step, xq, xd, xc, out, table, n_tasks, pairs):
     groups, n_tok, nb = pw.shape[0], xq.shape[0], xd.shape[1]
     if n_tok == 1:
         for i in prange((groups + GROUPS_PER_TASK - 1) // GROUPS_PER_TASK):
@@ -196,13 +213,20 @@ def _matmul_packed(code, pw, step, xq, xd, xc, out, table, n_tasks, pairs):
                     g += 2 if two else 1
 
 
-@njit(parallel=True, cache=True)
-def _matmul_rows(code, w, r0, xq, xd, xc, out, table):
-    """out[:, r0:] = the stored rows r0 .. of an int8-type weight times int8-block activations."""
-    nb = xd.shape[1]
-    for r in prange(r0, w.shape[0]):
-        for t in range(xq.shape[0]):
-            _ROW(code, w, r, xq, xd, xc, t, 0, nb, out, table)
+@functools.cache
+def _rows_product(code: int):
+    """The kernel `(w, r0, xq, xd, xc, out, table)`: out[:, r0:] = the stored rows r0 .. of a weight of
+    the int8-activation type `code` (Q4_0, Q5_0, Q8_0) times int8-block activations."""
+    if code not in _ROW_CODES:
+        raise ValueError(f"_rows_product: kernel code {code} has no stored-layout int8 kernel")
+
+    @njit(parallel=True, cache=True)
+    def kernel(w, r0, xq, xd, xc, out, table):
+        nb = xd.shape[1]
+        for r in prange(r0, w.shape[0]):
+            for t in range(xq.shape[0]):
+                _ROW(code, w, r, xq, xd, xc, t, 0, nb, out, table)
+    return per_type(kernel)
 
 
 @njit(parallel=True, cache=True)
@@ -212,23 +236,29 @@ def _matmul_f16(w, x, out):
             out[t, r] = dot_f16(w[r], x[t])
 
 
-@njit(parallel=True, cache=True, fastmath=True)
-def _matmul_decoded(code, w, x, out, table):
-    """Any type (F32, F16 without vector half support, BF16, Q6_K): decode each row into a small
-    buffer once, then dot it with every token."""
-    for r in prange(w.shape[0]):
-        buf = np.empty(x.shape[1], np.float32)
-        try_decode_row(code, w[r], buf, table)  # the code was checked by the caller (_code)
-        for t in range(x.shape[0]):
-            acc = np.float32(0.0)
-            xt = x[t]
-            for j in range(buf.size):
-                acc += buf[j] * xt[j]
-            out[t, r] = acc
+@functools.cache
+def _decoded_product(code: int):
+    """The kernel `(w, x, out, table)` for any type (F32 and F16 one token at a time where there is no
+    vector half support, BF16 decode, the rows of k-packed types past their last group): decode each row
+    of the type `code` into a small buffer once, then dot it with every token."""
+    @njit(parallel=True, cache=True, fastmath=True)
+    def kernel(w, x, out, table):
+        for r in prange(w.shape[0]):
+            buf = np.empty(x.shape[1], np.float32)
+            try_decode_row(code, w[r], buf, table)  # the code was checked by the caller (_code)
+            for t in range(x.shape[0]):
+                acc = np.float32(0.0)
+                xt = x[t]
+                for j in range(buf.size):
+                    acc += buf[j] * xt[j]
+                out[t, r] = acc
+    return per_type(kernel)
 
 
 # Weights that multiply int8-block activations from a packed copy: simd.py's layouts and kpack.py's.
 INT8_ACTIVATION_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)) | K_PACKED_TYPES
+_PACKED_CODES = frozenset(_CODES[t] for t in INT8_ACTIVATION_TYPES)
+_ROW_CODES = frozenset(_CODES[t] for t in PACKED_LAYOUTS)
 
 
 # ----------------------------------------------------------------------------- other ops
@@ -299,14 +329,14 @@ def matmul(w: QWeight, x: np.ndarray, out: np.ndarray, quantized: tuple | None =
         xq, xd, xc = quantized if quantized is not None else quantize_activations(x)
         packed = w.packed if w.packed is not None else pack(w)
         if packed.shape[0]:
-            _matmul_packed(_CODES[t], packed, PACKED_TOKENS[t], xq, xd, xc, out, F16_TABLE, numba.get_num_threads(),
-                           PAIRS and t in K_PACKED_TYPES)
+            _packed_product(_CODES[t])(packed, PACKED_TOKENS[t], xq, xd, xc, out, F16_TABLE, numba.get_num_threads(),
+                                       PAIRS and t in K_PACKED_TYPES)
         r0 = packed.shape[0] * PACK_ROWS  # rows past the last group of 8 (small test models) follow
         if r0 < w.rows and t in K_PACKED_TYPES:  # decoded, times the int8 activations as floats
             xf = (xq.reshape(len(xq), -1, QK) * xd[:, :, None]).reshape(len(xq), -1)
-            _matmul_decoded(_CODES[t], _bytes2d(w.raw)[r0:], xf, out[:, r0:], F16_TABLE)
+            _decoded_product(_CODES[t])(_bytes2d(w.raw)[r0:], xf, out[:, r0:], F16_TABLE)
         elif r0 < w.rows:
-            _matmul_rows(_CODES[t], w.raw, r0, xq, xd, xc, out, F16_TABLE)
+            _rows_product(_CODES[t])(w.raw, r0, xq, xd, xc, out, F16_TABLE)
     elif t is GGMLType.F32 and x.shape[0] > 1:
         np.matmul(x, w.raw.T, out=out)
     elif t is GGMLType.F16 and HAS_F16_VECTOR and x.shape[0] > 1:  # a prompt: register tiles (f16tile.py)
@@ -318,7 +348,7 @@ def matmul(w: QWeight, x: np.ndarray, out: np.ndarray, quantized: tuple | None =
     elif t is GGMLType.F16 and HAS_F16_VECTOR:
         _matmul_f16(_bytes2d(w.raw), x, out)
     else:
-        _matmul_decoded(_code(w), _bytes2d(w.raw), x, out, F16_TABLE)
+        _decoded_product(_code(w))(_bytes2d(w.raw), x, out, F16_TABLE)
     return out
 
 

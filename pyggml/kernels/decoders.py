@@ -12,12 +12,16 @@ or 8 of 32 (Q4_K, Q5_K, IQ4_XS); each scale is decoded once per sub-block.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import QK, QK_K, TYPE_TRAITS, GGMLType
 from ..quant.kquants import IQ4NL_VALUES
 from ..quant.registry import COMPUTABLE_TYPES, KERNEL_TYPE_CODES
+from .dispatch import by_code
+from .jitcache import per_type
 
 __all__ = ["F16_TABLE", "check_code", "decode_row", "decode_rows", "dequantize_rows", "try_decode_row"]
 
@@ -298,48 +302,53 @@ def _decode_iq4_xs(row, out, table):
 
 # ------------------------------------------------------------------------ dispatch
 @njit(inline="always")
-def try_decode_row(code, row, out, table):
-    """Decode one stored row (its bytes, uint8) of the type with kernel code `code` into float32 `out`;
-    False (and nothing written) for an unknown code. For prange loops, where a raise would keep numba
-    from parallelising: check the code once with check_code before the loop."""
-    if code == _C_F32:
-        out[:] = row.view(np.float32)
-    elif code == _C_F16:
-        bits = row.view(np.uint16)
-        for j in range(out.size):
-            out[j] = table[bits[j]]
-    elif code == _C_BF16:
-        bits = row.view(np.uint16)
-        u = out.view(np.uint32)
-        for j in range(out.size):
-            u[j] = np.uint32(bits[j]) << 16
-    elif code == _C_Q4_0:
-        _decode_nibble_values(row, out, table, _Q4_0_F32)
-    elif code == _C_Q4_1:
-        _decode_q4_1(row, out, table)
-    elif code == _C_Q5_0:
-        _decode_q5_0(row, out, table)
-    elif code == _C_Q5_1:
-        _decode_q5_1(row, out, table)
-    elif code == _C_Q8_0:
-        _decode_q8_0(row, out, table)
-    elif code == _C_Q2_K:
-        _decode_q2_k(row, out, table)
-    elif code == _C_Q3_K:
-        _decode_q3_k(row, out, table)
-    elif code == _C_Q4_K:
-        _decode_q4_k(row, out, table)
-    elif code == _C_Q5_K:
-        _decode_q5_k(row, out, table)
-    elif code == _C_Q6_K:
-        _decode_q6_k(row, out, table)
-    elif code == _C_IQ4_NL:
-        _decode_nibble_values(row, out, table, _IQ4NL_F32)
-    elif code == _C_IQ4_XS:
-        _decode_iq4_xs(row, out, table)
-    else:
-        return False
-    return True
+def _decode_f32(row, out, table):
+    v = row.view(np.float32)  # a loop: a slice assignment compiles numba's shape-mismatch message (~2 s)
+    for j in range(out.size):
+        out[j] = v[j]
+
+
+@njit(inline="always")
+def _decode_f16(row, out, table):
+    bits = row.view(np.uint16)
+    for j in range(out.size):
+        out[j] = table[bits[j]]
+
+
+@njit(inline="always")
+def _decode_bf16(row, out, table):
+    bits = row.view(np.uint16)
+    u = out.view(np.uint32)
+    for j in range(out.size):
+        u[j] = np.uint32(bits[j]) << 16
+
+
+@njit(inline="always")
+def _decode_q4_0(row, out, table):
+    _decode_nibble_values(row, out, table, _Q4_0_F32)
+
+
+@njit(inline="always")
+def _decode_iq4_nl(row, out, table):
+    _decode_nibble_values(row, out, table, _IQ4NL_F32)
+
+
+# One row per computable type: kernel code -> its row decoder (row, out, table).
+ROW_DECODERS = {KERNEL_TYPE_CODES[t]: f for t, f in (
+    (GGMLType.F32, _decode_f32), (GGMLType.F16, _decode_f16), (GGMLType.BF16, _decode_bf16),
+    (GGMLType.Q4_0, _decode_q4_0), (GGMLType.Q4_1, _decode_q4_1), (GGMLType.Q5_0, _decode_q5_0),
+    (GGMLType.Q5_1, _decode_q5_1), (GGMLType.Q8_0, _decode_q8_0), (GGMLType.Q2_K, _decode_q2_k),
+    (GGMLType.Q3_K, _decode_q3_k), (GGMLType.Q4_K, _decode_q4_k), (GGMLType.Q5_K, _decode_q5_k),
+    (GGMLType.Q6_K, _decode_q6_k), (GGMLType.IQ4_NL, _decode_iq4_nl), (GGMLType.IQ4_XS, _decode_iq4_xs))}
+if set(ROW_DECODERS) != set(KERNEL_TYPE_CODES.values()):
+    raise RuntimeError("decoders: ROW_DECODERS must have one row per computable type")
+
+
+# Decode one stored row (its bytes, uint8) of the type with kernel code `code` into float32 `out`:
+# try_decode_row(code, row, out, table) -> False (and nothing written) for an unknown code. For prange
+# loops, where a raise would keep numba from parallelising: check the code once with check_code before
+# the loop. Called from numba code; a constant code compiles that type's decoder alone (dispatch.py).
+try_decode_row = by_code("try_decode_row", ROW_DECODERS)
 
 
 @njit(inline="always")
@@ -357,12 +366,23 @@ def decode_row(code, row, out, table):
         raise ValueError("decode_row: unknown weight type code")
 
 
-@njit(parallel=True, cache=True)
-def decode_rows(code, raw, rows, out, table):
-    """out[i] = row rows[i] of raw (n_rows, row bytes) uint8, decoded; out (len(rows), cols) float32."""
-    check_code(code)
-    for i in prange(rows.size):
-        try_decode_row(code, raw[rows[i]], out[i], table)
+def decode_rows(code: int, raw: np.ndarray, rows: np.ndarray, out: np.ndarray, table: np.ndarray) -> None:
+    """out[i] = row rows[i] of raw (n_rows, row bytes) uint8, decoded; out (len(rows), cols) float32.
+    ValueError for a code that is not the registry's."""
+    if not 0 <= code < _N_CODES:
+        raise ValueError("decode_rows: unknown weight type code")
+    rows_decoder(int(code))(raw, rows, out, table)
+
+
+@functools.cache
+def rows_decoder(code: int):
+    """decode_rows' kernel for one type: the code is a compile-time constant, so numba compiles that
+    type's decoder alone (the first run of a model compiles the types it has, not all fifteen)."""
+    @njit(parallel=True, cache=True)
+    def kernel(raw, rows, out, table):
+        for i in prange(rows.size):
+            try_decode_row(code, raw[rows[i]], out[i], table)
+    return per_type(kernel)
 
 
 def dequantize_rows(t: GGMLType, raw: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:

@@ -10,7 +10,17 @@ log = logging.getLogger(__name__)
 
 # Kernels every forward pass calls, whatever the weight types: when their cache is fresh, pyggml has
 # run since its kernel sources last changed.
-CORE_KERNELS = ("_rmsnorm", "_rope", "_attention", "_silu_mul")
+CORE_KERNELS = ("_rmsnorm", "_rope", "_silu_mul", "_quantize_activations")
+
+# Kernels made per weight type by a factory (one compiled only when a model has that type): not module
+# globals, so their factories list them here.
+_PER_TYPE: list = []
+
+
+def per_type(dispatcher):
+    """Record a dispatcher a per-type factory made (for n_kernels_ready); returns it."""
+    _PER_TYPE.append(dispatcher)
+    return dispatcher
 
 
 def cached_kernels() -> list:
@@ -19,7 +29,7 @@ def cached_kernels() -> list:
 
     from . import cpu, decoders, kpack, kvattn
 
-    seen: dict[int, Dispatcher] = {}
+    seen: dict[int, Dispatcher] = {id(d): d for d in _PER_TYPE}
     for module in (cpu, decoders, kpack, kvattn):
         for v in vars(module).values():
             if isinstance(v, Dispatcher) and hasattr(v._cache, "_cache_file"):

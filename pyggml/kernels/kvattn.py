@@ -11,12 +11,16 @@ the group, so the cache is read once per token and key head, in its stored size.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ..model.kvtypes import KV_TYPES
 from .decoders import F16_TABLE
+from .dispatch import by_code
+from .jitcache import per_type
 from .simd import _F32, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar
 
 KV_F32, KV_F16, KV_Q8_0, KV_Q4_0 = (KV_TYPES[n].code for n in ("f32", "f16", "q8_0", "q4_0"))
@@ -62,28 +66,39 @@ def _half(buf, o, table):
 
 
 @njit(cache=True)
-def _load_row(buf, o, code, hd, out, table):
-    """Decode the row at byte o of buf into out[:hd] (float32)."""
-    if code == KV_F32:
-        for j in range(hd):
-            out[j] = _float_at(buf, o + 4 * j)
-    elif code == KV_F16:
-        for j in range(hd):
-            out[j] = _half(buf, o + 2 * j, table)
-    elif code == KV_Q8_0:
-        for b in range(hd // QK):
-            ob = o + b * B_Q8_0
-            d = _half(buf, ob, table)
-            for j in range(QK):
-                out[b * QK + j] = d * np.float32(np.int8(buf[ob + 2 + j]))
-    else:  # KV_Q4_0 (codes are checked by the public functions)
-        for b in range(hd // QK):
-            ob = o + b * B_Q4_0
-            d = _half(buf, ob, table)
-            for j in range(QK // 2):
-                byte = np.int32(buf[ob + 2 + j])
-                out[b * QK + j] = d * np.float32((byte & 15) - 8)
-                out[b * QK + j + QK // 2] = d * np.float32((byte >> 4) - 8)
+def _load_f32(buf, o, hd, out, table):
+    for j in range(hd):
+        out[j] = _float_at(buf, o + 4 * j)
+
+
+@njit(cache=True)
+def _load_f16(buf, o, hd, out, table):
+    for j in range(hd):
+        out[j] = _half(buf, o + 2 * j, table)
+
+
+@njit(cache=True)
+def _load_q8_0(buf, o, hd, out, table):
+    for b in range(hd // QK):
+        ob = o + b * B_Q8_0
+        d = _half(buf, ob, table)
+        for j in range(QK):
+            out[b * QK + j] = d * np.float32(np.int8(buf[ob + 2 + j]))
+
+
+@njit(cache=True)
+def _load_q4_0(buf, o, hd, out, table):
+    for b in range(hd // QK):
+        ob = o + b * B_Q4_0
+        d = _half(buf, ob, table)
+        for j in range(QK // 2):
+            byte = np.int32(buf[ob + 2 + j])
+            out[b * QK + j] = d * np.float32((byte & 15) - 8)
+            out[b * QK + j + QK // 2] = d * np.float32((byte >> 4) - 8)
+
+
+# _load_row(code, buf, o, hd, out, table): decode the row at byte o of buf into out[:hd] (float32).
+_load_row = by_code("_load_row", {KV_F32: _load_f32, KV_F16: _load_f16, KV_Q8_0: _load_q8_0, KV_Q4_0: _load_q4_0})
 
 
 # ------------------------------------------------------------------------------------ writes
@@ -125,60 +140,85 @@ def _put16(buf, o, bits):
     buf[o + 1] = np.uint8((bits >> 8) & 0xFF)
 
 
+# Rows stored as ggml does (quantize_row_q8_0_ref / q4_0_ref: float32 arithmetic, no contraction into fma).
 @njit(cache=True)
-def _encode_row(x, code, buf, o):
-    """Store x (float32, head_dim) at byte o of buf as ggml does (quantize_row_q8_0_ref / q4_0_ref:
-    float32 arithmetic, no contraction into fma)."""
-    hd = x.size
-    if code == KV_F32:
-        for j in range(hd):
-            bits = np.int64(_f32_bits(x[j]))
-            _put16(buf, o + 4 * j, bits)
-            _put16(buf, o + 4 * j + 2, bits >> 16)
-    elif code == KV_F16:
-        for j in range(hd):
-            _put16(buf, o + 2 * j, _f16_bits(x[j]))
-    elif code == KV_Q8_0:
-        for b in range(hd // QK):
-            ob = o + b * B_Q8_0
-            amax = np.float32(0.0)
-            for j in range(QK):
-                amax = max(amax, abs(x[b * QK + j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            _put16(buf, ob, _f16_bits(d))
-            for j in range(QK):
-                v = np.float64(x[b * QK + j] * inv)  # roundf: half away from zero
-                q = np.int64(np.floor(abs(v) + 0.5))
-                buf[ob + 2 + j] = np.uint8((q if v >= 0 else -q) & 0xFF)
-    else:  # KV_Q4_0
-        for b in range(hd // QK):
-            ob = o + b * B_Q4_0
-            amax, vmax = np.float32(0.0), np.float32(0.0)
-            for j in range(QK):
-                v = x[b * QK + j]
-                if amax < abs(v):
-                    amax, vmax = abs(v), v
-            d = vmax / np.float32(-8.0)
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            _put16(buf, ob, _f16_bits(d))
-            for j in range(QK // 2):
-                lo = min(15, np.int64(np.float32(x[b * QK + j] * inv) + np.float32(8.5)))
-                hi = min(15, np.int64(np.float32(x[b * QK + j + QK // 2] * inv) + np.float32(8.5)))
-                buf[ob + 2 + j] = np.uint8(lo | (hi << 4))
+def _encode_f32(x, buf, o):
+    for j in range(x.size):
+        bits = np.int64(_f32_bits(x[j]))
+        _put16(buf, o + 4 * j, bits)
+        _put16(buf, o + 4 * j + 2, bits >> 16)
 
 
 @njit(cache=True)
-def _kv_write(buf, code, row_bytes, n_kv, ctx, x, seqs, pos):
-    """x (n_tok, n_kv, head_dim) float32: token t's rows into slot seqs[t] at position pos[t]."""
-    for t in range(x.shape[0]):
-        for h in range(n_kv):
-            _encode_row(x[t, h], code, buf, ((seqs[t] * n_kv + h) * ctx + pos[t]) * row_bytes)
+def _encode_f16(x, buf, o):
+    for j in range(x.size):
+        _put16(buf, o + 2 * j, _f16_bits(x[j]))
+
+
+@njit(cache=True)
+def _encode_q8_0(x, buf, o):
+    for b in range(x.size // QK):
+        ob = o + b * B_Q8_0
+        amax = np.float32(0.0)
+        for j in range(QK):
+            amax = max(amax, abs(x[b * QK + j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        _put16(buf, ob, _f16_bits(d))
+        for j in range(QK):
+            v = np.float64(x[b * QK + j] * inv)  # roundf: half away from zero
+            q = np.int64(np.floor(abs(v) + 0.5))
+            buf[ob + 2 + j] = np.uint8((q if v >= 0 else -q) & 0xFF)
+
+
+@njit(cache=True)
+def _encode_q4_0(x, buf, o):
+    for b in range(x.size // QK):
+        ob = o + b * B_Q4_0
+        amax, vmax = np.float32(0.0), np.float32(0.0)
+        for j in range(QK):
+            v = x[b * QK + j]
+            if amax < abs(v):
+                amax, vmax = abs(v), v
+        d = vmax / np.float32(-8.0)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        _put16(buf, ob, _f16_bits(d))
+        for j in range(QK // 2):
+            lo = min(15, np.int64(np.float32(x[b * QK + j] * inv) + np.float32(8.5)))
+            hi = min(15, np.int64(np.float32(x[b * QK + j + QK // 2] * inv) + np.float32(8.5)))
+            buf[ob + 2 + j] = np.uint8(lo | (hi << 4))
+
+
+# _encode_row(code, x, buf, o): store x (float32, head_dim) at byte o of buf in the type `code`.
+_encode_row = by_code("_encode_row", {KV_F32: _encode_f32, KV_F16: _encode_f16, KV_Q8_0: _encode_q8_0,
+                                      KV_Q4_0: _encode_q4_0})
+
+
+@functools.cache
+def _writer(code: int):
+    """The kernel `(buf, row_bytes, n_kv, ctx, x, seqs, pos)` for rows of the type `code`: x (n_tok, n_kv,
+    head_dim) float32, token t's rows into slot seqs[t] at position pos[t]."""
+    @njit(cache=True)
+    def kernel(buf, row_bytes, n_kv, ctx, x, seqs, pos):
+        for t in range(x.shape[0]):
+            for h in range(n_kv):
+                _encode_row(code, x[t, h], buf, ((seqs[t] * n_kv + h) * ctx + pos[t]) * row_bytes)
+    return per_type(kernel)
 
 
 # ---------------------------------------------------------------------------------- attention
-@njit(parallel=True, cache=True, fastmath=True)
-def _attention(q, kb, vb, code_k, code_v, rk, rv, n_kv, ctx, seqs, pos, out, table):
+@functools.cache
+def _attention(code_k: int, code_v: int):
+    """The kernel `(q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table)` for K rows of the type code_k
+    and V rows of code_v (each pair compiled when first used)."""
+    @njit(parallel=True, cache=True, fastmath=True)
+    def kernel(q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table):
+        _attend(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table)
+    return per_type(kernel)
+
+
+@njit(inline="always")
+def _attend(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table):
     """Causal GQA attention: q (n_tok, n_head, hd) float32; kb, vb the bytes of (n_seq, n_kv, ctx, width)
     caches with rows of rk / rv bytes; token t attends to positions 0..pos[t] of slot seqs[t]."""
     n_tok, n_head, hd = q.shape
@@ -191,7 +231,7 @@ def _attention(q, kb, vb, code_k, code_v, rk, rv, n_kv, ctx, seqs, pos, out, tab
         row = np.empty(hd, np.float32)
         scores = np.empty((group, n), np.float32)
         for p in range(n):
-            _load_row(kb, (base + p) * rk, code_k, hd, row, table)
+            _load_row(code_k, kb, (base + p) * rk, hd, row, table)
             for i in range(group):
                 s = np.float32(0.0)
                 for j in range(hd):
@@ -211,7 +251,7 @@ def _attention(q, kb, vb, code_k, code_v, rk, rv, n_kv, ctx, seqs, pos, out, tab
                 scores[i, p] *= inv
         acc = np.zeros((group, hd), np.float32)
         for p in range(n):
-            _load_row(vb, (base + p) * rv, code_v, hd, row, table)
+            _load_row(code_v, vb, (base + p) * rv, hd, row, table)
             for i in range(group):
                 w = scores[i, p]
                 for j in range(hd):
@@ -239,7 +279,7 @@ def kv_write(slots: np.ndarray, code: int, x: np.ndarray, seqs: np.ndarray, pos:
     encoded into slot seqs[t] at position pos[t]."""
     n_kv, ctx = slots.shape[1], slots.shape[2]
     row_bytes = slots.shape[3] * slots.itemsize
-    _kv_write(_bytes(slots), _check(code), row_bytes, n_kv, ctx, np.ascontiguousarray(x, np.float32), seqs, pos)
+    _writer(_check(code))(_bytes(slots), row_bytes, n_kv, ctx, np.ascontiguousarray(x, np.float32), seqs, pos)
 
 
 def attention_seqs(q: np.ndarray, k: np.ndarray, v: np.ndarray, code_k: int, code_v: int, seqs: np.ndarray,
@@ -247,6 +287,6 @@ def attention_seqs(q: np.ndarray, k: np.ndarray, v: np.ndarray, code_k: int, cod
     """Tokens of several sequences: k, v (n_seq, n_kv, ctx, width) stored as code_k / code_v; token t at
     pos[t] of slot seqs[t]; q, out (n_tok, n_head, head_dim)."""
     rk, rv = k.shape[3] * k.itemsize, v.shape[3] * v.itemsize
-    _attention(q, _bytes(k), _bytes(v), _check(code_k), _check(code_v), rk, rv, k.shape[1], k.shape[2], seqs, pos, out,
-               F16_TABLE)
+    _attention(_check(code_k), _check(code_v))(q, _bytes(k), _bytes(v), rk, rv, k.shape[1], k.shape[2], seqs, pos, out,
+                                               F16_TABLE)
     return out
