@@ -36,8 +36,8 @@ def int8_product(prefetch: int):
     return product
 
 
-def f16_product(prefetch: int):
-    dot = simd.f16_dot_kernel(prefetch)
+def f16_product(prefetch: int, lanes: int = 8, ways: int = 4):
+    dot = simd.f16_dot_kernel(prefetch, lanes, ways)
 
     @njit(parallel=True)
     def product(w, x, out):  # _matmul_f16 for one token
@@ -52,6 +52,7 @@ def main() -> int:
     ap.add_argument("--prefetch", default=f"0,{simd.INT8_PREFETCH},{simd.F16_PREFETCH}",
                     help="prefetch distances in bytes, 0 = none (default: none and the two in use)")
     ap.add_argument("--types", default="Q4_0,Q5_0,Q8_0,F16")
+    ap.add_argument("--f16-vectors", default="8x4", help="F16 accumulators, LANESxWAYS[,..] (default 8x4: 4 of 8 floats)")
     ap.add_argument("--shape", default="5632x2048", help="rows x cols (default: TinyLlama's gate and up)")
     args = ap.parse_args()
     rows, cols = (int(v) for v in args.shape.split("x"))
@@ -69,24 +70,25 @@ def main() -> int:
         first = random_block_rows(t, rows, cols, 0)
         ws = [first] + [random_block_rows(t, rows, cols, s) for s in range(1, max(2, TOTAL_BYTES // first.nbytes))]
         if t is GGMLType.F16:
-            kernels = {d: f16_product(d) for d in distances}
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.f16_vectors.split(",")]
+            kernels = {f"{d} ({lanes}x{ways})": f16_product(d, lanes, ways) for d in distances for lanes, ways in shapes}
             run = {d: (lambda w, k=k: k(w, x, out)) for d, k in kernels.items()}
         else:  # the int8 types are multiplied from their packed copy
             ws = [cpu.pack_int8(QWeight(name, w, t, (rows, cols))) for w in ws]
             code = KERNEL_TYPE_CODES[t]
             kernels = {d: int8_product(d) for d in distances}
             run = {d: (lambda w, k=k: k(code, w, xq, xd, xc, out, cpu.F16_TABLE)) for d, k in kernels.items()}
-        for d in distances:  # compile
+        for d in run:  # compile
             run[d](ws[0])
-        rates = {d: [] for d in distances}
+        rates = {d: [] for d in run}
         for _ in range(ROUNDS):  # the variants take turns, so the machine's drift falls on all of them
-            for d in distances:
+            for d in run:
                 t0 = time.perf_counter()
                 for w in ws * 2:
                     run[d](w)
                 rates[d].append(2 * sum(w.nbytes for w in ws) / (time.perf_counter() - t0) / 1e9)
         bw = measure_read_bandwidth() / 1e9
-        for d in distances:
+        for d in run:
             print(f"| {name} | {d} | {statistics.median(rates[d]):.1f} | {max(rates[d]):.1f} | {bw:.1f} |", flush=True)
     return 0
 

@@ -277,18 +277,25 @@ _ROW_ARGS = (types.Array(types.uint8, 2, "C"), types.int64, types.Array(types.in
 def int8_intrinsic(what: str, emitters):
     """An intrinsic `(code, w, i, xq, xd, xc, t, b0, b1, out, table)` of the int8-activation kernels
     (arguments as _ROW_ARGS): emitters are (type code, emit(context, builder, sig, args)) pairs, sig
-    and args without the code; the loop of every type is emitted, and one branch per call picks it."""
-    @intrinsic
+    and args without the code. Where the code is a compile-time constant (a global or a closure's), only
+    that type's loop is emitted; otherwise the loop of every type is, and one branch per call picks it.
+    Either way a code with no emitter does nothing: callers pass only the codes they were made for
+    (cpu.py's per-type factories check them), and may hold a call for another layout behind a runtime
+    test (the paired k-packed kernels behind `pairs`)."""
+    @intrinsic(prefer_literal=True)
     def kernel(typingctx, code, w, i, xq, xd, xc, t, b0, b1, out, table):
         for got, want in zip((w, i, xq, xd, xc, t, b0, b1, out, table), _ROW_ARGS):
             if isinstance(want, types.Array) and not (isinstance(got, types.Array) and got.dtype == want.dtype
                                                       and got.ndim == want.ndim):
                 raise TypeError(f"{what} expects {want}, got {got}")
         sig = types.void(types.int64, w, types.int64, xq, xd, xc, types.int64, types.int64, types.int64, out, table)
+        chosen = emitters
+        if isinstance(code, types.IntegerLiteral):  # none for a type this kernel lacks: a call that does nothing
+            chosen = [(v, e) for v, e in emitters if v == code.literal_value]
 
         def codegen(context, builder, sig, args):
             inner = types.void(*sig.args[1:])
-            for value, emit in emitters:
+            for value, emit in chosen:
                 with builder.if_then(builder.icmp_signed("==", args[0], ir.Constant(_I64, value))):
                     emit(context, builder, inner, args[1:])
             return context.get_dummy_value()
@@ -381,8 +388,9 @@ def row_kernel(prefetch: int = INT8_PREFETCH):
 # helper that numba's JIT may not provide, so the caller keeps its table-based kernel there.
 
 
-def f16_dot_kernel(prefetch: int = 0):
-    """The intrinsic `dot_f16(w_row, x)`, asking for the row `prefetch` bytes ahead of its loads (0: not)."""
+def f16_dot_kernel(prefetch: int = 0, lanes: int = 8, ways: int = 4):
+    """The intrinsic `dot_f16(w_row, x)`, asking for the row `prefetch` bytes ahead of its loads (0: not);
+    `ways` accumulators of `lanes` floats."""
     @intrinsic
     def dot_f16(typingctx, w_row, x):
         """Dot of one F16 row (raw bytes, 2 per element) with float32 activations. Four accumulators
@@ -395,7 +403,6 @@ def f16_dot_kernel(prefetch: int = 0):
             w = _data(context, builder, sig.args[0], args[0])
             xp = _data(context, builder, sig.args[1], args[1])
             n = _length(context, builder, sig.args[1], args[1])
-            lanes, ways = 8, 4
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
             zero = ir.Constant(_vec(_F32, lanes), [ir.Constant(_F32, 0.0)] * lanes)
             acc = [cgutils.alloca_once_value(builder, zero) for _ in range(ways)]
@@ -409,8 +416,8 @@ def f16_dot_kernel(prefetch: int = 0):
             n_vec = builder.sdiv(n, const(lanes))
             n_main = builder.sdiv(n_vec, const(ways))
             with cgutils.for_range(builder, n_main) as loop:
-                if prefetch:  # the loop reads 64 bytes a step
-                    _prefetch(builder, w, builder.add(builder.mul(loop.index, const(2 * lanes * ways)), const(prefetch)))
+                for k in range(0, 2 * lanes * ways if prefetch else 0, 64):  # each 64-byte line of the step's reads
+                    _prefetch(builder, w, builder.add(builder.mul(loop.index, const(2 * lanes * ways)), const(prefetch + k)))
                 for k in range(ways):
                     step(builder.add(builder.mul(loop.index, const(ways)), const(k)), k)
             with cgutils.for_range_slice(builder, builder.mul(n_main, const(ways)), n_vec, const(1), inc=True) as (i, _):
