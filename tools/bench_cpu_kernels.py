@@ -28,11 +28,11 @@ def int8_product(prefetch: int):
     kernel = simd.packed_kernel({t: 1 for t in cpu.PACKED_TOKENS}, prefetch)
 
     @njit(parallel=True)
-    def product(code, pw, xq, xd, xc, out, table):  # _matmul_packed's decode loop
+    def product(code, pw, xq, xd, xc, xs, out, table):  # the packed products' decode loop
         groups, nb = pw.shape[0], xd.shape[1]
         for i in prange((groups + cpu.GROUPS_PER_TASK - 1) // cpu.GROUPS_PER_TASK):
             for g in range(i * cpu.GROUPS_PER_TASK, min(groups, (i + 1) * cpu.GROUPS_PER_TASK)):
-                kernel(code, pw, g, xq, xd, xc, 0, 0, nb, out, table)
+                kernel(code, pw, g, xq, xd, xc, 0, 0, nb, out, table, xs)
     return product
 
 
@@ -59,7 +59,7 @@ def main() -> int:
     numba.set_num_threads(args.threads)
     distances = list(dict.fromkeys(int(v) for v in args.prefetch.split(",")))
     x = np.random.default_rng(1).standard_normal((1, cols)).astype(np.float32)
-    xq, xd, xc = cpu.quantize_activations(x)
+    xq, xd, xc, xs = cpu.quantize_activations(x)
     out = np.empty((1, rows), np.float32)
     print(f"{args.threads} threads; {TOTAL_BYTES >> 20} MiB of {rows} x {cols} matrices, each variant timed over them"
           f" {ROUNDS} x 2 times")
@@ -77,7 +77,7 @@ def main() -> int:
             ws = [cpu.pack_int8(QWeight(name, w, t, (rows, cols))) for w in ws]
             code = KERNEL_TYPE_CODES[t]
             kernels = {d: int8_product(d) for d in distances}
-            run = {d: (lambda w, k=k: k(code, w, xq, xd, xc, out, cpu.F16_TABLE)) for d, k in kernels.items()}
+            run = {d: (lambda w, k=k: k(code, w, xq, xd, xc, xs, out, cpu.F16_TABLE)) for d, k in kernels.items()}
         for d in run:  # compile
             run[d](ws[0])
         rates = {d: [] for d in run}

@@ -24,7 +24,7 @@ from .decoders import F16_TABLE, decode_rows, try_decode_row
 from .jitcache import per_type
 from .f16tile import matmul_bf16_tiled, matmul_f16_tiled
 from .kvattn import attention_seqs, kv_write  # noqa: F401  (the backend's KV ops)
-from .simd import HAS_F16_VECTOR, INT8_PREFETCH, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
+from .simd import _FEATURES, HAS_F16_VECTOR, INT8_PREFETCH, SIMD_LEVEL, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
 
 _CODES = KERNEL_TYPE_CODES
 SUPPORTED_TYPES = frozenset(_CODES)  # every computable type: decoders.py decodes each of them
@@ -32,31 +32,37 @@ SUPPORTED_TYPES = frozenset(_CODES)  # every computable type: decoders.py decode
 
 # ------------------------------------------------------------- activations as int8 blocks
 @njit(inline="always")
-def _quantize_row(x, xq, xd, xc):
+def _quantize_row(x, xq, xd, xc, xs):
     """One row x (cols,) -> int8 blocks of 32 like ggml's Q8_0: d = amax / 127, q = round(x / d),
     half away from zero; xd[b] = d, xc[b] = d * (sum of the block's q), which takes the Q4_0 / Q5_0
-    codes' bias off a one-token product."""
+    codes' bias off a one-token product; xs[2b], xs[2b + 1]: the sums of q over each half of the block
+    (elements 0-15, 16-31), the offsets and mins of the types with scales per 16 weights (Q6_K, Q3_K,
+    Q2_K), as ggml's Q8_K keeps bsums."""
     for b in range(x.size // QK):
         amax = np.float32(0.0)
         for j in range(QK):
             amax = max(amax, abs(x[b * QK + j]))
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-        total = 0
+        half = 0
         for j in range(QK):
             v = x[b * QK + j] * inv
             q = np.int32(np.floor(abs(v) + np.float32(0.5)))
             q = -q if v < 0 else q
             xq[b * QK + j] = q
-            total += q
+            half += q
+            if j == QK // 2 - 1:
+                xs[2 * b] = half
+                half = 0
+        xs[2 * b + 1] = half
         xd[b] = d
-        xc[b] = d * np.float32(total)
+        xc[b] = d * np.float32(xs[2 * b] + half)
 
 
 @njit(parallel=True, cache=True)
-def _quantize_activations(x, xq, xd, xc):
+def _quantize_activations(x, xq, xd, xc, xs):
     for t in prange(x.shape[0]):
-        _quantize_row(x[t], xq[t], xd[t], xc[t])
+        _quantize_row(x[t], xq[t], xd[t], xc[t], xs[t])
 
 
 # ---------------------------------------------------- fused matrix x (batch of) vectors
@@ -78,9 +84,19 @@ GROUPS_PER_TASK = ROWS_PER_TASK // PACK_ROWS
 PACKED_TOKENS = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 3,
                  GGMLType.Q4_1: 4, GGMLType.Q5_1: 4, GGMLType.Q4_K: 4, GGMLType.Q5_K: 4,
                  GGMLType.Q6_K: 3, GGMLType.Q3_K: 3, GGMLType.Q2_K: 3, GGMLType.IQ4_NL: 3, GGMLType.IQ4_XS: 3}
+# Prompts on hosts with 32 vector registers (AVX-512, also for the 256-bit kernels): more tokens a call,
+# each block's codes decoded once for more of them. The same products (ms, median of 7) with
+# PACKED_TOKENS' tiles / these, SPR 2 vCPUs: Q4_0 8.0 / 7.2, Q5_0 8.4 / 8.0 (8 tokens: 10.4, spills),
+# Q8_0 10.1 / 8.6, Q4_1 5.8 / 5.3, Q5_1 7.1 / 5.3, Q4_K 6.8 / 5.9, Q5_K 7.5 / 6.8, Q6_K 10.3 / 8.4,
+# Q3_K 15.0 / 8.1 (6 tokens: 8.4), Q2_K 9.1 / 8.1, IQ4_NL 7.9 / 5.8, IQ4_XS 11.3 / 5.8.
+# A prompt's last tokens (fewer than a tile) take PACKED_TOKENS' tiles, then single tokens.
+MANY_REGISTERS = SIMD_LEVEL == "native" and "+avx512vl" in _FEATURES
+PROMPT_TOKENS = {GGMLType.Q4_0: 8, GGMLType.Q5_0: 6, GGMLType.Q8_0: 8, GGMLType.Q4_1: 8, GGMLType.Q5_1: 8,
+                 GGMLType.Q4_K: 8, GGMLType.Q5_K: 6, GGMLType.Q6_K: 8, GGMLType.Q3_K: 4, GGMLType.Q2_K: 8,
+                 GGMLType.IQ4_NL: 8, GGMLType.IQ4_XS: 8} if MANY_REGISTERS else PACKED_TOKENS
 _ONE = {t: 1 for t in PACKED_TOKENS}
 _PACKED_ONE = packed_kernel(_ONE, INT8_PREFETCH, kpacked_emitters(_ONE, INT8_PREFETCH))
-_PACKED_TILE = packed_kernel(PACKED_TOKENS, 0, kpacked_emitters(PACKED_TOKENS))
+_PACKED_TILE = packed_kernel(PROMPT_TOKENS, 0, kpacked_emitters(PROMPT_TOKENS))
 # Small batches (a server's decode step: one token of each of a few sequences) read each weight once for
 # only a few tokens, so memory matters again: their tiles prefetch as the one-token kernels do. TinyLlama
 # q4_0, 2 threads (SPR): a step of 8 sequences 87 -> 64-69 ms, of 16 121 -> 145 t/s; at 128 tokens
@@ -90,7 +106,7 @@ _PACKED_SMALL = packed_kernel(PACKED_TOKENS, INT8_PREFETCH, kpacked_emitters(PAC
 # kpack.py's types on AVX-512 hosts: two row groups a call, 16 rows in 512-bit vectors (kpack.PAIRS;
 # elsewhere these are never called, and are emitted at one group's width so no AVX-512 code is made)
 _PAIR_ONE = int8_intrinsic("paired k-packed kernel", kpacked_emitters(_ONE, INT8_PREFETCH, width=2 if PAIRS else 1))
-_PAIR_TILE = int8_intrinsic("paired k-packed kernel", kpacked_emitters(PACKED_TOKENS, 0, width=2 if PAIRS else 1))
+_PAIR_TILE = int8_intrinsic("paired k-packed kernel", kpacked_emitters(PROMPT_TOKENS, 0, width=2 if PAIRS else 1))
 _PAIR_SMALL = int8_intrinsic("paired k-packed kernel", kpacked_emitters(PACKED_TOKENS, INT8_PREFETCH, width=2 if PAIRS else 1))
 _ROW = row_kernel(INT8_PREFETCH)
 
@@ -158,30 +174,30 @@ def pack(w: QWeight) -> np.ndarray:
 # the q4_0 loops, not those of all twelve int8-activation types.
 @functools.cache
 def _packed_product(code: int):
-    """The kernel `(pw, step, xq, xd, xc, out, table, n_tasks, pairs)`: out[:, :8 * groups] = a packed
-    weight pw (groups, superblocks) of the type `code` times int8-block activations; step: PACKED_TOKENS
-    of the type; pairs: two groups a call where two are left (kpack.PAIRS)."""
+    """The kernel `(pw, step, big, xq, xd, xc, xs, out, table, n_tasks, pairs)`: out[:, :8 * groups] = a packed
+    weight pw (groups, superblocks) of the type `code` times int8-block activations; step, big: PACKED_TOKENS
+    and PROMPT_TOKENS of the type; pairs: two groups a call where two are left (kpack.PAIRS)."""
     if code not in _PACKED_CODES:
         raise ValueError(f"_packed_product: kernel code {code} has no packed layout")
 
     @njit(parallel=True, cache=True)
-    def kernel(pw, step, xq, xd, xc, out, table, n_tasks, pairs):
-        _packed_loops(code, pw, step, xq, xd, xc, out, table, n_tasks, pairs)
+    def kernel(pw, step, big, xq, xd, xc, xs, out, table, n_tasks, pairs):
+        _packed_loops(code, pw, step, big, xq, xd, xc, xs, out, table, n_tasks, pairs)
     return per_type(kernel)
 
 
 @njit(inline="always")
-def _packed_loops(code, pw, step, xq, xd, xc, out, table, n_tasks, pairs):
+def _packed_loops(code, pw, step, big, xq, xd, xc, xs, out, table, n_tasks, pairs):
     groups, n_tok, nb = pw.shape[0], xq.shape[0], xd.shape[1]
     if n_tok == 1:
         for i in prange((groups + GROUPS_PER_TASK - 1) // GROUPS_PER_TASK):
             g, g1 = i * GROUPS_PER_TASK, min(groups, (i + 1) * GROUPS_PER_TASK)
             while g < g1:
                 if pairs and g + 1 < g1:
-                    _PAIR_ONE(code, pw, g, xq, xd, xc, 0, 0, nb, out, table)
+                    _PAIR_ONE(code, pw, g, xq, xd, xc, 0, 0, nb, out, table, xs)
                     g += 2
                 else:
-                    _PACKED_ONE(code, pw, g, xq, xd, xc, 0, 0, nb, out, table)
+                    _PACKED_ONE(code, pw, g, xq, xd, xc, 0, 0, nb, out, table, xs)
                     g += 1
     else:
         panel = max(8, min(nb, PANEL_BYTES // (QK * n_tok)))
@@ -195,37 +211,39 @@ def _packed_loops(code, pw, step, xq, xd, xc, out, table, n_tasks, pairs):
                 while g < g1:
                     two = pairs and g + 1 < g1
                     t = 0
-                    while t + step <= n_tok:
-                        if two and small:
-                            _PAIR_SMALL(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
-                        elif two:
-                            _PAIR_TILE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
-                        elif small:
-                            _PACKED_SMALL(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+                    while not small and t + big <= n_tok:  # a prompt: PROMPT_TOKENS' tiles
+                        if two:
+                            _PAIR_TILE(code, pw, g, xq, xd, xc, t, b0, b1, out, table, xs)
                         else:
-                            _PACKED_TILE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+                            _PACKED_TILE(code, pw, g, xq, xd, xc, t, b0, b1, out, table, xs)
+                        t += big
+                    while t + step <= n_tok:  # a small batch, or a prompt's last tokens
+                        if two:
+                            _PAIR_SMALL(code, pw, g, xq, xd, xc, t, b0, b1, out, table, xs)
+                        else:
+                            _PACKED_SMALL(code, pw, g, xq, xd, xc, t, b0, b1, out, table, xs)
                         t += step
                     for t in range(t, n_tok):
                         if two:
-                            _PAIR_ONE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+                            _PAIR_ONE(code, pw, g, xq, xd, xc, t, b0, b1, out, table, xs)
                         else:
-                            _PACKED_ONE(code, pw, g, xq, xd, xc, t, b0, b1, out, table)
+                            _PACKED_ONE(code, pw, g, xq, xd, xc, t, b0, b1, out, table, xs)
                     g += 2 if two else 1
 
 
 @functools.cache
 def _rows_product(code: int):
-    """The kernel `(w, r0, xq, xd, xc, out, table)`: out[:, r0:] = the stored rows r0 .. of a weight of
+    """The kernel `(w, r0, xq, xd, xc, xs, out, table)`: out[:, r0:] = the stored rows r0 .. of a weight of
     the int8-activation type `code` (Q4_0, Q5_0, Q8_0) times int8-block activations."""
     if code not in _ROW_CODES:
         raise ValueError(f"_rows_product: kernel code {code} has no stored-layout int8 kernel")
 
     @njit(parallel=True, cache=True)
-    def kernel(w, r0, xq, xd, xc, out, table):
+    def kernel(w, r0, xq, xd, xc, xs, out, table):
         nb = xd.shape[1]
         for r in prange(r0, w.shape[0]):
             for t in range(xq.shape[0]):
-                _ROW(code, w, r, xq, xd, xc, t, 0, nb, out, table)
+                _ROW(code, w, r, xq, xd, xc, t, 0, nb, out, table, xs)
     return per_type(kernel)
 
 
@@ -257,6 +275,8 @@ def _decoded_product(code: int):
 
 # Weights that multiply int8-block activations from a packed copy: simd.py's layouts and kpack.py's.
 INT8_ACTIVATION_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)) | K_PACKED_TYPES
+# Float weights whose products read the stored rows directly (a copy in anonymous memory: backends.py).
+STREAMED_FLOAT_TYPES = frozenset((GGMLType.F16, GGMLType.BF16))
 _PACKED_CODES = frozenset(_CODES[t] for t in INT8_ACTIVATION_TYPES)
 _ROW_CODES = frozenset(_CODES[t] for t in PACKED_LAYOUTS)
 
@@ -303,15 +323,16 @@ def _bytes2d(raw: np.ndarray) -> np.ndarray:
     return raw.view(np.uint8) if raw.dtype != np.uint8 else raw
 
 
-def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (n_tok, cols) -> (xq int8 (n_tok, cols), xd f32 (n_tok, cols/32), xc f32 (n_tok, cols/32)):
-    codes, scales, scale * code sums."""
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x (n_tok, cols) -> (xq int8 (n_tok, cols), xd f32 (n_tok, cols/32), xc f32 (n_tok, cols/32),
+    xs int32 (n_tok, cols/16)): codes, scales, scale * code sums, code sums of each 16."""
     n_tok, cols = x.shape
     xq = np.empty((n_tok, cols), np.int8)
     xd = np.empty((n_tok, cols // QK), np.float32)
     xc = np.empty((n_tok, cols // QK), np.float32)
-    _quantize_activations(x, xq, xd, xc)
-    return xq, xd, xc
+    xs = np.empty((n_tok, cols // (QK // 2)), np.int32)
+    _quantize_activations(x, xq, xd, xc, xs)
+    return xq, xd, xc, xs
 
 
 def matmul(w: QWeight, x: np.ndarray, out: np.ndarray, quantized: tuple | None = None) -> np.ndarray:
@@ -326,17 +347,17 @@ def matmul(w: QWeight, x: np.ndarray, out: np.ndarray, quantized: tuple | None =
     x = np.ascontiguousarray(x)
     t = w.ggml_type
     if t in INT8_ACTIVATION_TYPES:
-        xq, xd, xc = quantized if quantized is not None else quantize_activations(x)
+        xq, xd, xc, xs = quantized if quantized is not None else quantize_activations(x)
         packed = w.packed if w.packed is not None else pack(w)
         if packed.shape[0]:
-            _packed_product(_CODES[t])(packed, PACKED_TOKENS[t], xq, xd, xc, out, F16_TABLE, numba.get_num_threads(),
+            _packed_product(_CODES[t])(packed, PACKED_TOKENS[t], PROMPT_TOKENS[t], xq, xd, xc, xs, out, F16_TABLE, numba.get_num_threads(),
                                        PAIRS and t in K_PACKED_TYPES)
         r0 = packed.shape[0] * PACK_ROWS  # rows past the last group of 8 (small test models) follow
         if r0 < w.rows and t in K_PACKED_TYPES:  # decoded, times the int8 activations as floats
             xf = (xq.reshape(len(xq), -1, QK) * xd[:, :, None]).reshape(len(xq), -1)
             _decoded_product(_CODES[t])(_bytes2d(w.raw)[r0:], xf, out[:, r0:], F16_TABLE)
         elif r0 < w.rows:
-            _rows_product(_CODES[t])(w.raw, r0, xq, xd, xc, out, F16_TABLE)
+            _rows_product(_CODES[t])(w.raw, r0, xq, xd, xc, xs, out, F16_TABLE)
     elif t is GGMLType.F32 and x.shape[0] > 1:
         np.matmul(x, w.raw.T, out=out)
     elif t is GGMLType.F16 and HAS_F16_VECTOR and x.shape[0] > 1:  # a prompt: register tiles (f16tile.py)

@@ -30,7 +30,9 @@ integer dot of the codes and the activation codes, s the per-row scale and bias 
 6-bit integer is exact). Q6_K, Q3_K and the IQ4 types have signed codes (q - 32, q - 4, T[q]) and
 take simd.py's |q| * (x * sign(q)) route; the two 16-weight halves of Q6_K, Q3_K and Q2_K are
 weighted by their scales in the integer sums (vpmaddwd with the scales instead of ones, or a vector
-multiply after vpdpbusd); Q2_K's mins per half take the sums of the activation codes of each half.
+multiply after vpdpbusd); Q2_K's mins per half, and with VNNI the offsets of Q6_K and Q3_K (whose codes
+then stay unsigned), take the sums of the activation codes of each half, made once per token with the
+int8 blocks (quantize_activations' xs) rather than once per row group.
 """
 from __future__ import annotations
 
@@ -211,7 +213,7 @@ def _dot(builder, acc, u, s):
     return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", i32, a, builder.bitcast(u, i32), builder.bitcast(s, i32))
 
 
-def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
+def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales, x_halves):
     """<8W x i32>: lane r = row r's integer dot over the block. Without VNNI (W = 1 only): unsigned
     4-bit codes add 8 pair sums as i16 (8 * 2 * 15 * 127 < 2^15), 5-bit ones 4; Q6_K's |q - 32| <= 32
     (Q2_K's, Q3_K's <= 4) add the 4 of a half (4 * 2 * 32 * 127 < 2^15) before its scale multiplies
@@ -223,10 +225,9 @@ def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
             halves[h] = _dot(builder, halves[h], codes[k], x[k])
         if half_scales is None:
             return halves[0]  # the table types' excess comes off with their bias (_block_scales)
-        if lay.offset:  # Q6_K, Q3_K: sum_j (q_j - offset) x_j per half
-            sums = _half_sums(builder, x)
+        if lay.offset:  # Q6_K, Q3_K: sum_j (q_j - offset) x_j per half; x_halves: the sums of x_j
             off = _splat(_I32, halves[0].type.count, lay.offset)
-            halves = [builder.sub(a, builder.mul(off, s_h)) for a, s_h in zip(halves, sums)]
+            halves = [builder.sub(a, builder.mul(off, s_h)) for a, s_h in zip(halves, x_halves)]
         return builder.add(builder.mul(halves[0], half_scales[0]), builder.mul(halves[1], half_scales[1]))
     if lay.signed:
         x = [_sign(builder, xk, ck) for xk, ck in zip(x, codes)]
@@ -239,26 +240,6 @@ def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
     return grouped_pair_sums(builder, prepared, x, per, lambda s16, g: (
         _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), s16, half_scales[g]) if HAS_AVX2
         else _pair_mul(builder, s16, half_scales[g])))
-
-
-def _half_sums(builder, x):
-    """[S_a, S_b]: every lane the sum of the activation codes of elements 0-15 (16-31) of the block
-    (x: its 8 broadcast groups of 4 bytes)."""
-    nb = x[0].type.count
-    ones = _splat(_I8, nb, 1)
-    out = []
-    for h in range(2):
-        if HAS_VNNI:
-            total = None
-            for k in range(4 * h, 4 * h + 4):
-                total = _dot(builder, total, ones, x[k])
-        else:  # 4 pair sums of |x| <= 127 fit i16
-            s16 = _maddubs(builder, ones, x[4 * h])
-            for k in range(4 * h + 1, 4 * h + 4):
-                s16 = builder.add(s16, _maddubs(builder, ones, x[k]))
-            total = _madd_ones(builder, s16)
-        out.append(total)
-    return out
 
 
 def _pair_mul(builder, a16, b16):
@@ -329,7 +310,8 @@ def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetc
         prepared = [_abs(builder, c) for c in codes] if lay.signed and not HAS_VNNI else codes
         for j in range(n_tok):
             x = call.x_groups(builder, j, b, lanes)
-            sums = builder.sitofp(_row_sums(builder, lay, codes, prepared, x, half), _vec(_F32, lanes))
+            x_halves = call.half_sums(builder, j, b, lanes) if (lay.offset and HAS_VNNI) or mins is not None else None
+            sums = builder.sitofp(_row_sums(builder, lay, codes, prepared, x, half, x_halves), _vec(_F32, lanes))
             dx = _splat_value(builder, call.scalar(builder, call.xd, j, b), lanes)
             a = builder.load(acc[j])
             a = builder.fadd(a, builder.fmul(sums, builder.fmul(s, dx), flags=_CONTRACT), flags=_CONTRACT)
@@ -337,7 +319,7 @@ def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetc
                 xc = _splat_value(builder, call.scalar(builder, call.xc, j, b), lanes)
                 a = builder.fadd(a, builder.fmul(bias, xc, flags=_CONTRACT), flags=_CONTRACT)
             if mins is not None:  # Q2_K: - dmin * d_x * (m_a * S_a + m_b * S_b)
-                sa, sb = _half_sums(builder, x)
+                sa, sb = x_halves
                 msum = builder.sitofp(builder.add(builder.mul(mins[1], sa), builder.mul(mins[2], sb)), _vec(_F32, lanes))
                 a = builder.fsub(a, builder.fmul(msum, builder.fmul(mins[0], dx)))
             builder.store(a, acc[j])

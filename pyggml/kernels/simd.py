@@ -271,11 +271,12 @@ def _transpose_sum8(builder, v: list) -> ir.Value:
 
 _ROW_ARGS = (types.Array(types.uint8, 2, "C"), types.int64, types.Array(types.int8, 2, "C"),
              types.Array(types.float32, 2, "C"), types.Array(types.float32, 2, "C"), types.int64, types.int64,
-             types.int64, types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C"))
+             types.int64, types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C"),
+             types.Array(types.int32, 2, "C"))
 
 
 def int8_intrinsic(what: str, emitters):
-    """An intrinsic `(code, w, i, xq, xd, xc, t, b0, b1, out, table)` of the int8-activation kernels
+    """An intrinsic `(code, w, i, xq, xd, xc, t, b0, b1, out, table, xs)` of the int8-activation kernels
     (arguments as _ROW_ARGS): emitters are (type code, emit(context, builder, sig, args)) pairs, sig
     and args without the code. Where the code is a compile-time constant (a global or a closure's), only
     that type's loop is emitted; otherwise the loop of every type is, and one branch per call picks it.
@@ -283,12 +284,12 @@ def int8_intrinsic(what: str, emitters):
     (cpu.py's per-type factories check them), and may hold a call for another layout behind a runtime
     test (the paired k-packed kernels behind `pairs`)."""
     @intrinsic(prefer_literal=True)
-    def kernel(typingctx, code, w, i, xq, xd, xc, t, b0, b1, out, table):
-        for got, want in zip((w, i, xq, xd, xc, t, b0, b1, out, table), _ROW_ARGS):
+    def kernel(typingctx, code, w, i, xq, xd, xc, t, b0, b1, out, table, xs):
+        for got, want in zip((w, i, xq, xd, xc, t, b0, b1, out, table, xs), _ROW_ARGS):
             if isinstance(want, types.Array) and not (isinstance(got, types.Array) and got.dtype == want.dtype
                                                       and got.ndim == want.ndim):
                 raise TypeError(f"{what} expects {want}, got {got}")
-        sig = types.void(types.int64, w, types.int64, xq, xd, xc, types.int64, types.int64, types.int64, out, table)
+        sig = types.void(types.int64, w, types.int64, xq, xd, xc, types.int64, types.int64, types.int64, out, table, xs)
         chosen = emitters
         if isinstance(code, types.IntegerLiteral):  # none for a type this kernel lacks: a call that does nothing
             chosen = [(v, e) for v, e in emitters if v == code.literal_value]
@@ -363,7 +364,7 @@ def _emit_row(context, builder, sig, args, fmt: _Format, prefetch: int) -> None:
 
 
 def row_kernel(prefetch: int = INT8_PREFETCH):
-    """An intrinsic `row(code, w, r, xq, xd, xc, t, b0, b1, out, table)`: out[t, r] = dot(W[r], x[t])
+    """An intrinsic `row(code, w, r, xq, xd, xc, t, b0, b1, out, table, xs)`: out[t, r] = dot(W[r], x[t])
     of a weight in its stored layout with int8-block activations, over the blocks b0 .. b1 of the
     row: stored when b0 == 0, added to out otherwise.
 
@@ -438,6 +439,10 @@ def f16_dot_kernel(prefetch: int = 0, lanes: int = 8, ways: int = 4):
     return dot_f16
 
 
+# AVX-512 hosts: two accumulators of 16 floats (512-bit), 2048 bytes ahead. `bench_cpu_kernels.py --types
+# F16 --prefetch 1024,2048,3072 --f16-vectors 8x4,16x2`, 2 threads of a 2-vCPU Sapphire Rapids VM (read
+# 33.4 GB/s): 8x4 23.5 / 24.4 / 24.7, 16x2 25.0 / 26.5 / 26.1 (another run: 8x4@1024 25.3, 16x2@2048 27.5).
+WIDE_F16_DOT = SIMD_LEVEL == "native" and "+avx512f" in _FEATURES
 dot_f16 = f16_dot_kernel(F16_PREFETCH)
 
 
@@ -544,8 +549,8 @@ class PackedCall:
     blocks b0 .. b1; `accumulators` and `store` are the per-token sums and their write to out."""
 
     def __init__(self, context, builder, sig, args, n_tok: int):
-        arrays = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 2, 3, 4, 8, 9))
-        self.w, self.xq, self.xd, self.xc, self.out, self.table = (a.data for a in arrays)
+        arrays = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 2, 3, 4, 8, 9, 10))
+        self.w, self.xq, self.xd, self.xc, self.out, self.table, self.xs = (a.data for a in arrays)
         shape = lambda k: cgutils.unpack_tuple(builder, context.make_array(sig.args[k])(context, builder, args[k]).shape, 2)[1]  # noqa: E731
         self.group, tok0, self.b0, self.b1 = args[1], args[5], args[6], args[7]
         self.group_bytes, cols, nb, self.out_cols = shape(0), shape(2), shape(3), shape(8)
@@ -563,6 +568,12 @@ class PackedCall:
     def scalar(self, builder, array, j: int, b):
         """Token j's value of block b in xd or xc."""
         return builder.load(builder.gep(array, [builder.add(self.d_off[j], b)]))
+
+    def half_sums(self, builder, j: int, b, lanes: int) -> list:
+        """Token j's sums of the activation codes of each half of block b (xs), each as <lanes x i32>."""
+        at = builder.mul(builder.add(self.d_off[j], b), ir.Constant(_I64, 2))
+        return [_splat_value(builder, builder.load(builder.gep(self.xs, [builder.add(at, ir.Constant(_I64, h))])), lanes)
+                for h in range(2)]
 
     @staticmethod
     def accumulators(builder, n_tok: int, lanes: int = 8) -> list:
@@ -610,7 +621,7 @@ def _emit_packed(context, builder, sig, args, fmt: PackedLayout, n_tok: int, pre
 
 
 def packed_kernel(tokens: dict, prefetch: int = 0, more: tuple = ()):
-    """An intrinsic `packed(code, w, g, xq, xd, xc, t0, b0, b1, out, table)`: out[t0 + j, 8g .. 8g + 7] for
+    """An intrinsic `packed(code, w, g, xq, xd, xc, t0, b0, b1, out, table, xs)`: out[t0 + j, 8g .. 8g + 7] for
     j < n_tok = tokens[the weight type], the dots of row group g of a packed weight (`cpu.pack_int8`: rows of groups, each
     n_blocks superblocks) with tokens t0 .. t0 + n_tok - 1 of int8-block activations, over blocks
     b0 .. b1: stored when b0 == 0, added otherwise. code: KERNEL_TYPE_CODES of Q4_0, Q5_0 or Q8_0.
