@@ -439,10 +439,10 @@ def f16_dot_kernel(prefetch: int = 0, lanes: int = 8, ways: int = 4):
     return dot_f16
 
 
-# AVX-512 hosts: two accumulators of 16 floats (512-bit), 2048 bytes ahead. `bench_cpu_kernels.py --types
-# F16 --prefetch 1024,2048,3072 --f16-vectors 8x4,16x2`, 2 threads of a 2-vCPU Sapphire Rapids VM (read
-# 33.4 GB/s): 8x4 23.5 / 24.4 / 24.7, 16x2 25.0 / 26.5 / 26.1 (another run: 8x4@1024 25.3, 16x2@2048 27.5).
-WIDE_F16_DOT = SIMD_LEVEL == "native" and "+avx512f" in _FEATURES
+# On AVX-512 hosts the product alone streams a little faster with two accumulators of 16 floats 2048
+# bytes ahead (`bench_cpu_kernels.py --types F16 --prefetch 1024,2048 --f16-vectors 8x4,16x2`, SPR 2 vCPUs,
+# read 33.4 GB/s: 8x4@1024 23.5-25.3 GB/s, 16x2@2048 26.5-27.5), but TinyLlama f16 decode did not move
+# (112-113 ms a token either way): the default stays.
 dot_f16 = f16_dot_kernel(F16_PREFETCH)
 
 
