@@ -51,17 +51,16 @@ class _FirstRun:
 
     def __enter__(self) -> "_FirstRun":
         from .kernels.jitcache import kernels_cold
+        from .kernels.precompile import FirstRun
 
         self.active = not _FirstRun.shown and kernels_cold()
-        self.thread = self.helper = None
+        self.thread = None
+        self.compile = FirstRun(*self.kv_types, self.active).__enter__()  # a helper process compiles half
         if self.active:
             import threading
             import time
 
-            from .kernels import precompile
-
             _FirstRun.shown = True
-            self.helper = precompile.start(*self.kv_types)  # compiles half of the kernels beside this process
             self.t0, self.done = time.perf_counter(), threading.Event()
             if sys.stderr.isatty():
                 self.thread = threading.Thread(target=self._tick, daemon=True)
@@ -85,18 +84,10 @@ class _FirstRun:
                 return
 
     def warm_up(self, llm) -> None:
-        if self.active:
-            from .kernels import precompile
-
-            precompile.compile_products(llm)
-            precompile.finish(self.helper)
-            llm.warm_up()
+        self.compile.warm_up(llm)
 
     def __exit__(self, *exc: object) -> None:
-        if self.helper is not None:
-            from .kernels import precompile
-
-            precompile.finish(self.helper, timeout=0)  # a no-op after warm_up; kills it on a failed load
+        self.compile.__exit__(*exc)  # a helper still running (a failed load) is stopped
         if self.thread is not None:
             import time
 

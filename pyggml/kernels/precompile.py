@@ -49,6 +49,29 @@ def finish(helper: subprocess.Popen | None, timeout: float = HELPER_TIMEOUT_S) -
             helper.wait()
 
 
+class FirstRun:
+    """Around loading a model when numba's cache is cold (`active`): the helper process starts on entry,
+    warm_up(llm) compiles this model's products, waits for the helper and runs llm.warm_up() (both
+    nothing when not active), and exit stops a helper still running (a failed load)."""
+
+    def __init__(self, type_k: str | None, type_v: str | None, active: bool):
+        self.kv_types, self.active, self.helper = (type_k, type_v), active, None
+
+    def __enter__(self) -> "FirstRun":
+        if self.active:
+            self.helper = start(*self.kv_types)
+        return self
+
+    def warm_up(self, llm) -> None:
+        if self.active:
+            compile_products(llm)
+            finish(self.helper)
+            llm.warm_up()
+
+    def __exit__(self, *exc: object) -> None:
+        finish(self.helper, timeout=0)
+
+
 def compile_products(llm) -> None:
     """Compile (or load) the products and the embedding lookup of each weight type a CPU layer of the
     model has, by running each such kernel once on its first weight of that type: one token, then two."""

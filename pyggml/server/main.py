@@ -50,16 +50,22 @@ def load_engine(s: ServerSettings) -> LlamaEngine:
     """The Llama of the settings, behind a LlamaEngine of n_parallel slots. As llama-server, the
     context is shared out: each slot holds n_ctx / n_parallel tokens."""
     from ..api import Llama
+    from ..kernels.jitcache import kernels_cold
+    from ..kernels.precompile import FirstRun
 
     n_ctx = s.n_ctx if s.n_ctx is not None else default_ctx(s.model_path)
     n_par = max(1, s.n_parallel)
     if n_ctx and n_ctx < n_par:
         raise ValueError(f"a context of {n_ctx} tokens cannot be shared by {n_par} slots")
-    with warnings.catch_warnings(record=True) as caught:
+    cold = kernels_cold()
+    if cold:  # llama-server warms up before its first request; here a cold cache would cost it 5-15 s
+        log.info("compiling the CPU kernels once (a fresh install); later starts are quick")
+    with warnings.catch_warnings(record=True) as caught, FirstRun(s.type_k, s.type_v, cold) as first:
         warnings.simplefilter("always")
         llm = Llama(s.model_path, n_ctx=n_ctx // n_par if n_ctx else 0, n_batch=s.n_batch, n_threads=s.n_threads,
                     n_gpu_layers=s.n_gpu_layers, seed=-1, chat_format=s.chat_format, verbose=False, n_seq_max=n_par,
                     type_k=s.type_k, type_v=s.type_v)
+        first.warm_up(llm)
     for w in caught:
         log.warning("%s", w.message)
     log.info("loaded %s: %d slot%s of %d tokens%s", s.model_path, n_par, "s" if n_par > 1 else "", llm.n_ctx(),
