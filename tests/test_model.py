@@ -170,15 +170,31 @@ def test_logits_equal_numpy_llama(random_model):
     assert (got.argmax(1) == exact.argmax(1)).mean() >= 0.9
 
 
+def _assert_same_forward(got, want, int8: bool):
+    """A prompt's attention sums in another order than a single token's (kvattn.py's blocks of keys):
+    float rounding only (1e-5 of the largest logit), unless the weights multiply int8 activations, where
+    a last-bit difference may move one activation across an int8 rounding boundary and that position's
+    logits, and through attention later ones', by about one int8 step (stated, as against the numpy
+    forward: within 2e-2 of the largest logit; position 0, which attends to itself alone, exact)."""
+    scale = np.abs(want).max()
+    if not int8:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+        return
+    np.testing.assert_allclose(got[:1], want[:1], rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * scale)
+
+
 def test_prefill_equals_single_steps(random_model):
     tokens = np.array([1, 9, 8, 7, 6, 5, 4, 3, 2, 150, 151, 152, 153])
     llm = Llama(random_model, n_ctx=32)
+    int8 = any(w.ggml_type in INT8_ACTIVATION_TYPES for w in (llm.model.layers[0].wq, llm.model.layers[0].w_down))
     batch = llm.model.forward(tokens, 0, llm.kv_cache, all_logits=True)
     steps = np.stack([llm.model.forward(tokens[i : i + 1], i, llm.kv_cache) for i in range(len(tokens))])
-    np.testing.assert_allclose(steps, batch, rtol=0, atol=1e-5 * np.abs(batch).max())
+    _assert_same_forward(steps.reshape(batch.shape), batch, int8)
     # in chunks through the API (n_batch=4) too
     llm2 = Llama(random_model, n_ctx=32, n_batch=4)
-    np.testing.assert_allclose(llm2.eval(tokens.tolist()), batch[-1], rtol=0, atol=1e-5 * np.abs(batch).max())
+    tol = (2e-2 if int8 else 1e-5) * np.abs(batch).max()
+    np.testing.assert_allclose(llm2.eval(tokens.tolist()), batch[-1], rtol=0, atol=tol)
 
 
 # ------------------------------------------------------------------------------ stories260K

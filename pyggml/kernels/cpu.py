@@ -22,6 +22,7 @@ from ..tensor import KERNEL_TYPE_CODES, QWeight
 from .kpack import K_PACKED_TYPES, PAIRS, kpacked_emitters, pack_k
 from .decoders import F16_TABLE, decode_rows, try_decode_row
 from .jitcache import per_type
+from .vmath import exp_f32
 from .f16tile import matmul_bf16_tiled, matmul_f16_tiled
 from .kvattn import attention_seqs, kv_write  # noqa: F401  (the backend's KV ops)
 from .simd import _FEATURES, HAS_F16_VECTOR, INT8_PREFETCH, SIMD_LEVEL, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
@@ -309,9 +310,10 @@ def _rope(x, positions, inv_freq):
 
 @njit(parallel=True, cache=True, fastmath=True)
 def _silu_mul(g, u, out):
+    """g, u, out: 1-D (2-D arrays' .flat costs a division an element)."""
     for i in prange(g.size):
-        x = g.flat[i]
-        out.flat[i] = x / (np.float32(1.0) + np.exp(-x)) * u.flat[i]
+        x = g[i]
+        out[i] = x / (np.float32(1.0) + exp_f32(-x)) * u[i]
 
 
 # --------------------------------------------------------------------------- public API
@@ -409,5 +411,6 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
 
 
 def silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray) -> np.ndarray:
-    _silu_mul(g, u, out)
+    assert g.shape == u.shape == out.shape and out.flags.c_contiguous
+    _silu_mul(np.ascontiguousarray(g).reshape(-1), np.ascontiguousarray(u).reshape(-1), out.reshape(-1))
     return out

@@ -45,7 +45,7 @@ from ..gguf.constants import QK, TYPE_TRAITS, GGMLType
 from ..quant.kquants import IQ4NL_VALUES
 from ..tensor import KERNEL_TYPE_CODES
 from .simd import (_CONTRACT, _F32, _FEATURES, _I8, _I16, _I32, _I64, HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, PACK_ROWS, SIMD_LEVEL,
-                   PackedCall, _abs_i8, _dot4, grouped_pair_sums, _load_f16x8, _load_vec, _madd_ones, _maddubs, _prefetch, _sign_i8, _splat,
+                   PackedCall, _abs_i8, _dot4, grouped_pair_sums, _load_f16x8, _load_vec, _madd_ones, _prefetch, _sign_i8, _splat,
                    _splat_value, _vec, _x86)
 
 _CODES_BYTES = 4 * 32  # the low 4 bits of a block of 8 rows

@@ -15,12 +15,14 @@ import functools
 
 import numpy as np
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..model.kvtypes import KV_TYPES
 from .decoders import F16_TABLE
 from .dispatch import by_code
 from .jitcache import per_type
+from .vmath import exp_f32
 from .simd import _F32, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar
 
 KV_F32, KV_F16, KV_Q8_0, KV_Q4_0 = (KV_TYPES[n].code for n in ("f32", "f16", "q8_0", "q4_0"))
@@ -207,60 +209,195 @@ def _writer(code: int):
 
 
 # ---------------------------------------------------------------------------------- attention
+KEYS = 16  # keys a prompt block scores at once (one 512-bit vector of scores)
+BLOCK_TOKENS = 16  # consecutive query tokens of one sequence that share each decoded key and value row
+
+
+@intrinsic
+def _score_keys(typingctx, q, qo, kt, n_j, out, oo):
+    """out[oo + k] = sum over j < n_j of q[qo + j] * kt[KEYS * j + k], k < KEYS: one query against KEYS keys
+    held transposed (kt: n_j x KEYS floats), the sums in one vector register (no horizontal adds)."""
+    def codegen(context, builder, sig, args):
+        from llvmlite import ir
+        qp, ktp, op = (_data(context, builder, sig.args[i], args[i]) for i in (0, 2, 4))
+        i64 = ir.IntType(64)
+        vt = ir.VectorType(_F32, KEYS)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vt, [ir.Constant(_F32, 0.0)] * KEYS))
+        q0, n, o0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 3, 5))
+        with cgutils.for_range(builder, n) as loop:
+            j = loop.index
+            qj = builder.load(builder.gep(qp, [builder.add(q0, j)]))
+            splat = builder.insert_element(ir.Constant(vt, ir.Undefined), qj, ir.Constant(ir.IntType(32), 0))
+            splat = builder.shuffle_vector(splat, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), KEYS), [0] * KEYS))
+            kp = builder.bitcast(builder.gep(ktp, [builder.mul(j, ir.Constant(i64, KEYS))]), vt.as_pointer())
+            prod = builder.fmul(splat, builder.load(kp, align=4), flags=("contract",))
+            builder.store(builder.fadd(builder.load(acc), prod, flags=("contract",)), acc)
+        builder.store(builder.load(acc), builder.bitcast(builder.gep(op, [o0]), vt.as_pointer()), align=4)
+    return types.void(q, qo, kt, n_j, out, oo), codegen
+
+
+@intrinsic
+def _mix_values(typingctx, w, wo, vt, hd, acc, ao):
+    """acc[ao + j] += sum over k < KEYS of w[wo + k] * vt[hd * k + j], j < hd (a multiple of 16): KEYS value
+    rows (vt: KEYS x hd floats) weighted into one query head's sums, 16 of them at a time in a register."""
+    def codegen(context, builder, sig, args):
+        from llvmlite import ir
+        wp, vp, ap = (_data(context, builder, sig.args[i], args[i]) for i in (0, 2, 4))
+        i64 = ir.IntType(64)
+        vt16 = ir.VectorType(_F32, 16)
+        w0, n, a0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 3, 5))
+        ws = []
+        for k in range(KEYS):
+            wk = builder.load(builder.gep(wp, [builder.add(w0, ir.Constant(i64, k))]))
+            splat = builder.insert_element(ir.Constant(vt16, ir.Undefined), wk, ir.Constant(ir.IntType(32), 0))
+            ws.append(builder.shuffle_vector(splat, ir.Constant(vt16, ir.Undefined),
+                                             ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)))
+        with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(i64, 16))) as loop:
+            j = builder.mul(loop.index, ir.Constant(i64, 16))
+            at = builder.bitcast(builder.gep(ap, [builder.add(a0, j)]), vt16.as_pointer())
+            a = builder.load(at, align=4)
+            for k in range(KEYS):
+                vk = builder.bitcast(builder.gep(vp, [builder.add(builder.mul(n, ir.Constant(i64, k)), j)]), vt16.as_pointer())
+                a = builder.fadd(a, builder.fmul(ws[k], builder.load(vk, align=4), flags=("contract",)), flags=("contract",))
+            builder.store(a, at, align=4)
+    return types.void(w, wo, vt, hd, acc, ao), codegen
+
+
 @functools.cache
 def _attention(code_k: int, code_v: int):
-    """The kernel `(q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table)` for K rows of the type code_k
-    and V rows of code_v (each pair compiled when first used)."""
+    """The kernel `(q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, blocks, out, table)` for K rows of the type
+    code_k and V rows of code_v (each pair compiled when first used)."""
     @njit(parallel=True, cache=True, fastmath=True)
-    def kernel(q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table):
-        _attend(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table)
+    def kernel(q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, blocks, out, table):
+        n_blocks = blocks.size - 1
+        n_items = n_blocks * n_kv
+        for it in prange(n_items):
+            # a prompt's later blocks see more keys: items are taken from both ends in turn, so that each
+            # thread's contiguous share of the iterations holds as many cheap ones as dear ones
+            bg = it // 2 if it % 2 == 0 else n_items - 1 - it // 2
+            t0, t1, g = blocks[bg // n_kv], blocks[bg // n_kv + 1], bg % n_kv
+            if t1 - t0 == 1:
+                _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, g)
+            else:
+                _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g)
     return per_type(kernel)
 
 
 @njit(inline="always")
-def _attend(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table):
-    """Causal GQA attention: q (n_tok, n_head, hd) float32; kb, vb the bytes of (n_seq, n_kv, ctx, width)
-    caches with rows of rk / rv bytes; token t attends to positions 0..pos[t] of slot seqs[t]."""
-    n_tok, n_head, hd = q.shape
+def _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t, g):
+    """Causal GQA attention of token t's query heads of key head g: q (n_tok, n_head, hd) float32; kb, vb
+    the bytes of (n_seq, n_kv, ctx, width) caches with rows of rk / rv bytes; token t attends to
+    positions 0..pos[t] of slot seqs[t]. Each key and value row is decoded once for the group's heads."""
+    n_head, hd = q.shape[1], q.shape[2]
     group = n_head // n_kv
     scale = np.float32(1.0 / np.sqrt(hd))
-    for tg in prange(n_tok * n_kv):
-        t, g = tg // n_kv, tg % n_kv
-        n = pos[t] + 1
-        base = (seqs[t] * n_kv + g) * ctx
-        row = np.empty(hd, np.float32)
-        scores = np.empty((group, n), np.float32)
-        for p in range(n):
-            _load_row(code_k, kb, (base + p) * rk, hd, row, table)
-            for i in range(group):
-                s = np.float32(0.0)
-                for j in range(hd):
-                    s += q[t, g * group + i, j] * row[j]
-                scores[i, p] = s * scale
+    n = pos[t] + 1
+    base = (seqs[t] * n_kv + g) * ctx
+    row = np.empty(hd, np.float32)
+    scores = np.empty((group, n), np.float32)
+    for p in range(n):
+        _load_row(code_k, kb, (base + p) * rk, hd, row, table)
         for i in range(group):
-            m = np.float32(-np.inf)
-            for p in range(n):
-                m = max(m, scores[i, p])
-            total = np.float32(0.0)
-            for p in range(n):
-                e = np.exp(scores[i, p] - m)
-                scores[i, p] = e
-                total += e
-            inv = np.float32(1.0) / total
-            for p in range(n):
-                scores[i, p] *= inv
-        acc = np.zeros((group, hd), np.float32)
-        for p in range(n):
-            _load_row(code_v, vb, (base + p) * rv, hd, row, table)
-            for i in range(group):
-                w = scores[i, p]
-                for j in range(hd):
-                    acc[i, j] += w * row[j]
+            s = np.float32(0.0)
+            for j in range(hd):
+                s += q[t, g * group + i, j] * row[j]
+            scores[i, p] = s * scale
+    for i in range(group):
+        _softmax(scores[i], n)
+    acc = np.zeros((group, hd), np.float32)
+    for p in range(n):
+        _load_row(code_v, vb, (base + p) * rv, hd, row, table)
+        for i in range(group):
+            w = scores[i, p]
+            for j in range(hd):
+                acc[i, j] += w * row[j]
+    for i in range(group):
+        for j in range(hd):
+            out[t, g * group + i, j] = acc[i, j]
+
+
+@njit(inline="always")
+def _softmax(s, n):
+    """s[:n] -> softmax(s[:n]) in place."""
+    m = np.float32(-np.inf)
+    for p in range(n):
+        m = max(m, s[p])
+    total = np.float32(0.0)
+    for p in range(n):
+        e = exp_f32(s[p] - m)
+        s[p] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for p in range(n):
+        s[p] *= inv
+
+
+@njit(inline="always")
+def _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g):
+    """_attend_one for tokens t0 .. t1 - 1 at once: one sequence's consecutive positions (a prompt's).
+    Each key row is decoded once for the block, into a transposed tile of KEYS keys that every query
+    head of every token scores in one vector (_score_keys); each value row once as well."""
+    n_head, hd = q.shape[1], q.shape[2]
+    group = n_head // n_kv
+    scale = np.float32(1.0 / np.sqrt(hd))
+    nt = t1 - t0
+    n = pos[t1 - 1] + 1  # the last token sees the most keys
+    base = (seqs[t0] * n_kv + g) * ctx
+    row = np.empty(hd, np.float32)
+    kt = np.zeros(hd * KEYS, np.float32)
+    tile = np.empty(KEYS, np.float32)
+    qf = q.reshape(-1)
+    scores = np.empty((nt, group, n), np.float32)
+    for p0 in range(0, n, KEYS):
+        m = min(KEYS, n - p0)
+        for k in range(m):
+            _load_row(code_k, kb, (base + p0 + k) * rk, hd, row, table)
+            for j in range(hd):
+                kt[KEYS * j + k] = row[j]
+        for tt in range(nt):
+            if p0 <= pos[t0 + tt]:
+                for i in range(group):
+                    _score_keys(qf, ((t0 + tt) * n_head + g * group + i) * hd, kt, hd, tile, 0)
+                    for k in range(m):
+                        scores[tt, i, p0 + k] = tile[k] * scale
+    for tt in range(nt):
+        for i in range(group):
+            _softmax(scores[tt, i], pos[t0 + tt] + 1)
+            scores[tt, i, pos[t0 + tt] + 1:] = 0  # the keys after a token's own: weight 0 in a tile of values
+    acc = np.zeros((nt, group, hd), np.float32)
+    af, sf = acc.reshape(-1), scores.reshape(-1)
+    vt = np.zeros(KEYS * hd, np.float32)
+    for p0 in range(0, n, KEYS):
+        m = min(KEYS, n - p0)
+        for k in range(m):
+            _load_row(code_v, vb, (base + p0 + k) * rv, hd, vt[k * hd:(k + 1) * hd], table)
+        for tt in range(nt):
+            if p0 <= pos[t0 + tt]:
+                for i in range(group):
+                    if m == KEYS and hd % 16 == 0:
+                        _mix_values(sf, (tt * group + i) * n + p0, vt, hd, af, (tt * group + i) * hd)
+                    else:
+                        for k in range(m):
+                            w = scores[tt, i, p0 + k]
+                            for j in range(hd):
+                                acc[tt, i, j] += w * vt[k * hd + j]
+    for tt in range(nt):
         for i in range(group):
             for j in range(hd):
-                out[t, g * group + i, j] = acc[i, j]
+                out[t0 + tt, g * group + i, j] = acc[tt, i, j]
 
 
+def _blocks(seqs: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Start indices of the attention's token blocks, and the end: runs of one sequence at consecutive
+    positions, cut every BLOCK_TOKENS tokens (a decode step's tokens are blocks of one)."""
+    n = len(seqs)
+    if n == 1:
+        return np.array([0, 1], np.int64)
+    brk = np.flatnonzero((seqs[1:] != seqs[:-1]) | (pos[1:] != pos[:-1] + 1)) + 1
+    starts = []
+    for a, b in zip(np.concatenate(([0], brk)), np.concatenate((brk, [n]))):
+        starts.extend(range(int(a), int(b), BLOCK_TOKENS))
+    return np.array(starts + [n], np.int64)
 # ------------------------------------------------------------------------------------ public API
 def _bytes(a: np.ndarray) -> np.ndarray:
     if not a.flags.c_contiguous:  # reshape would copy, and a write would go to the copy
@@ -287,6 +424,6 @@ def attention_seqs(q: np.ndarray, k: np.ndarray, v: np.ndarray, code_k: int, cod
     """Tokens of several sequences: k, v (n_seq, n_kv, ctx, width) stored as code_k / code_v; token t at
     pos[t] of slot seqs[t]; q, out (n_tok, n_head, head_dim)."""
     rk, rv = k.shape[3] * k.itemsize, v.shape[3] * v.itemsize
-    _attention(_check(code_k), _check(code_v))(q, _bytes(k), _bytes(v), rk, rv, k.shape[1], k.shape[2], seqs, pos, out,
-                                               F16_TABLE)
+    _attention(_check(code_k), _check(code_v))(q, _bytes(k), _bytes(v), rk, rv, k.shape[1], k.shape[2], seqs, pos,
+                                               _blocks(seqs, pos), out, F16_TABLE)
     return out
