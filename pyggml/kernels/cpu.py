@@ -22,7 +22,7 @@ from ..tensor import KERNEL_TYPE_CODES, QWeight
 from .kpack import K_PACKED_TYPES, PAIRS, kpacked_emitters, pack_k
 from .decoders import F16_TABLE, decode_rows, try_decode_row
 from .jitcache import per_type
-from .vmath import exp_f32
+from .vmath import exp_f32, quantize_block32
 from .f16tile import matmul_bf16_tiled, matmul_f16_tiled
 from .kvattn import attention_seqs, kv_write  # noqa: F401  (the backend's KV ops)
 from .simd import _FEATURES, HAS_F16_VECTOR, INT8_PREFETCH, SIMD_LEVEL, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
@@ -38,26 +38,10 @@ def _quantize_row(x, xq, xd, xc, xs):
     half away from zero; xd[b] = d, xc[b] = d * (sum of the block's q), which takes the Q4_0 / Q5_0
     codes' bias off a one-token product; xs[2b], xs[2b + 1]: the sums of q over each half of the block
     (elements 0-15, 16-31), the offsets and mins of the types with scales per 16 weights (Q6_K, Q3_K,
-    Q2_K), as ggml's Q8_K keeps bsums."""
+    Q2_K), as ggml's Q8_K keeps bsums. vmath.quantize_block32 does each block in vectors; the scalar
+    form of the same arithmetic is reference.py's quantize_activations."""
     for b in range(x.size // QK):
-        amax = np.float32(0.0)
-        for j in range(QK):
-            amax = max(amax, abs(x[b * QK + j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-        half = 0
-        for j in range(QK):
-            v = x[b * QK + j] * inv
-            q = np.int32(np.floor(abs(v) + np.float32(0.5)))
-            q = -q if v < 0 else q
-            xq[b * QK + j] = q
-            half += q
-            if j == QK // 2 - 1:
-                xs[2 * b] = half
-                half = 0
-        xs[2 * b + 1] = half
-        xd[b] = d
-        xc[b] = d * np.float32(xs[2 * b] + half)
+        quantize_block32(x, b * QK, xq, b * QK, xd, xc, xs, b)
 
 
 @njit(parallel=True, cache=True)
