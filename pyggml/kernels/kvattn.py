@@ -267,7 +267,7 @@ def _mix_values(typingctx, w, wo, vt, hd, acc, ao):
 def _attention(code_k: int, code_v: int):
     """The kernel `(q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, blocks, out, table)` for K rows of the type
     code_k and V rows of code_v (each pair compiled when first used)."""
-    @njit(parallel=True, cache=True, fastmath=True)
+    @njit(parallel=True, cache=True)
     def kernel(q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, blocks, out, table):
         n_blocks = blocks.size - 1
         n_items = n_blocks * n_kv
@@ -276,11 +276,24 @@ def _attention(code_k: int, code_v: int):
             # thread's contiguous share of the iterations holds as many cheap ones as dear ones
             bg = it // 2 if it % 2 == 0 else n_items - 1 - it // 2
             t0, t1, g = blocks[bg // n_kv], blocks[bg // n_kv + 1], bg % n_kv
+            # the loops of one item are functions of their own (taking the codes at run time, so that the
+            # kernel's closure holds plain ints and numba can cache it): its parallel passes over a body
+            # this size took seconds
             if t1 - t0 == 1:
-                _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, g)
+                _one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, g)
             else:
-                _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g)
+                _block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g)
     return per_type(kernel)
+
+
+@njit(fastmath=True)
+def _one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t, g):
+    _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t, g)
+
+
+@njit(fastmath=True)
+def _block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g):
+    _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g)
 
 
 @njit(inline="always")

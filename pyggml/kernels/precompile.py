@@ -64,17 +64,18 @@ class FirstRun:
 
     def warm_up(self, llm) -> None:
         if self.active:
-            compile_products(llm)
-            finish(self.helper)
+            on_cpu = compile_products(llm)
+            finish(self.helper, HELPER_TIMEOUT_S if on_cpu else 0)  # a model all on the GPU needs none of its kernels
             llm.warm_up()
 
     def __exit__(self, *exc: object) -> None:
         finish(self.helper, timeout=0)
 
 
-def compile_products(llm) -> None:
+def compile_products(llm) -> bool:
     """Compile (or load) the products and the embedding lookup of each weight type a CPU layer of the
-    model has, by running each such kernel once on its first weight of that type: one token, then two."""
+    model has, by running each such kernel once on its first weight of that type: one token, then two.
+    False when nothing of the model is on the CPU."""
     from ..backends import CPUBackend
 
     model = llm.model
@@ -90,6 +91,7 @@ def compile_products(llm) -> None:
                 backend.matmul(w, np.zeros((n_tok, w.cols), np.float32))
     if isinstance(model.head_backend, CPUBackend):
         model.head_backend.embed(model.tok_embd, np.zeros(1, np.int64))
+    return bool(seen) or isinstance(model.head_backend, CPUBackend)
 
 
 def _helper(type_k: str | None, type_v: str | None) -> None:
