@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -23,7 +24,7 @@ from .decoders import F16_TABLE
 from .dispatch import by_code
 from .jitcache import per_type
 from .vmath import exp_f32
-from .simd import _F32, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar
+from .simd import _CONTRACT, _F32, _I32, _I64, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar, _load_vec, _splat, _splat_value, _vec
 
 KV_F32, KV_F16, KV_Q8_0, KV_Q4_0 = (KV_TYPES[n].code for n in ("f32", "f16", "q8_0", "q4_0"))
 QK = 32  # values per q8_0 / q4_0 block
@@ -45,7 +46,6 @@ def _float_at(typingctx, buf, off):
 def _half_at(typingctx, buf, off):
     """The fp16 at byte `off` of a uint8 array, as float32 (hardware conversion; hosts with F16C)."""
     def codegen(context, builder, sig, args):
-        from llvmlite import ir
         h = _load_scalar(builder, _data(context, builder, sig.args[0], args[0]), args[1], ir.HalfType())
         return builder.fpext(h, _F32)
     return types.float32(buf, off), codegen
@@ -55,8 +55,7 @@ def _half_at(typingctx, buf, off):
 def _f32_bits(typingctx, x):
     """The bits of a float32 as uint32."""
     def codegen(context, builder, sig, args):
-        from llvmlite import ir
-        return builder.bitcast(args[0], ir.IntType(32))
+        return builder.bitcast(args[0], _I32)
     return types.uint32(types.float32), codegen
 
 
@@ -218,20 +217,15 @@ def _score_keys(typingctx, q, qo, kt, n_j, out, oo):
     """out[oo + k] = sum over j < n_j of q[qo + j] * kt[KEYS * j + k], k < KEYS: one query against KEYS keys
     held transposed (kt: n_j x KEYS floats), the sums in one vector register (no horizontal adds)."""
     def codegen(context, builder, sig, args):
-        from llvmlite import ir
         qp, ktp, op = (_data(context, builder, sig.args[i], args[i]) for i in (0, 2, 4))
-        i64 = ir.IntType(64)
-        vt = ir.VectorType(_F32, KEYS)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(vt, [ir.Constant(_F32, 0.0)] * KEYS))
+        vt = _vec(_F32, KEYS)
+        acc = cgutils.alloca_once_value(builder, _splat(_F32, KEYS, 0.0))
         q0, n, o0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 3, 5))
         with cgutils.for_range(builder, n) as loop:
             j = loop.index
-            qj = builder.load(builder.gep(qp, [builder.add(q0, j)]))
-            splat = builder.insert_element(ir.Constant(vt, ir.Undefined), qj, ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(splat, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), KEYS), [0] * KEYS))
-            kp = builder.bitcast(builder.gep(ktp, [builder.mul(j, ir.Constant(i64, KEYS))]), vt.as_pointer())
-            prod = builder.fmul(splat, builder.load(kp, align=4), flags=("contract",))
-            builder.store(builder.fadd(builder.load(acc), prod, flags=("contract",)), acc)
+            qj = _splat_value(builder, builder.load(builder.gep(qp, [builder.add(q0, j)])), KEYS)
+            kj = _load_vec(builder, ktp, builder.mul(j, ir.Constant(_I64, 4 * KEYS)), _F32, KEYS)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(qj, kj, flags=_CONTRACT), flags=_CONTRACT), acc)
         builder.store(builder.load(acc), builder.bitcast(builder.gep(op, [o0]), vt.as_pointer()), align=4)
     return types.void(q, qo, kt, n_j, out, oo), codegen
 
@@ -241,24 +235,19 @@ def _mix_values(typingctx, w, wo, vt, hd, acc, ao):
     """acc[ao + j] += sum over k < KEYS of w[wo + k] * vt[hd * k + j], j < hd (a multiple of 16): KEYS value
     rows (vt: KEYS x hd floats) weighted into one query head's sums, 16 of them at a time in a register."""
     def codegen(context, builder, sig, args):
-        from llvmlite import ir
         wp, vp, ap = (_data(context, builder, sig.args[i], args[i]) for i in (0, 2, 4))
-        i64 = ir.IntType(64)
-        vt16 = ir.VectorType(_F32, 16)
+        vt16 = _vec(_F32, 16)
         w0, n, a0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 3, 5))
-        ws = []
-        for k in range(KEYS):
-            wk = builder.load(builder.gep(wp, [builder.add(w0, ir.Constant(i64, k))]))
-            splat = builder.insert_element(ir.Constant(vt16, ir.Undefined), wk, ir.Constant(ir.IntType(32), 0))
-            ws.append(builder.shuffle_vector(splat, ir.Constant(vt16, ir.Undefined),
-                                             ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)))
-        with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(i64, 16))) as loop:
-            j = builder.mul(loop.index, ir.Constant(i64, 16))
+        ws = [_splat_value(builder, builder.load(builder.gep(wp, [builder.add(w0, ir.Constant(_I64, k))])), 16)
+              for k in range(KEYS)]
+        with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(_I64, 16))) as loop:
+            j = builder.mul(loop.index, ir.Constant(_I64, 16))
             at = builder.bitcast(builder.gep(ap, [builder.add(a0, j)]), vt16.as_pointer())
             a = builder.load(at, align=4)
             for k in range(KEYS):
-                vk = builder.bitcast(builder.gep(vp, [builder.add(builder.mul(n, ir.Constant(i64, k)), j)]), vt16.as_pointer())
-                a = builder.fadd(a, builder.fmul(ws[k], builder.load(vk, align=4), flags=("contract",)), flags=("contract",))
+                vk = _load_vec(builder, vp, builder.mul(builder.add(builder.mul(n, ir.Constant(_I64, k)), j), ir.Constant(_I64, 4)),
+                               _F32, 16)
+                a = builder.fadd(a, builder.fmul(ws[k], vk, flags=_CONTRACT), flags=_CONTRACT)
             builder.store(a, at, align=4)
     return types.void(w, wo, vt, hd, acc, ao), codegen
 
@@ -280,23 +269,13 @@ def _attention(code_k: int, code_v: int):
             # kernel's closure holds plain ints and numba can cache it): its parallel passes over a body
             # this size took seconds
             if t1 - t0 == 1:
-                _one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, g)
+                _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, g)
             else:
-                _block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g)
+                _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g)
     return per_type(kernel)
 
 
 @njit(fastmath=True)
-def _one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t, g):
-    _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t, g)
-
-
-@njit(fastmath=True)
-def _block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g):
-    _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g)
-
-
-@njit(inline="always")
 def _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t, g):
     """Causal GQA attention of token t's query heads of key head g: q (n_tok, n_head, hd) float32; kb, vb
     the bytes of (n_seq, n_kv, ctx, width) caches with rows of rk / rv bytes; token t attends to
@@ -345,7 +324,7 @@ def _softmax(s, n):
         s[p] *= inv
 
 
-@njit(inline="always")
+@njit(fastmath=True)
 def _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g):
     """_attend_one for tokens t0 .. t1 - 1 at once: one sequence's consecutive positions (a prompt's).
     Each key row is decoded once for the block, into a transposed tile of KEYS keys that every query
@@ -411,6 +390,8 @@ def _blocks(seqs: np.ndarray, pos: np.ndarray) -> np.ndarray:
     for a, b in zip(np.concatenate(([0], brk)), np.concatenate((brk, [n]))):
         starts.extend(range(int(a), int(b), BLOCK_TOKENS))
     return np.array(starts + [n], np.int64)
+
+
 # ------------------------------------------------------------------------------------ public API
 def _bytes(a: np.ndarray) -> np.ndarray:
     if not a.flags.c_contiguous:  # reshape would copy, and a write would go to the copy
