@@ -120,7 +120,7 @@ def test_embedding_rows_match_codecs(gpu):
 MODEL_TYPES = [(s, t) for s in SHAPES for t in (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.F16, GGMLType.F32,
                                                 GGMLType.BF16)]
 MODEL_TYPES += [("hd64", t) for t in COMPUTABLE_TYPES if t not in {m for _, m in MODEL_TYPES}]
-# the architectures of model/archs.py (biases, Q/K norms, NeoX RoPE, rope_freqs): GPU layers run them op by op
+# the architectures of model/archs.py (biases, Q/K norms, NeoX RoPE, rope_freqs), in the captured decode step too
 SHAPES.update(ARCH_SHAPES)
 MODEL_TYPES += [(a, t) for a in ARCH_SHAPES for t in (GGMLType.F32, GGMLType.Q8_0)]
 
@@ -380,6 +380,38 @@ def test_decode_attention_kernel_reads_stored_rows(gpu, tk, tv, hd, n, one_range
     assert rel_err(out.get().reshape(1, n_heads, hd), reference.attention(q, kf, vf, n - 1)) < 1e-4
     for got, t, x in ((kd, ktk, new[0]), (vd, ktv, new[1])):
         np.testing.assert_array_equal(got[:, n - 1].get().view(np.uint8), t.encode(x).view(np.uint8))
+
+
+QK_SHAPES = {  # head_dim 32, so that every KV type stores them
+    "qwen2": Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab=300, ctx=64, rope_base=1e6, arch="qwen2"),
+    "qwen3": ARCH_SHAPES["qwen3"],
+}
+
+
+@pytest.mark.parametrize("t", KV_NAMES)
+@pytest.mark.parametrize("arch", QK_SHAPES)
+def test_arch_extras_in_the_decode_graph(tmp_path, arch, t):
+    """Qwen2's Q/K/V biases (added in the QKV product's epilogue) and Qwen3's per-head Q/K RMSNorms
+    (qk_norm_rope, between the QKV product and attention) run inside the captured decode step, with
+    each KV type: a 10-token prompt, then 20 captured steps, against the CPU backend."""
+    path = tmp_path / f"{arch}.gguf"
+    write_random_model(path, QK_SHAPES[arch], GGMLType.F32, seed=17)
+    tokens = [1] + [int(v) for v in np.random.default_rng(3).integers(3, 300, 29)]
+
+    def logits(ngl):
+        llm = Llama(str(path), n_ctx=64, n_gpu_layers=ngl, type_k=t, type_v=t)
+        m = llm.model
+        first = m.forward(np.array(tokens[:10]), 0, llm.kv_cache, all_logits=True)
+        steps = [m.forward(np.array([v]), 10 + i, llm.kv_cache) for i, v in enumerate(tokens[10:])]
+        return np.concatenate([first, np.stack(steps)]), m
+
+    want, _ = logits(0)
+    got, m = logits(-1)
+    assert any(key[0] == id(m) for key in m.head_backend._graphs), "the decode steps did not run as a graph"
+    err = rel_err(got, want)
+    print(f"{arch} KV {t}: captured steps vs CPU {err:.2e}")
+    assert err < (1e-2 if KV_TYPES[t].quantized else 2e-3)
+    assert same_top(got, want)
 
 
 KV_MODEL = Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=300, ctx=160)

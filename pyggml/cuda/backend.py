@@ -29,6 +29,7 @@ import numpy as np
 
 from ..backends import BackendUnavailableError
 from ..gguf.constants import GGMLType, TensorNames
+from ..model.archs import BLOCK_EXTRAS
 from ..model.kvtypes import KV_TYPES, KVType, kv_type
 from ..model.kvtypes import cuda_defines as kv_cuda_defines
 from ..quant.registry import cuda_type_defines
@@ -326,6 +327,7 @@ class _Workspace:
         self.up = cp.zeros(cfg.ffn_dim, np.float32)
         self.part = cp.zeros(cfg.n_heads * ATT_SPLITS * (cfg.head_dim + 2), np.float32)
         self.staged = cp.zeros(2 * cfg.kv_dim, np.float32)  # this token's q8_0 / q4_0 K and V rows as floats
+        self.raw_qk = cp.zeros(cfg.q_dim + cfg.kv_dim, np.float32)  # q and k before per-head norms (qwen3)
         self.att_cnt = cp.zeros(cfg.n_heads, np.int32)  # key ranges finished per head (back to 0 after)
         self.logits = cp.zeros(cfg.n_vocab, np.float32)
 
@@ -340,6 +342,7 @@ class CUDABackend:
     """cupy kernels on one GPU; activations are float32 cupy arrays."""
 
     name = "cuda"
+    decode_step_extras = frozenset(BLOCK_EXTRAS)  # the captured decode step adds biases and norms each q / k head
 
     def __init__(self, device: int = 0):
         import cupy as cp
@@ -349,7 +352,7 @@ class CUDABackend:
         self.device.use()
         self.mod = _module()
         self.fn = {n: self.mod.get_function(n) for n in _kernel_names()}
-        for n in ("quantize_q8", "rmsnorm", "rmsnorm_row", "rope", "silu_mul"):
+        for n in ("quantize_q8", "rmsnorm", "rmsnorm_row", "rope", "silu_mul", "qk_norm_rope"):
             self.fn[n] = self.mod.get_function(n)
         self.stream = cp.cuda.Stream(non_blocking=True)  # decode graphs are captured and replayed here
         self.io_host = cp.cuda.alloc_pinned_memory(16)
@@ -357,6 +360,7 @@ class CUDABackend:
         self._queued, self._done = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
         self._logits_host = self._logits_np = None  # pinned memory the logits come back through
         self._graphs: dict = {}
+        self._qkv_biases: dict[int, tuple] = {}  # id(bq): (bq, a layer's [q; k; v] biases in one array)
         self._ws: dict[int, _Workspace] = {}
         self._inv_freq: dict[bytes, object] = {}
         self._scratch = None  # fp16 tile of one dequantized matrix (prompt batches)
@@ -473,10 +477,11 @@ class CUDABackend:
 
     def _mmv(self, mode: int, w: QWeight, n0: int, cols: int, xq, xd, xf, out, *, xa: Arranged | None = None, w1=None,
              w2=None, n1: int = 0, rb: int = 0, re: int = 0, kc=None, vc=None, io=None, inv_freq=None, head_dim: int = 0,
-             n_rot: int = 0, n_ctx: int = 0, kv_codes: int = 0, staged=None, nss=None, eps: float = 0.0,
-             fold: tuple = NO_FOLD):
+             n_rot: int = 0, n_ctx: int = 0, kv_codes: int = 0, staged=None, bias=None, raw_qk=None, nss=None,
+             eps: float = 0.0, fold: tuple = NO_FOLD):
         """Launch the decode product `mmv` (see kernels.cu) for one weight type. nss: the input is a
-        deferred RMSNorm's (its sums of squares, eps); fold: the next RMSNorm an ADD product folds (_fold)."""
+        deferred RMSNorm's (its sums of squares, eps); fold: the next RMSNorm an ADD product folds (_fold);
+        QKV: bias, the [q; k; v] biases to add, raw_qk, where q and k go unrotated (qk_norm_rope follows)."""
         t = w.ggml_type
         ld = w.raw.shape[1] * w.raw.itemsize
         if t in CHUNK_TYPES and ld % 16 == 0 and xa is not None and xq is not None:
@@ -501,7 +506,8 @@ class CUDABackend:
                     np.int64(ld), np.int32(n0), np.int32(n1), np.int32(cols), np.int32(rb), np.int32(re),
                     _ptr(xq), _ptr(xd), _ptr(xf), *(xa.args_for(t) if path == PATH_CHUNK else NO_ARRANGED[:2]),
                     _ptr(nss), np.float32(eps), _ptr(out), _ptr(kc), _ptr(vc), _ptr(io), _ptr(inv_freq),
-                    np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx), np.int32(kv_codes), _ptr(staged), *fold))
+                    np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx), np.int32(kv_codes), _ptr(staged),
+                    _ptr(bias), _ptr(raw_qk), *fold))
 
     @staticmethod
     def _fold(ws: _Workspace, norm, into: Int8Input | None) -> tuple:
@@ -683,11 +689,19 @@ class CUDABackend:
             qd = cfg.q_dim  # the q rows: n_heads * head_dim, which need not be dim
             segments = [(0, qd + 2 * cfg.kv_dim)] if len({w.ggml_type for w in qkv}) == 1 else \
                 [(0, qd), (qd, qd + cfg.kv_dim), (qd + cfg.kv_dim, qd + 2 * cfg.kv_dim)]
+            raw_qk = ws.raw_qk if L.q_norm is not None else None
             for rb, re in segments:
                 w = L.wq if rb == 0 else (L.wk if rb == qd else L.wv)
                 self._mmv(MODE_QKV, w, qd, cfg.dim, *operands(b), ws.h, ws.q, xa=b and b.arranged, w1=L.wk, w2=L.wv,
                           n1=cfg.kv_dim, rb=rb, re=re, kc=kc, vc=vc, io=ws.io, inv_freq=inv_freq, head_dim=hd,
-                          n_rot=cfg.rope_dim, n_ctx=cache.n_ctx, kv_codes=kv_codes, staged=ws.staged, nss=nss, eps=eps)
+                          n_rot=cfg.rope_dim, n_ctx=cache.n_ctx, kv_codes=kv_codes, staged=ws.staged,
+                          bias=self._qkv_biases[id(L.bq)][1] if L.bq is not None else None, raw_qk=raw_qk, nss=nss, eps=eps)
+            if raw_qk is not None:  # each head of q and k normed, then RoPE, then k into the cache
+                heads = cfg.n_heads + cfg.n_kv_heads
+                self._call("qk_norm_rope", ((heads + WARPS - 1) // WARPS,), (32 * WARPS,),
+                           (raw_qk, np.int32(cfg.n_heads), np.int32(cfg.n_kv_heads), L.q_norm, L.k_norm, np.float32(eps),
+                            ws.q, kc, ws.staged, ws.io, inv_freq, np.int32(hd), np.int32(cfg.rope_dim),
+                            np.int32(cache.n_ctx), np.int32(kv_codes)))
             a = ws.int8_for(ws.a, L.wo)
             fused_q = a is not None and hd % 32 == 0
             self._call(attn, (cfg.n_heads, ATT_SPLITS), (ATT_THREADS,),
@@ -733,6 +747,10 @@ class CUDABackend:
         if g is None:
             s = self.stream
             self._inv_freq_dev(model.inv_freq)  # nothing may be allocated (or compiled) while capturing
+            for li in layer_ids:
+                L = model.layers[li]
+                if L.bq is not None and id(L.bq) not in self._qkv_biases:  # holding bq keeps its id unique
+                    self._qkv_biases[id(L.bq)] = (L.bq, self.cp.concatenate([L.bq, L.bk, L.bv]))
             if model.config.head_dim <= ATT_MAX_HEAD_DIM:
                 self._attn_fn("attn_partial", attn_per_lane(model.config.head_dim), *cache.types)
             with s:

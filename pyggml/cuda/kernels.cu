@@ -709,7 +709,30 @@ struct Epilogue {
     const double* inv_freq;
     int head_dim, n_rot, n_ctx, kv_codes;
     float* stage;
+    const float* bias;           // != nullptr: [q; k; v] biases (qwen2), added to the rows first
+    float* raw_qk;               // != nullptr: q and k rows go here as they are; qk_norm_rope finishes them
 };
+
+// Row r (even) of k (is_k) or v, the pair (x, y) at position pos: f32 and f16 into the cache, q8_0 and
+// q4_0 into the stage (n1: the k rows there, before the v rows).
+__device__ __forceinline__ void store_kv_pair(const Epilogue& ep, bool is_k, int r, int n1, i64 pos, float x, float y) {
+    const int dd = r % ep.head_dim, head = r / ep.head_dim;
+    const int code = is_k ? ep.kv_codes & 255 : ep.kv_codes >> 8;
+    const i64 at = ((i64)head * ep.n_ctx + pos) * ep.head_dim + dd;  // element of the cache
+    if (code == KV_F32) {
+        float* dst = (float*)(is_k ? ep.kc : ep.vc) + at;
+        dst[0] = x;
+        dst[1] = y;
+    } else if (code == KV_F16) {
+        __half* dst = (__half*)(is_k ? ep.kc : ep.vc) + at;
+        dst[0] = __float2half_rn(x);
+        dst[1] = __float2half_rn(y);
+    } else {
+        float* dst = ep.stage + (is_k ? 0 : n1) + r;
+        dst[0] = x;
+        dst[1] = y;
+    }
+}
 
 // What an ADD product prepares for the next product, so that no RMSNorm kernel runs in between:
 // the next RMSNorm, deferred. Its blocks hold one 32-row group each (ADD_WARPS warps, one per row
@@ -754,9 +777,9 @@ template <int T, int MODE, int U, int PATH, int KS>
 __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS : 256) mmv(const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
         i64 ld, int n0, int n1, int cols, int rb, int re, const int* xq, const float* xd, const float* xf, const u8* xa, i64 plane,
         const float* nss, float eps, float* out, u8* kc, u8* vc, const i64* io, const double* inv_freq, int head_dim,
-        int n_rot, int n_ctx, int kv_codes, float* stage, const float* fnw, float* fy, signed char* fq, float* fd, u8* fa4, i64 fplane, u8* fa8, float* fss) {
+        int n_rot, int n_ctx, int kv_codes, float* stage, const float* bias, float* raw_qk, const float* fnw, float* fy, signed char* fq, float* fd, u8* fa4, i64 fplane, u8* fa8, float* fss) {
     const Input in{xq, xd, xf};
-    const Epilogue ep{out, kc, vc, io, inv_freq, head_dim, n_rot, n_ctx, kv_codes, stage};
+    const Epilogue ep{out, kc, vc, io, inv_freq, head_dim, n_rot, n_ctx, kv_codes, stage, bias, raw_qk};
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     constexpr int W = MODE == MODE_ADD && KS == 1 ? ADD_WARPS : 8;  // warps per block
     const int p = blockIdx.x * (W / KS) + warp / KS, ks = warp % KS;  // W/KS row pairs, KS warps each
@@ -840,28 +863,23 @@ __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS :
         } else if (MODE == MODE_SILU) {
             ep.out[p] = s.x / (1.f + expf(-s.x)) * s.y;
         } else {
+            if (ep.bias != nullptr) {
+                s.x += ep.bias[row];
+                s.y += ep.bias[row + 1];
+            }
             const i64 pos = ep.io[1];
             const int r = row < n0 ? row : (row < n0 + n1 ? row - n0 : row - n0 - n1);
-            const int dd = r % ep.head_dim, head = r / ep.head_dim;
-            if (row < n0 + n1) rope_pair(s.x, s.y, dd, pos, ep.inv_freq, ep.n_rot);
-            const bool is_k = row < n0 + n1;
-            const int code = is_k ? ep.kv_codes & 255 : ep.kv_codes >> 8;
-            const i64 at = ((i64)head * ep.n_ctx + pos) * ep.head_dim + dd;  // element of the cache
-            if (row < n0) {
+            if (ep.raw_qk != nullptr && row < n0 + n1) {  // per-head norms first: qk_norm_rope goes on
+                ep.raw_qk[row] = s.x;
+                ep.raw_qk[row + 1] = s.y;
+            } else if (row < n0) {
+                rope_pair(s.x, s.y, r % ep.head_dim, pos, ep.inv_freq, ep.n_rot);
                 ep.out[r] = s.x;
                 ep.out[r + 1] = s.y;
-            } else if (code == KV_F32) {
-                float* dst = (float*)(is_k ? ep.kc : ep.vc) + at;
-                dst[0] = s.x;
-                dst[1] = s.y;
-            } else if (code == KV_F16) {
-                __half* dst = (__half*)(is_k ? ep.kc : ep.vc) + at;
-                dst[0] = __float2half_rn(s.x);
-                dst[1] = __float2half_rn(s.y);
             } else {
-                float* dst = ep.stage + (is_k ? 0 : n1) + r;
-                dst[0] = s.x;
-                dst[1] = s.y;
+                const bool is_k = row < n0 + n1;
+                if (is_k) rope_pair(s.x, s.y, r % ep.head_dim, pos, ep.inv_freq, ep.n_rot);
+                store_kv_pair(ep, is_k, r, n1, pos, s.x, s.y);
             }
         }
     }
@@ -882,6 +900,38 @@ extern "C" __global__ void quantize_q8(const float* __restrict__ x, int n, signe
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i - (threadIdx.x & 31) >= n) return;  // whole warps only: n % 32 == 0
     quantize_block(x[i], i, q, d, Arranged{a4, plane, a8});
+}
+
+// The rest of a decode step's QKV product when q and k have per-head RMSNorms (qwen3): warp h of the
+// n_heads + n_kv_heads heads takes the head's rows from raw (the product's, biases added: q heads,
+// then k heads), normalises them with the weight qw or kw, rotates them (RoPE) and stores q into q_out,
+// k as the epilogue would (store_kv_pair: the cache or the stage).
+extern "C" __global__ void qk_norm_rope(const float* __restrict__ raw, int n_heads, int n_kv, const float* __restrict__ qw,
+        const float* __restrict__ kw, float eps, float* q_out, u8* kc, float* stage, const i64* io, const double* inv_freq,
+        int head_dim, int n_rot, int n_ctx, int kv_codes) {
+    pdl_trigger();
+    pdl_wait();
+    const int h = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (h >= n_heads + n_kv) return;
+    const bool is_k = h >= n_heads;
+    const float* x = raw + (i64)h * head_dim;
+    const float* w = is_k ? kw : qw;
+    float ss = 0.f;
+    for (int i = lane; i < head_dim; i += 32) ss += x[i] * x[i];
+    const float scale = rsqrtf(warp_sum(ss) / head_dim + eps);
+    const Epilogue ep{q_out, kc, nullptr, io, inv_freq, head_dim, n_rot, n_ctx, kv_codes, stage, nullptr, nullptr};
+    const i64 pos = io[1];
+    const int r0 = (is_k ? h - n_heads : h) * head_dim;
+    for (int dd = 2 * lane; dd < head_dim; dd += 64) {
+        float a = x[dd] * scale * w[dd], b = x[dd + 1] * scale * w[dd + 1];
+        rope_pair(a, b, dd, pos, inv_freq, n_rot);
+        if (is_k) {
+            store_kv_pair(ep, true, r0 + dd, n_kv * head_dim, pos, a, b);
+        } else {
+            q_out[r0 + dd] = a;
+            q_out[r0 + dd + 1] = b;
+        }
+    }
 }
 
 // RMSNorm of `rows` rows of n (a prompt batch), one block per row.

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..gguf.constants import TensorNames
 
-__all__ = ["Arch", "ARCHITECTURES", "neox_order"]
+__all__ = ["Arch", "ARCHITECTURES", "BLOCK_EXTRAS", "neox_order"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,13 @@ class Arch:
         return TensorNames.BLOCK + extra
 
     @property
-    def plain_block(self) -> bool:
-        """A block with nothing beyond LLaMA's ops: what a backend's fused decode step computes."""
-        return not (self.qkv_bias or self.qk_norm)
+    def block_extras(self) -> frozenset[str]:
+        """The ops a block has beyond LLaMA's (a backend's fused decode step runs a block only when it
+        runs each of them: its `decode_step_extras`)."""
+        return frozenset(f for f in BLOCK_EXTRAS if getattr(self, f))
+
+
+BLOCK_EXTRAS = ("qkv_bias", "qk_norm")
 
 
 ARCHITECTURES: dict[str, Arch] = {a.name: a for a in (

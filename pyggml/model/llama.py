@@ -88,8 +88,8 @@ class LlamaModel:
         self.arch = cfg.architecture
         self._neox = archs.neox_order(1, cfg.head_dim, cfg.rope_dim) if self.arch.rope_neox else None
         self.layers = [self._layer(i, b) for i, b in enumerate(backends)]
-        # one token may run as one fused step of a backend when every layer is there and plain
-        self._all_on_head = all(b is head_backend for b in backends) and self.arch.plain_block
+        # one token may run as one fused step of a backend when every layer is there and it runs this block
+        self._all_on_head = all(b is head_backend for b in backends) and self._fused_step(head_backend) is not None
         self.inv_freq = self._rope_frequencies()  # (rope_dim/2,)
         self._check_no_unused_tensors()
 
@@ -254,6 +254,11 @@ class LlamaModel:
                 runs.append((layer.backend, [i]))
         return runs
 
+    def _fused_step(self, backend: Backend):
+        """The backend's captured decode step (decode_layers), if it has one that runs this block's ops."""
+        step = getattr(backend, "decode_layers", None)
+        return step if self.arch.block_extras <= getattr(backend, "decode_step_extras", frozenset()) else None
+
     def hidden_states(self, tokens: np.ndarray, start_pos: int, cache: KVCache) -> tuple[object, Backend]:
         """Run the layers on tokens at positions start_pos.. of sequence 0; returns the final-normed (n_tok, dim)."""
         n = len(tokens)
@@ -274,7 +279,7 @@ class LlamaModel:
             if backend is not on:  # the hidden state crosses once per device boundary
                 x = backend.to_device(on.to_host(x))
                 on = backend
-            fused = getattr(backend, "decode_layers", None) if len(tokens) == 1 and self.arch.plain_block else None
+            fused = self._fused_step(backend) if len(tokens) == 1 else None
             if fused is not None:  # one token: the backend runs its layers as one captured step
                 x = fused(self, ids, x, runs[0].start, cache, runs[0].seq)
                 continue
