@@ -77,7 +77,7 @@ PACKED_TOKENS = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 3,
 # A prompt's last tokens (fewer than a tile) take PACKED_TOKENS' tiles, then single tokens.
 MANY_REGISTERS = SIMD_LEVEL == "native" and "+avx512vl" in _FEATURES
 PROMPT_TOKENS = {GGMLType.Q4_0: 8, GGMLType.Q5_0: 6, GGMLType.Q8_0: 8, GGMLType.Q4_1: 8, GGMLType.Q5_1: 8,
-                 GGMLType.Q4_K: 8, GGMLType.Q5_K: 6, GGMLType.Q6_K: 8, GGMLType.Q3_K: 4, GGMLType.Q2_K: 8,
+                 GGMLType.Q4_K: 8, GGMLType.Q5_K: 6, GGMLType.Q6_K: 8, GGMLType.Q3_K: 8, GGMLType.Q2_K: 8,
                  GGMLType.IQ4_NL: 8, GGMLType.IQ4_XS: 8} if MANY_REGISTERS else PACKED_TOKENS
 _ONE = {t: 1 for t in PACKED_TOKENS}
 _PACKED_ONE = packed_kernel(_ONE, INT8_PREFETCH, kpacked_emitters(_ONE, INT8_PREFETCH))

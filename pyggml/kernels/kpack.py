@@ -213,22 +213,17 @@ def _dot(builder, acc, u, s):
     return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", i32, a, builder.bitcast(u, i32), builder.bitcast(s, i32))
 
 
-def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales, x_halves):
-    """<8W x i32>: lane r = row r's integer dot over the block. Without VNNI (W = 1 only): unsigned
+def _row_sums(builder, lay: KLayout, codes, prepared, x, half_scales):
+    """<8W x i32>: lane r = row r's integer dot over the block (with VNNI: types without half scales,
+    the others take _half_sums). Without VNNI (W = 1 only): unsigned
     4-bit codes add 8 pair sums as i16 (8 * 2 * 15 * 127 < 2^15), 5-bit ones 4; Q6_K's |q - 32| <= 32
     (Q2_K's, Q3_K's <= 4) add the 4 of a half (4 * 2 * 32 * 127 < 2^15) before its scale multiplies
     them; IQ4's |T[q]| <= 127 one at a time."""
-    if HAS_VNNI:  # one vpdpbusd per code vector; the halves apart when they have scales
-        halves = [None, None]
+    if HAS_VNNI:  # one vpdpbusd per code vector (the table types' excess comes off with their bias)
+        acc = None
         for k in range(8):
-            h = k // 4 if half_scales is not None else 0
-            halves[h] = _dot(builder, halves[h], codes[k], x[k])
-        if half_scales is None:
-            return halves[0]  # the table types' excess comes off with their bias (_block_scales)
-        if lay.offset:  # Q6_K, Q3_K: sum_j (q_j - offset) x_j per half; x_halves: the sums of x_j
-            off = _splat(_I32, halves[0].type.count, lay.offset)
-            halves = [builder.sub(a, builder.mul(off, s_h)) for a, s_h in zip(halves, x_halves)]
-        return builder.add(builder.mul(halves[0], half_scales[0]), builder.mul(halves[1], half_scales[1]))
+            acc = _dot(builder, acc, codes[k], x[k])
+        return acc
     if lay.signed:
         x = [_sign(builder, xk, ck) for xk, ck in zip(x, codes)]
     per = 4 if (lay.high or lay.half_scales) else 8
@@ -253,8 +248,8 @@ def _pair_mul(builder, a16, b16):
 def _block_scales(builder, lay: KLayout, at: _At, hdr, blk, table):
     """(s, bias, half, mins): the block's per-row scale and offset as <8W x float> (bias None when the
     type has none); for the half-scale types their two halves' integer scales, as <16 x i16> (lanes
-    2r, 2r + 1: row r) for vpmaddwd or with VNNI as <8W x i32> (lane r); for Q2_K its mins
-    (dmin <8W x float>, m_a and m_b <8W x i32>), else None."""
+    2r, 2r + 1: row r) for vpmaddwd, or with VNNI d times them as <8W x float> (lane r); for Q2_K
+    its mins (dmin, m_a and m_b as <8W x float>, m exact), else None."""
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
     lanes = 8 * at.w
     table_bias = lambda s: builder.fmul(s, ir.Constant(_vec(_F32, lanes), [ir.Constant(_F32, -TABLE_BIAS)] * lanes))  # noqa: E731
@@ -287,7 +282,40 @@ def _block_scales(builder, lay: KLayout, at: _At, hdr, blk, table):
     if not HAS_VNNI:  # <16 x i16>: lanes 2r, 2r + 1, for vpmaddwd
         pair = ir.Constant(_vec(_I32, 16), [r for r in range(8) for _ in range(2)])
         half = [builder.trunc(builder.shuffle_vector(v, v, pair), _vec(_I16, 16)) for v in half]
+    else:  # d * scale in float, exact (an fp16 times a small integer): _half_sums
+        half = [builder.fmul(d, builder.sitofp(v, _vec(_F32, lanes))) for v in half]
+    if mins is not None:  # small integers, exact in float (_emit_kpacked)
+        mins = (mins[0], *(builder.sitofp(v, _vec(_F32, lanes)) for v in mins[1:]))
     return d, None, half, mins
+
+
+def _half_sums(builder, lay: KLayout, call, codes, b, half, mins, acc, n_tok: int, lanes: int) -> None:
+    """With VNNI, the half-scale types (Q6_K, Q3_K, Q2_K): one half of the block at a time for every
+    token, acc[j] += float(sum_j (q_j - offset) x_j over the half) * (d * sc_half * d_x). The integer sum
+    starts from -offset * (the half's activation sum) (the codes stay unsigned for vpdpbusd); one half's
+    4 dot accumulators a token, not 8, keep a tile of 8 tokens in registers. Q2_K's mins: the half's
+    sum is d * sc_half * isum - dmin * m_half * (the half's activation sum), times d_x."""
+    if mins is not None:
+        mins = [builder.fmul(mins[0], m) for m in mins[1:]]  # dmin * m of each half
+    for h in range(2):
+        for j in range(n_tok):
+            x = call.x_groups(builder, j, b, lanes, first=4 * h, count=4)
+            isum = None
+            if lay.offset:
+                xs = call.half_sums(builder, j, b)[h]
+                isum = _splat_value(builder, builder.mul(xs, ir.Constant(_I32, -lay.offset)), lanes)
+            for k in range(4):
+                isum = _dot(builder, isum, codes[4 * h + k], x[k])
+            dx = _splat_value(builder, call.scalar(builder, call.xd, j, b), lanes)
+            a = builder.load(acc[j])
+            f = builder.sitofp(isum, _vec(_F32, lanes))
+            if mins is None:
+                a = builder.fadd(a, builder.fmul(f, builder.fmul(half[h], dx), flags=_CONTRACT), flags=_CONTRACT)
+            else:
+                xs = _splat_value(builder, builder.sitofp(call.half_sums(builder, j, b)[h], _F32), lanes)
+                t = builder.fsub(builder.fmul(f, half[h], flags=_CONTRACT), builder.fmul(mins[h], xs), flags=_CONTRACT)
+                a = builder.fadd(a, builder.fmul(t, dx, flags=_CONTRACT), flags=_CONTRACT)
+            builder.store(a, acc[j])
 
 
 def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetch: int, width: int = 1) -> None:
@@ -308,21 +336,23 @@ def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetc
         s, bias, half, mins = _block_scales(builder, lay, at, hdr, blk, call.table)
         codes = _codes(builder, lay, at, blk)
         prepared = [_abs(builder, c) for c in codes] if lay.signed and not HAS_VNNI else codes
-        for j in range(n_tok):
-            x = call.x_groups(builder, j, b, lanes)
-            x_halves = call.half_sums(builder, j, b, lanes) if (lay.offset and HAS_VNNI) or mins is not None else None
-            sums = builder.sitofp(_row_sums(builder, lay, codes, prepared, x, half, x_halves), _vec(_F32, lanes))
-            dx = _splat_value(builder, call.scalar(builder, call.xd, j, b), lanes)
-            a = builder.load(acc[j])
-            a = builder.fadd(a, builder.fmul(sums, builder.fmul(s, dx), flags=_CONTRACT), flags=_CONTRACT)
-            if bias is not None:
-                xc = _splat_value(builder, call.scalar(builder, call.xc, j, b), lanes)
-                a = builder.fadd(a, builder.fmul(bias, xc, flags=_CONTRACT), flags=_CONTRACT)
-            if mins is not None:  # Q2_K: - dmin * d_x * (m_a * S_a + m_b * S_b)
-                sa, sb = x_halves
-                msum = builder.sitofp(builder.add(builder.mul(mins[1], sa), builder.mul(mins[2], sb)), _vec(_F32, lanes))
-                a = builder.fsub(a, builder.fmul(msum, builder.fmul(mins[0], dx)))
-            builder.store(a, acc[j])
+        if HAS_VNNI and half is not None:
+            _half_sums(builder, lay, call, codes, b, half, mins, acc, n_tok, lanes)
+        else:
+            for j in range(n_tok):
+                dx = _splat_value(builder, call.scalar(builder, call.xd, j, b), lanes)
+                a = builder.load(acc[j])
+                x = call.x_groups(builder, j, b, lanes)
+                sums = builder.sitofp(_row_sums(builder, lay, codes, prepared, x, half), _vec(_F32, lanes))
+                a = builder.fadd(a, builder.fmul(sums, builder.fmul(s, dx), flags=_CONTRACT), flags=_CONTRACT)
+                if bias is not None:
+                    xc = _splat_value(builder, call.scalar(builder, call.xc, j, b), lanes)
+                    a = builder.fadd(a, builder.fmul(bias, xc, flags=_CONTRACT), flags=_CONTRACT)
+                if mins is not None:  # Q2_K without VNNI: - dmin * d_x * (m_a * S_a + m_b * S_b), exact in float (< 2^16)
+                    sa, sb = (_splat_value(builder, builder.sitofp(v, _F32), lanes) for v in call.half_sums(builder, j, b))
+                    msum = builder.fadd(builder.fmul(mins[1], sa), builder.fmul(mins[2], sb))
+                    a = builder.fsub(a, builder.fmul(msum, builder.fmul(mins[0], dx)))
+                builder.store(a, acc[j])
     call.store(builder, acc, lanes)
 
 

@@ -559,21 +559,21 @@ class PackedCall:
         self.d_off = [builder.mul(t, nb) for t in self.tok]  # and its block scales
         self.w_off = builder.mul(self.group, self.group_bytes)
 
-    def x_groups(self, builder, j: int, b, lanes: int = 8) -> list:
-        """Token j's activation codes of block b as 8 broadcasts of 4 bytes (<4 * lanes x i8>)."""
+    def x_groups(self, builder, j: int, b, lanes: int = 8, first: int = 0, count: int = 8) -> list:
+        """Token j's activation codes of block b as 8 broadcasts of 4 bytes (<4 * lanes x i8>), or
+        `count` of them from broadcast `first`."""
         xo = builder.add(self.x_off[j], builder.mul(b, ir.Constant(_I64, QK)))
         return [builder.bitcast(_splat_value(builder, _load_scalar(builder, self.xq, builder.add(xo, ir.Constant(_I64, 4 * k)), _I32),
-                                             lanes), _vec(_I8, 4 * lanes)) for k in range(8)]
+                                             lanes), _vec(_I8, 4 * lanes)) for k in range(first, first + count)]
 
     def scalar(self, builder, array, j: int, b):
         """Token j's value of block b in xd or xc."""
         return builder.load(builder.gep(array, [builder.add(self.d_off[j], b)]))
 
-    def half_sums(self, builder, j: int, b, lanes: int) -> list:
-        """Token j's sums of the activation codes of each half of block b (xs), each as <lanes x i32>."""
+    def half_sums(self, builder, j: int, b) -> list:
+        """Token j's sums of the activation codes of each half of block b (xs), as two i32 scalars."""
         at = builder.mul(builder.add(self.d_off[j], b), ir.Constant(_I64, 2))
-        return [_splat_value(builder, builder.load(builder.gep(self.xs, [builder.add(at, ir.Constant(_I64, h))])), lanes)
-                for h in range(2)]
+        return [builder.load(builder.gep(self.xs, [builder.add(at, ir.Constant(_I64, h))])) for h in range(2)]
 
     @staticmethod
     def accumulators(builder, n_tok: int, lanes: int = 8) -> list:
