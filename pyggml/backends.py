@@ -6,10 +6,13 @@ A backend owns: how weights are held (`load_weight`), where activations live (`t
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import logging
 import mmap
 import os
+import sys
 import warnings
 from typing import TYPE_CHECKING, Protocol, Sequence
 
@@ -60,6 +63,26 @@ def anonymous_array(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
+# glibc gives freed heap above its trim threshold back to the kernel, so each forward pass's
+# activations (arrays of a few MB) came back as fresh zeroed pages: 68,000 page faults (280 MB) in a
+# pp128 of TinyLlama, about 10% of its time (0.655 -> 0.595 s, Q6_K, 2 threads). The CPU backend asks
+# glibc once to keep up to 256 MB of freed heap, and to serve blocks below 32 MB (the ceiling its own
+# adaptive threshold reaches) from the heap. Elsewhere (macOS, Windows, musl) nothing changes.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc as above; False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 256 << 20))
+
+
 class CPUBackend:
     """numba kernels on the CPU; activations are float32 numpy arrays."""
 
@@ -68,6 +91,7 @@ class CPUBackend:
     def __init__(self, n_threads: int | None = None):
         from .kernels import cpu  # imports numba: only when a model is actually loaded
 
+        keep_freed_memory()
         self.k = cpu
         if n_threads:
             import numba
