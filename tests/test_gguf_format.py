@@ -246,3 +246,28 @@ def test_every_truncation_of_a_real_file_raises(sample, tmp_path):
 def test_missing_file_is_gguf_error(tmp_path):
     with pytest.raises(GGUFError, match="cannot open"):
         GGUFFile(tmp_path / "nope.gguf")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate_length", r"'tokenizer\.ggml\.tokens'\[2\] length needs 8 bytes but the file has 3 left"),
+    ("huge_length", r"'tokenizer\.ggml\.tokens'\[1\] needs 1099511627776 bytes"),
+    ("bad_utf8", r"'tokenizer\.ggml\.tokens'\[1\] is not valid UTF-8"),
+])
+def test_string_array_damage_names_the_element(tmp_path, damage, message):
+    """A vocabulary is read in one loop (_Cursor.strings): a cut-off length, a length past the end
+    and bytes that are not UTF-8 each fail as GGUFError naming the element."""
+    tokens = ["<unk>", "▁abc", "xy"]
+    good = tmp_path / "v.gguf"
+    write_gguf(good, {"general.architecture": "llama", "tokenizer.ggml.tokens": tokens}, [])
+    data = bytearray(good.read_bytes())
+    first = data.index("▁abc".encode()) - 8  # element 1's u64 length
+    if damage == "truncate_length":
+        data = data[: first + 8 + len("▁abc".encode()) + 3]  # 3 of element 2's 8 length bytes
+    elif damage == "huge_length":
+        data[first : first + 8] = struct.pack("<Q", 1 << 40)
+    else:
+        data[first + 8] = 0xFF
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match=message):
+        GGUFFile(bad)

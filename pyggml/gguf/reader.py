@@ -120,6 +120,28 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise self.fail(f"{what} is not valid UTF-8 ({e.reason})", start) from None
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings in a row (a vocabulary: 32k-150k of them), with string()'s checks in one
+        loop over the bytes (a call per string made every run's start 0.1 s slower)."""
+        data = memoryview(self.buf)
+        out = []
+        pos, size = self.pos, self.size
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"{what}[{i}] length")
+            n = int.from_bytes(data[pos : pos + 8], "little")
+            if n > size - pos - 8:
+                self.pos = pos + 8
+                self.need(n, f"{what}[{i}]")
+            try:
+                out.append(str(data[pos + 8 : pos + 8 + n], "utf-8"))
+            except UnicodeDecodeError as e:
+                raise self.fail(f"{what}[{i}] is not valid UTF-8 ({e.reason})", pos) from None
+            pos += 8 + n
+        self.pos = pos
+        return out
+
     def value_type(self, what: str) -> ValueType:
         at = self.pos
         raw = self.u32(what)
@@ -151,7 +173,7 @@ class _Cursor:
                 arr = arr.astype(np.bool_)
             return Typed(vt, arr, elem)
         if elem is ValueType.STRING:
-            return Typed(vt, [self.string(f"{what}[{i}]") for i in range(count)], elem)
+            return Typed(vt, self.strings(count, what), elem)
         return Typed(vt, [self.value(ValueType.ARRAY, f"{what}[{i}]", depth + 1) for i in range(count)], elem)
 
 
