@@ -75,7 +75,7 @@ PACKED_TOKENS = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 3,
 # Q8_0 10.1 / 8.6, Q4_1 5.8 / 5.3, Q5_1 7.1 / 5.3, Q4_K 6.8 / 5.9, Q5_K 7.5 / 6.8, Q6_K 10.3 / 8.4,
 # Q3_K 15.0 / 8.1 (6 tokens: 8.4), Q2_K 9.1 / 8.1, IQ4_NL 7.9 / 5.8, IQ4_XS 11.3 / 5.8. Since the
 # half-scale types take one half at a time (kpack._half_sums; 5632 x 2048 x 128 tokens, 2 threads):
-# Q6_K 4 / 6 / 8 tokens 6.9 / 6.0 / 5.4 ms (2 / 3 tokens 9.3 / 7.8 before its float scales), Q3_K 4 / 8:
+# Q6_K 4 / 6 / 8 tokens 6.9 / 6.0 / 5.4 ms (2 / 3 tokens 9.3 / 7.8 with both halves at once), Q3_K 4 / 8:
 # 6.7 / 5.8, Q2_K 8: 5.4 (4 / 6: 7.0 / 6.8 before its mins joined the halves' step).
 # A prompt's last tokens (fewer than a tile) take PACKED_TOKENS' tiles, then single tokens.
 MANY_REGISTERS = SIMD_LEVEL == "native" and "+avx512vl" in _FEATURES
