@@ -19,7 +19,8 @@ from numba import njit, prange
 from ..gguf.constants import QK, GGMLType
 from ..quant.registry import kernel_code
 from ..tensor import KERNEL_TYPE_CODES, QWeight
-from .kpack import K_PACKED_TYPES, PAIRS, kpacked_emitters, pack_k
+from .kpack import K_PACKED_TYPES, PAIRS, kpacked_emitters
+from .kpacker import pack_k
 from .decoders import F16_TABLE, decode_rows, try_decode_row
 from .jitcache import per_type
 from .vmath import exp_f32, quantize_block32

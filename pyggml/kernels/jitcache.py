@@ -27,10 +27,10 @@ def cached_kernels() -> list:
     """The numba dispatchers of the CPU kernels that keep their code on disk (cache=True)."""
     from numba.core.dispatcher import Dispatcher
 
-    from . import cpu, decoders, kpack, kvattn
+    from . import cpu, decoders, kpack, kpacker, kvattn
 
     seen: dict[int, Dispatcher] = {id(d): d for d in _PER_TYPE}
-    for module in (cpu, decoders, kpack, kvattn):
+    for module in (cpu, decoders, kpack, kpacker, kvattn):
         for v in vars(module).values():
             if isinstance(v, Dispatcher) and hasattr(v._cache, "_cache_file"):
                 seen.setdefault(id(v), v)
