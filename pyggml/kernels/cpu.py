@@ -26,7 +26,7 @@ from .jitcache import per_type
 from .vmath import exp_f32, quantize_block32
 from .f16tile import matmul_bf16_tiled, matmul_f16_tiled
 from .kvattn import attention_seqs, kv_write  # noqa: F401  (the backend's KV ops)
-from .simd import _FEATURES, HAS_F16_VECTOR, INT8_PREFETCH, SIMD_LEVEL, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
+from .simd import HAS_AVX2, HAS_F16_VECTOR, INT8_PREFETCH, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
 
 _CODES = KERNEL_TYPE_CODES
 SUPPORTED_TYPES = frozenset(_CODES)  # every computable type: decoders.py decodes each of them
@@ -70,19 +70,23 @@ GROUPS_PER_TASK = ROWS_PER_TASK // PACK_ROWS
 PACKED_TOKENS = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 3,
                  GGMLType.Q4_1: 4, GGMLType.Q5_1: 4, GGMLType.Q4_K: 4, GGMLType.Q5_K: 4,
                  GGMLType.Q6_K: 3, GGMLType.Q3_K: 3, GGMLType.Q2_K: 3, GGMLType.IQ4_NL: 3, GGMLType.IQ4_XS: 3}
-# Prompts on hosts with 32 vector registers (AVX-512, also for the 256-bit kernels): more tokens a call,
-# each block's codes decoded once for more of them. The same products (ms, median of 7) with
+# Prompts: more tokens a call, each block's codes decoded once for more of them. Measured first where
+# there are 32 vector registers (AVX-512, also for the 256-bit kernels); the same products (ms, median of 7) with
 # PACKED_TOKENS' tiles / these, SPR 2 vCPUs: Q4_0 8.0 / 7.2, Q5_0 8.4 / 8.0 (8 tokens: 10.4, spills),
 # Q8_0 10.1 / 8.6, Q4_1 5.8 / 5.3, Q5_1 7.1 / 5.3, Q4_K 6.8 / 5.9, Q5_K 7.5 / 6.8, Q6_K 10.3 / 8.4,
 # Q3_K 15.0 / 8.1 (6 tokens: 8.4), Q2_K 9.1 / 8.1, IQ4_NL 7.9 / 5.8, IQ4_XS 11.3 / 5.8. Since the
 # half-scale types take one half at a time (kpack._half_sums; 5632 x 2048 x 128 tokens, 2 threads):
 # Q6_K 4 / 6 / 8 tokens 6.9 / 6.0 / 5.4 ms (2 / 3 tokens 9.3 / 7.8 with both halves at once), Q3_K 4 / 8:
 # 6.7 / 5.8, Q2_K 8: 5.4 (4 / 6: 7.0 / 6.8 before its mins joined the halves' step).
+# The AVX2 kernels (16 registers) gain from these tiles too, spills and all: this host held to AVX2
+# (PYGGML_SIMD=avx2, numba's code for Zen 3: NUMBA_CPU_NAME=znver3), PACKED_TOKENS' tiles / these:
+# Q4_0 8.3 / 7.6, Q5_0 9.8 / 9.0, Q8_0 13.8 / 12.7, Q4_K 9.1 / 7.9, Q5_K 11.1 / 10.2, Q4_1 7.6 / 7.5,
+# Q5_1 10.0 / 8.3, IQ4_NL 14.7 / 12.3, IQ4_XS 17.2 / 13.2, Q6_K 19.0 / 12.5-14.4, Q3_K 18.3 / 14.2,
+# Q2_K 13.0 / 12.8. The portable path keeps PACKED_TOKENS'.
 # A prompt's last tokens (fewer than a tile) take PACKED_TOKENS' tiles, then single tokens.
-MANY_REGISTERS = SIMD_LEVEL == "native" and "+avx512vl" in _FEATURES
 PROMPT_TOKENS = {GGMLType.Q4_0: 8, GGMLType.Q5_0: 6, GGMLType.Q8_0: 8, GGMLType.Q4_1: 8, GGMLType.Q5_1: 8,
                  GGMLType.Q4_K: 8, GGMLType.Q5_K: 6, GGMLType.Q6_K: 8, GGMLType.Q3_K: 8, GGMLType.Q2_K: 8,
-                 GGMLType.IQ4_NL: 8, GGMLType.IQ4_XS: 8} if MANY_REGISTERS else PACKED_TOKENS
+                 GGMLType.IQ4_NL: 8, GGMLType.IQ4_XS: 8} if HAS_AVX2 else PACKED_TOKENS
 _ONE = {t: 1 for t in PACKED_TOKENS}
 _PACKED_ONE = packed_kernel(_ONE, INT8_PREFETCH, kpacked_emitters(_ONE, INT8_PREFETCH))
 _PACKED_TILE = packed_kernel(PROMPT_TOKENS, 0, kpacked_emitters(PROMPT_TOKENS))
