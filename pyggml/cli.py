@@ -11,89 +11,8 @@ from pathlib import Path
 
 import click
 
-
-class _TqdmProgress:
-    """Adapts a library progress callback (name, index, total) to a tqdm bar."""
-
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
-
-    def __call__(self, name: str, index: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.desc, unit="tensor", leave=False, file=sys.stderr, disable=None)
-        self.bar.set_postfix_str(name, refresh=False)
-        self.bar.n = index
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _fail(message: str) -> None:
-    raise click.ClickException(message)
-
-
-FIRST_RUN_NOTICE = "compiling the CPU kernels once; later runs start at once"
-
-
-class _FirstRun:
-    """Around loading a model: on a cold numba cache (a fresh install), says once on stderr that the
-    kernels are being compiled, with a ticker on a terminal, and warm_up(llm) compiles them before any
-    output; on a warm cache it does nothing and costs nothing."""
-
-    shown = False  # once per process
-
-    def __init__(self, type_k: str | None = None, type_v: str | None = None):
-        self.kv_types = (type_k, type_v)  # the KV types the helper process compiles attention for
-
-    def __enter__(self) -> "_FirstRun":
-        from .kernels.jitcache import kernels_cold
-        from .kernels.precompile import FirstRun
-
-        self.active = not _FirstRun.shown and kernels_cold()
-        self.thread = None
-        self.compile = FirstRun(*self.kv_types, self.active).__enter__()  # a helper process compiles half
-        if self.active:
-            import threading
-            import time
-
-            _FirstRun.shown = True
-            self.t0, self.done = time.perf_counter(), threading.Event()
-            if sys.stderr.isatty():
-                self.thread = threading.Thread(target=self._tick, daemon=True)
-                self.thread.start()
-            else:
-                click.echo(FIRST_RUN_NOTICE, err=True)
-        return self
-
-    def _tick(self) -> None:
-        import time
-
-        from .kernels.jitcache import n_kernels_ready
-
-        shown = ""
-        while True:
-            msg = f"\r{FIRST_RUN_NOTICE} [{n_kernels_ready()} kernels ready, {time.perf_counter() - self.t0:.0f} s]"
-            if msg != shown:
-                click.echo(msg, err=True, nl=False)
-                shown = msg
-            if self.done.wait(0.5):
-                return
-
-    def warm_up(self, llm) -> None:
-        self.compile.warm_up(llm)
-
-    def __exit__(self, *exc: object) -> None:
-        self.compile.__exit__(*exc)  # a helper still running (a failed load) is stopped
-        if self.thread is not None:
-            import time
-
-            self.done.set()
-            self.thread.join()
-            click.echo(f"\r\x1b[K{FIRST_RUN_NOTICE}: done in {time.perf_counter() - self.t0:.0f} s", err=True)
+from .cli_options import KV_TYPE, LlamaCppCommand, fail, gpu_layers, int_list, kv_list, kv_options
+from .console import FirstRunNotice, TqdmProgress, chat_loop, print_timings, stream
 
 
 DEBUG_HINT = "(this is a bug in pyggml; rerun with --debug for the traceback)"
@@ -126,7 +45,7 @@ class _Main(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except click.ClickException as e:
-            if debug and e.__context__ is not None:  # a command's _fail(str(error)): show the error's traceback
+            if debug and e.__context__ is not None:  # a command's fail(str(error)): show the error's traceback
                 import traceback
 
                 traceback.print_exception(e.__context__)
@@ -170,11 +89,11 @@ def convert(model_dir: Path, outfile: Path | None, outtype: str) -> None:
     from .convert import ConversionError, convert_hf_to_gguf
     from .gguf import GGUFError
 
-    progress = _TqdmProgress("converting")
+    progress = TqdmProgress("converting")
     try:
         path = convert_hf_to_gguf(model_dir, outfile, outtype=outtype, progress=progress)
     except (ConversionError, GGUFError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     finally:
         progress.close()
     click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")
@@ -213,12 +132,12 @@ def quantize(infile: Path, rest: tuple[str, ...], outfile_opt: Path | None, outp
 
     if output_tensor_type is None and type_name.lower() in ("q4_0", "q4_1", "q5_0", "q5_1"):
         output_tensor_type = "q8_0"
-    progress = _TqdmProgress("quantizing")
+    progress = TqdmProgress("quantizing")
     try:
         r = quantize_file(infile, type_name, outfile, output_type=output_tensor_type,
                           allow_requantize=allow_requantize, progress=progress)
     except (QuantizeError, QuantError, GGUFError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     finally:
         progress.close()
     for name, shape, t in r.fallbacks:
@@ -242,7 +161,7 @@ def inspect(path: Path, max_items: int, no_tensors: bool, as_json: bool) -> None
     try:
         f = GGUFFile(path)
     except GGUFError as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         import json
 
@@ -266,103 +185,6 @@ def inspect(path: Path, max_items: int, no_tensors: bool, as_json: bool) -> None
         click.echo("\ntensors:")
         for line in tensor_lines(f):
             click.echo("  " + line)
-
-
-def _print_timings(llm) -> None:
-    t = llm.timings
-    err = lambda s: click.echo(s, err=True)  # noqa: E731
-    err("")
-    err(f"load time        = {1000 * t.load_s:10.2f} ms")
-    if t.prompt_tokens:
-        err(f"prompt eval time = {1000 * t.prompt_s:10.2f} ms / {t.prompt_tokens:5d} tokens "
-            f"({1000 * t.prompt_s / t.prompt_tokens:8.2f} ms per token, {t.prompt_tps:8.2f} tokens per second)")
-    if t.gen_tokens:
-        err(f"eval time        = {1000 * t.gen_s:10.2f} ms / {t.gen_tokens:5d} runs   "
-            f"({1000 * t.gen_s / t.gen_tokens:8.2f} ms per token, {t.gen_tps:8.2f} tokens per second)")
-
-
-def _stream(pieces, into: list[str] | None = None) -> bool:
-    """Print text pieces as they come (and collect them in `into`); Ctrl-C stops this answer only.
-    Returns False if interrupted."""
-    try:
-        for piece in pieces:
-            if into is not None:
-                into.append(piece)
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        click.echo("\n[interrupted]", err=True)
-        return False
-    return True
-
-
-class LlamaCppCommand(click.Command):
-    """A command whose multi-letter single-dash options (-ngl, -cnv, -sys, -fa ...) are whole names, as
-    llama.cpp spells them; an unknown one is an error naming it, never read as clustered short flags
-    (-cnv as -c nv)."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        names = {n for p in self.params for n in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
-        takes_value = {n for p in self.params if isinstance(p, click.Option) and not p.is_flag and p.flag_value is None
-                       for n in p.opts}
-        skip = False
-        for a in args:
-            if skip:
-                skip = False
-                continue
-            if a == "--":
-                break
-            name = a.split("=", 1)[0]
-            if name in takes_value and "=" not in a:
-                skip = True
-            elif len(name) > 2 and name[0] == "-" and name[1] != "-" and name[1:].replace("-", "").isalpha() and name not in names:
-                raise click.NoSuchOption(name, ctx=ctx)
-        return super().parse_args(ctx, args)
-
-
-class KVTypeParam(click.ParamType):
-    """A KV cache type of the registry (model/kvtypes.py), looked up only when the option is used."""
-
-    name = "kv_type"
-
-    def get_metavar(self, param, ctx=None) -> str:
-        from .model.kvtypes import KV_TYPES
-
-        return "[" + "|".join(KV_TYPES) + "]"
-
-    def convert(self, value, param, ctx) -> str:
-        from .model.kvtypes import KVTypeError, kv_type
-
-        try:
-            return kv_type(str(value).strip()).name
-        except KVTypeError as e:
-            self.fail(str(e), param, ctx)
-
-
-KV_TYPE = KVTypeParam()
-
-
-def _kv_options(f):
-    """-ctk / -ctv, as llama.cpp's."""
-    f = click.option("-ctv", "--cache-type-v", "type_v", type=KV_TYPE, default="f16", show_default=True,
-                     help="KV cache type of the values.")(f)
-    return click.option("-ctk", "--cache-type-k", "type_k", type=KV_TYPE, default="f16", show_default=True,
-                        help="KV cache type of the keys.")(f)
-
-
-def _kv_list(ctx, param, values: tuple[str, ...]) -> list[str]:
-    """llama-bench's -ctk/-ctv lists: comma-separated, repeatable."""
-    return [KV_TYPE.convert(v, param, ctx) for value in values for v in str(value).split(",") if v.strip()]
-
-
-def _gpu_layers(value: str) -> int:
-    v = str(value).strip().lower()
-    if v in ("all", "auto"):
-        return -1
-    try:
-        return int(v)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use a number of layers, 'all' or 'auto'") from None
 
 
 def _version(ctx, _param, value) -> None:
@@ -410,7 +232,7 @@ def _version(ctx, _param, value) -> None:
 @click.option("--grammar-file", type=click.Path(exists=True, dir_okay=False), help="File with a GBNF grammar.")
 @click.option("-j", "--json-schema", "json_schema", help="JSON schema constraining the output (JSON text or a file).")
 @click.option("--kv-file", type=click.Path(dir_okay=False), help="Back the KV cache by this file (default: anonymous memory).")
-@_kv_options
+@kv_options
 @click.option("--session", "session_path", type=click.Path(dir_okay=False), help="Load the context from / save it to this file.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version, help="Print the version and exit.")
 def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, conversation, no_conversation, interactive,
@@ -429,17 +251,17 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
     from .tokenizer import TokenizerError
 
     if hf_repo:
-        _fail(f"-hf {hf_repo}: pyggml does not download models (there is no network access); "
+        fail(f"-hf {hf_repo}: pyggml does not download models (there is no network access); "
               "download the GGUF file yourself and pass -m FILE")
     if not model_path:
-        _fail("missing -m/--model FILE (a GGUF file)")
+        fail("missing -m/--model FILE (a GGUF file)")
     if flash_attn not in (None, "on", "off", "auto", "1", "0"):
-        _fail(f"-fa {flash_attn}: expected on, off or auto")
+        fail(f"-fa {flash_attn}: expected on, off or auto")
     if session_path:
         try:
             check_writable(session_path)  # now, not after the generation it would lose
         except SessionError as e:
-            _fail(str(e))
+            fail(str(e))
     stops = list(stops) + list(more_stops)
     try:
         grammar = None
@@ -451,7 +273,7 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
             text = Path(json_schema).read_text(encoding="utf-8") if Path(json_schema).is_file() else json_schema
             grammar = LlamaGrammar.from_json_schema(text)
     except GrammarError as e:
-        _fail(str(e))
+        fail(str(e))
     if ctx_size is None:
         from .gguf import GGUFFile
         from .model import LlamaConfig
@@ -460,7 +282,7 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
             with GGUFFile(model_path) as f:
                 trained = LlamaConfig.from_metadata(f.metadata, model_path).n_ctx_train
         except (GGUFError, ModelError) as e:
-            _fail(str(e))
+            fail(str(e))
         ctx_size = min(4096, trained) if trained else 4096
     template_name = chat_template
     if chat_template and Path(chat_template).is_file():
@@ -468,9 +290,9 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with _FirstRun(type_k, type_v) as first:
+            with FirstRunNotice(type_k, type_v) as first:
                 llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads,
-                            n_gpu_layers=_gpu_layers(n_gpu_layers), seed=seed if seed is not None else -1,
+                            n_gpu_layers=gpu_layers(n_gpu_layers), seed=seed if seed is not None else -1,
                             kv_path=kv_file, chat_format=template_name, last_n_tokens_size=repeat_last_n, verbose=False,
                             type_k=type_k, type_v=type_v)
                 first.warm_up(llm)
@@ -478,7 +300,7 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
                                     repeat_last_n=repeat_last_n, seed=seed, presence_penalty=presence_penalty,
                                     frequency_penalty=frequency_penalty)
         except (GGUFError, ModelError, TokenizerError, BackendUnavailableError, ValueError, OSError) as e:
-            _fail(str(e))
+            fail(str(e))
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     if chat_template and Path(chat_template).is_file():
@@ -491,7 +313,7 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
             extra = llm.load_state_file(session_path)
             history = session_messages(extra, session_path)
         except SessionError as e:
-            _fail(str(e))
+            fail(str(e))
         click.echo(f"[session: restored {len(llm.tokens)} tokens from {session_path}]", err=True)
     limit = n_predict if n_predict >= 0 else llm.n_ctx()
     if prompt_file:
@@ -505,143 +327,41 @@ def run(model_path, hf_repo, prompt, prompt_file, escape, system_prompt, convers
 
             gen = GenerationState()
             click.echo(click.style(prompt, fg="yellow") if color else prompt, nl=False)
-            _stream(llm.stream_text(llm.tokenize(prompt), params, limit, stops, gen, grammar=grammar))
+            stream(llm.stream_text(llm.tokenize(prompt), params, limit, stops, gen, grammar=grammar))
             click.echo()
             if llm.context_full:
                 click.echo(f"[context full: {llm.n_ctx()} tokens; raise -c/--ctx-size]", err=True)
-            _print_timings(llm)
+            print_timings(llm)
         elif chat:
-            extra = {"messages": _chat(llm, params, limit, system_prompt, stops, history, grammar,
+            extra = {"messages": chat_loop(llm, params, limit, system_prompt, stops, history, grammar,
                                        first=prompt, color=color)}
     except (ContextFullError, GrammarError) as e:
-        _fail(str(e))
+        fail(str(e))
     if session_path:
         try:
             llm.save_state_file(session_path, extra)
         except (SessionError, OSError) as e:
-            _fail(f"cannot save the session: {e}")
+            fail(f"cannot save the session: {e}")
         click.echo(f"[session: saved {len(llm.tokens)} tokens to {session_path}]", err=True)
-
-
-CHAT_HELP = """commands:
-  /help          this text
-  /clear         forget the conversation (the system prompt stays)
-  /exit, /bye    quit (Ctrl-D too); Ctrl-C stops the current answer"""
-
-
-def _read_line(tty: bool, color: bool) -> str | None:
-    """One line of input, with line editing and history (readline) on a terminal; None at end of input."""
-    if tty:
-        try:
-            import readline  # noqa: F401 - importing it gives input() editing and history
-        except ImportError:
-            pass
-        try:
-            return input("\x1b[32m> \x1b[0m" if color else "> ")
-        except EOFError:
-            return None
-    line = sys.stdin.readline()
-    return line if line else None
-
-
-def _chat(llm, params, limit, system_prompt, stops, history, grammar=None, first=None, color=False) -> list:
-    """The interactive loop: a line in, a streamed answer out. When the conversation outgrows the
-    context, the oldest turns are dropped (the system prompt stays), as llama.cpp's context shift."""
-    from .api import ContextFullError, GenerationState
-    from .chat import ChatTemplateError
-
-    messages = list(history or [])
-    if not messages and system_prompt:
-        messages.append({"role": "system", "content": system_prompt})
-    tty = sys.stdin.isatty()
-    click.echo("[chat: type a message; /help lists commands; Ctrl-C stops an answer, /exit or Ctrl-D quits]", err=True)
-    pending = first
-    while True:
-        if pending is not None:
-            line, pending = pending, None
-        else:
-            try:
-                line = _read_line(tty, color)
-            except KeyboardInterrupt:
-                click.echo()
-                break
-            if line is None:
-                break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit", "/bye"):
-            break
-        if line in ("/help", "/?"):
-            click.echo(CHAT_HELP, err=True)
-            continue
-        if line == "/clear":
-            messages = [m for m in messages if m["role"] == "system"]
-            llm.reset()
-            click.echo("[chat cleared]", err=True)
-            continue
-        messages.append({"role": "user", "content": line})
-        answer: list[str] = []
-        reserve = min(limit, max(16, llm.n_ctx() // 4))  # room kept for the answer when shifting
-
-        def prompt_tokens():
-            while True:
-                ids = llm.chat_prompt_tokens(messages)
-                system = 1 if messages and messages[0]["role"] == "system" else 0
-                if len(ids) + reserve <= llm.n_ctx() or len(messages) - system <= 1:
-                    return ids
-                del messages[system]  # context shift: drop the oldest turn (user + answer), keep the system prompt
-                while len(messages) - system > 1 and messages[system]["role"] != "user":
-                    del messages[system]
-                click.echo("[context shift: dropped the oldest turn]", err=True)
-
-        def turn():  # rendering and prompt processing run inside _stream, so Ctrl-C covers them too
-            yield from llm.stream_text(prompt_tokens(), params, limit, stops, GenerationState(), grammar=grammar)
-
-        try:
-            finished = _stream(turn(), answer)
-        except ContextFullError as e:
-            messages.pop()
-            click.echo(f"[context full: {e}; /clear to start over]", err=True)
-            continue
-        except ChatTemplateError as e:
-            _fail(str(e))
-        click.echo()
-        messages.append({"role": "assistant", "content": "".join(answer)})
-        if llm.context_full:
-            click.echo(f"[context full: the answer was cut at {llm.n_ctx()} tokens]", err=True)
-        if not finished:
-            continue
-        _print_timings(llm)
-    return messages
-
-
-def _int_list(_ctx, param, values: tuple[str, ...]) -> list[int]:
-    """llama-bench's list values: comma-separated, the option repeatable (-p 128,512 -p 1024)."""
-    try:
-        return [_gpu_layers(v) if param.name == "n_gpu_layers" else int(v)
-                for value in values for v in str(value).split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{','.join(values)!r}: expected comma-separated numbers") from None
 
 
 @main.command(cls=LlamaCppCommand)
 @click.option("-m", "--model", "models", multiple=True, required=True, type=click.Path(),
               help="GGUF file (repeatable).")
-@click.option("-p", "--n-prompt", multiple=True, metavar="N[,N...]", default=["128"], show_default=True, callback=_int_list,
+@click.option("-p", "--n-prompt", multiple=True, metavar="N[,N...]", default=["128"], show_default=True, callback=int_list,
               help="Prompt tokens for the pp tests, comma-separated (0 = skip).")
-@click.option("-n", "--n-gen", multiple=True, metavar="N[,N...]", default=["64"], show_default=True, callback=_int_list,
+@click.option("-n", "--n-gen", multiple=True, metavar="N[,N...]", default=["64"], show_default=True, callback=int_list,
               help="Generated tokens for the tg tests, comma-separated (0 = skip).")
-@click.option("-d", "--n-depth", multiple=True, metavar="N[,N...]", default=["0"], show_default=True, callback=_int_list,
+@click.option("-d", "--n-depth", multiple=True, metavar="N[,N...]", default=["0"], show_default=True, callback=int_list,
               help="Tokens already in the context when pp/tg is measured, comma-separated.")
 @click.option("-r", "--repetitions", default=3, show_default=True)
-@click.option("-t", "--threads", multiple=True, metavar="N[,N...]", callback=_int_list, help="CPU threads, comma-separated (default: all cores).")
-@click.option("-ngl", "--n-gpu-layers", multiple=True, metavar="N[,N...]", default=["0"], show_default=True, callback=_int_list,
+@click.option("-t", "--threads", multiple=True, metavar="N[,N...]", callback=int_list, help="CPU threads, comma-separated (default: all cores).")
+@click.option("-ngl", "--n-gpu-layers", multiple=True, metavar="N[,N...]", default=["0"], show_default=True, callback=int_list,
               help="Layers to offload to the GPU, comma-separated (N, all).")
 @click.option("-ctk", "--cache-type-k", "types_k", multiple=True, metavar="TYPE[,TYPE...]", default=["f16"], show_default=True,
-              callback=_kv_list, help="KV cache types of the keys, comma-separated (the names of run's -ctk).")
+              callback=kv_list, help="KV cache types of the keys, comma-separated (the names of run's -ctk).")
 @click.option("-ctv", "--cache-type-v", "types_v", multiple=True, metavar="TYPE[,TYPE...]", default=["f16"], show_default=True,
-              callback=_kv_list, help="KV cache types of the values, comma-separated.")
+              callback=kv_list, help="KV cache types of the values, comma-separated.")
 @click.option("-o", "--output", "output", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True,
               help="Output format.")
 def bench(models, n_prompt, n_gen, n_depth, repetitions, threads, n_gpu_layers, types_k, types_v, output) -> None:
@@ -657,7 +377,7 @@ def bench(models, n_prompt, n_gen, n_depth, repetitions, threads, n_gpu_layers, 
     try:
         for path in models:  # a bad file fails at once, before any compiling or measuring
             GGUFFile(path).close()
-        with _FirstRun() as first:
+        with FirstRunNotice() as first:
             if first.active:  # compile on the first model, so that no benchmark times the compiler
                 with Llama(models[0], n_ctx=16, n_threads=threads[0] if threads else None,
                            n_gpu_layers=n_gpu_layers[0]) as llm:
@@ -671,7 +391,7 @@ def bench(models, n_prompt, n_gen, n_depth, repetitions, threads, n_gpu_layers, 
                             rows.append(bench_model(path, n_prompt, n_gen, repetitions, t, ngl, depth=n_depth,
                                                     read_bw=read_bw, type_k=tk, type_v=tv))
     except (GGUFError, ModelError, TokenizerError, BackendUnavailableError, NotImplementedError, ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     click.echo(FORMATS[output](rows))
 
 
@@ -687,7 +407,7 @@ def bench(models, n_prompt, n_gen, n_depth, repetitions, threads, n_gpu_layers, 
 @click.option("--chunks", "n_chunks", default=-1, show_default=True, help="Chunks to evaluate (-1 = all the text has).")
 @click.option("--kl-base", "kl_base", type=click.Path(exists=True, dir_okay=False),
               help="Base model (e.g. f16) to compare against: KL divergence, PPL of both, top-1 agreement.")
-@_kv_options
+@kv_options
 @click.option("--kl-base-kv", "kl_base_kv", type=KV_TYPE, default=None,
               help="KV cache type (keys and values) of the --kl-base run (default: -ctk/-ctv). With --kl-base the same file "
                    "measures what a KV cache type costs: --kl-base MODEL --kl-base-kv f32 -ctk q8_0 -ctv q8_0.")
@@ -708,7 +428,7 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
     try:
         text = read_text_file(text_file)
     except (PerplexityError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
 
     def on_chunk(result) -> None:
         if result.n_done == 1:
@@ -723,7 +443,7 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
         sys.stdout.flush()
 
     try:
-        with _FirstRun(type_k, type_v) as first:
+        with FirstRunNotice(type_k, type_v) as first:
             llm = Llama(model_path, n_ctx=ctx_size, n_batch=batch_size, n_threads=threads, n_gpu_layers=n_gpu_layers,
                         type_k=type_k, type_v=type_v)
             first.warm_up(llm)
@@ -739,7 +459,7 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
             click.echo()
             lines = perplexity_summary(result)
     except (PerplexityError, GGUFError, ModelError, TokenizerError, BackendUnavailableError, ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     for line in lines:
         click.echo(line)
     seconds = time.perf_counter() - t0
@@ -761,7 +481,7 @@ def perplexity(model_path, text_file, ctx_size, batch_size, threads, n_gpu_layer
 @click.option("-a", "--alias", help="Model name the API reports (default: the file name).")
 @click.option("--chat-template", "chat_template", help="Built-in chat template (llama-2, chatml) instead of the file's.")
 @click.option("--max-queue", default=256, show_default=True, help="Requests that may wait for a slot; more are answered 503.")
-@_kv_options
+@kv_options
 def serve(model_path, host, port, ctx_size, batch_size, n_parallel, cont_batching, n_gpu_layers, threads, api_key, alias,
           chat_template, max_queue, type_k, type_v) -> None:
     """OpenAI-compatible HTTP server (llama-server's flags and endpoints). Needs pip install "pyggml[server]"."""
@@ -772,9 +492,9 @@ def serve(model_path, host, port, ctx_size, batch_size, n_parallel, cont_batchin
         from .server.main import ServerSettings
         from .server.main import serve as run_server
     except ImportError as e:
-        _fail(f"pyggml serve needs the server extra: pip install \"pyggml[server]\" ({e})")
+        fail(f"pyggml serve needs the server extra: pip install \"pyggml[server]\" ({e})")
     run_server(ServerSettings(model_path=model_path, host=host, port=port, n_ctx=ctx_size, n_batch=batch_size,
-                              n_parallel=n_parallel, n_gpu_layers=_gpu_layers(n_gpu_layers), n_threads=threads,
+                              n_parallel=n_parallel, n_gpu_layers=gpu_layers(n_gpu_layers), n_threads=threads,
                               api_key=api_key, alias=alias, max_queue=max_queue, cont_batching=cont_batching,
                               chat_format=chat_template, type_k=type_k, type_v=type_v))
 

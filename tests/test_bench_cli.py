@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from pyggml.bench import RECORD_FIELDS
-from pyggml.cli import FIRST_RUN_NOTICE, _FirstRun, main
+from pyggml.cli import main
+from pyggml.console import FIRST_RUN_NOTICE, FirstRunNotice
 
 PYGGML = [sys.executable, "-m", "pyggml"]
 
@@ -94,7 +95,7 @@ def test_first_run_notice_once_then_compiles_before_output(model, monkeypatch):
     from pyggml.kernels import jitcache
 
     monkeypatch.setattr(jitcache, "kernels_cold", lambda: True)
-    monkeypatch.setattr(_FirstRun, "shown", False)
+    monkeypatch.setattr(FirstRunNotice, "shown", False)
     r = CliRunner().invoke(main, ["bench", "-m", model, "-m", model, "-p", "8", "-n", "0", "-r", "1"])
     assert r.exit_code == 0, r.output
     assert r.output.count(FIRST_RUN_NOTICE) == 1
