@@ -17,7 +17,7 @@ from numba import njit, prange
 
 from pyggml.bench import measure_read_bandwidth
 from pyggml.gguf.constants import GGMLType
-from pyggml.kernels import cpu, simd
+from pyggml.kernels import cpu, packed, simd
 from pyggml.synthetic import random_block_rows
 from pyggml.tensor import KERNEL_TYPE_CODES, QWeight
 
@@ -25,7 +25,7 @@ TOTAL_BYTES, ROUNDS = 512 << 20, 8  # weights cycled through: several times any 
 
 
 def int8_product(prefetch: int):
-    kernel = simd.packed_kernel({t: 1 for t in cpu.PACKED_TOKENS}, prefetch)
+    kernel = packed.packed_kernel({t: 1 for t in cpu.PACKED_TOKENS}, prefetch)
 
     @njit(parallel=True)
     def product(code, pw, xq, xd, xc, xs, out, table):  # the packed products' decode loop

@@ -26,7 +26,8 @@ from .jitcache import per_type
 from .vmath import exp_f32, quantize_block32
 from .f16tile import matmul_bf16_tiled, matmul_f16_tiled
 from .kvattn import attention_seqs, kv_write  # noqa: F401  (the backend's KV ops)
-from .simd import HAS_AVX2, HAS_F16_VECTOR, INT8_PREFETCH, int8_intrinsic, PACK_ROWS, PACKED_LAYOUTS, dot_f16, load_u32, packed_kernel, row_kernel
+from .packed import PACK_ROWS, PACKED_LAYOUTS, packed_kernel
+from .simd import HAS_AVX2, HAS_F16_VECTOR, INT8_PREFETCH, int8_intrinsic, dot_f16, load_u32, row_kernel
 
 _CODES = KERNEL_TYPE_CODES
 SUPPORTED_TYPES = frozenset(_CODES)  # every computable type: decoders.py decodes each of them
@@ -54,7 +55,7 @@ def _quantize_activations(x, xq, xd, xc, xs):
 # ---------------------------------------------------- fused matrix x (batch of) vectors
 # out[t, r] = dot(W[r], x[t]).
 # Q4_0 / Q5_0 / Q8_0 are multiplied from a copy packed in groups of 8 rows (pack_int8, layout in
-# simd.py): one kernel call computes a group's 8 rows for PACKED_TOKENS tokens, decoding each
+# packed.py): one kernel call computes a group's 8 rows for PACKED_TOKENS tokens, decoding each
 # superblock once for all of them. One token (decode): each thread streams the groups of its tasks
 # of ROWS_PER_TASK rows. A batch (prompt): each thread takes one contiguous range of groups and
 # sweeps the activations in column panels of about PANEL_BYTES, which stay in L2 while every group
@@ -116,7 +117,7 @@ def _every_fourth_bit(v):
 @njit(parallel=True, cache=True)
 def _pack(raw, row_bytes, bb, lead, qs, vectors, qh_at, out):
     """raw: the stored rows, flat uint8 -> out (rows // 8, row bytes * 8 / 4): uint32 words of
-    simd.py's packed layout (every field of a superblock starts at a multiple of 4 bytes). bb: block
+    packed.py's layout (every field of a superblock starts at a multiple of 4 bytes). bb: block
     bytes; lead: the codes' offset in a stored block; qs: theirs in a superblock, in words; vectors:
     32-byte code vectors per superblock; qh_at: where Q5_0's 5th bits go, in words (-1: no such field)."""
     sb = bb * PACK_ROWS // 4  # words per superblock
@@ -143,7 +144,7 @@ def _pack(raw, row_bytes, bb, lead, qs, vectors, qh_at, out):
 
 def pack_int8(w: QWeight) -> np.ndarray:
     """The first rows // 8 * 8 rows of a Q4_0 / Q5_0 / Q8_0 weight in the packed layout of
-    kernels/simd.py: (rows // 8, 8 x row bytes) uint8. The rows past the last full group stay in
+    kernels/packed.py: (rows // 8, 8 x row bytes) uint8. The rows past the last full group stay in
     w.raw only."""
     raw = _bytes2d(w.raw)
     out = np.empty((w.rows // PACK_ROWS, raw.shape[1] * PACK_ROWS // 4), np.uint32)
@@ -154,7 +155,7 @@ def pack_int8(w: QWeight) -> np.ndarray:
 
 
 def pack(w: QWeight) -> np.ndarray:
-    """The packed copy the products of an INT8_ACTIVATION_TYPES weight read (simd.py's or kpack.py's layout)."""
+    """The packed copy the products of an INT8_ACTIVATION_TYPES weight read (packed.py's or kpack.py's layout)."""
     if w.ggml_type in K_PACKED_TYPES:
         return pack_k(_bytes2d(w.raw), w.ggml_type, w.rows, w.cols)
     if w.ggml_type in PACKED_LAYOUTS:
@@ -266,7 +267,7 @@ def _decoded_product(code: int):
     return per_type(kernel)
 
 
-# Weights that multiply int8-block activations from a packed copy: simd.py's layouts and kpack.py's.
+# Weights that multiply int8-block activations from a packed copy: packed.py's layouts and kpack.py's.
 INT8_ACTIVATION_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0)) | K_PACKED_TYPES
 # Float weights whose products read the stored rows directly (a copy in anonymous memory: backends.py).
 STREAMED_FLOAT_TYPES = frozenset((GGMLType.F16, GGMLType.BF16))

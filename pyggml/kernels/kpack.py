@@ -1,6 +1,6 @@
 """Packed int8-activation products of the newer weight types: Q4_1, Q5_1, Q2_K-Q6_K, IQ4_NL, IQ4_XS.
 
-The same scheme as simd.py's Q4_0 / Q5_0 / Q8_0 products (read that module first): at load (kpacker.py) a
+The same scheme as packed.py's Q4_0 / Q5_0 / Q8_0 products (read that module first): at load (kpacker.py) a
 weight is copied into groups of 8 rows, each 32-weight block of the 8 rows side by side, so one
 32-byte vector holds four codes of each of the 8 rows and the sums stay apart by row (lane r). The
 activations are the same int8 blocks of 32 (scale d_x, and xc = d_x * sum of the block's codes).
@@ -21,14 +21,14 @@ What differs by type is how a block's codes and its per-row scales are stored:
 (the "- " types have one block per super-block). The 4 low bits of the codes are stored as Q4_0's
 are (4 x 32 bytes; in the m-th 32, byte 4r + e: row r's elements 4m + e (low nibble) and 4m + 16 + e
 (high)); 2-bit codes in 2 x 32 bytes (vector v, byte 4r + e, bits 2j: element 4(4v + j) + e); Q5's
-5th and Q3_K's 3rd bits as simd.py's packed Q5_0 (byte 4r + e, bit k: element 4k + e); Q6_K's 2 high
+5th and Q3_K's 3rd bits as packed.py's Q5_0 (byte 4r + e, bit k: element 4k + e); Q6_K's 2 high
 bits in two 32-byte vectors (vector h, byte 4r + e, bits 2k, 2k + 1: element 4(4h + k) + e).
 
 A block's product for 8 rows is then  acc += float(isum) * (s * d_x) + bias * xc,  with isum the
 integer dot of the codes and the activation codes, s the per-row scale and bias the per-row offset
 (Q4_1/Q5_1: m; Q4_K/Q5_K: -dmin*m), all exact in float32 as ggml forms them (d*sc of an fp16 and a
 6-bit integer is exact). Q6_K, Q3_K and the IQ4 types have signed codes (q - 32, q - 4, T[q]) and
-take simd.py's |q| * (x * sign(q)) route; the two 16-weight halves of Q6_K, Q3_K and Q2_K are
+take packed.py's |q| * (x * sign(q)) route; the two 16-weight halves of Q6_K, Q3_K and Q2_K are
 weighted by their scales in the integer sums (vpmaddwd with the scales instead of ones, or a vector
 multiply after vpdpbusd); Q2_K's mins per half, and with VNNI the offsets of Q6_K and Q3_K (whose codes
 then stay unsigned), take the sums of the activation codes of each half, made once per token with the
@@ -42,9 +42,9 @@ from numba.core import cgutils
 from ..gguf.constants import QK, TYPE_TRAITS, GGMLType
 from ..quant.kquants import IQ4NL_VALUES
 from ..tensor import KERNEL_TYPE_CODES
+from .packed import PackedCall, grouped_pair_sums
 from .simd import (_CONTRACT, _F32, _FEATURES, _I8, _I16, _I32, _I64, HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, SIMD_LEVEL,
-                   PackedCall, _abs_i8, _dot4, grouped_pair_sums, _load_f16x8, _load_vec, _madd_ones, _prefetch, _sign_i8, _splat,
-                   _splat_value, _vec, _x86)
+                   _abs_i8, _dot4, _load_f16x8, _load_vec, _madd_ones, _prefetch, _sign_i8, _splat, _splat_value, _vec, _x86)
 
 _CODES_BYTES = 4 * 32  # the low 4 bits of a block of 8 rows
 
@@ -56,7 +56,7 @@ class KLayout:
     [, dmin[8]]); meta: bytes of per-block scales at each block's start; low_bits: bits of each code
     in the low-bit vectors (4: Q4_0's nibble order, 128 bytes; 2: 64 bytes, vector v byte 4r + e bits
     2j, 2j + 1: element 4(4v + j) + e); high_bits: bits above them (Q5, Q3_K: 1, in 32 bytes as
-    simd.py's packed Q5_0 qh; Q6_K: 2, in 64 bytes); offset: subtracted from a code (signed codes);
+    packed.py's Q5_0 qh; Q6_K: 2, in 64 bytes); offset: subtracted from a code (signed codes);
     table: codes index IQ4NL_VALUES; affine: x = s*q + bias per block; k_scales: the block scale is
     the super-block's d times a small integer; half_scales: integer scales per 16 weights inside the
     row sums; half_mins: Q2_K's mins per 16 weights; d_at: where a stored super-block keeps its d."""
@@ -355,7 +355,7 @@ def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetc
 
 
 def kpacked_emitters(tokens: dict, prefetch: int = 0, width: int = 1) -> tuple:
-    """(type code, emit) pairs for simd.packed_kernel's `more`: the products of a weight packed by
+    """(type code, emit) pairs for packed.packed_kernel's `more`: the products of a weight packed by
     `kpacker.pack_k`, with packed_kernel's arguments and meaning; tokens: tokens per call by type; width 2:
     row groups g and g + 1 at once in 512-bit vectors (PAIRS only)."""
     return tuple((KERNEL_TYPE_CODES[t], lambda c, b, sig, args, lay=lay, n=tokens[t]:

@@ -10,7 +10,7 @@ from numba import njit, prange
 from ..gguf.constants import GGMLType
 from ..tensor import KERNEL_TYPE_CODES
 from .kpack import K_LAYOUTS
-from .simd import PACK_ROWS
+from .packed import PACK_ROWS
 
 _T = GGMLType
 
