@@ -181,7 +181,8 @@ def make_backends(gguf: GGUFFile, config: LlamaConfig, n_gpu_layers: int, n_thre
     if n_gpu_layers == 0:
         return [cpu] * n_layers, cpu
     try:
-        from .cuda.backend import CUDABackend, check_fits
+        from .cuda.backend import CUDABackend
+        from .cuda.plan import check_fits
         gpu = CUDABackend()
     except ImportError as e:
         warnings.warn(f"n_gpu_layers={n_gpu_layers} ignored, running on the CPU: the GPU backend needs cupy "

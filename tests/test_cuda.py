@@ -354,7 +354,7 @@ def test_decode_attention_kernel_reads_stored_rows(gpu, tk, tv, hd, n, one_range
     in `staged` as floats, which the kernel encodes (the first head of each KV group's block stores
     the row, bit-exact against KVType.encode) and attends to decoded. 1 to 5 key ranges; one_range:
     a single range of all the keys, so that position n-1 falls in a warp's later batch."""
-    from pyggml.cuda.backend import ATT_SPLITS, ATT_THREADS, NO_INT8, attn_per_lane, attn_splits
+    from pyggml.cuda.module import ATT_SPLITS, ATT_THREADS, NO_INT8, attn_per_lane, attn_splits
 
     if hd % 32 and (KV_TYPES[tk].quantized or KV_TYPES[tv].quantized):
         pytest.skip("blocks of 32")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyggml.cuda.backend import WIDE_UNROLL, _generated_constants
+from pyggml.cuda.module import WIDE_UNROLL, generated_constants
 from pyggml.gguf.constants import GGMLType
 from pyggml.kernels import cpu, reference as ref
 from pyggml.quant.registry import KERNEL_TYPE_CODES
@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
 def emulator(tmp_path_factory):
     src = (REPO / "pyggml" / "cuda" / "kernels.cu").read_text()
     wide = src[src.index("// 4-bit indices (one per byte of q"):src.index("// The general path")]
-    consts = _generated_constants().replace("__device__ __constant__ __align__(16)", "alignas(16)")
+    consts = generated_constants().replace("__device__ __constant__ __align__(16)", "alignas(16)")
     cases = "\n".join(f"    case T_{t.name}: run<T_{t.name}>(w, rows, cols, ld, x, o); break;" for t in WIDE_UNROLL)
     d = tmp_path_factory.mktemp("emu")
     (d / "emu.cpp").write_text('#include "cuda_shim.h"\n' + consts + wide + DRIVER % cases)

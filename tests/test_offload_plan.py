@@ -5,7 +5,8 @@ import pytest
 
 from pyggml import Llama
 from pyggml.backends import BackendUnavailableError
-from pyggml.cuda.backend import ATT_SPLITS, GPUMemoryError, attn_splits, check_fits, plan_offload
+from pyggml.cuda.module import ATT_SPLITS, attn_splits
+from pyggml.cuda.plan import GPUMemoryError, check_fits, plan_offload
 from pyggml.gguf import GGMLType, GGUFFile
 from pyggml.model import LlamaConfig
 from pyggml.model.kvtypes import kv_type

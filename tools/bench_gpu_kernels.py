@@ -15,8 +15,8 @@ import cupy as cp
 import numpy as np
 
 from pyggml.bench import measure_device_copy_bandwidth
-from pyggml.cuda.backend import (ADD_WARPS, CHUNK_TYPES, MODE_ADD, MODE_SILU, MODE_STORE, NO_FOLD, PATH_CHUNK, PATH_GROUP,
-                                 TYPE_CODES, WARPS, Arranged)
+from pyggml.cuda.module import (ADD_WARPS, CHUNK_TYPES, MODE_ADD, MODE_SILU, MODE_STORE, NO_FOLD, PATH_CHUNK, PATH_GROUP,
+                                TYPE_CODES, WARPS, Arranged)
 from pyggml.gguf.constants import GGMLType
 from pyggml.synthetic import random_block_rows
 

@@ -13,7 +13,7 @@
 - The KV cache stores its rows as the cache's KV types (model/kvtypes.py: f32, f16, q8_0, q4_0):
   every attention kernel reads the stored rows and decodes them in registers; writes encode with
   ggml's rounding (kv_write, and in the decode step the QKV product and attn_partial). The
-  attention kernels of a (key type, value type) pair are compiled on first use (_attn_module).
+  attention kernels of a (key type, value type) pair are compiled on first use (attn_module).
 """
 from __future__ import annotations
 
@@ -21,289 +21,24 @@ import ctypes
 import logging
 import math
 import sys
-from dataclasses import dataclass
-from importlib import resources
 from typing import Sequence
 
 import numpy as np
 
-from ..backends import BackendUnavailableError
-from ..gguf.constants import GGMLType, TensorNames
+from ..gguf.constants import GGMLType
 from ..model.archs import BLOCK_EXTRAS
 from ..model.kvtypes import KV_TYPES, KVType, kv_type
-from ..model.kvtypes import cuda_defines as kv_cuda_defines
-from ..quant.registry import cuda_type_defines
-from ..tensor import KERNEL_TYPE_CODES, QWeight
+from ..tensor import QWeight
+from .module import (ADD_WARPS, ATT_MAX_HEAD_DIM, ATT_SPLITS, ATT_THREADS, CHUNK_TYPES, FLOAT_VECTOR_TYPES, INT8_INPUT_TYPES,
+                     MODE_ADD, MODE_QKV, MODE_SILU, MODE_STORE, NO_ARRANGED, NO_FOLD, NO_INT8, PATH_ANY, PATH_CHUNK, PATH_GROUP,
+                     PATH_WIDE, PROMPT_KEYS, PROMPT_QUERIES, PROMPT_THREADS, SUPPORTED_TYPES, TYPE_CODES, UNROLL, WARPS,
+                     WIDE_UNROLL, Arranged, Int8Input, ProgrammaticLauncher, attn_kernel_names, attn_module, kernel_names,
+                     compiled_module, dev_ptr, attn_per_lane, attn_splits, chunk_unroll, k_split)
 
 log = logging.getLogger(__name__)
 
-TYPE_CODES = KERNEL_TYPE_CODES  # the T of kernels.cu's templates
-SUPPORTED_TYPES = frozenset(TYPE_CODES)
-INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q2_K,
-                              GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL,
-                              GGMLType.IQ4_XS})  # multiply int8 activations
-FLOAT_VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # 8-wide loads when cols % 8 == 0
-CHUNK_TYPES = {GGMLType.Q4_0: 18, GGMLType.Q8_0: 34}  # 16-byte loads over activations laid out like the blocks
-MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
-PATH_GROUP, PATH_CHUNK, PATH_ANY, PATH_WIDE = 0, 1, 2, 3
-UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
-# The wide path (kernels.cu, dot_rows_wide): units of 32 weights a lane, this many in flight.
-WIDE_UNROLL = {t: 2 for t in INT8_INPUT_TYPES - {GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0}}
-CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
-# ADD products run one 16-warp block per SM (kernels.cu), so registers cost them no occupancy: Q4_0's
-# take 3 chunks in flight (7B q4_0 graph replay 1767 -> 1746 us per token; 4: 1748)
-ADD_CHUNK_UNROLL = {GGMLType.Q4_0: 3, GGMLType.Q8_0: 3}
-
-
-def chunk_unroll(t: GGMLType, mode: int) -> int:
-    """Chunks in flight per lane of a chunked product: what _kernel_names compiles and _mmv launches."""
-    return (ADD_CHUNK_UNROLL if mode == MODE_ADD else CHUNK_UNROLL)[t]
-
-
-K_SPLITS = {PATH_GROUP: (1, 4), PATH_CHUNK: (1,), PATH_WIDE: (1,)}  # the warps per row pair k_split can choose, per path (ADD: 1)
-
-
-def k_split(path: int, pairs: int) -> int:
-    """Warps per row pair, measured on an H200 (whole decode steps, 7B shapes): splitting the columns
-    of matrices with few rows helps the group path (Q5_0's 2-byte loads, the float types), not the
-    chunked one (Q4_0, Q8_0: 1 beat 2 and 4 for Q8_0 by 1%). ADD products always take 1 (_mmv):
-    for f16, one warp per pair with the next RMSNorm folded beat 4 warps and its own RMSNorm kernel,
-    3574 against 3735 us per token."""
-    if path == PATH_GROUP and pairs <= 2048:
-        return 4
-    return 1
-WARPS = 8  # warps (row pairs) per block of the matvec ...
-ADD_WARPS = 16  # ... but 16 for an ADD product with one warp per pair (kernels.cu): one 32-row group
-ATT_SPLITS = 16  # decode attention: at most this many key ranges per head (kernels.cu, attn_partial)
-ATT_THREADS = 512  # attn_partial's block (kernels.cu, ATT_WARPS)
-ATT_MAX_HEAD_DIM = 256  # attn_partial's and attn_seqs' per-warp outputs in shared memory (kernels.cu, sacc)
-PROMPT_QUERIES, PROMPT_KEYS, PROMPT_THREADS = 32, 32, 128  # attn_prompt's tile (kernels.cu, PQ_*)
 SHARED_DEFAULT = 48 << 10  # dynamic shared memory a kernel gets without opting in
-MARGIN = 512 << 20  # GPU memory left free for cuBLAS workspaces, cupy's pool and the driver
 CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
-
-
-def attn_splits(n_heads: int, sms: int) -> int:
-    """Key ranges per head the decode attention may cut the keys into: at most ATT_SPLITS (its
-    grid's y), and few enough that the blocks in use (one per SM) run in one wave (kernels.cu,
-    attn_ranges)."""
-    return max(1, min(ATT_SPLITS, sms // n_heads))
-
-
-def attn_per_lane(head_dim: int) -> int:
-    """attn_partial's PER: dimensions per lane, head_dim / 32 rounded up to a power of two."""
-    return 1 << max(0, math.ceil(math.log2(max(1, head_dim) / 32)))
-
-
-class GPUMemoryError(BackendUnavailableError):
-    """The layers asked for do not fit in the GPU's free memory."""
-
-
-# ---------------------------------------------------------------------------- memory plan
-@dataclass(frozen=True)
-class OffloadPlan:
-    """GPU memory needed by a placement, worked out from the file before anything is uploaded."""
-
-    n_gpu_layers: int
-    head_on_gpu: bool
-    weight_bytes: int
-    kv_bytes: int
-    scratch_bytes: int
-
-    @property
-    def total(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.scratch_bytes
-
-
-def plan_offload(gguf, config, n_gpu: int, n_ctx: int, n_batch: int,
-                 kv_types: tuple[KVType, KVType] | None = None) -> OffloadPlan:
-    """Bytes on the GPU for the last `n_gpu` layers (and the head when n_gpu == all), with a KV cache
-    of types kv_types = (type_k, type_v) (None: the default, f16 for both)."""
-    cfg = config
-    tk, tv = (kv_type(None), kv_type(None)) if kv_types is None else (kv_type(kv_types[0]), kv_type(kv_types[1]))
-    head = n_gpu == cfg.n_layers
-    on_gpu = tuple(f"blk.{i}." for i in range(cfg.n_layers - n_gpu, cfg.n_layers))
-    weights = sum(info.nbytes for name, info in gguf.tensors.items() if name.startswith(on_gpu))
-    matrices = [info for name, info in gguf.tensors.items() if name.startswith(f"blk.{cfg.n_layers - 1}.") and len(info.shape) == 2]
-    if head:
-        for name in (TensorNames.TOKEN_EMBD, TensorNames.OUTPUT, TensorNames.OUTPUT_NORM):
-            if name in gguf.tensors:
-                weights += gguf.tensors[name].nbytes
-                if name != TensorNames.OUTPUT_NORM:
-                    matrices.append(gguf.tensors[name])
-    kv = n_gpu * n_ctx * cfg.n_kv_heads * (tk.row_bytes(cfg.head_dim) + tv.row_bytes(cfg.head_dim))
-    # prompt batches: the largest matrix as fp16, activations of n_batch tokens (attention forms no
-    # score matrix: attn_prompt)
-    largest = max((int(np.prod(m.shape)) for m in matrices), default=0) * 2 if n_gpu else 0
-    acts = n_batch * (4 * cfg.dim + 3 * cfg.ffn_dim) * 4 + n_batch * max(cfg.dim, cfg.ffn_dim) * 2
-    decode = ((4 * max(cfg.dim, cfg.ffn_dim) + cfg.n_vocab + 2 * cfg.kv_dim) * 4
-              + cfg.n_heads * ATT_SPLITS * (cfg.head_dim + 2) * 4)
-    scratch = (largest + acts + decode) if n_gpu else 0
-    return OffloadPlan(n_gpu, head, weights, kv, scratch)
-
-
-def check_fits(gguf, config, n_gpu: int, n_ctx: int, n_batch: int, free: int,
-               kv_types: tuple[KVType, KVType] | None = None) -> OffloadPlan:
-    """The plan for n_gpu layers, or GPUMemoryError naming how many layers would fit."""
-    plan = plan_offload(gguf, config, n_gpu, n_ctx, n_batch, kv_types)
-    log.info("GPU memory needed for %d layers%s: %.2f GiB (weights %.2f, KV cache %.2f, scratch %.2f); %.2f GiB free",
-             n_gpu, " and the head" if plan.head_on_gpu else "", plan.total / 2**30, plan.weight_bytes / 2**30,
-             plan.kv_bytes / 2**30, plan.scratch_bytes / 2**30, free / 2**30)
-    if plan.total + MARGIN <= free:
-        return plan
-    fits = max((n for n in range(n_gpu) if plan_offload(gguf, config, n, n_ctx, n_batch, kv_types).total + MARGIN <= free),
-               default=0)
-    raise GPUMemoryError(
-        f"{gguf.path}: {n_gpu} layers on the GPU need {plan.total / 2**30:.2f} GiB (weights {plan.weight_bytes / 2**30:.2f}, "
-        f"KV cache for {n_ctx} tokens {plan.kv_bytes / 2**30:.2f}, scratch {plan.scratch_bytes / 2**30:.2f}) but only "
-        f"{(free - MARGIN) / 2**30:.2f} GiB is free; try --n-gpu-layers {fits}" + (" or a smaller context" if fits else ""))
-
-
-# -------------------------------------------------------------------------------- kernels
-_MODULE = None
-
-
-ATT_PER = (1, 2, 4, 8)  # the attention kernels' dimensions per lane (attn_per_lane): head_dim <= 256
-
-
-def _kernel_names() -> list[str]:
-    names = [f"kv_write<{t.code}>" for t in KV_TYPES.values()]
-    for t, code in TYPE_CODES.items():
-        names += [f"get_rows<{code}>", f"dequant_f16<{code}>"]
-        for mode in (MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV):
-            names.append(f"mmv<{code}, {mode}, 1, {PATH_ANY}, 1>")
-            if t in UNROLL:
-                names += [f"mmv<{code}, {mode}, {UNROLL[t]}, {PATH_GROUP}, {ks}>" for ks in K_SPLITS[PATH_GROUP]
-                          if ks == 1 or mode != MODE_ADD]
-            if t in CHUNK_TYPES:
-                names += [f"mmv<{code}, {mode}, {chunk_unroll(t, mode)}, {PATH_CHUNK}, {ks}>" for ks in K_SPLITS[PATH_CHUNK]]
-            if t in WIDE_UNROLL:
-                names += [f"mmv<{code}, {mode}, {WIDE_UNROLL[t]}, {PATH_WIDE}, {ks}>" for ks in K_SPLITS[PATH_WIDE]]
-    return names
-
-
-def _attn_kernel_names(tk: KVType, tv: KVType) -> list[str]:
-    """The attention kernels reading keys stored as tk and values as tv, for every ATT_PER."""
-    return [f"{k}<{per}, {tk.code}, {tv.code}>" for k in ("attn_partial", "attn_seqs", "attn_prompt") for per in ATT_PER]
-
-
-def _generated_constants() -> str:
-    """What kernels.cu takes from Python: the weight and KV type codes and the IQ4_NL value table."""
-    from ..quant.kquants import IQ4NL_VALUES
-
-    table = ", ".join(str(int(v)) for v in IQ4NL_VALUES)
-    return (cuda_type_defines() + kv_cuda_defines()
-            + f"__device__ __constant__ __align__(16) signed char IQ4NL_VALUES[16] = {{{table}}};\n")
-
-
-def _compile(names: list[str]):
-    import cupy as cp
-
-    src = resources.files(__package__).joinpath("kernels.cu").read_text()
-    return cp.RawModule(code=_generated_constants() + src, options=("-std=c++17",), name_expressions=names)
-
-
-def _module():
-    """kernels.cu compiled for this GPU (cupy keeps the binary in its on-disk kernel cache)."""
-    global _MODULE
-    if _MODULE is None:
-        _MODULE = _compile(_kernel_names())
-    return _MODULE
-
-
-_ATTN_MODULES: dict[tuple[int, int], object] = {}
-
-
-def _attn_module(tk: KVType, tv: KVType):
-    """kernels.cu compiled with the attention kernels of one (key type, value type) pair only: 16 pairs
-    times 3 kernels times 4 head sizes would make every first start compile 192 kernels."""
-    key = (tk.code, tv.code)
-    if key not in _ATTN_MODULES:
-        _ATTN_MODULES[key] = _compile(_attn_kernel_names(tk, tv))
-    return _ATTN_MODULES[key]
-
-
-def _ptr(a) -> np.uint64:
-    return np.uint64(0 if a is None else a.data.ptr)
-
-
-class Arranged:
-    """An input's int8 values laid out like Q4_0 (two planes) and Q8_0 weight rows, zero under the
-    scales: what the chunked products read (kernels.cu, dot_rows_chunk). Zeroed once; producers
-    write only the value positions."""
-
-    def __init__(self, cp, width: int):
-        blocks = (width + 31) // 32
-        self.plane = 16 * ((18 * blocks + 15) // 16)
-        self.a4 = cp.zeros(2 * self.plane, np.uint8)
-        self.a8 = cp.zeros(16 * ((34 * blocks + 15) // 16), np.uint8)
-
-    def args(self) -> tuple:
-        """What the producers take: both layouts."""
-        return (_ptr(self.a4), np.int64(self.plane), _ptr(self.a8))
-
-    def args_for(self, t: GGMLType) -> tuple:
-        """What a chunked product of type t reads: its layout and the plane stride."""
-        return (_ptr(self.a4), np.int64(self.plane)) if t is GGMLType.Q4_0 else (_ptr(self.a8), np.int64(0))
-
-
-NO_ARRANGED = (np.uint64(0), np.int64(0), np.uint64(0))
-
-
-# ------------------------------------------------------------- programmatic dependent launch
-CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: a 4-byte id, then an 8-aligned 64-byte value
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int * 16)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
-
-
-class ProgrammaticLauncher:
-    """Launches a kernel through the driver's cuLaunchKernelEx with programmatic stream
-    serialization: it may start while the kernel before it on the stream still runs, and waits for
-    that kernel's results itself (pdl_wait in kernels.cu). Captured into a graph, this becomes a
-    programmatic edge, which hides most of the gap between the decode step's ~290 small kernels."""
-
-    def __init__(self):
-        self.cuda = ctypes.CDLL("libcuda.so.1")
-        self.cuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                                               ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-        self.attr = _LaunchAttribute(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
-        self.attr.value[0] = 1
-
-    def __call__(self, fn, grid: tuple, block: tuple, args: tuple, stream_ptr: int) -> None:
-        values = [np.asarray(np.uint64(a.data.ptr) if hasattr(a, "data") and hasattr(a.data, "ptr") else a) for a in args]
-        params = (ctypes.c_void_p * len(values))(*[v.ctypes.data for v in values])
-        grid3, block3 = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
-        config = _LaunchConfig((ctypes.c_uint * 3)(*grid3), (ctypes.c_uint * 3)(*block3), 0, stream_ptr,
-                               ctypes.pointer(self.attr), 1)
-        status = self.cuda.cuLaunchKernelEx(ctypes.byref(config), fn.kernel.ptr, params, None)
-        if status != 0:
-            name = ctypes.c_char_p()
-            self.cuda.cuGetErrorName(status, ctypes.byref(name))
-            raise RuntimeError(f"cuLaunchKernelEx failed: {name.value.decode() if name.value else status}")
-
-
-class Int8Input:
-    """An input's int8 blocks for the next product: values, scales, and the arranged copies."""
-
-    def __init__(self, cp, width: int):
-        self.q = cp.zeros(width, np.int8)
-        self.d = cp.zeros(width // 32 + 1, np.float32)
-        self.arranged = Arranged(cp, width)
-
-    def args(self) -> tuple:
-        """What a producer writes: q, d and both arranged layouts."""
-        return (_ptr(self.q), _ptr(self.d), *self.arranged.args())
-
-
-NO_INT8 = (np.uint64(0), np.uint64(0), *NO_ARRANGED)
-NO_FOLD = (np.uint64(0), np.uint64(0), *NO_INT8, np.uint64(0))
 
 
 class _Workspace:
@@ -350,8 +85,8 @@ class CUDABackend:
         self.cp = cp
         self.device = cp.cuda.Device(device)
         self.device.use()
-        self.mod = _module()
-        self.fn = {n: self.mod.get_function(n) for n in _kernel_names()}
+        self.mod = compiled_module()
+        self.fn = {n: self.mod.get_function(n) for n in kernel_names()}
         for n in ("quantize_q8", "rmsnorm", "rmsnorm_row", "rope", "silu_mul", "qk_norm_rope"):
             self.fn[n] = self.mod.get_function(n)
         self.stream = cp.cuda.Stream(non_blocking=True)  # decode graphs are captured and replayed here
@@ -456,8 +191,8 @@ class CUDABackend:
         name = f"{kind}<{per}, {tk.code}, {tv.code}>"
         fn = self.fn.get(name)
         if fn is None:
-            mod = _attn_module(tk, tv)
-            for n in _attn_kernel_names(tk, tv):
+            mod = attn_module(tk, tv)
+            for n in attn_kernel_names(tk, tv):
                 self.fn[n] = mod.get_function(n)
             fn = self.fn[name]
         return name, fn
@@ -502,18 +237,18 @@ class CUDABackend:
         name = f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>"
         per_block = warps // ks
         self._call(name, ((pairs + per_block - 1) // per_block,), (32 * warps,),
-                   (_ptr(w.raw), _ptr(w1.raw if w1 is not None else None), _ptr(w2.raw if w2 is not None else None),
+                   (dev_ptr(w.raw), dev_ptr(w1.raw if w1 is not None else None), dev_ptr(w2.raw if w2 is not None else None),
                     np.int64(ld), np.int32(n0), np.int32(n1), np.int32(cols), np.int32(rb), np.int32(re),
-                    _ptr(xq), _ptr(xd), _ptr(xf), *(xa.args_for(t) if path == PATH_CHUNK else NO_ARRANGED[:2]),
-                    _ptr(nss), np.float32(eps), _ptr(out), _ptr(kc), _ptr(vc), _ptr(io), _ptr(inv_freq),
-                    np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx), np.int32(kv_codes), _ptr(staged),
-                    _ptr(bias), _ptr(raw_qk), *fold))
+                    dev_ptr(xq), dev_ptr(xd), dev_ptr(xf), *(xa.args_for(t) if path == PATH_CHUNK else NO_ARRANGED[:2]),
+                    dev_ptr(nss), np.float32(eps), dev_ptr(out), dev_ptr(kc), dev_ptr(vc), dev_ptr(io), dev_ptr(inv_freq),
+                    np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx), np.int32(kv_codes), dev_ptr(staged),
+                    dev_ptr(bias), dev_ptr(raw_qk), *fold))
 
     @staticmethod
     def _fold(ws: _Workspace, norm, into: Int8Input | None) -> tuple:
         """mmv's Fold arguments: the RMSNorm of the residual with weight `norm`, deferred, into ws.h
         and ws.ss, and with `into` its int8 blocks."""
-        return (_ptr(norm), _ptr(ws.h), *(into.args() if into else NO_INT8), _ptr(ws.ss))
+        return (dev_ptr(norm), dev_ptr(ws.h), *(into.args() if into else NO_INT8), dev_ptr(ws.ss))
 
     def _quantize(self, x, q, d, xa: Arranged | None = None) -> None:
         n = x.size
@@ -527,7 +262,7 @@ class CUDABackend:
             return
         quant = q is not None and n % 32 == 0
         self._call("rmsnorm_row", ((n + 255) // 256,), (256,),
-                   (x, w, np.float32(eps), np.int32(n), out, _ptr(q if quant else None), _ptr(d if quant else None),
+                   (x, w, np.float32(eps), np.int32(n), out, dev_ptr(q if quant else None), dev_ptr(d if quant else None),
                     *(xa.args() if quant and xa else NO_ARRANGED)))
 
     def _inv_freq_dev(self, inv_freq: np.ndarray):

@@ -1,0 +1,217 @@
+"""kernels.cu as Python sees it: which template instances are compiled (per weight type, KV type pair
+and product path), the launch geometry the kernels were built for, and the helpers that launch them
+(int8 inputs and their arranged copies, programmatic dependent launch)."""
+from __future__ import annotations
+
+import ctypes
+import math
+from importlib import resources
+
+import numpy as np
+
+from ..gguf.constants import GGMLType
+from ..model.kvtypes import KV_TYPES, KVType
+from ..model.kvtypes import cuda_defines as kv_cuda_defines
+from ..quant.registry import cuda_type_defines
+from ..tensor import KERNEL_TYPE_CODES
+
+TYPE_CODES = KERNEL_TYPE_CODES  # the T of kernels.cu's templates
+SUPPORTED_TYPES = frozenset(TYPE_CODES)
+INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q2_K,
+                              GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL,
+                              GGMLType.IQ4_XS})  # multiply int8 activations
+FLOAT_VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # 8-wide loads when cols % 8 == 0
+CHUNK_TYPES = {GGMLType.Q4_0: 18, GGMLType.Q8_0: 34}  # 16-byte loads over activations laid out like the blocks
+MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
+PATH_GROUP, PATH_CHUNK, PATH_ANY, PATH_WIDE = 0, 1, 2, 3
+UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
+# The wide path (kernels.cu, dot_rows_wide): units of 32 weights a lane, this many in flight.
+WIDE_UNROLL = {t: 2 for t in INT8_INPUT_TYPES - {GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0}}
+CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
+# ADD products run one 16-warp block per SM (kernels.cu), so registers cost them no occupancy: Q4_0's
+# take 3 chunks in flight (7B q4_0 graph replay 1767 -> 1746 us per token; 4: 1748)
+ADD_CHUNK_UNROLL = {GGMLType.Q4_0: 3, GGMLType.Q8_0: 3}
+
+
+def chunk_unroll(t: GGMLType, mode: int) -> int:
+    """Chunks in flight per lane of a chunked product: what kernel_names compiles and _mmv launches."""
+    return (ADD_CHUNK_UNROLL if mode == MODE_ADD else CHUNK_UNROLL)[t]
+
+
+K_SPLITS = {PATH_GROUP: (1, 4), PATH_CHUNK: (1,), PATH_WIDE: (1,)}  # the warps per row pair k_split can choose, per path (ADD: 1)
+
+
+def k_split(path: int, pairs: int) -> int:
+    """Warps per row pair, measured on an H200 (whole decode steps, 7B shapes): splitting the columns
+    of matrices with few rows helps the group path (Q5_0's 2-byte loads, the float types), not the
+    chunked one (Q4_0, Q8_0: 1 beat 2 and 4 for Q8_0 by 1%). ADD products always take 1 (_mmv):
+    for f16, one warp per pair with the next RMSNorm folded beat 4 warps and its own RMSNorm kernel,
+    3574 against 3735 us per token."""
+    if path == PATH_GROUP and pairs <= 2048:
+        return 4
+    return 1
+WARPS = 8  # warps (row pairs) per block of the matvec ...
+ADD_WARPS = 16  # ... but 16 for an ADD product with one warp per pair (kernels.cu): one 32-row group
+ATT_SPLITS = 16  # decode attention: at most this many key ranges per head (kernels.cu, attn_partial)
+ATT_THREADS = 512  # attn_partial's block (kernels.cu, ATT_WARPS)
+ATT_MAX_HEAD_DIM = 256  # attn_partial's and attn_seqs' per-warp outputs in shared memory (kernels.cu, sacc)
+PROMPT_QUERIES, PROMPT_KEYS, PROMPT_THREADS = 32, 32, 128  # attn_prompt's tile (kernels.cu, PQ_*)
+
+
+def attn_splits(n_heads: int, sms: int) -> int:
+    """Key ranges per head the decode attention may cut the keys into: at most ATT_SPLITS (its
+    grid's y), and few enough that the blocks in use (one per SM) run in one wave (kernels.cu,
+    attn_ranges)."""
+    return max(1, min(ATT_SPLITS, sms // n_heads))
+
+
+def attn_per_lane(head_dim: int) -> int:
+    """attn_partial's PER: dimensions per lane, head_dim / 32 rounded up to a power of two."""
+    return 1 << max(0, math.ceil(math.log2(max(1, head_dim) / 32)))
+
+
+# -------------------------------------------------------------------------------- kernels
+_MODULE = None
+
+
+ATT_PER = (1, 2, 4, 8)  # the attention kernels' dimensions per lane (attn_per_lane): head_dim <= 256
+
+
+def kernel_names() -> list[str]:
+    names = [f"kv_write<{t.code}>" for t in KV_TYPES.values()]
+    for t, code in TYPE_CODES.items():
+        names += [f"get_rows<{code}>", f"dequant_f16<{code}>"]
+        for mode in (MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV):
+            names.append(f"mmv<{code}, {mode}, 1, {PATH_ANY}, 1>")
+            if t in UNROLL:
+                names += [f"mmv<{code}, {mode}, {UNROLL[t]}, {PATH_GROUP}, {ks}>" for ks in K_SPLITS[PATH_GROUP]
+                          if ks == 1 or mode != MODE_ADD]
+            if t in CHUNK_TYPES:
+                names += [f"mmv<{code}, {mode}, {chunk_unroll(t, mode)}, {PATH_CHUNK}, {ks}>" for ks in K_SPLITS[PATH_CHUNK]]
+            if t in WIDE_UNROLL:
+                names += [f"mmv<{code}, {mode}, {WIDE_UNROLL[t]}, {PATH_WIDE}, {ks}>" for ks in K_SPLITS[PATH_WIDE]]
+    return names
+
+
+def attn_kernel_names(tk: KVType, tv: KVType) -> list[str]:
+    """The attention kernels reading keys stored as tk and values as tv, for every ATT_PER."""
+    return [f"{k}<{per}, {tk.code}, {tv.code}>" for k in ("attn_partial", "attn_seqs", "attn_prompt") for per in ATT_PER]
+
+
+def generated_constants() -> str:
+    """What kernels.cu takes from Python: the weight and KV type codes and the IQ4_NL value table."""
+    from ..quant.kquants import IQ4NL_VALUES
+
+    table = ", ".join(str(int(v)) for v in IQ4NL_VALUES)
+    return (cuda_type_defines() + kv_cuda_defines()
+            + f"__device__ __constant__ __align__(16) signed char IQ4NL_VALUES[16] = {{{table}}};\n")
+
+
+def _compile(names: list[str]):
+    import cupy as cp
+
+    src = resources.files(__package__).joinpath("kernels.cu").read_text()
+    return cp.RawModule(code=generated_constants() + src, options=("-std=c++17",), name_expressions=names)
+
+
+def compiled_module():
+    """kernels.cu compiled for this GPU (cupy keeps the binary in its on-disk kernel cache)."""
+    global _MODULE
+    if _MODULE is None:
+        _MODULE = _compile(kernel_names())
+    return _MODULE
+
+
+_ATTN_MODULES: dict[tuple[int, int], object] = {}
+
+
+def attn_module(tk: KVType, tv: KVType):
+    """kernels.cu compiled with the attention kernels of one (key type, value type) pair only: 16 pairs
+    times 3 kernels times 4 head sizes would make every first start compile 192 kernels."""
+    key = (tk.code, tv.code)
+    if key not in _ATTN_MODULES:
+        _ATTN_MODULES[key] = _compile(attn_kernel_names(tk, tv))
+    return _ATTN_MODULES[key]
+
+
+def dev_ptr(a) -> np.uint64:
+    return np.uint64(0 if a is None else a.data.ptr)
+
+
+class Arranged:
+    """An input's int8 values laid out like Q4_0 (two planes) and Q8_0 weight rows, zero under the
+    scales: what the chunked products read (kernels.cu, dot_rows_chunk). Zeroed once; producers
+    write only the value positions."""
+
+    def __init__(self, cp, width: int):
+        blocks = (width + 31) // 32
+        self.plane = 16 * ((18 * blocks + 15) // 16)
+        self.a4 = cp.zeros(2 * self.plane, np.uint8)
+        self.a8 = cp.zeros(16 * ((34 * blocks + 15) // 16), np.uint8)
+
+    def args(self) -> tuple:
+        """What the producers take: both layouts."""
+        return (dev_ptr(self.a4), np.int64(self.plane), dev_ptr(self.a8))
+
+    def args_for(self, t: GGMLType) -> tuple:
+        """What a chunked product of type t reads: its layout and the plane stride."""
+        return (dev_ptr(self.a4), np.int64(self.plane)) if t is GGMLType.Q4_0 else (dev_ptr(self.a8), np.int64(0))
+
+
+NO_ARRANGED = (np.uint64(0), np.int64(0), np.uint64(0))
+
+
+# ------------------------------------------------------------- programmatic dependent launch
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: a 4-byte id, then an 8-aligned 64-byte value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
+
+
+class ProgrammaticLauncher:
+    """Launches a kernel through the driver's cuLaunchKernelEx with programmatic stream
+    serialization: it may start while the kernel before it on the stream still runs, and waits for
+    that kernel's results itself (pdl_wait in kernels.cu). Captured into a graph, this becomes a
+    programmatic edge, which hides most of the gap between the decode step's ~290 small kernels."""
+
+    def __init__(self):
+        self.cuda = ctypes.CDLL("libcuda.so.1")
+        self.cuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                               ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        self.attr = _LaunchAttribute(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+        self.attr.value[0] = 1
+
+    def __call__(self, fn, grid: tuple, block: tuple, args: tuple, stream_ptr: int) -> None:
+        values = [np.asarray(np.uint64(a.data.ptr) if hasattr(a, "data") and hasattr(a.data, "ptr") else a) for a in args]
+        params = (ctypes.c_void_p * len(values))(*[v.ctypes.data for v in values])
+        grid3, block3 = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+        config = _LaunchConfig((ctypes.c_uint * 3)(*grid3), (ctypes.c_uint * 3)(*block3), 0, stream_ptr,
+                               ctypes.pointer(self.attr), 1)
+        status = self.cuda.cuLaunchKernelEx(ctypes.byref(config), fn.kernel.ptr, params, None)
+        if status != 0:
+            name = ctypes.c_char_p()
+            self.cuda.cuGetErrorName(status, ctypes.byref(name))
+            raise RuntimeError(f"cuLaunchKernelEx failed: {name.value.decode() if name.value else status}")
+
+
+class Int8Input:
+    """An input's int8 blocks for the next product: values, scales, and the arranged copies."""
+
+    def __init__(self, cp, width: int):
+        self.q = cp.zeros(width, np.int8)
+        self.d = cp.zeros(width // 32 + 1, np.float32)
+        self.arranged = Arranged(cp, width)
+
+    def args(self) -> tuple:
+        """What a producer writes: q, d and both arranged layouts."""
+        return (dev_ptr(self.q), dev_ptr(self.d), *self.arranged.args())
+
+
+NO_INT8 = (np.uint64(0), np.uint64(0), *NO_ARRANGED)
+NO_FOLD = (np.uint64(0), np.uint64(0), *NO_INT8, np.uint64(0))
