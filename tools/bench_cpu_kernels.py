@@ -3,7 +3,9 @@ weight GB/s of a matrix-vector product over TinyLlama-sized matrices (5632 x 204
 512 MiB of them, so that they stream from memory, not from the cache; the variants alternate in one
 run, next to this machine's read bandwidth measured in the same run.
 
-    python tools/bench_cpu_kernels.py [-t THREADS] [--prefetch 0,1024,3072] [--types Q4_0,F16] [--shape 2048x5632]
+    python tools/bench_cpu_kernels.py [-t THREADS] [--prefetch 0,1024,3072,24576@2] [--types Q4_0,F16] [--shape 2048x5632]
+
+A prefetch is DISTANCE (bytes ahead, into the L1) or DISTANCE@LEVEL (LEVEL 2: into the L2); 0: none.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pyggml.tensor import KERNEL_TYPE_CODES, QWeight
 TOTAL_BYTES, ROUNDS = 512 << 20, 8  # weights cycled through: several times any last-level cache
 
 
-def int8_product(prefetch: int):
+def int8_product(prefetch: simd.Prefetch):
     kernel = packed.packed_kernel({t: 1 for t in cpu.PACKED_TOKENS}, prefetch)
 
     @njit(parallel=True)
@@ -36,7 +38,7 @@ def int8_product(prefetch: int):
     return product
 
 
-def f16_product(prefetch: int, lanes: int = 8, ways: int = 4):
+def f16_product(prefetch: simd.Prefetch, lanes: int = 8, ways: int = 4):
     dot = simd.f16_dot_kernel(prefetch, lanes, ways)
 
     @njit(parallel=True)
@@ -46,24 +48,39 @@ def f16_product(prefetch: int, lanes: int = 8, ways: int = 4):
     return product
 
 
+def spec(p: simd.Prefetch) -> str:
+    return f"{p.distance}@{p.level}" if p.distance else "0"
+
+
+def parse_spec(text: str) -> simd.Prefetch:
+    distance, _, level = text.strip().partition("@")
+    p = simd.Prefetch(int(distance), int(level or 1))
+    if p.level not in (1, 2) or p.distance < 0:
+        raise ValueError(text)
+    return p
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("--prefetch", default=f"0,{simd.INT8_PREFETCH},{simd.F16_PREFETCH}",
-                    help="prefetch distances in bytes, 0 = none (default: none and the two in use)")
+    ap.add_argument("--prefetch", default=",".join(("0", spec(simd.INT8_PREFETCH), spec(simd.F16_PREFETCH))),
+                    help="prefetches, DISTANCE[@LEVEL] each, 0 = none (default: none and the two in use)")
     ap.add_argument("--types", default="Q4_0,Q5_0,Q8_0,F16")
     ap.add_argument("--f16-vectors", default="8x4", help="F16 accumulators, LANESxWAYS[,..] (default 8x4: 4 of 8 floats)")
     ap.add_argument("--shape", default="5632x2048", help="rows x cols (default: TinyLlama's gate and up)")
     args = ap.parse_args()
     rows, cols = (int(v) for v in args.shape.split("x"))
     numba.set_num_threads(args.threads)
-    distances = list(dict.fromkeys(int(v) for v in args.prefetch.split(",")))
+    try:
+        distances = list(dict.fromkeys(parse_spec(v) for v in args.prefetch.split(",")))
+    except ValueError:
+        ap.error(f"--prefetch {args.prefetch!r}: expected DISTANCE[@LEVEL] values, LEVEL 1 or 2")
     x = np.random.default_rng(1).standard_normal((1, cols)).astype(np.float32)
     xq, xd, xc, xs = cpu.quantize_activations(x)
     out = np.empty((1, rows), np.float32)
     print(f"{args.threads} threads; {TOTAL_BYTES >> 20} MiB of {rows} x {cols} matrices, each variant timed over them"
           f" {ROUNDS} x 2 times")
-    print("| type | prefetch bytes | median GB/s | best GB/s | read bandwidth GB/s |")
+    print("| type | prefetch bytes@level | median GB/s | best GB/s | read bandwidth GB/s |")
     print("|---|---|---|---|---|")
     for name in args.types.split(","):
         t = GGMLType[name]
@@ -71,12 +88,12 @@ def main() -> int:
         ws = [first] + [random_block_rows(t, rows, cols, s) for s in range(1, max(2, TOTAL_BYTES // first.nbytes))]
         if t is GGMLType.F16:
             shapes = [tuple(int(v) for v in s.split("x")) for s in args.f16_vectors.split(",")]
-            kernels = {f"{d} ({lanes}x{ways})": f16_product(d, lanes, ways) for d in distances for lanes, ways in shapes}
+            kernels = {f"{spec(d)} ({lanes}x{ways})": f16_product(d, lanes, ways) for d in distances for lanes, ways in shapes}
             run = {d: (lambda w, k=k: k(w, x, out)) for d, k in kernels.items()}
         else:  # the int8 types are multiplied from their packed copy
             ws = [cpu.pack_int8(QWeight(name, w, t, (rows, cols))) for w in ws]
             code = KERNEL_TYPE_CODES[t]
-            kernels = {d: int8_product(d) for d in distances}
+            kernels = {spec(d): int8_product(d) for d in distances}
             run = {d: (lambda w, k=k: k(code, w, xq, xd, xc, xs, out, cpu.F16_TABLE)) for d, k in kernels.items()}
         for d in run:  # compile
             run[d](ws[0])

@@ -43,7 +43,7 @@ from ..gguf.constants import QK, TYPE_TRAITS, GGMLType
 from ..quant.kquants import IQ4NL_VALUES
 from ..tensor import KERNEL_TYPE_CODES
 from .packed import PackedCall, grouped_pair_sums
-from .simd import (_CONTRACT, _F32, _FEATURES, _I8, _I16, _I32, _I64, HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, SIMD_LEVEL,
+from .simd import (NO_PREFETCH, Prefetch, _CONTRACT, _F32, _FEATURES, _I8, _I16, _I32, _I64, HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, SIMD_LEVEL,
                    _abs_i8, _dot4, _load_f16x8, _load_vec, _madd_ones, _prefetch, _sign_i8, _splat, _splat_value, _vec, _x86)
 
 _CODES_BYTES = 4 * 32  # the low 4 bits of a block of 8 rows
@@ -316,7 +316,7 @@ def _half_sums(builder, lay: KLayout, call, codes, b, half, mins, acc, n_tok: in
             builder.store(a, acc[j])
 
 
-def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetch: int, width: int = 1) -> None:
+def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetch: Prefetch, width: int = 1) -> None:
     """The loop of the packed kernel for one layout (sig, args: the kernel's, without the code), over
     `width` row groups (g, and g + 1 when 2)."""
     call = PackedCall(context, builder, sig, args, n_tok)
@@ -327,10 +327,10 @@ def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetc
     with cgutils.for_range_slice(builder, call.b0, call.b1, const(1), inc=True) as (b, _):
         hdr = builder.add(call.w_off, builder.mul(builder.udiv(b, const(lay.per_sb)), const(lay.superblock)))
         blk = builder.add(builder.add(hdr, const(lay.header)), builder.mul(builder.urem(b, const(lay.per_sb)), const(lay.block)))
-        if prefetch:
+        if prefetch.distance:
             for g in range(width):
                 for k in range(0, lay.block, 64):
-                    _prefetch(builder, call.w, builder.add(builder.add(blk, at.steps[g]), const(prefetch + k)))
+                    _prefetch(builder, call.w, builder.add(builder.add(blk, at.steps[g]), const(prefetch.distance + k)), prefetch.level)
         s, bias, half, mins = _block_scales(builder, lay, at, hdr, blk, call.table)
         codes = _codes(builder, lay, at, blk)
         prepared = [_abs(builder, c) for c in codes] if lay.signed and not HAS_VNNI else codes
@@ -354,12 +354,14 @@ def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetc
     call.store(builder, acc, lanes)
 
 
-def kpacked_emitters(tokens: dict, prefetch: int = 0, width: int = 1) -> tuple:
+def kpacked_emitters(tokens: dict, prefetch: Prefetch = NO_PREFETCH, width: int = 1, by_type: dict | None = None) -> tuple:
     """(type code, emit) pairs for packed.packed_kernel's `more`: the products of a weight packed by
     `kpacker.pack_k`, with packed_kernel's arguments and meaning; tokens: tokens per call by type; width 2:
-    row groups g and g + 1 at once in 512-bit vectors (PAIRS only)."""
-    return tuple((KERNEL_TYPE_CODES[t], lambda c, b, sig, args, lay=lay, n=tokens[t]:
-                  _emit_kpacked(c, b, sig, args, lay, n, prefetch, width)) for t, lay in K_LAYOUTS.items())
+    row groups g and g + 1 at once in 512-bit vectors (PAIRS only); by_type: a type's own prefetch where
+    it differs from `prefetch`."""
+    by_type = by_type or {}
+    return tuple((KERNEL_TYPE_CODES[t], lambda c, b, sig, args, lay=lay, n=tokens[t], pf=by_type.get(t, prefetch):
+                  _emit_kpacked(c, b, sig, args, lay, n, pf, width)) for t, lay in K_LAYOUTS.items())
 
 
 # Two row groups a call in 512-bit vectors where the host has AVX-512 (BW for the byte ops, VNNI).

@@ -8,7 +8,7 @@ from numba.core import cgutils
 
 from ..gguf.constants import QK
 from ..tensor import KERNEL_TYPE_CODES
-from .simd import (_CONTRACT, _F32, _FORMATS, _I8, _I16, _I32, _I64, HAS_F16_VECTOR, HAS_VNNI, _abs_i8, _dot4, _Format,
+from .simd import (NO_PREFETCH, Prefetch, _CONTRACT, _F32, _FORMATS, _I8, _I16, _I32, _I64, HAS_F16_VECTOR, HAS_VNNI, _abs_i8, _dot4, _Format,
                    _load_f16x8, _load_scalar, _load_vec, _madd_ones, _maddubs, _prefetch, _sign_i8, _splat, _splat_value,
                    _vec, int8_intrinsic)
 
@@ -142,16 +142,16 @@ class PackedCall:
             builder.store(builder.select(first, total, builder.fadd(builder.load(p, align=4), total)), p, align=4)
 
 
-def _emit_packed(context, builder, sig, args, fmt: PackedLayout, n_tok: int, prefetch: int) -> None:
+def _emit_packed(context, builder, sig, args, fmt: PackedLayout, n_tok: int, prefetch: Prefetch) -> None:
     """The loop of `packed_kernel` for one format (sig, args: the kernel's, without the code)."""
     call = PackedCall(context, builder, sig, args, n_tok)
     const = lambda v: ir.Constant(_I64, v)  # noqa: E731
     acc = call.accumulators(builder, n_tok)
     with cgutils.for_range_slice(builder, call.b0, call.b1, const(1), inc=True) as (b, _):
         base = builder.add(call.w_off, builder.mul(b, const(fmt.superblock)))
-        if prefetch:
+        if prefetch.distance:
             for k in range(0, fmt.superblock, 64):
-                _prefetch(builder, call.w, builder.add(base, const(prefetch + k)))
+                _prefetch(builder, call.w, builder.add(base, const(prefetch.distance + k)), prefetch.level)
         if HAS_F16_VECTOR:
             dw = builder.fpext(_load_vec(builder, call.w, base, ir.HalfType(), 8), _vec(_F32, 8))
         else:
@@ -171,13 +171,13 @@ def _emit_packed(context, builder, sig, args, fmt: PackedLayout, n_tok: int, pre
     call.store(builder, acc)
 
 
-def packed_kernel(tokens: dict, prefetch: int = 0, more: tuple = ()):
+def packed_kernel(tokens: dict, prefetch: Prefetch = NO_PREFETCH, more: tuple = ()):
     """An intrinsic `packed(code, w, g, xq, xd, xc, t0, b0, b1, out, table, xs)`: out[t0 + j, 8g .. 8g + 7] for
     j < n_tok = tokens[the weight type], the dots of row group g of a packed weight (`cpu.pack_int8`: rows of groups, each
     n_blocks superblocks) with tokens t0 .. t0 + n_tok - 1 of int8-block activations, over blocks
     b0 .. b1: stored when b0 == 0, added otherwise. code: KERNEL_TYPE_CODES of Q4_0, Q5_0 or Q8_0.
-    Each superblock is decoded once for all n_tok tokens. prefetch: ask for the weights this many
-    bytes ahead (0: not); table: fp16 -> f32 (used without F16C only). Per token and superblock:
+    Each superblock is decoded once for all n_tok tokens. prefetch: how far ahead to ask for the
+    weights, and into which cache (simd.Prefetch); table: fp16 -> f32 (used without F16C only). Per token and superblock:
     8 activation broadcasts, 8 vpmaddubsw, the i16 adds, 1-8 vpmaddwd, a convert and two
     multiply-adds, for 8 rows. more: further (type code, emit) pairs of other packed layouts
     (kpack.py's), dispatched by the same code branch."""

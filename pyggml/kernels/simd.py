@@ -16,6 +16,7 @@ reads a row in its stored GGUF layout, for rows past the last full group.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import llvmlite.binding as llvm
 from llvmlite import ir
@@ -80,23 +81,45 @@ def _load_scalar(builder, base: ir.Value, offset: ir.Value, elem: ir.Type) -> ir
     return builder.load(builder.bitcast(p, elem.as_pointer()), align=1)
 
 
-# How far ahead of its loads a decode row-dot asks for the weights (bytes; prefetcht0 of each cache
-# line). The hardware prefetchers alone left the products well short of the read bandwidth.
-# `python tools/bench_cpu_kernels.py`, median GB/s for prefetch 0 / 1024 / 3072 bytes:
+class Prefetch(NamedTuple):
+    """How a streaming kernel asks for its weights ahead of its loads: `distance` bytes ahead (0: it
+    does not), into the L1 cache (level 1: prefetcht0) or the L2 (level 2: prefetcht1)."""
+
+    distance: int = 0
+    level: int = 1
+
+
+NO_PREFETCH = Prefetch()
+_LOCALITY = {1: 3, 2: 2}  # LLVM's locality hint for each level (3: prefetcht0, 2: prefetcht1)
+
+# How far ahead the decode products ask for the weights. The hardware prefetchers alone left them well
+# short of the read bandwidth. `python tools/bench_cpu_kernels.py`, median GB/s for prefetch 0 / 1024 /
+# 3072 bytes into the L1:
 #   2 threads of a 2-vCPU Zen 3 VM (read bandwidth 34-43): Q4_0 20.5 / 24.8 / 25.0, Q5_0 23.6 / 23.8 / 24.3,
 #   Q8_0 29.1 / 34.3 / 34.3, F16 33.8 / 36.9 / 29.2;
 #   16 threads of a 16-vCPU GPU host VM (read 120-180; its cache may hold part of the 512 MiB):
 #   Q4_0 95 / 122 / 156, Q8_0 117 / 146 / 184, F16 106 / 128 / 138.
 # F16 takes 1024, the better of the two on the 2-vCPU machine, where issue 4's targets are measured.
-INT8_PREFETCH = 3072
-F16_PREFETCH = 1024
+# On AVX-512 hosts one token's products ask 24 KiB ahead into the L2 instead (a Sapphire Rapids 2-vCPU
+# VM, 2 threads, alternated runs: 512 MiB of 5632 x 2048 Q4_K weights 21.6-22.9 -> 23.7-23.9 GB/s; whole
+# TinyLlama tg64 q4_0 35.1-35.6 -> 37.2-37.5 t/s, q5_0 23.8-25.4 -> 27.2-29.3, q8_0 21.5-21.6 -> 22.1-22.2,
+# Q4_K_M 32.6-32.9 -> 33.7-34.0, Q6_K 28.4-29.2 -> 28.2-28.3; 12 KiB: between the two; 48 KiB: as 24).
+# Q6_K keeps 3 KiB into the L1 (tg64 28.9, 30.2 -> 27.9, 29.2 t/s into the L2, two alternated pairs).
+# F16 rows too: tg32 of the f16 file 11.70, 11.12, 10.74, 10.75 -> 14.39, 11.53, 11.51, 11.48 (alternated).
+# Batches of a few tokens keep 3 KiB into the L1 (pp8 q4_0 159 -> 151 t/s into the L2, Q4_K_M 145 -> 158).
+HAS_AVX512 = HAS_AVX2 and SIMD_LEVEL == "native" and "+avx512f" in _FEATURES
+INT8_PREFETCH = Prefetch(24576, 2) if HAS_AVX512 else Prefetch(3072, 1)  # one token
+INT8_PREFETCH_BY_TYPE = {GGMLType.Q6_K: Prefetch(3072, 1)}  # one token, where a type differs
+SMALL_BATCH_PREFETCH = Prefetch(3072, 1)  # a few tokens (kernels/cpu.py PACKED_TOKENS)
+F16_PREFETCH = Prefetch(24576, 2) if HAS_AVX512 else Prefetch(1024, 1)
 
 
-def _prefetch(builder, base: ir.Value, offset: ir.Value) -> None:
-    """Ask for the cache line at base + offset bytes (prefetcht0); never faults, even past the end."""
+def _prefetch(builder, base: ir.Value, offset: ir.Value, level: int = 1) -> None:
+    """Ask for the cache line at base + offset bytes into cache `level` (Prefetch); never faults, even
+    past the end."""
     p = builder.gep(builder.bitcast(base, _I8.as_pointer()), [offset])
     i32 = lambda v: ir.Constant(_I32, v)  # noqa: E731
-    _x86(builder, "llvm.prefetch.p0", ir.VoidType(), p, i32(0), i32(3), i32(1))
+    _x86(builder, "llvm.prefetch.p0", ir.VoidType(), p, i32(0), i32(_LOCALITY[level]), i32(1))
 
 
 def _pair_sum(builder, v: ir.Value, n: int, wide: ir.Type | None = None) -> ir.Value:
@@ -307,7 +330,7 @@ def int8_intrinsic(what: str, emitters):
     return kernel
 
 
-def _emit_row(context, builder, sig, args, fmt: _Format, prefetch: int) -> None:
+def _emit_row(context, builder, sig, args, fmt: _Format, prefetch: Prefetch) -> None:
     """The loop of `row_kernel` for one weight format (sig, args: the kernel's, without the code)."""
     wa, xqa, xda, xca, outa, tablea = (context.make_array(sig.args[k])(context, builder, args[k])
                                        for k in (0, 2, 3, 4, 8, 9))
@@ -333,9 +356,9 @@ def _emit_row(context, builder, sig, args, fmt: _Format, prefetch: int) -> None:
     with cgutils.for_range(builder, n8) as loop:
         g = builder.add(b0, builder.mul(loop.index, const(8)))
         at = builder.add(row_off, builder.mul(g, const(fmt.block_bytes)))
-        if prefetch:
+        if prefetch.distance:
             for k in range(0, 8 * fmt.block_bytes, 64):
-                _prefetch(builder, wa.data, builder.add(at, const(prefetch + k)))
+                _prefetch(builder, wa.data, builder.add(at, const(prefetch.distance + k)), prefetch.level)
         totals = _transpose_sum8(builder, [block_sum(builder.add(g, const(k))) for k in range(8)])  # lane k: block g + k
         dw = _load_f16x8(builder, wa.data, at, fmt.block_bytes, tablea.data)
         dx = _load_vec(builder, xda.data, builder.mul(builder.add(d_off, g), const(4)), _F32, 8)
@@ -364,7 +387,7 @@ def _emit_row(context, builder, sig, args, fmt: _Format, prefetch: int) -> None:
     builder.store(builder.select(first, total, builder.fadd(builder.load(p), total)), p)
 
 
-def row_kernel(prefetch: int = INT8_PREFETCH):
+def row_kernel(prefetch: Prefetch = INT8_PREFETCH):
     """An intrinsic `row(code, w, r, xq, xd, xc, t, b0, b1, out, table, xs)`: out[t, r] = dot(W[r], x[t])
     of a weight in its stored layout with int8-block activations, over the blocks b0 .. b1 of the
     row: stored when b0 == 0, added to out otherwise.
@@ -372,8 +395,8 @@ def row_kernel(prefetch: int = INT8_PREFETCH):
     code: the weight type (KERNEL_TYPE_CODES: Q4_0, Q5_0 or Q8_0; the loop for each is emitted, and
     one branch per call picks it); w: the weight's stored rows (uint8, rows x row bytes); xq/xd/xc:
     the activations as int8 blocks, their scales, and scale * sum of the block's codes (tokens x
-    cols, tokens x blocks twice); table: fp16 -> f32 (used without F16C only); prefetch: ask for the
-    row this many bytes ahead of its loads (0: not).
+    cols, tokens x blocks twice); table: fp16 -> f32 (used without F16C only); prefetch: how far ahead of
+    its loads to ask for the row, and into which cache (Prefetch).
     Eight blocks at a time: their eight integer sums are reduced side by side into one vector
     (vphaddd), which is converted and scaled by the eight block scales at once, so the float work is
     per eight blocks, not per block; the codes' bias (Q4_0, Q5_0) comes off at the end through xc.
@@ -390,8 +413,8 @@ def row_kernel(prefetch: int = INT8_PREFETCH):
 # helper that numba's JIT may not provide, so the caller keeps its table-based kernel there.
 
 
-def f16_dot_kernel(prefetch: int = 0, lanes: int = 8, ways: int = 4):
-    """The intrinsic `dot_f16(w_row, x)`, asking for the row `prefetch` bytes ahead of its loads (0: not);
+def f16_dot_kernel(prefetch: Prefetch = NO_PREFETCH, lanes: int = 8, ways: int = 4):
+    """The intrinsic `dot_f16(w_row, x)`, asking for the row `prefetch` ahead of its loads;
     `ways` accumulators of `lanes` floats."""
     @intrinsic
     def dot_f16(typingctx, w_row, x):
@@ -418,8 +441,9 @@ def f16_dot_kernel(prefetch: int = 0, lanes: int = 8, ways: int = 4):
             n_vec = builder.sdiv(n, const(lanes))
             n_main = builder.sdiv(n_vec, const(ways))
             with cgutils.for_range(builder, n_main) as loop:
-                for k in range(0, 2 * lanes * ways if prefetch else 0, 64):  # each 64-byte line of the step's reads
-                    _prefetch(builder, w, builder.add(builder.mul(loop.index, const(2 * lanes * ways)), const(prefetch + k)))
+                for k in range(0, 2 * lanes * ways if prefetch.distance else 0, 64):  # each 64-byte line of the step's reads
+                    _prefetch(builder, w, builder.add(builder.mul(loop.index, const(2 * lanes * ways)), const(prefetch.distance + k)),
+                              prefetch.level)
                 for k in range(ways):
                     step(builder.add(builder.mul(loop.index, const(ways)), const(k)), k)
             with cgutils.for_range_slice(builder, builder.mul(n_main, const(ways)), n_vec, const(1), inc=True) as (i, _):
