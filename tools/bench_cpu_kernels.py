@@ -1,4 +1,4 @@
-"""Time the CPU decode products (pyggml/kernels/simd.py) alone, with and without software prefetch:
+"""Time the CPU decode products (pyggml/kernels/packed.py, simd.py) alone, with and without software prefetch:
 weight GB/s of a matrix-vector product over TinyLlama-sized matrices (5632 x 2048) taken in turn,
 512 MiB of them, so that they stream from memory, not from the cache; the variants alternate in one
 run, next to this machine's read bandwidth measured in the same run.

@@ -19,9 +19,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _F32, _FEATURES, _I16, _I32, _I64, HAS_AVX2, HAS_F16_VECTOR, SIMD_LEVEL, _data, _hsum, _load_vec, _vec
+from .simd import _F32, _I16, _I32, _I64, HAS_AVX512, HAS_F16_VECTOR, _data, _hsum, _load_vec, _vec
 
-WIDE = HAS_AVX2 and SIMD_LEVEL == "native" and "+avx512f" in _FEATURES
+WIDE = HAS_AVX512
 LANES = 16 if WIDE else 8
 ROWS = 6 if WIDE else 4
 TOKENS = 4 if WIDE else 2

@@ -43,8 +43,8 @@ from ..gguf.constants import QK, TYPE_TRAITS, GGMLType
 from ..quant.kquants import IQ4NL_VALUES
 from ..tensor import KERNEL_TYPE_CODES
 from .packed import PackedCall, grouped_pair_sums
-from .simd import (NO_PREFETCH, Prefetch, _CONTRACT, _F32, _FEATURES, _I8, _I16, _I32, _I64, HAS_AVX2, HAS_F16_VECTOR, HAS_VNNI, SIMD_LEVEL,
-                   _abs_i8, _dot4, _load_f16x8, _load_vec, _madd_ones, _prefetch, _sign_i8, _splat, _splat_value, _vec, _x86)
+from .simd import (NO_PREFETCH, Prefetch, _CONTRACT, _F32, _FEATURES, _I8, _I16, _I32, _I64, HAS_AVX2, HAS_AVX512, HAS_F16_VECTOR,
+                   HAS_VNNI, _abs_i8, _dot4, _load_f16x8, _load_vec, _madd_ones, _prefetch, _sign_i8, _splat, _splat_value, _vec, _x86)
 
 _CODES_BYTES = 4 * 32  # the low 4 bits of a block of 8 rows
 
@@ -365,4 +365,4 @@ def kpacked_emitters(tokens: dict, prefetch: Prefetch = NO_PREFETCH, width: int 
 
 
 # Two row groups a call in 512-bit vectors where the host has AVX-512 (BW for the byte ops, VNNI).
-PAIRS = HAS_VNNI and SIMD_LEVEL == "native" and all(f in _FEATURES for f in ("+avx512f", "+avx512bw", "+avx512vnni"))
+PAIRS = HAS_VNNI and HAS_AVX512 and all(f in _FEATURES for f in ("+avx512bw", "+avx512vnni"))

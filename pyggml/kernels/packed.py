@@ -93,7 +93,6 @@ def grouped_pair_sums(builder, u: list, s: list, per: int, widen) -> ir.Value:
 PACKED_LAYOUTS = {t: PackedLayout(fmt) for t, fmt in _FORMATS.items()}
 
 
-
 class PackedCall:
     """What a packed emitter takes from its kernel's arguments (sig, args: without the type code):
     the arrays, the row group, tokens t0 .. t0 + n_tok - 1 with their activation offsets, and the

@@ -107,7 +107,7 @@ _LOCALITY = {1: 3, 2: 2}  # LLVM's locality hint for each level (3: prefetcht0, 
 # Q6_K keeps 3 KiB into the L1 (tg64 28.9, 30.2 -> 27.9, 29.2 t/s into the L2, two alternated pairs).
 # F16 rows too: tg32 of the f16 file 11.70, 11.12, 10.74, 10.75 -> 14.39, 11.53, 11.51, 11.48 (alternated).
 # Batches of a few tokens keep 3 KiB into the L1 (pp8 q4_0 159 -> 151 t/s into the L2, Q4_K_M 145 -> 158).
-HAS_AVX512 = HAS_AVX2 and SIMD_LEVEL == "native" and "+avx512f" in _FEATURES
+HAS_AVX512 = HAS_AVX2 and SIMD_LEVEL == "native" and "+avx512f" in _FEATURES  # f16tile.WIDE and kpack.PAIRS too
 INT8_PREFETCH = Prefetch(24576, 2) if HAS_AVX512 else Prefetch(3072, 1)  # one token
 INT8_PREFETCH_BY_TYPE = {GGMLType.Q6_K: Prefetch(3072, 1)}  # one token, where a type differs
 SMALL_BATCH_PREFETCH = Prefetch(3072, 1)  # a few tokens (kernels/cpu.py PACKED_TOKENS)
