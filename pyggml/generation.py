@@ -66,6 +66,8 @@ def stop_list(stop: str | Sequence[str] | None) -> list[str]:
 class ContextMixin:
     """Evaluation and generation methods of `Llama` (see the module docstring for the state they use)."""
 
+    before_token: Callable[[], None] | None = None  # called before each token is sampled; raising stops the generation
+
     def _warn_unsupported(self, **given: Any) -> None:
         names = [k for k, v in given.items() if v != _UNSUPPORTED_SAMPLING.get(k) and k not in self._warned]
         if names:
@@ -210,6 +212,8 @@ class ContextMixin:
         t0 = time.perf_counter()
         try:
             for _ in range(max_tokens):
+                if self.before_token is not None:
+                    self.before_token()
                 n = params.repeat_last_n
                 recent = self.tokens[-n:] if n > 0 else (self.tokens if n < 0 else [])
                 if logits_processor is not None:

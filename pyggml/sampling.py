@@ -206,9 +206,15 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.shape[0] == 0:
             raise ValueError(f"logits must be a non-empty vector (n_vocab,), got shape {logits.shape}")
+        p = self.params
+        if p.is_greedy and allowed is None and not p.logit_bias and (p.repeat_penalty == 1.0 or p.repeat_last_n == 0) \
+                and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0:
+            best = greedy(logits)  # argmax returns a NaN's index when there is one
+            if np.isnan(logits[best]):
+                raise ValueError("logits contain NaN (the forward pass produced invalid values)")
+            return best
         if np.isnan(logits).any():
             raise ValueError("logits contain NaN (the forward pass produced invalid values)")
-        p = self.params
         logits = self.penalise(logits, recent_ids)
         if allowed is not None:
             if not allowed.any():

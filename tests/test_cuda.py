@@ -35,6 +35,7 @@ except Exception as e:  # noqa: BLE001 - any failure to reach a GPU means: skip
     pytest.skip(f"no CUDA GPU: {e}", allow_module_level=True)
 
 from pyggml.cuda.backend import INT8_INPUT_TYPES, CUDABackend  # noqa: E402
+from pyggml.cuda.module import MMQ_MAX_TOKENS, MMQ_TYPES  # noqa: E402
 from pyggml.quant.registry import COMPUTABLE_TYPES  # noqa: E402
 
 FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
@@ -97,15 +98,31 @@ def test_decode_product_matches_reference(gpu, t, cols):
     assert rel_err(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("n_tok", [2, 9, 64, MMQ_MAX_TOKENS + 13])
 @pytest.mark.parametrize("t", COMPUTABLE_TYPES, ids=lambda t: t.name)
-def test_prompt_product_matches_reference(gpu, t):
+def test_batch_product_matches_reference(gpu, t, n_tok):
+    """Batches of the int8 types on the tensor cores (mmq: int8 activations, exact but for float
+    summation order) against the int8-activation reference; the rest (cuBLAS on fp16) against the float one."""
     rng = np.random.default_rng(3)
     rows, cols = 70, 512
     raw = random_weight(t, rows, cols, rng)
     w = gpu.load_weight(QWeight("w", raw, t, (rows, cols)))
-    x = rng.standard_normal((9, cols), dtype=np.float32)
+    x = rng.standard_normal((n_tok, cols), dtype=np.float32)
     got = gpu.matmul(w, gpu.to_device(x)).get()
-    assert rel_err(got, reference.matmul(raw, t, x)) < 5e-3
+    if gpu.mma and t in MMQ_TYPES and n_tok <= MMQ_MAX_TOKENS:
+        assert rel_err(got, reference.matmul_int8_activations(raw, t, x)) < 1e-4
+    else:
+        assert rel_err(got, reference.matmul(raw, t, x)) < 5e-3
+
+
+def test_batch_products_share_one_quantization(gpu):
+    """matmuls: several weights of one batch (Q/K/V, gate/up) give what each gives alone."""
+    rng = np.random.default_rng(8)
+    ws = [gpu.load_weight(QWeight("w", random_weight(t, r, 256, rng), t, (r, 256)))
+          for t, r in ((GGMLType.Q4_0, 64), (GGMLType.Q6_K, 32), (GGMLType.F16, 48))]
+    x = gpu.to_device(rng.standard_normal((5, 256), dtype=np.float32))
+    for a, w in zip(gpu.matmuls(ws, x), ws):
+        np.testing.assert_array_equal(a.get(), gpu.matmul(w, x).get())
 
 
 def test_embedding_rows_match_codecs(gpu):
@@ -193,6 +210,31 @@ def test_batched_sequences_on_gpu_match_cpu(random_model, n_gpu_layers):
     print(f"{random_model.name} ngl={n_gpu_layers}: batched sequences {rel_err(got, want):.2e}")
     tol = 2e-3 if GGMLType[random_model.stem.split("-")[1]] in FLOATS else 5e-2
     assert rel_err(got, want) < tol and same_top(got, want)
+
+
+def batch_steps(path, captured: bool):
+    """Decode steps of 5, 3, 5, 2 and 5 sequences (slots in changing order; batch size buckets 8, 4 and 2,
+    padded), each slot first given its own prompt: the logits of every step, from the GPU."""
+    llm = Llama(path, n_ctx=40, n_gpu_layers=-1, n_seq_max=6)
+    m, cache = llm.model, llm.kv_cache
+    m.head_backend.capture_batches = captured  # this instance: replayed graphs, or the same padded batches eagerly
+    rng = np.random.default_rng(12)
+    for s in range(6):
+        m.forward_batch(rng.integers(3, 300, 4 + s), np.arange(4 + s), np.full(4 + s, s), cache, [3 + s])
+    pos = np.array([4 + s for s in range(6)])
+    out = []
+    for slots in ([0, 1, 2, 3, 4], [5, 2, 0], [4, 3, 2, 1, 0], [1, 5], [2, 0, 4, 1, 3]):
+        slots = np.array(slots)
+        out.append(m.forward_batch(rng.integers(3, 300, len(slots)), pos[slots], slots, cache))
+        pos[slots] += 1
+    return np.concatenate(out)
+
+
+def test_captured_batch_steps_equal_eager_ones(random_model):
+    """decode_batch's graphs (the batch forward captured per bucket, ids from the device, padded with
+    copies of the last token) give the bits of the same padded batches run eagerly (against the CPU:
+    test_batched_sequences_on_gpu_match_cpu)."""
+    np.testing.assert_array_equal(batch_steps(random_model, True), batch_steps(random_model, False))
 
 
 def test_decode_attention_over_many_key_ranges(tmp_path):

@@ -188,9 +188,10 @@ class LlamaModel:
         return layer
 
     # ------------------------------------------------------------------------ forward
-    def _layer_forward(self, layer: Layer, li: int, x, runs: list[Run], cache: KVCache, index):
-        """x: (n_tok, dim) on the layer's backend -> same, after attention and FFN residuals. index(b):
-        the batch's (sequence ids, positions) on backend b."""
+    def _layer_forward(self, layer: Layer, li: int, x, single: Run | None, cache: KVCache, index):
+        """x: (n_tok, dim) on the layer's backend -> same, after attention and FFN residuals. single: the
+        batch's one run when it is one sequence's tokens, else None; index(b): the batch's (sequence ids,
+        positions) on backend b."""
         cfg, b = self.config, layer.backend
         n_tok = x.shape[0]
         h = b.rmsnorm(x, layer.attn_norm, cfg.rms_eps)
@@ -207,8 +208,8 @@ class LlamaModel:
         b.rope(q, pos, self.inv_freq)
         b.rope(k, pos, self.inv_freq)
         cache.write_tokens(li, seqs, pos, k, v)  # encoded as the cache stores them
-        if len(runs) == 1:
-            att = b.attention(q, *cache.layer(li, runs[0].seq), runs[0].start, *cache.types)
+        if single is not None:
+            att = b.attention(q, *cache.layer(li, single.seq), single.start, *cache.types)
         else:  # several sequences: each token attends to its own slot
             att = b.attention_seqs(q, *cache.slots(li), seqs, pos, *cache.types)
         x = x + b.matmul(layer.wo, att.reshape(n_tok, cfg.q_dim))
@@ -284,7 +285,7 @@ class LlamaModel:
                 x = fused(self, ids, x, runs[0].start, cache, runs[0].seq)
                 continue
             for li in ids:
-                x = self._layer_forward(self.layers[li], li, x, runs, cache, index)
+                x = self._layer_forward(self.layers[li], li, x, runs[0] if len(runs) == 1 else None, cache, index)
         if on is not self.head_backend:
             x = self.head_backend.to_device(on.to_host(x))
         return self.head_backend.rmsnorm(x, self.output_norm, self.config.rms_eps), self.head_backend
@@ -298,12 +299,27 @@ class LlamaModel:
         if whole is not None and len(tokens) == 1 and self._all_on_head:
             logits = whole(self, int(tokens[0]), runs[0].start, cache, runs[0].seq)
             return logits.reshape(1, -1)
+        batch = getattr(self.head_backend, "decode_batch", None)
+        if batch is not None and self._all_on_head and len(runs) == len(tokens) <= self.head_backend.decode_batch_max:
+            logits = batch(self, tokens, positions, np.array([r.seq for r in runs], np.int64), cache)
+            rows = None if rows is None else [int(r) for r in rows]
+            return logits if rows is None or rows == list(range(len(tokens))) else logits[rows]
         h, b = self._hidden(tokens, positions, runs, cache)
         if rows is not None:
             rows = [int(r) for r in rows]
             contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
             h = h[rows[0] : rows[0] + len(rows)] if contiguous else h[rows]  # a list index: numpy and cupy alike
         return b.to_host(b.matmul(self.output, h))
+
+    def decode_batch_logits(self, tokens, seqs, positions, cache: KVCache):
+        """Logits (n_tok, n_vocab), on the head backend, of a batch of single tokens of distinct sequences
+        (a decode step of several), every layer on the head backend, the batch given as index arrays on
+        it. No host copies and no synchronisation: what a backend captures and replays (decode_batch)."""
+        b = self.head_backend
+        x = b.embed(self.tok_embd, tokens)
+        for li, layer in enumerate(self.layers):
+            x = self._layer_forward(layer, li, x, None, cache, lambda _: (seqs, positions))
+        return b.matmul(self.output, b.rmsnorm(x, self.output_norm, self.config.rms_eps))
 
     def forward(self, tokens: np.ndarray, start_pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Logits (float32) for the last token (n_vocab,), or for every token (n_tok, n_vocab), of

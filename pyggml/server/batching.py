@@ -88,7 +88,8 @@ class Batcher:
                 raise RuntimeError(f"slot {seq} already has an evaluation waiting")
             self._busy.add(seq)
             self._pending[seq] = e
-            self._cond.notify_all()
+            if len(self._pending) == 1 or self._ready():  # the batcher waits for a first evaluation, or for all
+                self._cond.notify_all()
         e.event.wait()
         if e.error is not None:
             raise e.error

@@ -245,8 +245,7 @@ class LlamaEngine:
 
         llm = self.slots[slot]
         params = dict(job.params)
-        if job.kind != "embedding":
-            params["logits_processor"] = _cancel_check(job)
+        llm.before_token = _cancel_check(job)  # a cheap check, not a logits processor (which copies the logits)
         self._states[slot] = None
         try:
             if job.cancelled:
@@ -320,13 +319,12 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def _cancel_check(job: Job) -> Callable:
-    """A logits processor that changes nothing and stops the generation once the job is cancelled:
-    it runs before every sampled token, streamed or not, whatever the chunking."""
+    """The slot's before_token while it runs `job`: stops the generation once the job is cancelled, before
+    every sampled token, streamed or not, whatever the chunking."""
 
-    def check(_input_ids, logits):
+    def check() -> None:
         if job.cancelled:
             raise _Cancelled
-        return logits
 
     return check
 

@@ -3,11 +3,17 @@ as llama-server does."""
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .engine import LlamaEngine
+
+# The GIL's switch interval while serving: a slot's worker thread woken with its logits (or the batcher
+# woken by the last of them) otherwise waits up to Python's default 5 ms for a busy thread to let go.
+SWITCH_INTERVAL = float(os.environ.get("PYGGML_SWITCH_INTERVAL", "0.0005"))
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +99,12 @@ def serve(s: ServerSettings) -> None:
     config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, timeout_graceful_shutdown=5,
                             lifespan="on")
     server = uvicorn.Server(config)
-    server.run()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    try:
+        server.run()
+    finally:
+        sys.setswitchinterval(switch)
     error = app.state.pyggml.load_error
     if error is not None:
         raise error

@@ -1,0 +1,159 @@
+"""mmq.cu (the batch products on the int8 tensor cores) compiled for the CPU with g++ and run whole on a
+threaded emulation of CUDA (tests/data/cuda_threads.h: a thread per CUDA thread, mma.sync with the PTX
+ISA's fragment layouts), against the exact int8-activation reference over the `gguf` package's
+dequantization: every weight type mmq computes, batches that fill some tiles of 8 tokens and more than
+one chunk of 64, one and several ranges of K (mmq_reduce), rows that end inside a warp's 16. The GPU
+tests (test_cuda.py) check the real thing. Skipped without g++ 11+ (C++20 barriers)."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyggml.cuda.module import MMQ_THREADS, MMQ_TYPES, generated_constants, mmq_rows, mmq_tiles
+from pyggml.kernels import reference as ref
+from pyggml.gguf.constants import GGMLType
+from pyggml.quant.registry import KERNEL_TYPE_CODES, TYPE_TRAITS
+
+from test_kpack import F16_FIELDS
+
+gguf_quants = pytest.importorskip("gguf.quants")
+GXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(GXX is None, reason="no g++ to compile the device code for the CPU")
+REPO = Path(__file__).resolve().parent.parent
+
+DRIVER = r"""
+static std::vector<u8> rd(const std::string& p) {
+  FILE* f = fopen(p.c_str(), "rb"); std::vector<u8> v; int c; while ((c = fgetc(f)) != EOF) v.push_back((u8)c); fclose(f); return v; }
+template <int T, int NT> void run(const std::string& D, int rows, int groups, long ld, int n, int splits) {
+  auto w = rd(D + "/w.bin"), q = rd(D + "/q.bin"), d = rd(D + "/d.bin"), s = rd(D + "/s.bin");
+  std::vector<float> part((size_t)splits * n * rows), out((size_t)n * rows);
+  const int per = NT >= 4 ? %(ROWS4)d : %(ROWS1)d;
+  const unsigned tiles = (rows + per - 1) / per, chunks = (n + 63) / 64;
+  launch({tiles, (unsigned)splits, chunks}, {%(THREADS)d, 1, 1}, [&] {
+    mmq<T, NT>(w.data(), ld, rows, groups, (const int*)q.data(), (const float*)d.data(), (const float2*)s.data(), n,
+               splits == 1 ? out.data() : part.data());
+  });
+  if (splits > 1) {
+    const i64 size = (i64)n * rows;
+    launch({(unsigned)((size + 255) / 256), 1, 1}, {256, 1, 1}, [&] { mmq_reduce(part.data(), splits, size, out.data()); });
+  }
+  FILE* f = fopen((D + "/out.bin").c_str(), "wb"); fwrite(out.data(), 4, out.size(), f); fclose(f);
+}
+template <int T> void quant(const std::string& D, int n) {
+  auto x = rd(D + "/x.bin");
+  std::vector<signed char> q(n); std::vector<float> d(n / 32); std::vector<float2> s(n / 32);
+  launch({(unsigned)((n + 255) / 256), 1, 1}, {256, 1, 1}, [&] { quantize_q8s((const float*)x.data(), n, q.data(), d.data(), s.data()); });
+  FILE* f = fopen((D + "/q.bin").c_str(), "wb"); fwrite(q.data(), 1, n, f); fclose(f);
+  f = fopen((D + "/d.bin").c_str(), "wb"); fwrite(d.data(), 4, d.size(), f); fclose(f);
+  f = fopen((D + "/s.bin").c_str(), "wb"); fwrite(s.data(), 8, s.size(), f); fclose(f);
+}
+int main(int argc, char** argv) {
+  const std::string D = argv[1], what = argv[2];
+  if (what == "quant") { quant<0>(D, atoi(argv[3])); return 0; }
+  const int t = atoi(argv[3]), nt = atoi(argv[4]), rows = atoi(argv[5]), groups = atoi(argv[6]), n = atoi(argv[8]), splits = atoi(argv[9]);
+  const long ld = atol(argv[7]);
+  switch (t * 100 + nt) {
+%(CASES)s
+    default: fprintf(stderr, "no instance\n"); return 2;
+  }
+  return 0;
+}
+"""
+
+
+SCALES = {**F16_FIELDS, GGMLType.Q4_0: (0,), GGMLType.Q5_0: (0,), GGMLType.Q8_0: (0,)}  # fp16 fields of each block
+
+
+def random_rows(rng, t: GGMLType, rows: int, cols: int) -> np.ndarray:
+    """Blocks of random bits with sane fp16 scales; the first row's first block all zero."""
+    tr = TYPE_TRAITS[t]
+    raw = rng.integers(0, 256, (rows, cols // tr.block_size * tr.type_size), dtype=np.uint8)
+    blocks = raw.reshape(rows, -1, tr.type_size)
+    for at in SCALES[t]:
+        v = (rng.uniform(1e-3, 1e-2, blocks.shape[:2]) * rng.choice([-1, 1], blocks.shape[:2])).astype(np.float16)
+        blocks[:, :, at:at + 2] = v[..., None].view(np.uint8).reshape(*blocks.shape[:2], 2)
+    blocks[0, 0] = 0
+    return raw
+
+
+def _device_source() -> str:
+    """The parts of kernels.cu mmq.cu uses, then mmq.cu without its inline-PTX mma (the shim's instead)."""
+    src = (REPO / "pyggml" / "cuda" / "kernels.cu").read_text()
+    mmq = (REPO / "pyggml" / "cuda" / "mmq.cu").read_text()
+
+    def cut(text, a, b):
+        return text[text.index(a):text.index(b)]
+
+    return "".join([
+        cut(src, "__device__ __forceinline__ float f16(u16 bits)", "// ------------------------------------------------------------------------------------- decode"),
+        cut(src, "template <int T> struct no_decoder", "// One weight of row `row` at column i"),
+        cut(src, "// 4-bit indices (one per byte of q", "// scale_min_k4 on the 12 scale bytes held in registers"),
+        mmq[:mmq.index("// c += A (16 x 32")], mmq[mmq.index("// Activations of n tokens"):],
+    ])
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    consts = generated_constants().replace("__device__ __constant__ __align__(16)", "alignas(16)")
+    cases = "\n".join(f"    case {KERNEL_TYPE_CODES[t] * 100 + nt}: run<T_{t.name}, {nt}>(D, rows, groups, ld, n, splits); break;"
+                      for t in MMQ_TYPES for nt in (1, 2, 4, 8))
+    d = tmp_path_factory.mktemp("mmq")
+    driver = DRIVER % {"ROWS1": mmq_rows(1), "ROWS4": mmq_rows(4), "THREADS": MMQ_THREADS, "CASES": cases}
+    (d / "emu.cpp").write_text('#include "cuda_threads.h"\n' + consts + _device_source() + driver)
+    r = subprocess.run([GXX, "-std=c++20", "-O1", "-pthread", "-I", str(REPO / "tests" / "data"), "-o", str(d / "emu"),
+                        str(d / "emu.cpp")], capture_output=True, text=True)
+    if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
+        pytest.skip("this g++ has no C++20 <barrier>")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def emulated_quantize(emulator, x: np.ndarray):
+    x.astype(np.float32).tofile(emulator / "x.bin")
+    subprocess.run([str(emulator / "emu"), str(emulator), "quant", str(x.size)], check=True)
+    n, cols = x.shape
+    q = np.fromfile(emulator / "q.bin", np.int8).reshape(n, cols)
+    d = np.fromfile(emulator / "d.bin", np.float32).reshape(n, cols // 32)
+    s = np.fromfile(emulator / "s.bin", np.float32).reshape(n, cols // 32, 2)
+    return q, d, s
+
+
+def test_batch_quantization_rounds_like_the_reference(emulator):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    x[1, :32] = 0  # an all-zero block: scale 0, values 0
+    x[2, 32:64] *= 1e4
+    q, d, s = emulated_quantize(emulator, x)
+    np.testing.assert_array_equal(q.astype(np.float64) * np.repeat(d, 32, axis=1), ref.quantize_activations(x))
+    halves = q.reshape(3, -1, 2, 16).sum(-1).astype(np.float32) * d[..., None]
+    np.testing.assert_array_equal(s, halves)
+
+
+CASES = [(3, 70, 512, 1), (13, 37, 1024, 2), (70, 20, 256, 1), (9, 64, 768, 3), (30, 150, 1792, 3)]
+# (tokens, rows, columns, ranges of K): 1, 2, 8 (2 chunks) and 4 tiles of tokens (32 rows a warp, 150: a
+# block's last warp partly past the end); ranges of 5 groups (one loop of 4 and a tail of 1) and 18-19
+
+
+@pytest.mark.parametrize("t", sorted(MMQ_TYPES, key=lambda t: t.value), ids=lambda t: t.name)
+@pytest.mark.parametrize("n, rows, cols, splits", CASES, ids=lambda v: str(v))
+def test_mmq_equals_int8_reference(emulator, t, n, rows, cols, splits):
+    assert t in SCALES
+    if cols % 256 and t.name.endswith("_K") or cols % 256 and t.name == "IQ4_XS":
+        cols = 256 * (cols // 256 + 1)
+    rng = np.random.default_rng(n * 1000 + rows)
+    raw = random_rows(rng, t, rows, cols)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    q, d, s = emulated_quantize(emulator, x)
+    raw.tofile(emulator / "w.bin")
+    q.tofile(emulator / "q.bin"), d.tofile(emulator / "d.bin"), s.tofile(emulator / "s.bin")
+    nt = mmq_tiles(n)
+    subprocess.run([str(emulator / "emu"), str(emulator), "mmq", str(KERNEL_TYPE_CODES[t]), str(nt), str(rows), str(cols // 32),
+                    str(raw.shape[1]), str(n), str(splits)], check=True)
+    got = np.fromfile(emulator / "out.bin", np.float32).reshape(n, rows)
+    W = gguf_quants.dequantize(raw, t.value).astype(np.float64)
+    xq = ref.quantize_activations(x)
+    exact = xq @ W.T
+    bound = 2e-6 * (np.abs(xq) @ np.abs(W).T) + 1e-30  # float32 rounding of the scaled group sums
+    assert np.all(np.abs(got - exact) <= bound), float(np.max(np.abs(got - exact) / bound))
