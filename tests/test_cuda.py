@@ -115,14 +115,19 @@ def test_batch_product_matches_reference(gpu, t, n_tok):
         assert rel_err(got, reference.matmul(raw, t, x)) < 5e-3
 
 
-def test_batch_products_share_one_quantization(gpu):
-    """matmuls: several weights of one batch (Q/K/V, gate/up) give what each gives alone."""
+def test_batch_products_of_several_weights(gpu):
+    """matmuls: several weights of one batch (Q/K/V, gate/up), three of one type in one launch (rows of a
+    tile shared by two matrices), the others each by itself, each against its reference."""
     rng = np.random.default_rng(8)
-    ws = [gpu.load_weight(QWeight("w", random_weight(t, r, 256, rng), t, (r, 256)))
-          for t, r in ((GGMLType.Q4_0, 64), (GGMLType.Q6_K, 32), (GGMLType.F16, 48))]
-    x = gpu.to_device(rng.standard_normal((5, 256), dtype=np.float32))
-    for a, w in zip(gpu.matmuls(ws, x), ws):
-        np.testing.assert_array_equal(a.get(), gpu.matmul(w, x).get())
+    specs = ((GGMLType.Q4_0, 40), (GGMLType.Q4_0, 50), (GGMLType.Q4_0, 30), (GGMLType.Q6_K, 32), (GGMLType.F16, 48))
+    raws = [random_weight(t, r, 256, rng) for t, r in specs]
+    ws = [gpu.load_weight(QWeight("w", raw, t, (r, 256))) for raw, (t, r) in zip(raws, specs)]
+    x = rng.standard_normal((5, 256), dtype=np.float32)
+    for got, raw, (t, _) in zip(gpu.matmuls(ws, gpu.to_device(x)), raws, specs):
+        if gpu.mma and t in MMQ_TYPES:
+            assert rel_err(got.get(), reference.matmul_int8_activations(raw, t, x)) < 1e-4
+        else:
+            assert rel_err(got.get(), reference.matmul(raw, t, x)) < 5e-3
 
 
 def test_embedding_rows_match_codecs(gpu):

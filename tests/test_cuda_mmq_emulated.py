@@ -26,20 +26,22 @@ REPO = Path(__file__).resolve().parent.parent
 DRIVER = r"""
 static std::vector<u8> rd(const std::string& p) {
   FILE* f = fopen(p.c_str(), "rb"); std::vector<u8> v; int c; while ((c = fgetc(f)) != EOF) v.push_back((u8)c); fclose(f); return v; }
-template <int T, int NT> void run(const std::string& D, int rows, int groups, long ld, int n, int splits) {
+template <int T, int NT> void run(const std::string& D, int rows, int groups, long ld, int n, int splits, int e0, int e1) {
   auto w = rd(D + "/w.bin"), q = rd(D + "/q.bin"), d = rd(D + "/d.bin"), s = rd(D + "/s.bin");
-  std::vector<float> part((size_t)splits * n * rows), out((size_t)n * rows);
+  std::vector<float> part((size_t)splits * n * rows), o0((size_t)n * e0), o1((size_t)n * (e1 - e0)), o2((size_t)n * (rows - e1));
+  const u8* w1 = w.data() + (size_t)e0 * ld; const u8* w2 = w.data() + (size_t)e1 * ld;
   const int per = NT >= 4 ? %(ROWS4)d : %(ROWS1)d;
   const unsigned tiles = (rows + per - 1) / per, chunks = (n + 63) / 64;
   launch({tiles, (unsigned)splits, chunks}, {%(THREADS)d, 1, 1}, [&] {
-    mmq<T, NT>(w.data(), ld, rows, groups, (const int*)q.data(), (const float*)d.data(), (const float2*)s.data(), n,
-               splits == 1 ? out.data() : part.data());
+    mmq<T, NT>(w.data(), w1, w2, ld, e0, e1, rows, groups, (const int*)q.data(), (const float*)d.data(), (const float2*)s.data(), n,
+               o0.data(), o1.data(), o2.data(), part.data());
   });
   if (splits > 1) {
     const i64 size = (i64)n * rows;
-    launch({(unsigned)((size + 255) / 256), 1, 1}, {256, 1, 1}, [&] { mmq_reduce(part.data(), splits, size, out.data()); });
+    launch({(unsigned)((size + 255) / 256), 1, 1}, {256, 1, 1}, [&] { mmq_reduce(part.data(), splits, n, e0, e1, rows, o0.data(), o1.data(), o2.data()); });
   }
-  FILE* f = fopen((D + "/out.bin").c_str(), "wb"); fwrite(out.data(), 4, out.size(), f); fclose(f);
+  FILE* f = fopen((D + "/out.bin").c_str(), "wb");
+  fwrite(o0.data(), 4, o0.size(), f); fwrite(o1.data(), 4, o1.size(), f); fwrite(o2.data(), 4, o2.size(), f); fclose(f);
 }
 template <int T> void quant(const std::string& D, int n) {
   auto x = rd(D + "/x.bin");
@@ -53,6 +55,7 @@ int main(int argc, char** argv) {
   const std::string D = argv[1], what = argv[2];
   if (what == "quant") { quant<0>(D, atoi(argv[3])); return 0; }
   const int t = atoi(argv[3]), nt = atoi(argv[4]), rows = atoi(argv[5]), groups = atoi(argv[6]), n = atoi(argv[8]), splits = atoi(argv[9]);
+  const int e0 = atoi(argv[10]), e1 = atoi(argv[11]);
   const long ld = atol(argv[7]);
   switch (t * 100 + nt) {
 %(CASES)s
@@ -97,7 +100,7 @@ def _device_source() -> str:
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     consts = generated_constants().replace("__device__ __constant__ __align__(16)", "alignas(16)")
-    cases = "\n".join(f"    case {KERNEL_TYPE_CODES[t] * 100 + nt}: run<T_{t.name}, {nt}>(D, rows, groups, ld, n, splits); break;"
+    cases = "\n".join(f"    case {KERNEL_TYPE_CODES[t] * 100 + nt}: run<T_{t.name}, {nt}>(D, rows, groups, ld, n, splits, e0, e1); break;"
                       for t in MMQ_TYPES for nt in (1, 2, 4, 8))
     d = tmp_path_factory.mktemp("mmq")
     driver = DRIVER % {"ROWS1": mmq_rows(1), "ROWS4": mmq_rows(4), "THREADS": MMQ_THREADS, "CASES": cases}
@@ -131,14 +134,16 @@ def test_batch_quantization_rounds_like_the_reference(emulator):
     np.testing.assert_array_equal(s, halves)
 
 
-CASES = [(3, 70, 512, 1), (13, 37, 1024, 2), (70, 20, 256, 1), (9, 64, 768, 3), (30, 150, 1792, 3)]
-# (tokens, rows, columns, ranges of K): 1, 2, 8 (2 chunks) and 4 tiles of tokens (32 rows a warp, 150: a
-# block's last warp partly past the end); ranges of 5 groups (one loop of 4 and a tail of 1) and 18-19
+CASES = [(3, 70, 512, 1, ()), (13, 37, 1024, 2, (10, 30)), (70, 20, 256, 1, (7,)), (9, 64, 768, 3, (16, 40)),
+         (30, 150, 1792, 3, (50,))]
+# (tokens, rows, columns, ranges of K, where the rows of a second and third matrix of the launch begin):
+# 1, 2, 8 (2 chunks) and 4 tiles of tokens (32 rows a warp, 150: a block's last warp partly past the end);
+# ranges of 5 groups (one loop of 4 and a tail of 1) and 18-19; one, two and three matrices a launch
 
 
 @pytest.mark.parametrize("t", sorted(MMQ_TYPES, key=lambda t: t.value), ids=lambda t: t.name)
-@pytest.mark.parametrize("n, rows, cols, splits", CASES, ids=lambda v: str(v))
-def test_mmq_equals_int8_reference(emulator, t, n, rows, cols, splits):
+@pytest.mark.parametrize("n, rows, cols, splits, starts", CASES, ids=lambda v: str(v))
+def test_mmq_equals_int8_reference(emulator, t, n, rows, cols, splits, starts):
     assert t in SCALES
     if cols % 256 and t.name.endswith("_K") or cols % 256 and t.name == "IQ4_XS":
         cols = 256 * (cols // 256 + 1)
@@ -150,8 +155,15 @@ def test_mmq_equals_int8_reference(emulator, t, n, rows, cols, splits):
     q.tofile(emulator / "q.bin"), d.tofile(emulator / "d.bin"), s.tofile(emulator / "s.bin")
     nt = mmq_tiles(n)
     subprocess.run([str(emulator / "emu"), str(emulator), "mmq", str(KERNEL_TYPE_CODES[t]), str(nt), str(rows), str(cols // 32),
-                    str(raw.shape[1]), str(n), str(splits)], check=True)
-    got = np.fromfile(emulator / "out.bin", np.float32).reshape(n, rows)
+                    str(raw.shape[1]), str(n), str(splits), *(str(e) for e in (list(starts) + [rows, rows])[:2])], check=True)
+    flat = np.fromfile(emulator / "out.bin", np.float32)
+    bounds = [0, *starts, rows] + [rows] * (2 - len(starts))
+    parts, at = [], 0
+    for a, b in zip(bounds, bounds[1:]):  # each matrix's output (n, its rows), one after another
+        parts.append(flat[at:at + n * (b - a)].reshape(n, b - a))
+        at += n * (b - a)
+    assert at == flat.size
+    got = np.concatenate(parts, axis=1)
     W = gguf_quants.dequantize(raw, t.value).astype(np.float64)
     xq = ref.quantize_activations(x)
     exact = xq @ W.T

@@ -30,11 +30,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ..gguf.constants import GGMLType
 from ..model.archs import BLOCK_EXTRAS
 from ..model.kvtypes import KV_TYPES, KVType, kv_type
 from ..tensor import QWeight
-from .module import (MMQ_MAX_TOKENS, MMQ_MIN_CC, MMQ_THREADS, MMQ_TYPES, mmq_rows, mmq_splits, mmq_tiles, ADD_WARPS, ATT_MAX_HEAD_DIM, ATT_SPLITS, ATT_THREADS, CHUNK_TYPES, FLOAT_VECTOR_TYPES, INT8_INPUT_TYPES,
+from .batch import BatchedDecode
+from .products import BatchProducts
+from .module import (MMQ_MIN_CC, ADD_WARPS, ATT_MAX_HEAD_DIM, ATT_SPLITS, ATT_THREADS, CHUNK_TYPES, FLOAT_VECTOR_TYPES, INT8_INPUT_TYPES,
                      MODE_ADD, MODE_QKV, MODE_SILU, MODE_STORE, NO_ARRANGED, NO_FOLD, NO_INT8, PATH_ANY, PATH_CHUNK, PATH_GROUP,
                      PATH_WIDE, PROMPT_KEYS, PROMPT_QUERIES, PROMPT_THREADS, SUPPORTED_TYPES, TYPE_CODES, UNROLL, WARPS,
                      WIDE_UNROLL, Arranged, Int8Input, ProgrammaticLauncher, attn_kernel_names, attn_module, kernel_names,
@@ -43,7 +44,6 @@ from .module import (MMQ_MAX_TOKENS, MMQ_MIN_CC, MMQ_THREADS, MMQ_TYPES, mmq_row
 log = logging.getLogger(__name__)
 
 SHARED_DEFAULT = 48 << 10  # dynamic shared memory a kernel gets without opting in
-CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
 
 
 class _Workspace:
@@ -78,39 +78,11 @@ class _Workspace:
         return into if any(w.ggml_type in INT8_INPUT_TYPES for w in consumers) else None
 
 
-class _BatchStep:
-    """A captured decode step of `size` sequences: its token / position / sequence ids on the device
-    (filled through pinned memory, one copy), the memory pool its temporaries live in (the graph's
-    alone: blocks the capture freed are the graph's to reuse), the graph and its logits."""
-
-    def __init__(self, cp, size: int):
-        self.size = size
-        self.ids = cp.zeros(3 * size, np.int64)
-        self.tok, self.pos, self.seq = (self.ids[i * size:(i + 1) * size] for i in range(3))
-        self.host = cp.cuda.alloc_pinned_memory(self.ids.nbytes)
-        self.host_np = np.frombuffer(self.host, np.int64, 3 * size)
-        self.pool = cp.cuda.MemoryPool()
-        self.graph = self.logits = None
-        self.host_logits = None  # pinned memory the logits come back through
-
-    def put(self, tokens, positions, seqs) -> None:
-        """The batch's ids into the pinned buffer, padded to the size with copies of the last token (which
-        writes the same cache row with the same values)."""
-        n, size = len(tokens), self.size
-        for i, a in enumerate((tokens, positions, seqs)):
-            row = self.host_np[i * size:(i + 1) * size]
-            row[:n] = a
-            row[n:] = a[n - 1]
-
-
-BATCH_BUCKETS = (2, 4, 8, 16, 32, 64)  # the batch sizes decode_batch captures a step for
-
-
-class CUDABackend:
-    """cupy kernels on one GPU; activations are float32 cupy arrays."""
+class CUDABackend(BatchProducts, BatchedDecode):
+    """cupy kernels on one GPU; activations are float32 cupy arrays. The products of batches are
+    BatchProducts' (products.py), the captured decode steps of several sequences BatchedDecode's (batch.py)."""
 
     name = "cuda"
-    decode_batch_max = BATCH_BUCKETS[-1]  # larger decode batches run op by op
     decode_step_extras = frozenset(BLOCK_EXTRAS)  # the captured decode step adds biases and norms each q / k head
 
     def __init__(self, device: int = 0):
@@ -138,7 +110,6 @@ class CUDABackend:
         self.pdl = int(self.device.compute_capability) >= 90
         self.sms = self.device.attributes["MultiProcessorCount"]
         self.mma = int(self.device.compute_capability) >= MMQ_MIN_CC  # batch products on the int8 tensor cores
-        self.capture_batches = True  # decode_batch replays captured steps (False: runs them eagerly, padded alike)
         self._launcher = None
         # while a decode graph is captured with pdl: False until its first kernel, then True
         self._programmatic: bool | None = None
@@ -309,84 +280,6 @@ class CUDABackend:
         return self._inv_freq[key]
 
     # ----------------------------------------------------------------- the Backend protocol
-    def matmul(self, w: QWeight, x, out=None):
-        return self.matmuls((w,), x, [out])[0]
-
-    def matmuls(self, weights: Sequence[QWeight], x, outs=None) -> list:
-        """x (n_tok, cols) times each weight; a batch's int8 blocks are made once for all of them."""
-        cp = self.cp
-        n_tok = x.shape[0]
-        outs = [o if o is not None else cp.empty((n_tok, w.rows), np.float32) for w, o in zip(weights, outs or [None] * len(weights))]
-        xi = None  # the batch's int8 blocks (q, d, s), for the mmq products
-        for w, out in zip(weights, outs):
-            if n_tok == 1:
-                self._matvec(w, x, out)
-            elif self.mma and w.ggml_type in MMQ_TYPES and n_tok <= MMQ_MAX_TOKENS:
-                if xi is None:
-                    xi = self._quantize_batch(x)
-                self._mmq(w, xi, out)
-            else:
-                self._gemm(w, x, out)
-        return outs
-
-    def _matvec(self, w: QWeight, x, out) -> None:
-        """One token: a matrix-vector product straight from the blocks."""
-        cp = self.cp
-        xf = cp.ascontiguousarray(x[0])
-        xq = xd = xa = None
-        if w.ggml_type in INT8_INPUT_TYPES:
-            xq, xd = cp.empty(w.cols, np.int8), cp.empty(w.cols // 32, np.float32)
-            xa = Arranged(cp, w.cols) if w.ggml_type in CHUNK_TYPES else None
-            self._quantize(xf, xq, xd, xa)
-        self._mmv(MODE_STORE, w, w.rows, w.cols, xq, xd, xf, out, xa=xa)
-
-    def _quantize_batch(self, x) -> tuple:
-        """x (n_tok, cols), cols % 32 == 0 -> int8 blocks (n_tok, cols), scales and half-block sums (n_tok, cols / 32)."""
-        cp = self.cp
-        x = cp.ascontiguousarray(x, dtype=np.float32)
-        n_tok, cols = x.shape
-        q, d, s = cp.empty((n_tok, cols), np.int8), cp.empty((n_tok, cols // 32), np.float32), cp.empty((n_tok, cols // 32, 2), np.float32)
-        self._call("quantize_q8s", ((x.size + 255) // 256,), (256,), (x, np.int32(x.size), q, d, s))
-        return q, d, s
-
-    def _mmq(self, w: QWeight, xi: tuple, out) -> None:
-        """out (n_tok, rows) = the batch's int8 blocks times w, on the tensor cores (mmq.cu)."""
-        q, d, s = xi
-        n_tok, groups = d.shape
-        nt = mmq_tiles(n_tok)
-        ld = w.raw.shape[1] * w.raw.itemsize
-        tiles = (w.rows + mmq_rows(nt) - 1) // mmq_rows(nt)
-        chunks = (n_tok + 63) // 64
-        splits = mmq_splits(tiles * chunks, groups, self.sms, n_tok, ld)
-        part = out if splits == 1 else self.cp.empty((splits, n_tok, w.rows), np.float32)
-        self._call(f"mmq<{TYPE_CODES[w.ggml_type]}, {nt}>", (tiles, splits, chunks), (MMQ_THREADS,),
-                   (w.raw, np.int64(ld), np.int32(w.rows), np.int32(groups), q, d, s, np.int32(n_tok), part))
-        if splits > 1:
-            size = n_tok * w.rows
-            self._call("mmq_reduce", ((size + 255) // 256,), (256,), (part, np.int32(splits), np.int64(size), out))
-
-    def _gemm(self, w: QWeight, x, out) -> None:
-        """A batch on cuBLAS: F32 weights as they are (exact), the others dequantized to fp16 once."""
-        cp = self.cp
-        n_tok = x.shape[0]
-        if w.ggml_type is GGMLType.F32:
-            cp.matmul(x, w.raw.view(np.float32).T, out=out)
-            return
-        n = w.rows * w.cols
-        if self._scratch is None or self._scratch.size < n:
-            self._scratch = cp.empty(n, np.float16)
-        w16 = self._scratch[:n]
-        ld = w.raw.shape[1] * w.raw.itemsize
-        self.fn[f"dequant_f16<{TYPE_CODES[w.ggml_type]}>"](((w.cols + 255) // 256, w.rows), (256,),
-                                                         (w.raw, np.int64(ld), np.int32(w.cols), w16))
-        x16 = cp.ascontiguousarray(x, dtype=np.float16)
-        one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-        handle = cp.cuda.device.get_cublas_handle()
-        # column-major view: out^T (rows, n_tok) = W (rows, cols) @ x^T (cols, n_tok)
-        cp.cuda.cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, n_tok, w.cols,
-                              one.ctypes.data, w16.data.ptr, CUDA_R_16F, w.cols, x16.data.ptr, CUDA_R_16F, w.cols,
-                              zero.ctypes.data, out.data.ptr, CUDA_R_32F, w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
-
     def embed(self, w: QWeight, tokens):
         """Rows `tokens` (host ids, or int64 ids on this GPU) of w, dequantized."""
         ids = tokens if isinstance(tokens, self.cp.ndarray) else self.cp.asarray(np.asarray(tokens, np.int64))
@@ -610,53 +503,3 @@ class CUDABackend:
         ws.logits.data.copy_to_host_async(ctypes.c_void_p(self._logits_host.ptr), 4 * n, stream=self.stream)
         self.stream.synchronize()
         return self._logits_np.copy()  # the pinned buffer is the next token's
-
-    # ------------------------------------------------------------------ batched decode graphs
-    def _capturable(self, model) -> bool:
-        """Whether every product of a decode batch runs on mmq (the batch forward can be captured)."""
-        mats = [model.output] + [w for L in model.layers for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
-        return self.mma and all(w.ggml_type in MMQ_TYPES for w in mats)
-
-    def decode_batch(self, model, tokens, positions, seqs, cache) -> np.ndarray:
-        """Next-token logits (n, n_vocab) on the host of n <= decode_batch_max single tokens of distinct
-        sequences, every layer and the head here: model.decode_batch_logits, captured once per batch size
-        bucket and replayed. A bucket's first batch runs it eagerly (that compiles what it needs and fills
-        the step's memory pool with every block the capture then takes), and captures it after."""
-        cp, s = self.cp, self.stream
-        n = len(tokens)
-        size = next(b for b in BATCH_BUCKETS if b >= n)
-        key = (id(model), cache.storage(0).data.ptr, cache.n_ctx, cache.type_names, size)
-        step = self._batch_steps.get(key)
-        if step is None:
-            if len(self._batch_steps) >= 2 * len(BATCH_BUCKETS):
-                self._batch_steps.pop(next(iter(self._batch_steps)))
-            step = self._batch_steps[key] = _BatchStep(cp, size)
-        step.put(tokens, positions, seqs)
-        self._queued.record(cp.cuda.get_current_stream())
-        s.wait_event(self._queued)
-        step.ids.data.copy_from_host_async(ctypes.c_void_p(step.host.ptr), step.ids.nbytes, stream=s)
-        if not self._capturable(model):  # cuBLAS (the float types' batches) cannot be captured through cupy: unpadded
-            with s, cp.cuda.using_allocator(step.pool.malloc):
-                logits = cp.asnumpy(model.decode_batch_logits(step.tok[:n], step.seq[:n], step.pos[:n], cache), stream=s)
-            return logits
-        if not self.capture_batches:
-            with s, cp.cuda.using_allocator(step.pool.malloc):
-                return cp.asnumpy(model.decode_batch_logits(step.tok, step.seq, step.pos, cache)[:n], stream=s)
-        if step.graph is None:
-            with s, cp.cuda.using_allocator(step.pool.malloc):
-                logits = cp.asnumpy(model.decode_batch_logits(step.tok, step.seq, step.pos, cache)[:n], stream=s)
-                s.synchronize()
-                s.begin_capture()
-                try:
-                    step.logits = model.decode_batch_logits(step.tok, step.seq, step.pos, cache)
-                finally:
-                    graph = s.end_capture()
-                step.graph = graph  # not when the capture raised: the next batch tries again
-            return logits
-        step.graph.launch(stream=s)
-        vocab = step.logits.shape[1]
-        if step.host_logits is None:
-            step.host_logits = cp.cuda.alloc_pinned_memory(step.logits.nbytes)
-        step.logits.data.copy_to_host_async(ctypes.c_void_p(step.host_logits.ptr), 4 * n * vocab, stream=s)
-        s.synchronize()
-        return np.frombuffer(step.host_logits, np.float32, n * vocab).reshape(n, vocab).copy()  # the buffer is the next step's

@@ -217,13 +217,29 @@ __device__ __forceinline__ void mq_step(float (&acc)[mq_shape<NT>::MT][NT][4], c
         }
 }
 
-// out (n, rows) = x (n, K) . W (rows, K)^T; with gridDim.y > 1, out is the partial sums (gridDim.y, n, rows).
+// Up to three matrices of one type and width multiplied by one input in one launch (Q, K, V; gate, up):
+// rows [0, e0) are w0's, [e0, e1) w1's, [e1, rows) w2's, each written to its own output (n, its rows).
+struct MQMats {
+    const u8* w0; const u8* w1; const u8* w2;
+    float* o0; float* o1; float* o2;
+    int e0, e1, rows;
+    __device__ __forceinline__ const u8* row(int r, i64 ld) const {
+        return r < e0 ? w0 + (i64)r * ld : (r < e1 ? w1 + (i64)(r - e0) * ld : w2 + (i64)(r - e1) * ld);
+    }
+    __device__ __forceinline__ float& out(int r, int col) const {
+        return r < e0 ? o0[(i64)col * e0 + r] : (r < e1 ? o1[(i64)col * (e1 - e0) + r - e0] : o2[(i64)col * (rows - e1) + r - e1]);
+    }
+};
+
+// out = x (n, K) . W (rows, K)^T (see MQMats); with gridDim.y > 1, part gets the partial sums (gridDim.y, n, rows).
 template <int T, int NT>
-__global__ void __launch_bounds__(32 * MQ_WARPS) mmq(const u8* __restrict__ w, i64 ld, int rows, int groups,
-        const int* __restrict__ xq, const float* __restrict__ xd, const float2* __restrict__ xs, int n, float* __restrict__ out) {
+__global__ void __launch_bounds__(32 * MQ_WARPS) mmq(const u8* w0, const u8* w1, const u8* w2, i64 ld, int e0, int e1, int rows,
+        int groups, const int* __restrict__ xq, const float* __restrict__ xd, const float2* __restrict__ xs, int n,
+        float* o0, float* o1, float* o2, float* __restrict__ part) {
     pdl_trigger();
     pdl_wait();
     constexpr int MT = mq_shape<NT>::MT, U = mq_shape<NT>::U;
+    const MQMats mats{w0, w1, w2, o0, o1, o2, e0, e1, rows};
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int r0 = (blockIdx.x * MQ_WARPS + threadIdx.x / 32) * 16 * MT;
     const int cols = blockIdx.z * 64;
@@ -231,7 +247,7 @@ __global__ void __launch_bounds__(32 * MQ_WARPS) mmq(const u8* __restrict__ w, i
     const u8* wr[MT][2];
 #pragma unroll
     for (int m = 0; m < MT; m++)  // rows past the end repeat the last (never stored)
-        for (int h = 0; h < 2; h++) wr[m][h] = w + (i64)min(r0 + 16 * m + g + 8 * h, rows - 1) * ld;
+        for (int h = 0; h < 2; h++) wr[m][h] = mats.row(min(r0 + 16 * m + g + 8 * h, rows - 1), ld);
     const MQX x{xq, xd, xs, n};
     float acc[MT][NT][4];
 #pragma unroll
@@ -241,7 +257,7 @@ __global__ void __launch_bounds__(32 * MQ_WARPS) mmq(const u8* __restrict__ w, i
     int kb = k0;
     for (; kb + U <= k1; kb += U) mq_step<T, NT, U>(acc, wr, x, groups, kb, cols, g, c);
     for (; kb < k1; kb++) mq_step<T, NT, 1>(acc, wr, x, groups, kb, cols, g, c);
-    float* o = out + (i64)blockIdx.y * n * rows;
+    float* p = part + (i64)blockIdx.y * n * rows;
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -249,21 +265,26 @@ __global__ void __launch_bounds__(32 * MQ_WARPS) mmq(const u8* __restrict__ w, i
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int row = r0 + 16 * m + g + 8 * (i >> 1), col = cols + 8 * j + 2 * c + (i & 1);
-                if (row < rows && col < n) o[(i64)col * rows + row] = acc[m][j][i];
+                if (row < rows && col < n) {
+                    if (gridDim.y == 1) mats.out(row, col) = acc[m][j][i];
+                    else p[(i64)col * rows + row] = acc[m][j][i];
+                }
             }
 }
 
-// out[i] = the sum of the ranges' partials part[k * size + i], in range order. (Adding them in the last
-// block of each tile instead, after a count of finished ranges, was slower from 32 tokens on: H100, 7B
-// shapes, 4096 x 4096 q4_0 at 32 tokens 46.5 us against 26.8.)
-extern "C" __global__ void mmq_reduce(const float* __restrict__ part, int splits, i64 size, float* __restrict__ out) {
+// The outputs (see MQMats) = the sums of the ranges' partials part (splits, n, rows), in range order.
+// (Adding them in the last block of each tile instead, after a count of finished ranges, was slower from
+// 32 tokens on: H100, 7B shapes, 4096 x 4096 q4_0 at 32 tokens 46.5 us against 26.8.)
+extern "C" __global__ void mmq_reduce(const float* __restrict__ part, int splits, int n, int e0, int e1, int rows,
+                                      float* o0, float* o1, float* o2) {
     pdl_trigger();
     pdl_wait();
-    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 size = (i64)n * rows, i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= size) return;
     float s = 0.f;
     for (int k = 0; k < splits; k++) s += part[(i64)k * size + i];
-    out[i] = s;
+    const MQMats mats{nullptr, nullptr, nullptr, o0, o1, o2, e0, e1, rows};
+    mats.out((int)(i % rows), (int)(i / rows)) = s;
 }
 
 // x (n floats, n % 32 == 0: rows of a batch one after another) -> int8 blocks q, scales d (the
