@@ -272,6 +272,8 @@ class LlamaEngine:
             self._count("failed")
             log.debug("request failed: %s", e, exc_info=True)
             job._push(e)
+        finally:
+            llm.before_token = None  # the check holds the job (and its queue of unread chunks): let it go
 
     def _count(self, outcome: str) -> None:
         with self._cond:
