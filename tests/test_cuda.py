@@ -4,8 +4,9 @@ decode steps), and the stories260K greedy reference. Skipped without cupy and a 
 the GPU machine (see README, "GPU").
 
 Stated tolerances, as max |gpu - reference| / max |reference|:
-- decode products (int8 or float activations, as the CPU kernels): 1e-4 (float summation order);
-- prompt products (fp16 tensor-core GEMM, fp32 accumulate): 5e-3 (fp16 rounding of W and x);
+- decode products (int8 or float activations, as the CPU kernels), and the int8 types' batches of up to
+  MMQ_MAX_TOKENS tokens on the int8 tensor cores (mmq): 1e-4 (float summation order);
+- other batch products (fp16 tensor-core GEMM, fp32 accumulate): 5e-3 (fp16 rounding of W and x);
 - whole-model logits vs the CPU backend, float weights: 2e-3.
 - quantized weights, decode steps alone: 2e-2. Both backends round activations to int8 blocks the
   same way, but a 1e-7 float difference (summation order) now and then moves a value across a
