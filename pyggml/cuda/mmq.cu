@@ -1,14 +1,15 @@
 // Products of a batch of tokens on the int8 tensor cores (mma.sync m16n8k32, s8 x s8 -> s32), straight
-// from the weights' blocks: the decode steps of several sequences at once, and prompt batches.
+// from the weights' blocks: the decode steps of several sequences at once, and prompts of up to 64 tokens.
 // Compiled after kernels.cu, in the same module (it uses its decoders' helpers: f16, ld32, spread4,
 // iq4_values, scale_min_k4); backend.py's _mmq launches it.
 //
 // The activations are int8 blocks of 32 (quantize_q8s: the decode products' rounding) with their
 // scale and, for the weight types with a min, the scaled sums of each half block.
-// A warp owns 16 weight rows (32 for 32+ tokens: mq_shape). Lane (g = lane / 4, c = lane % 4) holds, of every 32-weight group of
-// rows g and g + 8, weights 4c..4c+3 and 16+4c..16+4c+3: the mma's A fragment, which is also how the
-// 4-bit types lay out their nibbles (byte j holds weights j and j + 16). Each group is one mma per
-// 8 tokens (NT tiles of 8 tokens: up to 64 a block), its int32 sums scaled into float accumulators.
+// A warp owns 16 weight rows (32 for 32+ tokens: mq_shape). Lane (g = lane / 4, c = lane % 4) holds,
+// of every 32-weight group of rows g and g + 8, weights 4c..4c+3 and 16+4c..16+4c+3: the mma's A
+// fragment, which is also how the 4-bit types lay out their nibbles (byte j holds weights j and j + 16).
+// Each group is one mma per 8 tokens (NT tiles of 8 tokens: up to 64 a block), its int32 sums scaled
+// into float accumulators.
 // Types whose scales cover 16 weights (Q2_K, Q3_K, Q6_K) take two m16n8k16 mmas, one per half.
 // The weights are read once for all the block's tokens, a few groups at once (mq_step). Grid: x = tiles of
 // 16 * MT * MQ_WARPS rows, y = ranges of the K groups (with more than one, each writes its partial sums and
