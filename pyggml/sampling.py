@@ -60,8 +60,10 @@ class SamplingParams:
 def apply_repetition_penalty(logits: np.ndarray, recent_ids: IdsLike, penalty: float) -> np.ndarray:
     """CTRL / llama.cpp rule: each id seen in `recent_ids` (once, however often it occurs) has a
     positive logit divided by `penalty` and a negative one multiplied by it."""
+    if penalty == 1.0:
+        return logits
     ids = np.unique(np.asarray(recent_ids, dtype=np.int64))
-    if penalty == 1.0 or ids.size == 0:
+    if ids.size == 0:
         return logits
     if ids[0] < 0 or ids[-1] >= logits.shape[0]:
         raise ValueError(f"recent token id out of range [0, {logits.shape[0]}): {ids[0] if ids[0] < 0 else ids[-1]}")
@@ -206,15 +208,9 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.shape[0] == 0:
             raise ValueError(f"logits must be a non-empty vector (n_vocab,), got shape {logits.shape}")
-        p = self.params
-        if p.is_greedy and allowed is None and not p.logit_bias and (p.repeat_penalty == 1.0 or p.repeat_last_n == 0) \
-                and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0:
-            best = greedy(logits)  # argmax returns a NaN's index when there is one
-            if np.isnan(logits[best]):
-                raise ValueError("logits contain NaN (the forward pass produced invalid values)")
-            return best
-        if np.isnan(logits).any():
+        if np.isnan(logits[np.argmax(logits)]):  # argmax names the first NaN when there is one (no mask array)
             raise ValueError("logits contain NaN (the forward pass produced invalid values)")
+        p = self.params
         logits = self.penalise(logits, recent_ids)
         if allowed is not None:
             if not allowed.any():
