@@ -24,6 +24,7 @@ class _BatchStep:
         self.pool = cp.cuda.MemoryPool()
         self.graph = self.logits = None
         self.host_logits = None  # pinned memory the logits come back through
+        self.capturable = False  # every product of the model on mmq (set by decode_batch)
 
     def put(self, tokens, positions, seqs) -> None:
         """The batch's ids into the pinned buffer, padded to the size with copies of the last token (which
@@ -36,7 +37,6 @@ class _BatchStep:
 
 
 BATCH_BUCKETS = (2, 4, 8, 16, 32, 64)  # the batch sizes decode_batch captures a step for
-
 
 
 class BatchedDecode:
@@ -64,27 +64,23 @@ class BatchedDecode:
             if len(self._batch_steps) >= 2 * len(BATCH_BUCKETS):
                 self._batch_steps.pop(next(iter(self._batch_steps)))
             step = self._batch_steps[key] = _BatchStep(cp, size)
+            step.capturable = self._capturable(model)
         step.put(tokens, positions, seqs)
         self._queued.record(cp.cuda.get_current_stream())
         s.wait_event(self._queued)
         step.ids.data.copy_from_host_async(ctypes.c_void_p(step.host.ptr), step.ids.nbytes, stream=s)
-        if not self._capturable(model):  # cuBLAS (the float types' batches) cannot be captured through cupy: unpadded
+        if step.graph is None or not self.capture_batches:  # eagerly, and captured after when it can be
+            m = size if step.capturable else n  # cuBLAS (the float types' batches) picks by shape: unpadded
             with s, cp.cuda.using_allocator(step.pool.malloc):
-                logits = cp.asnumpy(model.decode_batch_logits(step.tok[:n], step.seq[:n], step.pos[:n], cache), stream=s)
-            return logits
-        if not self.capture_batches:
-            with s, cp.cuda.using_allocator(step.pool.malloc):
-                return cp.asnumpy(model.decode_batch_logits(step.tok, step.seq, step.pos, cache)[:n], stream=s)
-        if step.graph is None:
-            with s, cp.cuda.using_allocator(step.pool.malloc):
-                logits = cp.asnumpy(model.decode_batch_logits(step.tok, step.seq, step.pos, cache)[:n], stream=s)
-                s.synchronize()
-                s.begin_capture()
-                try:
-                    step.logits = model.decode_batch_logits(step.tok, step.seq, step.pos, cache)
-                finally:
-                    graph = s.end_capture()
-                step.graph = graph  # not when the capture raised: the next batch tries again
+                logits = cp.asnumpy(model.decode_batch_logits(step.tok[:m], step.seq[:m], step.pos[:m], cache)[:n], stream=s)
+                if step.capturable and self.capture_batches:  # cupy cannot capture cuBLAS
+                    s.synchronize()
+                    s.begin_capture()
+                    try:
+                        step.logits = model.decode_batch_logits(step.tok, step.seq, step.pos, cache)
+                    finally:
+                        graph = s.end_capture()
+                    step.graph = graph  # not when the capture raised: the next batch tries again
             return logits
         step.graph.launch(stream=s)
         vocab = step.logits.shape[1]
