@@ -16,7 +16,7 @@ from pyggml.kernels import reference as ref
 from pyggml.gguf.constants import GGMLType
 from pyggml.quant.registry import KERNEL_TYPE_CODES, TYPE_TRAITS
 
-from test_kpack import F16_FIELDS
+from test_kpack import F16_FIELDS, random_rows as kpack_random_rows
 
 gguf_quants = pytest.importorskip("gguf.quants")
 GXX = shutil.which("g++")
@@ -70,14 +70,10 @@ SCALES = {**F16_FIELDS, GGMLType.Q4_0: (0,), GGMLType.Q5_0: (0,), GGMLType.Q8_0:
 
 
 def random_rows(rng, t: GGMLType, rows: int, cols: int) -> np.ndarray:
-    """Blocks of random bits with sane fp16 scales; the first row's first block all zero."""
-    tr = TYPE_TRAITS[t]
-    raw = rng.integers(0, 256, (rows, cols // tr.block_size * tr.type_size), dtype=np.uint8)
-    blocks = raw.reshape(rows, -1, tr.type_size)
-    for at in SCALES[t]:
-        v = (rng.uniform(1e-3, 1e-2, blocks.shape[:2]) * rng.choice([-1, 1], blocks.shape[:2])).astype(np.float16)
-        blocks[:, :, at:at + 2] = v[..., None].view(np.uint8).reshape(*blocks.shape[:2], 2)
-    blocks[0, 0] = 0
+    """Blocks of random bits with sane fp16 scales; the first row's first block all zero (only the first row's:
+    a K-quant row of 256 columns is one block)."""
+    raw = kpack_random_rows(rng, t, rows, cols, fields=SCALES)
+    raw.reshape(rows, -1, TYPE_TRAITS[t].type_size)[0, 0] = 0
     return raw
 
 

@@ -18,11 +18,12 @@ F16_FIELDS = {GGMLType.Q4_1: (0, 2), GGMLType.Q5_1: (0, 2), GGMLType.Q4_K: (0, 2
 TYPES = sorted(kpack.K_LAYOUTS, key=lambda t: t.value)
 
 
-def random_rows(rng, t: GGMLType, rows: int, cols: int, zero_first: bool = False) -> np.ndarray:
+def random_rows(rng, t: GGMLType, rows: int, cols: int, zero_first: bool = False, fields=F16_FIELDS) -> np.ndarray:
+    """Blocks of random bits with sane fp16 scales at fields[t]; zero_first: every row's first block all zero."""
     tr = TYPE_TRAITS[t]
     raw = rng.integers(0, 256, (rows, cols // tr.block_size * tr.type_size), dtype=np.uint8)
     blocks = raw.reshape(rows, -1, tr.type_size)
-    for at in F16_FIELDS[t]:
+    for at in fields[t]:
         v = (rng.uniform(1e-3, 1e-2, blocks.shape[:2]) * rng.choice([-1, 1], blocks.shape[:2])).astype(np.float16)
         blocks[:, :, at:at + 2] = v[..., None].view(np.uint8).reshape(*blocks.shape[:2], 2)
     if zero_first:
