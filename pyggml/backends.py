@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
+from .kernels import compute
 from .kvfile import open_kv_parts
 from .tensor import QWeight
 
@@ -89,14 +90,20 @@ class CPUBackend:
     name = "cpu"
 
     def __init__(self, n_threads: int | None = None):
+        import numba
+
         from .kernels import cpu  # imports numba: only when a model is actually loaded
 
         keep_freed_memory()
         self.k = cpu
-        if n_threads:
-            import numba
+        most = numba.config.NUMBA_NUM_THREADS
+        self.n_threads = max(1, min(int(n_threads), most)) if n_threads else most
 
-            numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
+    def on_compute_thread(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the compute thread with this backend's threads (kernels/compute.py):
+        the model runs whole forward passes so; the methods that start kernels hand over one call each
+        when called from elsewhere (_on_compute_thread below)."""
+        return compute.call(fn, *args, threads=self.n_threads, **kwargs)
 
     def load_weight(self, w: QWeight, products: bool = True) -> QWeight:
         if w.ggml_type not in self.k.SUPPORTED_TYPES:
@@ -169,6 +176,25 @@ class CPUBackend:
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return self.k.silu_mul(gate, up, np.empty_like(gate))
 
+
+def _on_compute_thread(cls, names: tuple[str, ...]):
+    """Wrap cls's methods `names` (those that start parallel kernels) to run on the compute thread:
+    directly when already there (a forward pass the model handed over), else handed over per call."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            if compute.here():
+                return method(self, *args, **kwargs)
+            return self.on_compute_thread(method, self, *args, **kwargs)
+        return run
+
+    for name in names:
+        setattr(cls, name, wrap(getattr(cls, name)))
+    return cls
+
+
+_on_compute_thread(CPUBackend, ("load_weight", "kv_write", "matmul", "matmuls", "embed", "rmsnorm", "rope", "attention",
+                                "attention_seqs", "silu_mul"))
 
 def make_backends(gguf: GGUFFile, config: LlamaConfig, n_gpu_layers: int, n_threads: int | None, n_ctx: int, n_batch: int,
                   kv_types: tuple[KVType, KVType] | None = None):

@@ -161,7 +161,8 @@ def bench_model(model_path: str, n_prompt: int | Sequence[int] = 128, n_gen: int
                 n_gpu_layers=n_gpu_layers, type_k=type_k, type_v=type_v)
     import numba
 
-    threads = numba.get_num_threads()
+    cpu = llm.model._compute  # the CPU backend, when the model has a part there
+    threads = cpu.n_threads if cpu is not None else (n_threads or numba.config.NUMBA_NUM_THREADS)
     rng = np.random.default_rng(seed)
     results = [run_pp(llm, n, repetitions, rng, d) for d in depths for n in prompts]
     results += [run_tg(llm, n, repetitions, rng, d) for d in depths for n in gens]
@@ -170,7 +171,7 @@ def bench_model(model_path: str, n_prompt: int | Sequence[int] = 128, n_gen: int
     read_bw = {} if read_bw is None else read_bw
     key = "gpu" if all_on_gpu else f"cpu{threads}"
     if key not in read_bw:
-        read_bw[key] = measure_device_copy_bandwidth() if all_on_gpu else measure_read_bandwidth()
+        read_bw[key] = measure_device_copy_bandwidth() if all_on_gpu else cpu.on_compute_thread(measure_read_bandwidth)
     row = {
         "model": Path(model_path).name,
         "size": Path(model_path).stat().st_size,

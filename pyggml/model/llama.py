@@ -8,6 +8,7 @@ cache)` is the batch of one sequence.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -65,6 +66,16 @@ class Layer:
     k_norm: object = None
 
 
+def _whole_pass(method):
+    """The forward pass runs on the compute thread when a CPU backend takes part in it."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self._compute is None:
+            return method(self, *args, **kwargs)
+        return self._compute.on_compute_thread(method, self, *args, **kwargs)
+    return run
+
+
 class LlamaModel:
     """Weights and forward pass of one LLaMA model. Stateless apart from the KV cache passed in."""
 
@@ -88,6 +99,8 @@ class LlamaModel:
         self.arch = cfg.architecture
         self._neox = archs.neox_order(1, cfg.head_dim, cfg.rope_dim) if self.arch.rope_neox else None
         self.layers = [self._layer(i, b) for i, b in enumerate(backends)]
+        # a CPU backend starts its kernels on one thread (kernels/compute.py): whole passes are handed to it
+        self._compute = next((b for b in (*backends, head_backend) if hasattr(b, "on_compute_thread")), None)
         # one token may run as one fused step of a backend when every layer is there and it runs this block
         self._all_on_head = all(b is head_backend for b in backends) and self._fused_step(head_backend) is not None
         self.inv_freq = self._rope_frequencies()  # (rope_dim/2,)
@@ -260,6 +273,7 @@ class LlamaModel:
         step = getattr(backend, "decode_layers", None)
         return step if self.arch.block_extras <= getattr(backend, "decode_step_extras", frozenset()) else None
 
+    @_whole_pass
     def hidden_states(self, tokens: np.ndarray, start_pos: int, cache: KVCache) -> tuple[object, Backend]:
         """Run the layers on tokens at positions start_pos.. of sequence 0; returns the final-normed (n_tok, dim)."""
         n = len(tokens)
@@ -290,6 +304,7 @@ class LlamaModel:
             x = self.head_backend.to_device(on.to_host(x))
         return self.head_backend.rmsnorm(x, self.output_norm, self.config.rms_eps), self.head_backend
 
+    @_whole_pass
     def forward_batch(self, tokens, positions, seqs, cache: KVCache, rows=None) -> np.ndarray:
         """Logits (len(rows), n_vocab) float32 of the batch's tokens `rows` (default: every token);
         token t is at position positions[t] of sequence seqs[t]. A sequence's tokens in one batch are
