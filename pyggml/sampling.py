@@ -208,16 +208,18 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.shape[0] == 0:
             raise ValueError(f"logits must be a non-empty vector (n_vocab,), got shape {logits.shape}")
-        if np.isnan(logits[np.argmax(logits)]):  # argmax names the first NaN when there is one (no mask array)
+        top = int(np.argmax(logits))
+        if np.isnan(logits[top]):  # argmax names the first NaN when there is one (no mask array)
             raise ValueError("logits contain NaN (the forward pass produced invalid values)")
         p = self.params
+        given = logits
         logits = self.penalise(logits, recent_ids)
         if allowed is not None:
             if not allowed.any():
                 raise ValueError("the grammar allows no token here")
             logits = np.where(allowed, logits, -np.inf).astype(np.float32, copy=False)
-        if p.is_greedy:
-            return greedy(logits)
+        if p.is_greedy:  # the check's argmax is the answer when no bias, penalty or grammar made new logits
+            return top if logits is given else greedy(logits)
         ids = top_k_indices(logits, p.top_k)  # (k,) survivors, most likely first
         cand = logits[ids]                    # (k,)
         cand = top_p_filter(cand, p.top_p)

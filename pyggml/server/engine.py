@@ -48,16 +48,47 @@ class _Cancelled(Exception):
     """Raised inside the generation loop to stop a cancelled request."""
 
 
+class _Mailbox:
+    """Items from the worker threads to the jobs of one event loop: the loop is woken once for each
+    burst of items, not once per item (a decode step of 32 sequences hands over 32 chunks at once)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: deque[tuple[asyncio.Queue, Any]] = deque()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        """Hand an item to a job's queue (any thread); RuntimeError once the loop is closed."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self._lock:
+                self._scheduled = False
+            raise
+
+    def _deliver(self) -> None:  # on the loop
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Job:
     """One submitted request: an async iterator over its items, filled by the engine's worker thread."""
 
-    def __init__(self, kind: str, params: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                 on_cancel: Callable[["Job"], None]):
+    def __init__(self, kind: str, params: dict[str, Any], mailbox: _Mailbox, on_cancel: Callable[["Job"], None]):
         self.kind, self.params = kind, params
         self.usage: dict[str, int] | None = None
         self.timings: dict[str, float] | None = None
         self.stopping_word = ""
-        self._loop = loop
+        self._mailbox = mailbox
         self._items: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
         self._on_cancel = on_cancel
@@ -76,7 +107,7 @@ class Job:
     def _push(self, item: Any) -> None:
         """Hand an item to the reader (called from the worker thread)."""
         try:
-            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+            self._mailbox.put(self._items, item)
         except RuntimeError:  # the event loop is closed: nobody is reading any more
             self._cancelled.set()
 
@@ -124,6 +155,7 @@ class LlamaEngine:
         else:
             self.slots = [llm]
         self._cond = threading.Condition()
+        self._mailbox: _Mailbox | None = None  # the event loop's, made by the first submit from it
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}
         self._keys = [""] * self.n_slots  # each slot's last prompt, to send a follow-up where its prefix is
@@ -171,7 +203,10 @@ class LlamaEngine:
         """Queue a request (call from the event loop that will read the job)."""
         if kind not in KINDS:
             raise ValueError(f"unknown request kind {kind!r}; one of {', '.join(KINDS)}")
-        job = Job(kind, dict(params), asyncio.get_running_loop(), self._drop)
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        job = Job(kind, dict(params), self._mailbox, self._drop)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
