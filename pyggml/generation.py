@@ -67,6 +67,8 @@ class ContextMixin:
     """Evaluation and generation methods of `Llama` (see the module docstring for the state they use)."""
 
     before_token: Callable[[], None] | None = None  # called before each token is sampled; raising stops the generation
+    _chain: Callable | None = None  # a server sequence's: its batcher runs the decode loop (server/batching.py Chain)
+    _chain_stop: Callable | None = None
 
     def _warn_unsupported(self, **given: Any) -> None:
         names = [k for k, v in given.items() if v != _UNSUPPORTED_SAMPLING.get(k) and k not in self._warned]
@@ -209,6 +211,10 @@ class ContextMixin:
         sampler = Sampler(replace(params, seed=seed))
         matcher = GrammarMatcher(grammar, self.tokenizer_, self.n_vocab()) if grammar is not None else None
         self.context_full = False
+        if self._chain is not None and matcher is None and logits_processor is None and stopping_criteria is None \
+                and state.n_logprobs is None and max_tokens > 0:
+            yield from self._chained_tokens(logits, sampler, params, max_tokens, state)
+            return
         t0 = time.perf_counter()
         try:
             for _ in range(max_tokens):
@@ -246,6 +252,67 @@ class ContextMixin:
             state.finish_reason = "length"
         finally:
             self.timings.gen_s = time.perf_counter() - t0
+
+    def _chained_tokens(self, logits: np.ndarray, sampler: Sampler, params: SamplingParams, max_tokens: int,
+                        state: GenerationState) -> Iterator[int]:
+        """generate_tokens' loop with the server's batcher running it (self._chain): each token after the
+        first is chosen on the batcher's thread as soon as the forward pass that makes its logits has run,
+        and joins the next decode step at once; this thread yields the tokens as they come. The same
+        decisions in the same order: the cancel check, the sampler (its own RNG), end-of-generation, then
+        max_tokens and the context (a token that ends the generation is not evaluated)."""
+        n = params.repeat_last_n
+        base, ctx = len(self.tokens), list(self.tokens)  # ctx: what the cache holds, as the chain extends it
+        n_ctx = self.n_ctx()
+        chosen = 0
+        ends = {"reason": "length", "full": False}
+
+        def decide(row: np.ndarray) -> int | None:
+            nonlocal chosen
+            if self.before_token is not None:
+                self.before_token()
+            token = sampler.sample(row, ctx[-n:] if n > 0 else (ctx if n < 0 else []))
+            if self.tokenizer_.is_eog(token):
+                ends["reason"] = "stop"
+                return None
+            chosen += 1
+            return token
+
+        def more() -> bool:  # whether the token just chosen is evaluated (another one follows it)
+            if len(ctx) >= n_ctx:
+                ends["full"] = True
+                return False
+            return chosen < max_tokens
+
+        def choose(row: np.ndarray, evaluated: int) -> tuple[int | None, bool]:  # on the batcher's thread
+            ctx.append(evaluated)
+            token = decide(row)
+            return token, token is not None and more()
+
+        t0 = time.perf_counter()
+        first = decide(logits)
+        chain = self._chain(first, len(ctx), choose) if first is not None and more() else None
+        try:
+            token = first
+            while token is not None:
+                state.n_completion += 1
+                state.tokens.append(token)
+                yield token
+                if chain is None:
+                    break
+                kind, value = chain.out.get()
+                if kind == "error":
+                    raise value
+                token = value if kind == "token" else None
+        finally:
+            if chain is not None:
+                self._chain_stop(chain)
+                self.tokens = self.tokens[:base] + chain.evaluated
+                if chain.evaluated:
+                    self._logits = chain.logits
+                self.timings.gen_tokens = len(chain.evaluated)
+            self.timings.gen_s = time.perf_counter() - t0
+        self.context_full = ends["full"]
+        state.finish_reason = ends["reason"]
 
     def stream_text(self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int,
                     stop: Sequence[str], state: GenerationState, **kw: Any) -> Iterator[str]:

@@ -218,3 +218,50 @@ def test_engine_slots_reuse_a_shared_prefix(stories_f32):
     finally:
         engine.close()
         llm.close()
+
+
+def test_chained_decode_keeps_every_generation_rule(stories_f32):
+    """The batcher runs a plain sequence's decode loop itself (batching.Chain): sampled requests (their
+    own seeded RNG, penalties), stop strings, max_tokens and end-of-generation give the text and the
+    finish reasons they give alone; the slot's context holds exactly the evaluated tokens, so a
+    follow-up request on it matches a fresh one; a cancel raised by the check before a token comes out of
+    the sequence's thread and leaves the slot reusable."""
+    asks = [dict(prompt=PROMPTS[0], max_tokens=20, temperature=0.8, seed=7, repeat_penalty=1.3),
+            dict(prompt=PROMPTS[1], max_tokens=40, temperature=0, stop=["small"]),
+            dict(prompt=PROMPTS[2], max_tokens=1, temperature=0),
+            dict(prompt=PROMPTS[3], max_tokens=120, temperature=0)]
+    with Llama(str(stories_f32), n_ctx=128, n_threads=2, verbose=False) as alone:
+        want = [alone.create_completion(**a)["choices"][0] for a in asks]
+        follow = alone.create_completion(PROMPTS[4], max_tokens=12, temperature=0)["choices"][0]["text"]
+    assert {w["finish_reason"] for w in want} == {"stop", "length"}
+    with Llama(str(stories_f32), n_ctx=128, n_threads=2, verbose=False, n_seq_max=4) as llm:
+        batcher = Batcher(llm.model, llm.kv_cache, n_batch=64)
+        views = [sequence_view(llm, batcher, s) for s in range(4)]
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(lambda i: views[i].create_completion(**asks[i])["choices"][0], range(4)))
+            assert [(g["text"], g["finish_reason"]) for g in got] == [(w["text"], w["finish_reason"]) for w in want]
+            assert batcher.stats["max_batch"] > 1
+            # the context is what the cache holds: the prompt and every token but the last (not evaluated)
+            for i in (0, 2):
+                assert want[i]["finish_reason"] == "length"
+                n_prompt = len(llm.tokenize(asks[i]["prompt"].encode()))
+                assert len(views[i].tokens) == n_prompt + asks[i]["max_tokens"] - 1
+            assert views[1].create_completion(PROMPTS[4], max_tokens=12, temperature=0)["choices"][0]["text"] == follow
+
+            calls = []
+
+            def cancel_third():
+                calls.append(threading.current_thread().name)
+                if len(calls) == 3:
+                    raise KeyError("cancelled")
+
+            views[2].before_token = cancel_third
+            with pytest.raises(KeyError, match="cancelled"):
+                views[2].create_completion(PROMPTS[5], max_tokens=30, temperature=0)
+            assert "pyggml-batcher" in calls  # the check ran where the chain chooses its tokens
+            views[2].before_token = None
+            assert views[2].create_completion(PROMPTS[4], max_tokens=12, temperature=0)["choices"][0]["text"] == follow
+        finally:
+            batcher.close()
+    assert not batcher._pending
