@@ -256,6 +256,9 @@ __global__ void __launch_bounds__(32 * MQ_WARPS) mmq(const u8* w0, const u8* w1,
 #pragma unroll
         for (int j = 0; j < NT; j++) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
     int kb = k0;
+    // two steps unrolled: the second one's loads go out before the first one's products (H100, 7B shapes,
+    // q4_0 at 64 tokens: 4096 x 4096 42.9 -> 33.9 us, 11008 x 4096 119.9 -> 84.4; 2-32 tokens unchanged)
+#pragma unroll 2
     for (; kb + U <= k1; kb += U) mq_step<T, NT, U>(acc, wr, x, groups, kb, cols, g, c);
     for (; kb < k1; kb++) mq_step<T, NT, 1>(acc, wr, x, groups, kb, cols, g, c);
     float* p = part + (i64)blockIdx.y * n * rows;
