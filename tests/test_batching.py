@@ -265,3 +265,12 @@ def test_chained_decode_keeps_every_generation_rule(stories_f32):
         finally:
             batcher.close()
     assert not batcher._pending
+
+
+def test_warm_up_batches_is_for_captured_batch_steps_only(stories_f32):
+    """On the CPU (no captured batch steps) the server's warm-up runs nothing and writes nothing."""
+    with Llama(str(stories_f32), n_ctx=64, n_threads=2, verbose=False, n_seq_max=4) as llm:
+        layers = range(llm.config.n_layers)
+        before = [np.array(llm.kv_cache.storage(i), copy=True) for i in layers]
+        assert llm.model.warm_up_batches(llm.kv_cache, 1) == []
+        assert all(np.array_equal(b, llm.kv_cache.storage(i)) for i, b in zip(layers, before))

@@ -218,12 +218,15 @@ def test_batched_sequences_on_gpu_match_cpu(random_model, n_gpu_layers):
     assert rel_err(got, want) < tol and same_top(got, want)
 
 
-def batch_steps(path, captured: bool):
+def batch_steps(path, captured: bool, warm: bool = False):
     """Decode steps of 5, 3, 5, 2 and 5 sequences (slots in changing order; batch size buckets 8, 4 and 2,
-    padded), each slot first given its own prompt: the logits of every step, from the GPU."""
+    padded), each slot first given its own prompt: the logits of every step, from the GPU. warm: after
+    a server's warm-up (a batch of each captured size up to the 6 slots, at position 0)."""
     llm = Llama(path, n_ctx=40, n_gpu_layers=-1, n_seq_max=6)
     m, cache = llm.model, llm.kv_cache
     m.head_backend.capture_batches = captured  # this instance: replayed graphs, or the same padded batches eagerly
+    if warm:
+        assert m.warm_up_batches(cache, 1) == [2, 4]
     rng = np.random.default_rng(12)
     for s in range(6):
         m.forward_batch(rng.integers(3, 300, 4 + s), np.arange(4 + s), np.full(4 + s, s), cache, [3 + s])
@@ -241,6 +244,12 @@ def test_captured_batch_steps_equal_eager_ones(random_model):
     copies of the last token) give the bits of the same padded batches run eagerly (against the CPU:
     test_batched_sequences_on_gpu_match_cpu)."""
     np.testing.assert_array_equal(batch_steps(random_model, True), batch_steps(random_model, False))
+
+
+def test_warm_up_batches_change_nothing(random_model):
+    """A server's warm-up (pyggml serve: LlamaModel.warm_up_batches) captures its steps before the first
+    requests; the prompts then overwrite what it wrote, and every step gives the bits it gives without it."""
+    np.testing.assert_array_equal(batch_steps(random_model, True, warm=True), batch_steps(random_model, True))
 
 
 def test_decode_attention_over_many_key_ranges(tmp_path):

@@ -43,6 +43,7 @@ class BatchedDecode:
     """decode_batch for LlamaModel.forward_batch: batches of up to decode_batch_max single tokens."""
 
     decode_batch_max = BATCH_BUCKETS[-1]  # larger decode batches run op by op
+    batch_sizes = BATCH_BUCKETS  # what LlamaModel.warm_up_batches runs once each
     capture_batches = True  # replay captured steps (False: run the same padded batches eagerly)
 
     def _capturable(self, model) -> bool:

@@ -326,6 +326,17 @@ class LlamaModel:
             h = h[rows[0] : rows[0] + len(rows)] if contiguous else h[rows]  # a list index: numpy and cupy alike
         return b.to_host(b.matmul(self.output, h))
 
+    def warm_up_batches(self, cache: KVCache, token: int) -> list[int]:
+        """Run one decode batch of each size the head backend captures a step for (a GPU's 2, 4 ... 64),
+        as a server starts: a size's first batch runs eagerly and is captured, which would otherwise stall
+        the first requests that bring that many sequences together. Writes `token` at position 0 of the
+        first slots (a server's slots are empty then). The sizes run; none where every layer is not on a
+        backend with captured batches."""
+        sizes = [n for n in getattr(self.head_backend, "batch_sizes", ()) if n <= cache.n_seq] if self._all_on_head else []
+        for n in sizes:
+            self.forward_batch(np.full(n, token, np.int64), np.zeros(n, np.int64), np.arange(n, dtype=np.int64), cache)
+        return sizes
+
     def decode_batch_logits(self, tokens, seqs, positions, cache: KVCache):
         """Logits (n_tok, n_vocab), on the head backend, of a batch of single tokens of distinct sequences
         (a decode step of several), every layer on the head backend, the batch given as index arrays on

@@ -72,6 +72,8 @@ def load_engine(s: ServerSettings) -> LlamaEngine:
                     n_gpu_layers=s.n_gpu_layers, seed=-1, chat_format=s.chat_format, verbose=False, n_seq_max=n_par,
                     type_k=s.type_k, type_v=s.type_v)
         first.warm_up(llm)
+        if n_par > 1:  # the GPU's captured batch steps, before the first requests (as llama-server warms up)
+            llm.model.warm_up_batches(llm.kv_cache, max(llm.token_bos(), 0))
     for w in caught:
         log.warning("%s", w.message)
     log.info("loaded %s: %d slot%s of %d tokens%s", s.model_path, n_par, "s" if n_par > 1 else "", llm.n_ctx(),
