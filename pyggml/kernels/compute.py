@@ -93,7 +93,7 @@ def call(fn: Callable, *args: Any, threads: int, **kwargs: Any) -> Any:
     exception raised here. Calls from several threads run one at a time, in the order they come. A
     KeyboardInterrupt while waiting is raised once the work has finished (it may be writing a KV cache)."""
     w = _get()
-    if threading.get_ident() == _ident:
+    if here():
         return w.run(fn, args, kwargs, threads)
     work = _Work(fn, args, kwargs, threads)
     w.queue.put(work)

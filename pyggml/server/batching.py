@@ -104,13 +104,7 @@ class Batcher:
     def evaluate(self, seq: int, tokens: np.ndarray, start: int) -> np.ndarray:
         """Evaluate `tokens` at positions start.. of slot seq; the next-token logits after the last one.
         Blocks until done; raises SequenceAborted when abort(seq) comes first."""
-        if not 0 <= seq < self.cache.n_seq:
-            raise ValueError(f"slot {seq} out of range [0, {self.cache.n_seq})")
-        if start < 0 or start + len(tokens) > self.cache.n_ctx:
-            raise ValueError(f"positions {start}..{start + len(tokens) - 1} do not fit the context of {self.cache.n_ctx} tokens")
         e = _Eval(seq, np.asarray(tokens, dtype=np.int64).reshape(-1), int(start))
-        if len(e.tokens) == 0:
-            raise ValueError("no tokens to evaluate")
         self._queue(e)
         e.event.wait()
         if e.error is not None:
@@ -118,6 +112,14 @@ class Batcher:
         return e.logits
 
     def _queue(self, e: _Eval) -> None:
+        """Check an evaluation's slot and positions, and queue it."""
+        if not 0 <= e.seq < self.cache.n_seq:
+            raise ValueError(f"slot {e.seq} out of range [0, {self.cache.n_seq})")
+        if len(e.tokens) == 0:
+            raise ValueError("no tokens to evaluate")
+        if e.start < 0 or e.start + len(e.tokens) > self.cache.n_ctx:
+            raise ValueError(f"positions {e.start}..{e.start + len(e.tokens) - 1} do not fit the context of "
+                             f"{self.cache.n_ctx} tokens")
         with self._cond:
             if self._closed:
                 raise SequenceAborted("the batcher is closed")
@@ -130,10 +132,6 @@ class Batcher:
 
     def chain(self, seq: int, token: int, start: int, choose) -> Chain:
         """Run slot seq's decode loop here, from `token` at position `start` (see Chain)."""
-        if not 0 <= seq < self.cache.n_seq:
-            raise ValueError(f"slot {seq} out of range [0, {self.cache.n_seq})")
-        if start < 0 or start + 1 > self.cache.n_ctx:
-            raise ValueError(f"position {start} does not fit the context of {self.cache.n_ctx} tokens")
         c = Chain(seq, choose)
         self._queue(_Eval(seq, np.array([token], np.int64), int(start), chain=c))
         return c
