@@ -301,7 +301,10 @@ class ContextMixin:
                     break
                 kind, value = chain.out.get()
                 if kind == "error":
-                    raise value
+                    try:
+                        raise value
+                    finally:  # the exception's traceback holds this frame: were the frame to hold the
+                        value = None  # exception, the cycle would keep the logits until a full collection
                 token = value if kind == "token" else None
         finally:
             if chain is not None:

@@ -107,5 +107,9 @@ def call(fn: Callable, *args: Any, threads: int, **kwargs: Any) -> Any:
     if interrupted is not None:
         raise interrupted
     if work.error is not None:
-        raise work.error
+        err, work = work.error, None
+        try:
+            raise err
+        finally:  # no cycle (exception -> traceback -> this frame -> exception) to outlive the call
+            err = None
     return work.result

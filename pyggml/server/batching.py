@@ -108,7 +108,11 @@ class Batcher:
         self._queue(e)
         e.event.wait()
         if e.error is not None:
-            raise e.error
+            err, e = e.error, None
+            try:
+                raise err
+            finally:  # no cycle (exception -> traceback -> this frame -> exception) to outlive the call
+                err = None
         return e.logits
 
     def _queue(self, e: _Eval) -> None:
@@ -307,6 +311,8 @@ class Batcher:
                 c.out.put((kind, value))
             else:
                 c._end(kind, value)
+        out.clear()  # an error's traceback holds this frame: were the frame to hold the error, the cycle
+        value = None  # would keep both (and the sequences' logits) until a full collection
 
     def _count(self, parts: list[tuple[_Eval, int]], n_tokens: int) -> None:
         st = self.stats
