@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyggml.cuda.module import MMQ_THREADS, MMQ_TYPES, generated_constants, mmq_rows, mmq_tiles
+from pyggml.cuda.module import MMQ_THREADS, MMQ_TYPES, generated_constants, mmq_fragment_layout, mmq_rows, mmq_tiles
 from pyggml.kernels import reference as ref
 from pyggml.gguf.constants import GGMLType
 from pyggml.quant.registry import KERNEL_TYPE_CODES, TYPE_TRAITS
@@ -26,14 +26,14 @@ REPO = Path(__file__).resolve().parent.parent
 DRIVER = r"""
 static std::vector<u8> rd(const std::string& p) {
   FILE* f = fopen(p.c_str(), "rb"); std::vector<u8> v; int c; while ((c = fgetc(f)) != EOF) v.push_back((u8)c); fclose(f); return v; }
-template <int T, int NT> void run(const std::string& D, int rows, int groups, long ld, int n, int splits, int e0, int e1) {
+template <int T, int NT, bool FRAG> void run(const std::string& D, int rows, int groups, long ld, int n, int npad, int splits, int e0, int e1) {
   auto w = rd(D + "/w.bin"), q = rd(D + "/q.bin"), d = rd(D + "/d.bin"), s = rd(D + "/s.bin");
   std::vector<float> part((size_t)splits * n * rows), o0((size_t)n * e0), o1((size_t)n * (e1 - e0)), o2((size_t)n * (rows - e1));
   const u8* w1 = w.data() + (size_t)e0 * ld; const u8* w2 = w.data() + (size_t)e1 * ld;
   const int per = NT >= 4 ? %(ROWS4)d : %(ROWS1)d;
   const unsigned tiles = (rows + per - 1) / per, chunks = (n + 63) / 64;
   launch({tiles, (unsigned)splits, chunks}, {%(THREADS)d, 1, 1}, [&] {
-    mmq<T, NT>(w.data(), w1, w2, ld, e0, e1, rows, groups, (const int*)q.data(), (const float*)d.data(), (const float2*)s.data(), n,
+    mmq<T, NT, FRAG>(w.data(), w1, w2, ld, e0, e1, rows, groups, (const int*)q.data(), (const float*)d.data(), (const float2*)s.data(), n, npad,
                o0.data(), o1.data(), o2.data(), part.data());
   });
   if (splits > 1) {
@@ -43,19 +43,20 @@ template <int T, int NT> void run(const std::string& D, int rows, int groups, lo
   FILE* f = fopen((D + "/out.bin").c_str(), "wb");
   fwrite(o0.data(), 4, o0.size(), f); fwrite(o1.data(), 4, o1.size(), f); fwrite(o2.data(), 4, o2.size(), f); fclose(f);
 }
-template <int T> void quant(const std::string& D, int n) {
+void quant(const std::string& D, int n, int cols, int frag, int npad) {
   auto x = rd(D + "/x.bin");
-  std::vector<signed char> q(n); std::vector<float> d(n / 32); std::vector<float2> s(n / 32);
-  launch({(unsigned)((n + 255) / 256), 1, 1}, {256, 1, 1}, [&] { quantize_q8s((const float*)x.data(), n, q.data(), d.data(), s.data()); });
+  const size_t blocks = frag ? (size_t)cols / 32 * npad : n / 32;
+  std::vector<signed char> q(n); std::vector<float> d(blocks); std::vector<float2> s(blocks);
+  launch({(unsigned)((n + 255) / 256), 1, 1}, {256, 1, 1}, [&] { quantize_q8s((const float*)x.data(), n, cols, frag, npad, q.data(), d.data(), s.data()); });
   FILE* f = fopen((D + "/q.bin").c_str(), "wb"); fwrite(q.data(), 1, n, f); fclose(f);
   f = fopen((D + "/d.bin").c_str(), "wb"); fwrite(d.data(), 4, d.size(), f); fclose(f);
   f = fopen((D + "/s.bin").c_str(), "wb"); fwrite(s.data(), 8, s.size(), f); fclose(f);
 }
 int main(int argc, char** argv) {
   const std::string D = argv[1], what = argv[2];
-  if (what == "quant") { quant<0>(D, atoi(argv[3])); return 0; }
+  if (what == "quant") { quant(D, atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), atoi(argv[6])); return 0; }
   const int t = atoi(argv[3]), nt = atoi(argv[4]), rows = atoi(argv[5]), groups = atoi(argv[6]), n = atoi(argv[8]), splits = atoi(argv[9]);
-  const int e0 = atoi(argv[10]), e1 = atoi(argv[11]);
+  const int e0 = atoi(argv[10]), e1 = atoi(argv[11]), npad = atoi(argv[12]);
   const long ld = atol(argv[7]);
   switch (t * 100 + nt) {
 %(CASES)s
@@ -96,7 +97,8 @@ def _device_source() -> str:
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     consts = generated_constants().replace("__device__ __constant__ __align__(16)", "alignas(16)")
-    cases = "\n".join(f"    case {KERNEL_TYPE_CODES[t] * 100 + nt}: run<T_{t.name}, {nt}>(D, rows, groups, ld, n, splits, e0, e1); break;"
+    cases = "\n".join(f"    case {KERNEL_TYPE_CODES[t] * 100 + nt}: run<T_{t.name}, {nt}, {str(mmq_fragment_layout(nt)).lower()}>"
+                      f"(D, rows, groups, ld, n, npad, splits, e0, e1); break;"
                       for t in MMQ_TYPES for nt in (1, 2, 4, 8))
     d = tmp_path_factory.mktemp("mmq")
     driver = DRIVER % {"ROWS1": mmq_rows(1), "ROWS4": mmq_rows(4), "THREADS": MMQ_THREADS, "CASES": cases}
@@ -109,22 +111,35 @@ def emulator(tmp_path_factory):
     return d
 
 
-def emulated_quantize(emulator, x: np.ndarray):
+def emulated_quantize(emulator, x: np.ndarray, frag: bool = False):
+    """quantize_q8s's q, d, s as written: plain, or laid out for mmq's fragments (frag: d, s (cols / 32,
+    n rounded up to 8))."""
     x.astype(np.float32).tofile(emulator / "x.bin")
-    subprocess.run([str(emulator / "emu"), str(emulator), "quant", str(x.size)], check=True)
     n, cols = x.shape
+    npad = -(-n // 8) * 8
+    subprocess.run([str(emulator / "emu"), str(emulator), "quant", str(x.size), str(cols), str(int(frag)), str(npad)], check=True)
+    shape = (cols // 32, npad) if frag else (n, cols // 32)
     q = np.fromfile(emulator / "q.bin", np.int8).reshape(n, cols)
-    d = np.fromfile(emulator / "d.bin", np.float32).reshape(n, cols // 32)
-    s = np.fromfile(emulator / "s.bin", np.float32).reshape(n, cols // 32, 2)
+    d = np.fromfile(emulator / "d.bin", np.float32).reshape(shape)
+    s = np.fromfile(emulator / "s.bin", np.float32).reshape(*shape, 2)
     return q, d, s
 
 
-def test_batch_quantization_rounds_like_the_reference(emulator):
+def plain_layout(q, d, s, n):
+    """The fragments' layout of quantize_q8s back to the plain one (words 0 4 1 5 2 6 3 7 of each block)."""
+    words = q.reshape(n, -1, 4, 2, 4).transpose(0, 1, 3, 2, 4).reshape(n, -1)
+    return words, d[:, :n].T, s[:, :n].transpose(1, 0, 2)
+
+
+@pytest.mark.parametrize("frag", [False, True], ids=["plain", "fragments"])
+def test_batch_quantization_rounds_like_the_reference(emulator, frag):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 256)).astype(np.float32)
     x[1, :32] = 0  # an all-zero block: scale 0, values 0
     x[2, 32:64] *= 1e4
-    q, d, s = emulated_quantize(emulator, x)
+    q, d, s = emulated_quantize(emulator, x, frag)
+    if frag:
+        q, d, s = plain_layout(q, d, s, 3)
     np.testing.assert_array_equal(q.astype(np.float64) * np.repeat(d, 32, axis=1), ref.quantize_activations(x))
     halves = q.reshape(3, -1, 2, 16).sum(-1).astype(np.float32) * d[..., None]
     np.testing.assert_array_equal(s, halves)
@@ -146,12 +161,13 @@ def test_mmq_equals_int8_reference(emulator, t, n, rows, cols, splits, starts):
     rng = np.random.default_rng(n * 1000 + rows)
     raw = random_rows(rng, t, rows, cols)
     x = rng.standard_normal((n, cols)).astype(np.float32)
-    q, d, s = emulated_quantize(emulator, x)
+    nt = mmq_tiles(n)
+    q, d, s = emulated_quantize(emulator, x, mmq_fragment_layout(nt))
     raw.tofile(emulator / "w.bin")
     q.tofile(emulator / "q.bin"), d.tofile(emulator / "d.bin"), s.tofile(emulator / "s.bin")
-    nt = mmq_tiles(n)
     subprocess.run([str(emulator / "emu"), str(emulator), "mmq", str(KERNEL_TYPE_CODES[t]), str(nt), str(rows), str(cols // 32),
-                    str(raw.shape[1]), str(n), str(splits), *(str(e) for e in (list(starts) + [rows, rows])[:2])], check=True)
+                    str(raw.shape[1]), str(n), str(splits), *(str(e) for e in (list(starts) + [rows, rows])[:2]),
+                    str(-(-n // 8) * 8)], check=True)
     flat = np.fromfile(emulator / "out.bin", np.float32)
     bounds = [0, *starts, rows] + [rows] * (2 - len(starts))
     parts, at = [], 0

@@ -4,7 +4,9 @@
 // iq4_values, scale_min_k4); backend.py's _mmq launches it.
 //
 // The activations are int8 blocks of 32 (quantize_q8s: the decode products' rounding) with their
-// scale and, for the weight types with a min, the scaled sums of each half block.
+// scale and, for the weight types with a min, the scaled sums of each half block, in one of two layouts
+// (FRAG, chosen by products.py for the batch: module.mmq_fragment_layout): plain, or laid out for the
+// fragments (see MQX).
 // A warp owns 16 weight rows (32 for 32+ tokens: mq_shape). Lane (g = lane / 4, c = lane % 4) holds,
 // of every 32-weight group of rows g and g + 8, weights 4c..4c+3 and 16+4c..16+4c+3: the mma's A
 // fragment, which is also how the 4-bit types lay out their nibbles (byte j holds weights j and j + 16).
@@ -139,27 +141,49 @@ __device__ __forceinline__ void mma_k16(int (&c)[4], int a0, int a1, int b0) {
 #endif
 }
 
-// Activations of n tokens: q (n, K) int8, d (n, K / 32) scales, s (n, K / 32) d times the sums of
-// each half block (for the types with a min).
-struct MQX { const int* __restrict__ q; const float* __restrict__ d; const float2* __restrict__ s; int n; };
+// Activations of n tokens: q (n, K) int8, d and s the scales and d times the sums of each half block
+// (for the types with a min). Plain (FRAG false): q's blocks as they are, d and s (n, K / 32). Laid out
+// for the fragments (FRAG true): each block's 4-byte words in the order 0 4 1 5 2 6 3 7 (lane c's two
+// words, one 8-byte load), d and s (K / 32, npad), npad = n rounded up to 8 (a lane's tokens 2c, 2c + 1
+// adjacent: one 8- or 16-byte load).
+struct MQX { const int* __restrict__ q; const float* __restrict__ d; const float2* __restrict__ s; int n, npad; };
 // A lane's share of 8 tokens' group: the B fragment (token g) and the scales of tokens 2c, 2c + 1.
 struct MQB { int b0, b1; float dx0, dx1; float2 s0, s1; };
 
-template <int T>
+template <int T, bool FRAG>
 __device__ __forceinline__ MQB mq_tokens(const MQX& x, int groups, int kb, int col_g, int col_c) {
     MQB t{0, 0, 0.f, 0.f, make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
-    if (col_g < x.n) {
-        const int* xr = x.q + (i64)col_g * groups * 8 + kb * 8 + (threadIdx.x & 3);
-        t.b0 = xr[0];
-        t.b1 = xr[4];
-    }
-    if (col_c < x.n) {
-        t.dx0 = x.d[(i64)col_c * groups + kb];
-        if constexpr (mq_traits<T>::min) t.s0 = x.s[(i64)col_c * groups + kb];
-    }
-    if (col_c + 1 < x.n) {
-        t.dx1 = x.d[(i64)(col_c + 1) * groups + kb];
-        if constexpr (mq_traits<T>::min) t.s1 = x.s[(i64)(col_c + 1) * groups + kb];
+    if constexpr (FRAG) {
+        if (col_g < x.n) {
+            const int2 v = *(const int2*)(x.q + (i64)col_g * groups * 8 + kb * 8 + 2 * (threadIdx.x & 3));
+            t.b0 = v.x;
+            t.b1 = v.y;
+        }
+        if (col_c < x.n) {  // col_c + 1 may be padding: its sums are never stored
+            const i64 at = (i64)kb * x.npad + col_c;
+            const float2 dd = *(const float2*)(x.d + at);
+            t.dx0 = dd.x;
+            t.dx1 = dd.y;
+            if constexpr (mq_traits<T>::min) {
+                const float4 ss = *(const float4*)(x.s + at);
+                t.s0 = make_float2(ss.x, ss.y);
+                t.s1 = make_float2(ss.z, ss.w);
+            }
+        }
+    } else {
+        if (col_g < x.n) {
+            const int* xr = x.q + (i64)col_g * groups * 8 + kb * 8 + (threadIdx.x & 3);
+            t.b0 = xr[0];
+            t.b1 = xr[4];
+        }
+        if (col_c < x.n) {
+            t.dx0 = x.d[(i64)col_c * groups + kb];
+            if constexpr (mq_traits<T>::min) t.s0 = x.s[(i64)col_c * groups + kb];
+        }
+        if (col_c + 1 < x.n) {
+            t.dx1 = x.d[(i64)(col_c + 1) * groups + kb];
+            if constexpr (mq_traits<T>::min) t.s1 = x.s[(i64)(col_c + 1) * groups + kb];
+        }
     }
     return t;
 }
@@ -196,7 +220,7 @@ __device__ __forceinline__ void mq_group(float (&acc)[4], const MQW& a, const MQ
 template <int NT> struct mq_shape { static constexpr int MT = NT >= 4 ? 2 : 1, U = NT >= 4 ? 2 : 4; };
 
 // U groups of the warp's MT x 16 rows, their weights loaded before any is used, times NT tiles of tokens.
-template <int T, int NT, int U>
+template <int T, int NT, bool FRAG, int U>
 __device__ __forceinline__ void mq_step(float (&acc)[mq_shape<NT>::MT][NT][4], const u8* const (&wr)[mq_shape<NT>::MT][2],
                                         const MQX& x, int groups, int kb, int cols, int g, int c) {
     constexpr int MT = mq_shape<NT>::MT;
@@ -212,7 +236,7 @@ __device__ __forceinline__ void mq_step(float (&acc)[mq_shape<NT>::MT][NT][4], c
     for (int u = 0; u < U; u++)
 #pragma unroll
         for (int j = 0; j < NT; j++) {
-            const MQB t = mq_tokens<T>(x, groups, kb + u, cols + 8 * j + g, cols + 8 * j + 2 * c);
+            const MQB t = mq_tokens<T, FRAG>(x, groups, kb + u, cols + 8 * j + g, cols + 8 * j + 2 * c);
 #pragma unroll
             for (int m = 0; m < MT; m++) mq_group<T>(acc[m][j], w[u][m][0], w[u][m][1], t);
         }
@@ -233,9 +257,9 @@ struct MQMats {
 };
 
 // out = x (n, K) . W (rows, K)^T (see MQMats); with gridDim.y > 1, part gets the partial sums (gridDim.y, n, rows).
-template <int T, int NT>
+template <int T, int NT, bool FRAG>
 __global__ void __launch_bounds__(32 * MQ_WARPS) mmq(const u8* w0, const u8* w1, const u8* w2, i64 ld, int e0, int e1, int rows,
-        int groups, const int* __restrict__ xq, const float* __restrict__ xd, const float2* __restrict__ xs, int n,
+        int groups, const int* __restrict__ xq, const float* __restrict__ xd, const float2* __restrict__ xs, int n, int npad,
         float* o0, float* o1, float* o2, float* __restrict__ part) {
     pdl_trigger();
     pdl_wait();
@@ -249,7 +273,7 @@ __global__ void __launch_bounds__(32 * MQ_WARPS) mmq(const u8* w0, const u8* w1,
 #pragma unroll
     for (int m = 0; m < MT; m++)  // rows past the end repeat the last (never stored)
         for (int h = 0; h < 2; h++) wr[m][h] = mats.row(min(r0 + 16 * m + g + 8 * h, rows - 1), ld);
-    const MQX x{xq, xd, xs, n};
+    const MQX x{xq, xd, xs, n, npad};
     float acc[MT][NT][4];
 #pragma unroll
     for (int m = 0; m < MT; m++)
@@ -259,8 +283,8 @@ __global__ void __launch_bounds__(32 * MQ_WARPS) mmq(const u8* w0, const u8* w1,
     // two steps unrolled: the second one's loads go out before the first one's products (H100, 7B shapes,
     // q4_0 at 64 tokens: 4096 x 4096 42.9 -> 33.9 us, 11008 x 4096 119.9 -> 84.4; 2-32 tokens unchanged)
 #pragma unroll 2
-    for (; kb + U <= k1; kb += U) mq_step<T, NT, U>(acc, wr, x, groups, kb, cols, g, c);
-    for (; kb < k1; kb++) mq_step<T, NT, 1>(acc, wr, x, groups, kb, cols, g, c);
+    for (; kb + U <= k1; kb += U) mq_step<T, NT, FRAG, U>(acc, wr, x, groups, kb, cols, g, c);
+    for (; kb < k1; kb++) mq_step<T, NT, FRAG, 1>(acc, wr, x, groups, kb, cols, g, c);
     float* p = part + (i64)blockIdx.y * n * rows;
 #pragma unroll
     for (int m = 0; m < MT; m++)
@@ -291,10 +315,11 @@ extern "C" __global__ void mmq_reduce(const float* __restrict__ part, int splits
     mats.out((int)(i % rows), (int)(i / rows)) = s;
 }
 
-// x (n floats, n % 32 == 0: rows of a batch one after another) -> int8 blocks q, scales d (the
-// decode products' rounding: quantize_block) and s: d times the sums of each half block's values.
-extern "C" __global__ void quantize_q8s(const float* __restrict__ x, int n, signed char* __restrict__ q, float* __restrict__ d,
-                                        float2* __restrict__ s) {
+// x (n floats, n % 32 == 0: rows of cols floats, one after another) -> int8 blocks q, scales d and s:
+// d times the sums of each half block's values (the decode products' rounding: quantize_block), laid
+// out as MQX describes: frag != 0 for the fragments' layout (npad: the tokens rounded up to 8).
+extern "C" __global__ void quantize_q8s(const float* __restrict__ x, int n, int cols, int frag, int npad,
+                                        signed char* __restrict__ q, float* __restrict__ d, float2* __restrict__ s) {
     pdl_trigger();
     pdl_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -305,12 +330,14 @@ extern "C" __global__ void quantize_q8s(const float* __restrict__ x, int n, sign
     const float inv = dd == 0.f ? 0.f : 1.f / dd;
     const float t = v * inv;
     const signed char qi = (signed char)copysignf(floorf(fabsf(t) + 0.5f), t);
-    q[i] = qi;
+    const int l = threadIdx.x & 31, word = l >> 2;  // word w of the block goes to place 2w (w < 4) or 2(w - 4) + 1
+    q[frag ? i - l + 4 * (word < 4 ? 2 * word : 2 * word - 7) + (l & 3) : i] = qi;
     int half = qi;
     for (int o = 8; o > 0; o >>= 1) half += __shfl_xor_sync(0xffffffffu, half, o);  // sums within each 16 lanes
     const int other = __shfl_xor_sync(0xffffffffu, half, 16);
-    if ((threadIdx.x & 31) == 0) {
-        d[i / QK] = dd;
-        s[i / QK] = make_float2(dd * (float)half, dd * (float)other);
+    if (l == 0) {
+        const int at = frag ? (i % cols) / QK * npad + i / cols : i / QK;
+        d[at] = dd;
+        s[at] = make_float2(dd * (float)half, dd * (float)other);
     }
 }

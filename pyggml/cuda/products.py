@@ -13,7 +13,7 @@ import numpy as np
 from ..gguf.constants import GGMLType
 from ..tensor import QWeight
 from .module import (CHUNK_TYPES, INT8_INPUT_TYPES, MMQ_MAX_TOKENS, MMQ_THREADS, MMQ_TYPES, MODE_STORE, TYPE_CODES, Arranged,
-                     dev_ptr, mmq_rows, mmq_splits, mmq_tiles)
+                     dev_ptr, mmq_fragment_layout, mmq_kernel_name, mmq_rows, mmq_splits, mmq_tiles)
 
 CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
 
@@ -59,21 +59,27 @@ class BatchProducts:
         self._mmv(MODE_STORE, w, w.rows, w.cols, xq, xd, xf, out, xa=xa)
 
     def _quantize_batch(self, x) -> tuple:
-        """x (n_tok, cols), cols % 32 == 0 -> int8 blocks (n_tok, cols), scales and half-block sums (n_tok, cols / 32)."""
+        """x (n_tok, cols), cols % 32 == 0 -> int8 blocks (n_tok, cols), scales and half-block sums, laid
+        out as mmq of this many tokens reads them (mmq.cu, MQX): (cols / 32, n_tok rounded up to 8) for
+        the fragments' layout, else (n_tok, cols / 32)."""
         cp = self.cp
         x = cp.ascontiguousarray(x, dtype=np.float32)
         n_tok, cols = x.shape
-        q, d, s = cp.empty((n_tok, cols), np.int8), cp.empty((n_tok, cols // 32), np.float32), cp.empty((n_tok, cols // 32, 2), np.float32)
-        self._call("quantize_q8s", ((x.size + 255) // 256,), (256,), (x, np.int32(x.size), q, d, s))
+        frag = mmq_fragment_layout(mmq_tiles(n_tok))
+        shape = (cols // 32, -(-n_tok // 8) * 8) if frag else (n_tok, cols // 32)
+        q, d, s = cp.empty((n_tok, cols), np.int8), cp.empty(shape, np.float32), cp.empty((*shape, 2), np.float32)
+        self._call("quantize_q8s", ((x.size + 255) // 256,), (256,),
+                   (x, np.int32(x.size), np.int32(cols), np.int32(frag), np.int32(shape[1] if frag else 0), q, d, s))
         return q, d, s
 
     def _mmq(self, ws: list[QWeight], xi: tuple, outs: list) -> None:
         """outs[i] (n_tok, rows) = the batch's int8 blocks times ws[i] (up to 3 of one type), one launch
         on the tensor cores (mmq.cu) and, when it cuts K into ranges, one that adds their sums."""
         q, d, s = xi
-        n_tok, groups = d.shape
         t = ws[0].ggml_type
+        n_tok = q.shape[0]
         nt = mmq_tiles(n_tok)
+        (groups, npad) = d.shape if mmq_fragment_layout(nt) else (d.shape[1], 0)
         ld = ws[0].raw.shape[1] * ws[0].raw.itemsize
         ends = np.cumsum([w.rows for w in ws])
         rows = int(ends[-1])
@@ -85,8 +91,8 @@ class BatchProducts:
         splits = mmq_splits(tiles * chunks, groups, self.sms, n_tok, ld)
         part = None if splits == 1 else self.cp.empty((splits, n_tok, rows), np.float32)
         bounds = (np.int32(e0), np.int32(e1), np.int32(rows))
-        self._call(f"mmq<{TYPE_CODES[t]}, {nt}>", (tiles, splits, chunks), (MMQ_THREADS,),
-                   (*mats, np.int64(ld), *bounds, np.int32(groups), q, d, s, np.int32(n_tok), *o, dev_ptr(part)))
+        self._call(mmq_kernel_name(t, nt), (tiles, splits, chunks), (MMQ_THREADS,),
+                   (*mats, np.int64(ld), *bounds, np.int32(groups), q, d, s, np.int32(n_tok), np.int32(npad), *o, dev_ptr(part)))
         if splits > 1:
             size = n_tok * rows
             self._call("mmq_reduce", ((size + 255) // 256,), (256,), (part, np.int32(splits), np.int32(n_tok), *bounds, *o))

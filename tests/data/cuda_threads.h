@@ -24,6 +24,8 @@
 typedef unsigned char u8; typedef unsigned short u16; typedef unsigned int u32; typedef long long i64;
 struct float2 { float x, y; };
 inline float2 make_float2(float a, float b) { return {a, b}; }
+struct alignas(8) int2 { int x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
 struct Dim { unsigned x, y, z; };
 thread_local Dim threadIdx;
 Dim blockIdx, gridDim, blockDim;
