@@ -104,12 +104,14 @@ _LOCALITY = {1: 3, 2: 2}  # LLVM's locality hint for each level (3: prefetcht0, 
 # VM, 2 threads, alternated runs: 512 MiB of 5632 x 2048 Q4_K weights 21.6-22.9 -> 23.7-23.9 GB/s; whole
 # TinyLlama tg64 q4_0 35.1-35.6 -> 37.2-37.5 t/s, q5_0 23.8-25.4 -> 27.2-29.3, q8_0 21.5-21.6 -> 22.1-22.2,
 # Q4_K_M 32.6-32.9 -> 33.7-34.0, Q6_K 28.4-29.2 -> 28.2-28.3; 12 KiB: between the two; 48 KiB: as 24).
-# Q6_K keeps 3 KiB into the L1 (tg64 28.9, 30.2 -> 27.9, 29.2 t/s into the L2, two alternated pairs).
+# Q6_K too: on that VM 3 KiB into the L1 had looked better (tg64 28.9, 30.2 -> 27.9, 29.2 t/s into the
+# L2, two alternated pairs), but on a Zen 4 2-vCPU VM (znver4, AVX-512 VNNI) 24 KiB into the L2 took the
+# Q6_K file from 26.9, 29.2, 27.9, 28.4 to 37.8, 31.6, 31.0, 34.0 t/s (four alternated pairs, a noisy host).
 # F16 rows too: tg32 of the f16 file 11.70, 11.12, 10.74, 10.75 -> 14.39, 11.53, 11.51, 11.48 (alternated).
 # Batches of a few tokens keep 3 KiB into the L1 (pp8 q4_0 159 -> 151 t/s into the L2, Q4_K_M 145 -> 158).
 HAS_AVX512 = HAS_AVX2 and SIMD_LEVEL == "native" and "+avx512f" in _FEATURES  # f16tile.WIDE and kpack.PAIRS too
 INT8_PREFETCH = Prefetch(24576, 2) if HAS_AVX512 else Prefetch(3072, 1)  # one token
-INT8_PREFETCH_BY_TYPE = {GGMLType.Q6_K: Prefetch(3072, 1)}  # one token, where a type differs
+INT8_PREFETCH_BY_TYPE: dict = {}  # one token, where a type differs from INT8_PREFETCH (none now; see above)
 SMALL_BATCH_PREFETCH = Prefetch(3072, 1)  # a few tokens (kernels/cpu.py PACKED_TOKENS)
 F16_PREFETCH = Prefetch(24576, 2) if HAS_AVX512 else Prefetch(1024, 1)
 
