@@ -27,7 +27,7 @@ from .vmath import exp_f32, quantize_block32
 from .f16tile import matmul_bf16_tiled, matmul_f16_tiled
 from .kvattn import attention_seqs, kv_write  # noqa: F401  (the backend's KV ops)
 from .packed import PACK_ROWS, PACKED_LAYOUTS, packed_kernel
-from .simd import HAS_AVX2, HAS_F16_VECTOR, INT8_PREFETCH, INT8_PREFETCH_BY_TYPE, NO_PREFETCH, SMALL_BATCH_PREFETCH, int8_intrinsic, dot_f16, load_u32, row_kernel
+from .simd import HAS_AVX2, HAS_F16_VECTOR, INT8_PREFETCH, NO_PREFETCH, SMALL_BATCH_PREFETCH, int8_intrinsic, dot_f16, load_u32, row_kernel
 
 _CODES = KERNEL_TYPE_CODES
 SUPPORTED_TYPES = frozenset(_CODES)  # every computable type: decoders.py decodes each of them
@@ -89,7 +89,7 @@ PROMPT_TOKENS = {GGMLType.Q4_0: 8, GGMLType.Q5_0: 6, GGMLType.Q8_0: 8, GGMLType.
                  GGMLType.Q4_K: 8, GGMLType.Q5_K: 6, GGMLType.Q6_K: 8, GGMLType.Q3_K: 8, GGMLType.Q2_K: 8,
                  GGMLType.IQ4_NL: 8, GGMLType.IQ4_XS: 8} if HAS_AVX2 else PACKED_TOKENS
 _ONE = {t: 1 for t in PACKED_TOKENS}
-_PACKED_ONE = packed_kernel(_ONE, INT8_PREFETCH, kpacked_emitters(_ONE, INT8_PREFETCH, by_type=INT8_PREFETCH_BY_TYPE))
+_PACKED_ONE = packed_kernel(_ONE, INT8_PREFETCH, kpacked_emitters(_ONE, INT8_PREFETCH))
 _PACKED_TILE = packed_kernel(PROMPT_TOKENS, NO_PREFETCH, kpacked_emitters(PROMPT_TOKENS))
 # Small batches (a server's decode step: one token of each of a few sequences) read each weight once for
 # only a few tokens, so memory matters again: their tiles prefetch (simd.SMALL_BATCH_PREFETCH). TinyLlama
@@ -99,8 +99,7 @@ SMALL_BATCH = 16
 _PACKED_SMALL = packed_kernel(PACKED_TOKENS, SMALL_BATCH_PREFETCH, kpacked_emitters(PACKED_TOKENS, SMALL_BATCH_PREFETCH))
 # kpack.py's types on AVX-512 hosts: two row groups a call, 16 rows in 512-bit vectors (kpack.PAIRS;
 # elsewhere these are never called, and are emitted at one group's width so no AVX-512 code is made)
-_PAIR_ONE = int8_intrinsic("paired k-packed kernel", kpacked_emitters(_ONE, INT8_PREFETCH, width=2 if PAIRS else 1,
-                                                                    by_type=INT8_PREFETCH_BY_TYPE))
+_PAIR_ONE = int8_intrinsic("paired k-packed kernel", kpacked_emitters(_ONE, INT8_PREFETCH, width=2 if PAIRS else 1))
 _PAIR_TILE = int8_intrinsic("paired k-packed kernel", kpacked_emitters(PROMPT_TOKENS, NO_PREFETCH, width=2 if PAIRS else 1))
 _PAIR_SMALL = int8_intrinsic("paired k-packed kernel", kpacked_emitters(PACKED_TOKENS, SMALL_BATCH_PREFETCH, width=2 if PAIRS else 1))
 _ROW = row_kernel(INT8_PREFETCH)

@@ -354,14 +354,12 @@ def _emit_kpacked(context, builder, sig, args, lay: KLayout, n_tok: int, prefetc
     call.store(builder, acc, lanes)
 
 
-def kpacked_emitters(tokens: dict, prefetch: Prefetch = NO_PREFETCH, width: int = 1, by_type: dict | None = None) -> tuple:
+def kpacked_emitters(tokens: dict, prefetch: Prefetch = NO_PREFETCH, width: int = 1) -> tuple:
     """(type code, emit) pairs for packed.packed_kernel's `more`: the products of a weight packed by
     `kpacker.pack_k`, with packed_kernel's arguments and meaning; tokens: tokens per call by type; width 2:
-    row groups g and g + 1 at once in 512-bit vectors (PAIRS only); by_type: a type's own prefetch where
-    it differs from `prefetch`."""
-    by_type = by_type or {}
-    return tuple((KERNEL_TYPE_CODES[t], lambda c, b, sig, args, lay=lay, n=tokens[t], pf=by_type.get(t, prefetch):
-                  _emit_kpacked(c, b, sig, args, lay, n, pf, width)) for t, lay in K_LAYOUTS.items())
+    row groups g and g + 1 at once in 512-bit vectors (PAIRS only)."""
+    return tuple((KERNEL_TYPE_CODES[t], lambda c, b, sig, args, lay=lay, n=tokens[t]:
+                  _emit_kpacked(c, b, sig, args, lay, n, prefetch, width)) for t, lay in K_LAYOUTS.items())
 
 
 # Two row groups a call in 512-bit vectors where the host has AVX-512 (BW for the byte ops, VNNI).

@@ -111,7 +111,6 @@ _LOCALITY = {1: 3, 2: 2}  # LLVM's locality hint for each level (3: prefetcht0, 
 # Batches of a few tokens keep 3 KiB into the L1 (pp8 q4_0 159 -> 151 t/s into the L2, Q4_K_M 145 -> 158).
 HAS_AVX512 = HAS_AVX2 and SIMD_LEVEL == "native" and "+avx512f" in _FEATURES  # f16tile.WIDE and kpack.PAIRS too
 INT8_PREFETCH = Prefetch(24576, 2) if HAS_AVX512 else Prefetch(3072, 1)  # one token
-INT8_PREFETCH_BY_TYPE: dict = {}  # one token, where a type differs from INT8_PREFETCH (none now; see above)
 SMALL_BATCH_PREFETCH = Prefetch(3072, 1)  # a few tokens (kernels/cpu.py PACKED_TOKENS)
 F16_PREFETCH = Prefetch(24576, 2) if HAS_AVX512 else Prefetch(1024, 1)
 
