@@ -107,9 +107,16 @@ def call(fn: Callable, *args: Any, threads: int, **kwargs: Any) -> Any:
     if interrupted is not None:
         raise interrupted
     if work.error is not None:
-        err, work = work.error, None
-        try:
-            raise err
-        finally:  # no cycle (exception -> traceback -> this frame -> exception) to outlive the call
-            err = None
+        raise_error_of(work)
     return work.result
+
+
+def raise_error_of(holder: Any) -> None:
+    """Raise holder.error (another thread's exception handed over), taking it off the holder first: the
+    exception's traceback holds the raising frames, so a frame (or a holder it holds) that kept the
+    exception would make a cycle that keeps both, and whatever they hold, until a full collection."""
+    err, holder.error = holder.error, None
+    try:
+        raise err
+    finally:
+        err = None

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..generation import Timings
+from ..kernels.compute import raise_error_of
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,7 @@ class Batcher:
         self._queue(e)
         e.event.wait()
         if e.error is not None:
-            err, e = e.error, None
-            try:
-                raise err
-            finally:  # no cycle (exception -> traceback -> this frame -> exception) to outlive the call
-                err = None
+            raise_error_of(e)
         return e.logits
 
     def _queue(self, e: _Eval) -> None:
