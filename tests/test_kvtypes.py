@@ -79,6 +79,59 @@ def test_attention_reads_the_stored_rows(tk, tv, n_head, n_kv):
         np.testing.assert_allclose(got[i : i + 1], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("hd", [32, 64, 128])
+def test_vector_row_decoding_is_the_reference_decoding(name, hd):
+    """kvrows.decode_rows (the decode attention's tiles) equals KVType.decode bit for bit, zero-filling
+    the tile past the rows asked for; score_rows equals a float64 dot within float32 summation."""
+    from numba import njit
+    from pyggml.kernels import kvrows
+
+    if not kvrows.VECTOR_HEAD(hd):
+        pytest.skip("this host's vector row path is off (PYGGML_SIMD=portable or no fp16 conversion)")
+    decode = njit(lambda code, buf, o, stride, m, hd, tile: kvrows.decode_rows(code, buf, o, stride, m, hd, tile))
+    score = njit(lambda q, qo, tile, hd, scale, out, oo: kvrows.score_rows(q, qo, tile, hd, scale, out, oo))
+    t, rng, n = kv_type(name), np.random.default_rng(7), 40
+    stored = t.encode(_rows(rng, n, hd))
+    want = t.decode(stored)
+    buf, rb = stored.view(np.uint8).reshape(-1), t.row_bytes(hd)
+    for first, m in ((0, 16), (3, 16), (24, 16), (30, 10), (39, 1), (5, 0)):
+        tile = np.full(kvrows.KEYS * hd, np.nan, np.float32)
+        assert decode(t.code, buf, first * rb, rb, m, hd, tile)
+        expect = np.zeros((kvrows.KEYS, hd), np.float32)
+        expect[:m] = want[first:first + m]
+        np.testing.assert_array_equal(tile.reshape(kvrows.KEYS, hd), expect)
+    tile = rng.standard_normal(kvrows.KEYS * hd).astype(np.float32)
+    q = rng.standard_normal(2 * hd).astype(np.float32)
+    out = np.full(kvrows.KEYS + 3, np.nan, np.float32)
+    score(q, hd, tile, hd, np.float32(0.125), out, 3)
+    exact = 0.125 * (tile.reshape(kvrows.KEYS, hd).astype(np.float64) @ q[hd:].astype(np.float64))
+    bound = 0.125 * hd * np.finfo(np.float32).eps * (np.abs(tile.reshape(kvrows.KEYS, hd)) @ np.abs(q[hd:]))
+    assert np.all(np.abs(out[3:] - exact) <= bound) and np.isnan(out[:3]).all()
+
+
+@pytest.mark.parametrize("tk,tv", [("f32", "f32"), ("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16")])
+@pytest.mark.parametrize("hd,n_head,n_kv", [(64, 8, 1), (128, 4, 4), (32, 6, 2), (80, 3, 3), (8, 2, 1)])
+def test_decode_attention_over_many_tiles(tk, tv, hd, n_head, n_kv):
+    """One token each of several sequences (a decode step) over 1 .. 300 cached keys: whole tiles of 16
+    keys, a partial last one, and head sizes off the vector path (80: q types refuse it, 8: scalar)."""
+    tk, tv = kv_type(tk), kv_type(tv)
+    if hd % tk.block or hd % tv.block:
+        pytest.skip(f"{tk.name}/{tv.name} stores blocks of 32 values, not heads of {hd}")
+    rng = np.random.default_rng(11)
+    pos = np.array([0, 14, 15, 16, 100, 299])
+    ctx, n = 300, len(pos)
+    q = rng.standard_normal((n, n_head, hd)).astype(np.float32)
+    k = tk.encode(rng.standard_normal((n, n_kv, ctx, hd)).astype(np.float32))
+    v = tv.encode(rng.standard_normal((n, n_kv, ctx, hd)).astype(np.float32))
+    seqs = np.arange(n)
+    got = kvattn.attention_seqs(q, k, v, tk.code, tv.code, seqs, pos, np.empty_like(q))
+    kd, vd = tk.decode(k), tv.decode(v)
+    for i, (s, p) in enumerate(zip(seqs, pos)):
+        want = ref.attention(q[i : i + 1], kd[s], vd[s], int(p))
+        np.testing.assert_allclose(got[i : i + 1], want, rtol=1e-4, atol=2e-5)
+
+
 def test_unknown_and_misfit_types_are_refused():
     with pytest.raises(KVTypeError, match="q5_1.*f32, f16, q8_0, q4_0"):
         kv_type("q5_1")

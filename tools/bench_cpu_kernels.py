@@ -19,7 +19,7 @@ from numba import njit, prange
 
 from pyggml.bench import measure_read_bandwidth
 from pyggml.gguf.constants import GGMLType
-from pyggml.kernels import cpu, packed, simd
+from pyggml.kernels import cpu, kpack, packed, simd
 from pyggml.synthetic import random_block_rows
 from pyggml.tensor import KERNEL_TYPE_CODES, QWeight
 
@@ -27,14 +27,22 @@ TOTAL_BYTES, ROUNDS = 512 << 20, 8  # weights cycled through: several times any 
 
 
 def int8_product(prefetch: simd.Prefetch):
-    kernel = packed.packed_kernel({t: 1 for t in cpu.PACKED_TOKENS}, prefetch)
+    one = {t: 1 for t in cpu.PACKED_TOKENS}
+    kernel = packed.packed_kernel(one, prefetch, kpack.kpacked_emitters(one, prefetch))
+    pair = simd.int8_intrinsic("paired k-packed kernel", kpack.kpacked_emitters(one, prefetch, width=2 if kpack.PAIRS else 1))
 
     @njit(parallel=True)
-    def product(code, pw, xq, xd, xc, xs, out, table):  # the packed products' decode loop
+    def product(code, pw, xq, xd, xc, xs, out, table, pairs):  # cpu._packed_loops for one token
         groups, nb = pw.shape[0], xd.shape[1]
         for i in prange((groups + cpu.GROUPS_PER_TASK - 1) // cpu.GROUPS_PER_TASK):
-            for g in range(i * cpu.GROUPS_PER_TASK, min(groups, (i + 1) * cpu.GROUPS_PER_TASK)):
-                kernel(code, pw, g, xq, xd, xc, 0, 0, nb, out, table, xs)
+            g, g1 = i * cpu.GROUPS_PER_TASK, min(groups, (i + 1) * cpu.GROUPS_PER_TASK)
+            while g < g1:
+                if pairs and g + 1 < g1:
+                    pair(code, pw, g, xq, xd, xc, 0, 0, nb, out, table, xs)
+                    g += 2
+                else:
+                    kernel(code, pw, g, xq, xd, xc, 0, 0, nb, out, table, xs)
+                    g += 1
     return product
 
 
@@ -91,10 +99,10 @@ def main() -> int:
             kernels = {f"{spec(d)} ({lanes}x{ways})": f16_product(d, lanes, ways) for d in distances for lanes, ways in shapes}
             run = {d: (lambda w, k=k: k(w, x, out)) for d, k in kernels.items()}
         else:  # the int8 types are multiplied from their packed copy
-            ws = [cpu.pack_int8(QWeight(name, w, t, (rows, cols))) for w in ws]
-            code = KERNEL_TYPE_CODES[t]
+            ws = [cpu.pack(QWeight(name, w, t, (rows, cols))) for w in ws]
+            code, pairs = KERNEL_TYPE_CODES[t], kpack.PAIRS and t in kpack.K_PACKED_TYPES
             kernels = {spec(d): int8_product(d) for d in distances}
-            run = {d: (lambda w, k=k: k(code, w, xq, xd, xc, xs, out, cpu.F16_TABLE)) for d, k in kernels.items()}
+            run = {d: (lambda w, k=k: k(code, w, xq, xd, xc, xs, out, cpu.F16_TABLE, pairs)) for d, k in kernels.items()}
         for d in run:  # compile
             run[d](ws[0])
         rates = {d: [] for d in run}

@@ -22,6 +22,7 @@ from numba.extending import intrinsic
 from ..model.kvtypes import KV_TYPES
 from .decoders import F16_TABLE
 from .dispatch import by_code
+from .kvrows import CHUNK, VECTOR_ROWS, decode_rows, score_rows
 from .jitcache import per_type
 from .vmath import exp_f32
 from .simd import _CONTRACT, _F32, _I32, _I64, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar, _load_vec, _splat, _splat_value, _vec
@@ -268,7 +269,9 @@ def _attention(code_k: int, code_v: int):
             # the loops of one item are functions of their own (taking the codes at run time, so that the
             # kernel's closure holds plain ints and numba can cache it): its parallel passes over a body
             # this size took seconds
-            if t1 - t0 == 1:
+            if t1 - t0 == 1 and VECTOR_ROWS and q.shape[2] % CHUNK == 0:
+                _attend_one_tiles(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, g)
+            elif t1 - t0 == 1:
                 _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, g)
             else:
                 _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, t1, g)
@@ -306,6 +309,37 @@ def _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, ta
     for i in range(group):
         for j in range(hd):
             out[t, g * group + i, j] = acc[i, j]
+
+
+@njit(fastmath=True)
+def _attend_one_tiles(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t, g):
+    """_attend_one in vectors (head_dim % 16 == 0, kvrows.VECTOR_ROWS): KEYS rows at a time decoded into a
+    tile (kvrows.decode_rows) that each head of the group scores at once (kvrows.score_rows) and, for the
+    values, weighs into its sums (_mix_values); the last tile's missing rows are zeros of weight 0."""
+    n_head, hd = q.shape[1], q.shape[2]
+    group = n_head // n_kv
+    scale = np.float32(1.0 / np.sqrt(hd))
+    n = pos[t] + 1
+    n_pad = (n + KEYS - 1) // KEYS * KEYS
+    base = (seqs[t] * n_kv + g) * ctx
+    tile = np.empty(KEYS * hd, np.float32)
+    qf = q.reshape(-1)
+    scores = np.empty((group, n_pad), np.float32)
+    sf = scores.reshape(-1)
+    for p0 in range(0, n, KEYS):
+        decode_rows(code_k, kb, (base + p0) * rk, rk, min(KEYS, n - p0), hd, tile)
+        for i in range(group):  # the zero rows past n score 0: weight 0 below, left out of the softmax
+            score_rows(qf, (t * n_head + g * group + i) * hd, tile, hd, scale, sf, i * n_pad + p0)
+    for i in range(group):
+        _softmax(scores[i], n)
+    acc = np.zeros(group * hd, np.float32)
+    for p0 in range(0, n, KEYS):
+        decode_rows(code_v, vb, (base + p0) * rv, rv, min(KEYS, n - p0), hd, tile)
+        for i in range(group):
+            _mix_values(sf, i * n_pad + p0, tile, hd, acc, i * hd)
+    for i in range(group):
+        for j in range(hd):
+            out[t, g * group + i, j] = acc[i * hd + j]
 
 
 @njit(inline="always")
