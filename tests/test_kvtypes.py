@@ -132,6 +132,26 @@ def test_decode_attention_over_many_tiles(tk, tv, hd, n_head, n_kv):
         np.testing.assert_allclose(got[i : i + 1], want, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("tk,tv", [("f16", "f16"), ("q8_0", "q4_0"), ("f32", "f32")])
+@pytest.mark.parametrize("hd,n_head,n_kv", [(64, 8, 2), (32, 4, 4), (8, 2, 1)])
+def test_prompt_blocks_over_many_tiles(tk, tv, hd, n_head, n_kv):
+    """A prompt's tokens 280 .. 300 of one sequence (a block of 16 tokens and one of 5) over 281 .. 301
+    keys: the block path's transposed key tiles and value tiles, the last one partial."""
+    tk, tv = kv_type(tk), kv_type(tv)
+    if hd % tk.block or hd % tv.block:
+        pytest.skip(f"{tk.name}/{tv.name} stores blocks of 32 values, not heads of {hd}")
+    rng = np.random.default_rng(12)
+    ctx, pos = 310, np.arange(280, 301)
+    q = rng.standard_normal((len(pos), n_head, hd)).astype(np.float32)
+    k = tk.encode(rng.standard_normal((1, n_kv, ctx, hd)).astype(np.float32))
+    v = tv.encode(rng.standard_normal((1, n_kv, ctx, hd)).astype(np.float32))
+    got = kvattn.attention_seqs(q, k, v, tk.code, tv.code, np.zeros(len(pos), np.int64), pos, np.empty_like(q))
+    kd, vd = tk.decode(k), tv.decode(v)
+    for i, p in enumerate(pos):
+        want = ref.attention(q[i : i + 1], kd[0], vd[0], int(p))
+        np.testing.assert_allclose(got[i : i + 1], want, rtol=1e-4, atol=2e-5)
+
+
 def test_unknown_and_misfit_types_are_refused():
     with pytest.raises(KVTypeError, match="q5_1.*f32, f16, q8_0, q4_0"):
         kv_type("q5_1")

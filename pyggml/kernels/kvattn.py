@@ -213,43 +213,68 @@ KEYS = 16  # keys a prompt block scores at once (one 512-bit vector of scores)
 BLOCK_TOKENS = 16  # consecutive query tokens of one sequence that share each decoded key and value row
 
 
+def _splat_arg(context, builder, sig, args, i: int, n: int):
+    return _splat_value(builder, context.cast(builder, args[i], sig.args[i], types.float32), n)
+
+
 @intrinsic
-def _score_keys(typingctx, q, qo, kt, n_j, out, oo):
-    """out[oo + k] = sum over j < n_j of q[qo + j] * kt[KEYS * j + k], k < KEYS: one query against KEYS keys
-    held transposed (kt: n_j x KEYS floats), the sums in one vector register (no horizontal adds)."""
+def _score_keys(typingctx, q, qo, kt, n_j, scale, out, oo):
+    """out[oo + k] = scale * sum over j < n_j of q[qo + j] * kt[KEYS * j + k], k < KEYS: one query against KEYS
+    keys held transposed (kt: n_j x KEYS floats), the sums in vector registers (no horizontal adds);
+    four of them in turn (j mod 4), so that no FMA waits for the one before."""
     def codegen(context, builder, sig, args):
-        qp, ktp, op = (_data(context, builder, sig.args[i], args[i]) for i in (0, 2, 4))
+        qp, ktp, op = (_data(context, builder, sig.args[i], args[i]) for i in (0, 2, 5))
         vt = _vec(_F32, KEYS)
-        acc = cgutils.alloca_once_value(builder, _splat(_F32, KEYS, 0.0))
-        q0, n, o0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 3, 5))
-        with cgutils.for_range(builder, n) as loop:
-            j = loop.index
+        q0, n, o0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 3, 6))
+        accs = [cgutils.alloca_once_value(builder, _splat(_F32, KEYS, 0.0)) for _ in range(4)]
+
+        def step(j, acc):
             qj = _splat_value(builder, builder.load(builder.gep(qp, [builder.add(q0, j)])), KEYS)
             kj = _load_vec(builder, ktp, builder.mul(j, ir.Constant(_I64, 4 * KEYS)), _F32, KEYS)
             builder.store(builder.fadd(builder.load(acc), builder.fmul(qj, kj, flags=_CONTRACT), flags=_CONTRACT), acc)
-        builder.store(builder.load(acc), builder.bitcast(builder.gep(op, [o0]), vt.as_pointer()), align=4)
-    return types.void(q, qo, kt, n_j, out, oo), codegen
+        four = builder.mul(builder.udiv(n, ir.Constant(_I64, 4)), ir.Constant(_I64, 4))
+        with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), four, ir.Constant(_I64, 4)) as (j, _):
+            for u in range(4):
+                step(builder.add(j, ir.Constant(_I64, u)), accs[u])
+        with cgutils.for_range_slice(builder, four, n, ir.Constant(_I64, 1)) as (j, _):
+            step(j, accs[0])
+        a = [builder.load(x) for x in accs]
+        total = builder.fadd(builder.fadd(a[0], a[1]), builder.fadd(a[2], a[3]))
+        builder.store(builder.fmul(total, _splat_arg(context, builder, sig, args, 4, KEYS)),
+                      builder.bitcast(builder.gep(op, [o0]), vt.as_pointer()), align=4)
+    return types.void(q, qo, kt, n_j, scale, out, oo), codegen
 
 
 @intrinsic
 def _mix_values(typingctx, w, wo, vt, hd, acc, ao):
     """acc[ao + j] += sum over k < KEYS of w[wo + k] * vt[hd * k + j], j < hd (a multiple of 16): KEYS value
-    rows (vt: KEYS x hd floats) weighted into one query head's sums, 16 of them at a time in a register."""
+    rows (vt: KEYS x hd floats) weighted into one query head's sums, up to four vectors of 16 sums at a
+    time in registers (four independent chains of FMAs, not one)."""
     def codegen(context, builder, sig, args):
         wp, vp, ap = (_data(context, builder, sig.args[i], args[i]) for i in (0, 2, 4))
         vt16 = _vec(_F32, 16)
         w0, n, a0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 3, 5))
         ws = [_splat_value(builder, builder.load(builder.gep(wp, [builder.add(w0, ir.Constant(_I64, k))])), 16)
               for k in range(KEYS)]
-        with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(_I64, 16))) as loop:
-            j = builder.mul(loop.index, ir.Constant(_I64, 16))
-            at = builder.bitcast(builder.gep(ap, [builder.add(a0, j)]), vt16.as_pointer())
-            a = builder.load(at, align=4)
+
+        def chunks(j, count: int):
+            at = [builder.bitcast(builder.gep(ap, [builder.add(a0, builder.add(j, ir.Constant(_I64, 16 * c)))]), vt16.as_pointer())
+                  for c in range(count)]
+            a = [builder.load(p, align=4) for p in at]
             for k in range(KEYS):
-                vk = _load_vec(builder, vp, builder.mul(builder.add(builder.mul(n, ir.Constant(_I64, k)), j), ir.Constant(_I64, 4)),
-                               _F32, 16)
-                a = builder.fadd(a, builder.fmul(ws[k], vk, flags=_CONTRACT), flags=_CONTRACT)
-            builder.store(a, at, align=4)
+                row = builder.mul(n, ir.Constant(_I64, k))
+                for c in range(count):
+                    off = builder.mul(builder.add(row, builder.add(j, ir.Constant(_I64, 16 * c))), ir.Constant(_I64, 4))
+                    a[c] = builder.fadd(a[c], builder.fmul(ws[k], _load_vec(builder, vp, off, _F32, 16), flags=_CONTRACT),
+                                        flags=_CONTRACT)
+            for p, v in zip(at, a):
+                builder.store(v, p, align=4)
+        wide = builder.mul(builder.udiv(n, ir.Constant(_I64, 64)), ir.Constant(_I64, 64))
+        with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), wide, ir.Constant(_I64, 64)) as (j, _):
+            chunks(j, 4)
+        with cgutils.for_range_slice(builder, wide, builder.mul(builder.udiv(n, ir.Constant(_I64, 16)), ir.Constant(_I64, 16)),
+                                     ir.Constant(_I64, 16)) as (j, _):
+            chunks(j, 1)
     return types.void(w, wo, vt, hd, acc, ao), codegen
 
 
@@ -368,40 +393,51 @@ def _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, 
     scale = np.float32(1.0 / np.sqrt(hd))
     nt = t1 - t0
     n = pos[t1 - 1] + 1  # the last token sees the most keys
+    n_pad = (n + KEYS - 1) // KEYS * KEYS  # scores past n (and past each token's own) stay 0: weight 0
     base = (seqs[t0] * n_kv + g) * ctx
+    vec = VECTOR_ROWS and hd % CHUNK == 0  # kvrows' tile decoders
     row = np.empty(hd, np.float32)
+    rows = np.empty(KEYS * hd, np.float32)
     kt = np.zeros(hd * KEYS, np.float32)
-    tile = np.empty(KEYS, np.float32)
     qf = q.reshape(-1)
-    scores = np.empty((nt, group, n), np.float32)
+    scores = np.zeros((nt, group, n_pad), np.float32)
+    sf = scores.reshape(-1)
     for p0 in range(0, n, KEYS):
         m = min(KEYS, n - p0)
-        for k in range(m):
-            _load_row(code_k, kb, (base + p0 + k) * rk, hd, row, table)
-            for j in range(hd):
-                kt[KEYS * j + k] = row[j]
+        if vec:
+            decode_rows(code_k, kb, (base + p0) * rk, rk, m, hd, rows)
+            for k in range(KEYS):
+                for j in range(hd):
+                    kt[KEYS * j + k] = rows[k * hd + j]
+        else:
+            for k in range(m):
+                _load_row(code_k, kb, (base + p0 + k) * rk, hd, row, table)
+                for j in range(hd):
+                    kt[KEYS * j + k] = row[j]
         for tt in range(nt):
             if p0 <= pos[t0 + tt]:
                 for i in range(group):
-                    _score_keys(qf, ((t0 + tt) * n_head + g * group + i) * hd, kt, hd, tile, 0)
-                    for k in range(m):
-                        scores[tt, i, p0 + k] = tile[k] * scale
+                    _score_keys(qf, ((t0 + tt) * n_head + g * group + i) * hd, kt, hd, scale, sf, (tt * group + i) * n_pad + p0)
     for tt in range(nt):
         for i in range(group):
             _softmax(scores[tt, i], pos[t0 + tt] + 1)
             scores[tt, i, pos[t0 + tt] + 1:] = 0  # the keys after a token's own: weight 0 in a tile of values
     acc = np.zeros((nt, group, hd), np.float32)
-    af, sf = acc.reshape(-1), scores.reshape(-1)
+    af = acc.reshape(-1)
     vt = np.zeros(KEYS * hd, np.float32)
     for p0 in range(0, n, KEYS):
         m = min(KEYS, n - p0)
-        for k in range(m):
-            _load_row(code_v, vb, (base + p0 + k) * rv, hd, vt[k * hd:(k + 1) * hd], table)
+        if vec:
+            decode_rows(code_v, vb, (base + p0) * rv, rv, m, hd, vt)
+        else:
+            for k in range(m):
+                _load_row(code_v, vb, (base + p0 + k) * rv, hd, vt[k * hd:(k + 1) * hd], table)
+            vt[m * hd:] = 0
         for tt in range(nt):
             if p0 <= pos[t0 + tt]:
                 for i in range(group):
-                    if m == KEYS and hd % 16 == 0:
-                        _mix_values(sf, (tt * group + i) * n + p0, vt, hd, af, (tt * group + i) * hd)
+                    if hd % 16 == 0:  # rows past m: zeros, under weights of 0
+                        _mix_values(sf, (tt * group + i) * n_pad + p0, vt, hd, af, (tt * group + i) * hd)
                     else:
                         for k in range(m):
                             w = scores[tt, i, p0 + k]
