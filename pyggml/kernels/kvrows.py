@@ -26,7 +26,7 @@ from numba.extending import intrinsic
 
 from ..model.kvtypes import KV_TYPES
 from .dispatch import by_code
-from .simd import _CONTRACT, _F32, _I8, _I32, _I64, HAS_AVX512, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar, _load_vec, _splat, _vec
+from .simd import _CONTRACT, _F32, _I8, _I32, _I64, HAS_AVX512, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar, _load_vec, _splat, _splat_value, _vec
 
 KV_F32, KV_F16, KV_Q8_0, KV_Q4_0 = (KV_TYPES[n].code for n in ("f32", "f16", "q8_0", "q4_0"))
 KEYS = 16  # rows a tile holds (kvattn.KEYS)
@@ -53,9 +53,7 @@ def _store_vec(builder, base: ir.Value, index: ir.Value, v: ir.Value) -> None:
 
 def _half_splat(builder, buf: ir.Value, off: ir.Value, n: int) -> ir.Value:
     """The fp16 at byte off of buf as <n x float>, every lane equal."""
-    bits = _load_scalar(builder, buf, off, ir.IntType(16))
-    v = builder.insert_element(ir.Constant(_vec(ir.IntType(16), n), ir.Undefined), bits, ir.Constant(_I32, 0))
-    v = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), [0] * n))
+    v = _splat_value(builder, _load_scalar(builder, buf, off, ir.IntType(16)), n)
     return builder.fpext(builder.bitcast(v, _vec(_HALF, n)), _vec(_F32, n))
 
 
@@ -139,10 +137,7 @@ def score_rows(typingctx, q, qo, tile, hd, scale, out, oo):
     def codegen(context, builder, sig, args):
         qp, tp, op = (_data(context, builder, sig.args[i], args[i]) for i in (0, 2, 5))
         q0, h, o0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 3, 6))
-        sc = context.cast(builder, args[4], sig.args[4], types.float32)
-        scv = builder.shuffle_vector(builder.insert_element(ir.Constant(_vec(_F32, LANES), ir.Undefined), sc, ir.Constant(_I32, 0)),
-                                     ir.Constant(_vec(_F32, LANES), ir.Undefined), ir.Constant(_vec(_I32, LANES), [0] * LANES))
-        vt = _vec(_F32, LANES)
+        scv = _splat_value(builder, context.cast(builder, args[4], sig.args[4], types.float32), LANES)
         for g in range(KEYS // LANES):
             accs = [cgutils.alloca_once_value(builder, _splat(_F32, LANES, 0.0)) for _ in range(LANES)]
             with cgutils.for_range(builder, builder.udiv(h, _i64(LANES))) as loop:
