@@ -82,14 +82,14 @@ def test_attention_reads_the_stored_rows(tk, tv, n_head, n_kv):
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("hd", [32, 64, 128])
 def test_vector_row_decoding_is_the_reference_decoding(name, hd):
-    """kvrows.decode_rows (the decode attention's tiles) equals KVType.decode bit for bit, zero-filling
+    """kvrows.decode_tile (the decode attention's tiles) equals KVType.decode bit for bit, zero-filling
     the tile past the rows asked for; score_rows equals a float64 dot within float32 summation."""
     from numba import njit
     from pyggml.kernels import kvrows
 
     if not kvrows.VECTOR_HEAD(hd):
         pytest.skip("this host's vector row path is off (PYGGML_SIMD=portable or no fp16 conversion)")
-    decode = njit(lambda code, buf, o, stride, m, hd, tile: kvrows.decode_rows(code, buf, o, stride, m, hd, tile))
+    decode = njit(lambda code, buf, o, stride, m, hd, tile: kvrows.decode_tile(code, buf, o, stride, m, hd, tile))
     score = njit(lambda q, qo, tile, hd, scale, out, oo: kvrows.score_rows(q, qo, tile, hd, scale, out, oo))
     t, rng, n = kv_type(name), np.random.default_rng(7), 40
     stored = t.encode(_rows(rng, n, hd))

@@ -22,7 +22,7 @@ from numba.extending import intrinsic
 from ..model.kvtypes import KV_TYPES
 from .decoders import F16_TABLE
 from .dispatch import by_code
-from .kvrows import CHUNK, VECTOR_ROWS, decode_rows, score_rows
+from .kvrows import CHUNK, VECTOR_ROWS, decode_tile, score_rows
 from .jitcache import per_type
 from .vmath import exp_f32
 from .simd import _CONTRACT, _F32, _I32, _I64, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar, _load_vec, _splat, _splat_value, _vec
@@ -339,7 +339,7 @@ def _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, ta
 @njit(fastmath=True)
 def _attend_one_tiles(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t, g):
     """_attend_one in vectors (head_dim % 16 == 0, kvrows.VECTOR_ROWS): KEYS rows at a time decoded into a
-    tile (kvrows.decode_rows) that each head of the group scores at once (kvrows.score_rows) and, for the
+    tile (kvrows.decode_tile) that each head of the group scores at once (kvrows.score_rows) and, for the
     values, weighs into its sums (_mix_values); the last tile's missing rows are zeros of weight 0."""
     n_head, hd = q.shape[1], q.shape[2]
     group = n_head // n_kv
@@ -352,14 +352,14 @@ def _attend_one_tiles(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, o
     scores = np.empty((group, n_pad), np.float32)
     sf = scores.reshape(-1)
     for p0 in range(0, n, KEYS):
-        decode_rows(code_k, kb, (base + p0) * rk, rk, min(KEYS, n - p0), hd, tile)
+        decode_tile(code_k, kb, (base + p0) * rk, rk, min(KEYS, n - p0), hd, tile)
         for i in range(group):  # the zero rows past n score 0: weight 0 below, left out of the softmax
             score_rows(qf, (t * n_head + g * group + i) * hd, tile, hd, scale, sf, i * n_pad + p0)
     for i in range(group):
         _softmax(scores[i], n)
     acc = np.zeros(group * hd, np.float32)
     for p0 in range(0, n, KEYS):
-        decode_rows(code_v, vb, (base + p0) * rv, rv, min(KEYS, n - p0), hd, tile)
+        decode_tile(code_v, vb, (base + p0) * rv, rv, min(KEYS, n - p0), hd, tile)
         for i in range(group):
             _mix_values(sf, i * n_pad + p0, tile, hd, acc, i * hd)
     for i in range(group):
@@ -405,7 +405,7 @@ def _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, 
     for p0 in range(0, n, KEYS):
         m = min(KEYS, n - p0)
         if vec:
-            decode_rows(code_k, kb, (base + p0) * rk, rk, m, hd, rows)
+            decode_tile(code_k, kb, (base + p0) * rk, rk, m, hd, rows)
             for k in range(KEYS):
                 for j in range(hd):
                     kt[KEYS * j + k] = rows[k * hd + j]
@@ -428,7 +428,7 @@ def _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, 
     for p0 in range(0, n, KEYS):
         m = min(KEYS, n - p0)
         if vec:
-            decode_rows(code_v, vb, (base + p0) * rv, rv, m, hd, vt)
+            decode_tile(code_v, vb, (base + p0) * rv, rv, m, hd, vt)
         else:
             for k in range(m):
                 _load_row(code_v, vb, (base + p0 + k) * rv, hd, vt[k * hd:(k + 1) * hd], table)

@@ -6,7 +6,7 @@ A decode step's attention is one query token against every cached key. Written a
 2048 cached positions spent 8 ms a token in attention with an f16 cache and 16 with q8_0, for 46 and
 24 MB of rows (~1.5 ms of reading). Here:
 
-- `decode_rows(code, buf, o, stride, m, hd, tile)`: rows o, o + stride, ... (m <= KEYS of them) of a
+- `decode_tile(code, buf, o, stride, m, hd, tile)`: rows o, o + stride, ... (m <= KEYS of them) of a
   cache's bytes as floats into tile[k * hd + j], in vectors of 16 values (f16 by vcvtph2ps, q8_0 /
   q4_0 codes widened and scaled per block); rows m .. KEYS-1 of the tile are zeros.
 - `score_rows(q, qo, tile, hd, scale, out, oo)`: out[oo + k] = scale * sum_j q[qo + j] * tile[k * hd + j]
@@ -162,5 +162,5 @@ def _rows_function(code: int):
     return decode
 
 
-# decode_rows(code, buf, o, stride, m, hd, tile): see the module's doc (False for a code it has no row for)
-decode_rows = by_code("decode_rows", {c: _rows_function(c) for c in (KV_F32, KV_F16, KV_Q8_0, KV_Q4_0)})
+# decode_tile(code, buf, o, stride, m, hd, tile): see the module's doc (False for a code it has no row for)
+decode_tile = by_code("decode_tile", {c: _rows_function(c) for c in (KV_F32, KV_F16, KV_Q8_0, KV_Q4_0)})
