@@ -19,15 +19,13 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..model.kvtypes import KV_TYPES
 from .decoders import F16_TABLE
 from .dispatch import by_code
-from .kvrows import CHUNK, VECTOR_ROWS, decode_tile, score_rows
+from .kvrows import KEYS, KV_F16, KV_F32, KV_Q4_0, KV_Q8_0, VECTOR_HEAD, decode_tile, score_rows
 from .jitcache import per_type
 from .vmath import exp_f32
 from .simd import _CONTRACT, _F32, _I32, _I64, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar, _load_vec, _splat, _splat_value, _vec
 
-KV_F32, KV_F16, KV_Q8_0, KV_Q4_0 = (KV_TYPES[n].code for n in ("f32", "f16", "q8_0", "q4_0"))
 QK = 32  # values per q8_0 / q4_0 block
 B_Q8_0, B_Q4_0 = 34, 18  # bytes per block
 _NATIVE_HALF = HAS_F16_VECTOR and SIMD_LEVEL != "portable"  # the table path runs where the cap says portable
@@ -209,12 +207,7 @@ def _writer(code: int):
 
 
 # ---------------------------------------------------------------------------------- attention
-KEYS = 16  # keys a prompt block scores at once (one 512-bit vector of scores)
 BLOCK_TOKENS = 16  # consecutive query tokens of one sequence that share each decoded key and value row
-
-
-def _splat_arg(context, builder, sig, args, i: int, n: int):
-    return _splat_value(builder, context.cast(builder, args[i], sig.args[i], types.float32), n)
 
 
 @intrinsic
@@ -240,7 +233,8 @@ def _score_keys(typingctx, q, qo, kt, n_j, scale, out, oo):
             step(j, accs[0])
         a = [builder.load(x) for x in accs]
         total = builder.fadd(builder.fadd(a[0], a[1]), builder.fadd(a[2], a[3]))
-        builder.store(builder.fmul(total, _splat_arg(context, builder, sig, args, 4, KEYS)),
+        scale = _splat_value(builder, context.cast(builder, args[4], sig.args[4], types.float32), KEYS)
+        builder.store(builder.fmul(total, scale),
                       builder.bitcast(builder.gep(op, [o0]), vt.as_pointer()), align=4)
     return types.void(q, qo, kt, n_j, scale, out, oo), codegen
 
@@ -294,7 +288,7 @@ def _attention(code_k: int, code_v: int):
             # the loops of one item are functions of their own (taking the codes at run time, so that the
             # kernel's closure holds plain ints and numba can cache it): its parallel passes over a body
             # this size took seconds
-            if t1 - t0 == 1 and VECTOR_ROWS and q.shape[2] % CHUNK == 0:
+            if t1 - t0 == 1 and VECTOR_HEAD(q.shape[2]):
                 _attend_one_tiles(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, g)
             elif t1 - t0 == 1:
                 _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t0, g)
@@ -338,7 +332,7 @@ def _attend_one(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, ta
 
 @njit(fastmath=True)
 def _attend_one_tiles(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, table, t, g):
-    """_attend_one in vectors (head_dim % 16 == 0, kvrows.VECTOR_ROWS): KEYS rows at a time decoded into a
+    """_attend_one in vectors (kvrows.VECTOR_HEAD): KEYS rows at a time decoded into a
     tile (kvrows.decode_tile) that each head of the group scores at once (kvrows.score_rows) and, for the
     values, weighs into its sums (_mix_values); the last tile's missing rows are zeros of weight 0."""
     n_head, hd = q.shape[1], q.shape[2]
@@ -393,9 +387,9 @@ def _attend_block(code_k, code_v, q, kb, vb, rk, rv, n_kv, ctx, seqs, pos, out, 
     scale = np.float32(1.0 / np.sqrt(hd))
     nt = t1 - t0
     n = pos[t1 - 1] + 1  # the last token sees the most keys
-    n_pad = (n + KEYS - 1) // KEYS * KEYS  # scores past n (and past each token's own) stay 0: weight 0
+    n_pad = (n + KEYS - 1) // KEYS * KEYS  # scores past each token's own position are set to 0 after its softmax
     base = (seqs[t0] * n_kv + g) * ctx
-    vec = VECTOR_ROWS and hd % CHUNK == 0  # kvrows' tile decoders
+    vec = VECTOR_HEAD(hd)  # kvrows' tile decoders
     row = np.empty(hd, np.float32)
     rows = np.empty(KEYS * hd, np.float32)
     kt = np.zeros(hd * KEYS, np.float32)

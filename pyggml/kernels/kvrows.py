@@ -29,7 +29,7 @@ from .dispatch import by_code
 from .simd import _CONTRACT, _F32, _I8, _I32, _I64, HAS_AVX512, HAS_F16_VECTOR, SIMD_LEVEL, _data, _load_scalar, _load_vec, _splat, _splat_value, _vec
 
 KV_F32, KV_F16, KV_Q8_0, KV_Q4_0 = (KV_TYPES[n].code for n in ("f32", "f16", "q8_0", "q4_0"))
-KEYS = 16  # rows a tile holds (kvattn.KEYS)
+KEYS = 16  # rows a tile holds; the keys kvattn's prompt blocks score at once (one 512-bit vector of scores)
 CHUNK = 16  # values a decode step widens at once
 LANES = 16 if HAS_AVX512 else 8  # partial sums a key keeps in score_rows (one vector register)
 # where the vector loops apply: fp16 widened by the hardware (F16C, or ARM's fp16 conversions)
@@ -37,7 +37,9 @@ VECTOR_ROWS = HAS_F16_VECTOR and SIMD_LEVEL != "portable"
 _HALF = ir.HalfType()
 
 
-def VECTOR_HEAD(hd: int) -> bool:
+@njit(inline="always")
+def VECTOR_HEAD(hd):
+    """Whether heads of hd values take the tile loops (kvattn's decode tokens and prompt blocks)."""
     return VECTOR_ROWS and hd % CHUNK == 0
 
 
