@@ -91,9 +91,13 @@ inline void mma_k16(int (&c)[4], int a0, int a1, int b0) {
   warp_sync();
 }
 
+// Blocks run one after another, in order or (blocks_in_reverse) the other way round: a kernel must
+// not depend on the order, and a test can show that it does not.
+bool blocks_in_reverse = false;
 template <class F> void launch(Dim grid, Dim block, F body) {
   gridDim = grid; blockDim = block;
-  for (unsigned bz = 0; bz < grid.z; bz++) for (unsigned by = 0; by < grid.y; by++) for (unsigned bx = 0; bx < grid.x; bx++) {
+  for (unsigned bz = 0; bz < grid.z; bz++) for (unsigned by = 0; by < grid.y; by++) for (unsigned i = 0; i < grid.x; i++) {
+    const unsigned bx = blocks_in_reverse ? grid.x - 1 - i : i;
     blockIdx = {bx, by, bz};
     std::barrier<> bb(block.x); block_bar = &bb;
     std::vector<Warp> warps(block.x / 32);

@@ -1,0 +1,142 @@
+"""kernels.cu's decode attention (attn_partial: key ranges, batches of keys, the range's end, position
+n-1 encoded from the staged floats for q8_0 / q4_0 caches and stored by one block, the warps' and the
+ranges' merges) compiled for the CPU with g++ and run whole on the threaded emulation of CUDA
+(tests/data/cuda_threads.h: a thread per CUDA thread, warp shuffles through a barrier, blocks in
+reverse order here), against the float64 reference over the decoded cache. It runs where no GPU is,
+so CI checks the kernel's index arithmetic and a rewrite can be proven before a GPU run;
+test_cuda.py's test_decode_attention_kernel_reads_stored_rows checks the real thing. Skipped without
+g++ 11+ (C++20 barriers)."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvdata import kv_rows, stored
+from pyggml.cuda.module import ATT_SPLITS, ATT_THREADS, attn_per_lane, generated_constants
+from pyggml.kernels import reference
+from pyggml.model.kvtypes import KV_TYPES
+
+GXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(GXX is None, reason="no g++ to compile the device code for the CPU")
+REPO = Path(__file__).resolve().parent.parent
+
+# What cuda_threads.h leaves out and attn_partial uses: -inf, the vector types, bit casts, halves.
+SHIM = r"""
+#define NEG_INF (-INFINITY)
+struct alignas(16) uint4 { u32 x, y, z, w; };
+struct alignas(8) uint2 { u32 x, y; };
+template <class A, class B> inline A bit_as(B b) { static_assert(sizeof(A) == sizeof(B)); A a; memcpy(&a, &b, sizeof a); return a; }
+inline float __uint_as_float(u32 u) { return bit_as<float>(u); }
+inline u32 __float_as_uint(float f) { return bit_as<u32>(f); }
+inline float __int_as_float(int i) { return bit_as<float>(i); }
+inline u16 __half_as_ushort(__half h) { return bit_as<u16>(h); }
+inline __half __float2half_rn(float f) { __half h; h.v = (_Float16)f; return h; }
+inline float2 h2f(u32 bits) { return {__half2float(__ushort_as_half((u16)bits)), __half2float(__ushort_as_half((u16)(bits >> 16)))}; }
+inline u32 __funnelshift_r(u32 lo, u32 hi, u32 sh) { sh &= 31; return sh ? (lo >> sh) | (hi << (32 - sh)) : lo; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+"""
+
+DRIVER = r"""
+static std::vector<u8> rd(const std::string& p) {
+  FILE* f = fopen(p.c_str(), "rb"); std::vector<u8> v; int c; while ((c = fgetc(f)) != EOF) v.push_back((u8)c); fclose(f); return v; }
+static void wr(const std::string& p, const void* data, size_t n) { FILE* f = fopen(p.c_str(), "wb"); fwrite(data, 1, n, f); fclose(f); }
+template <int PER, int TK, int TV> void run(const std::string& D, int n_heads, int n_ctx, int hd, int group, int n, int n_split) {
+  auto q = rd(D + "/q.bin"), k = rd(D + "/k.bin"), v = rd(D + "/v.bin"), staged = rd(D + "/staged.bin");
+  const i64 io[2] = {0, n - 1};
+  std::vector<float> part((size_t)n_heads * %(SPLITS)d * (hd + 2)), out((size_t)n_heads * hd);
+  std::vector<int> cnt(n_heads);
+  blocks_in_reverse = true;  // the heads that read position n-1 before the KV group's first head stores it
+  launch({(unsigned)n_heads, %(SPLITS)d, 1}, {%(THREADS)d, 1, 1}, [&] {
+    attn_partial<PER, TK, TV>((const float*)q.data(), k.data(), v.data(), (const float*)staged.data(), io, n_ctx, hd, group,
+                              1.f / sqrtf((float)hd), part.data(), cnt.data(), out.data(), nullptr, nullptr, nullptr, 0, nullptr, n_split);
+  });
+  wr(D + "/out.bin", out.data(), 4 * out.size());
+  wr(D + "/k.bin", k.data(), k.size());
+  wr(D + "/v.bin", v.data(), v.size());
+}
+int main(int argc, char** argv) {
+  const std::string D = argv[1];
+  const int per = atoi(argv[2]), tk = atoi(argv[3]), tv = atoi(argv[4]), n_heads = atoi(argv[5]), n_ctx = atoi(argv[6]);
+  const int hd = atoi(argv[7]), group = atoi(argv[8]), n = atoi(argv[9]), n_split = atoi(argv[10]);
+  switch (per * 10000 + tk * 100 + tv) {
+%(CASES)s
+    default: fprintf(stderr, "no instance\n"); return 2;
+  }
+  return 0;
+}
+"""
+
+# (key type, value type, head_dim, keys, key ranges a head may use): a single key; ranges of a few
+# hundred keys; ranges over 256 keys; one range of 512 (whole batches of 256 keys, position n-1 in the
+# last) and one of 600; head sizes that are not powers of two (80, 96); GQA groups of 2 throughout.
+CASES = [("f16", "f16", 128, 1, 4), ("f16", "f16", 128, 600, 4), ("f16", "f16", 128, 1100, 4), ("f16", "f16", 128, 512, 1),
+         ("q8_0", "q8_0", 128, 600, 1), ("q8_0", "q8_0", 128, 1100, 4), ("q4_0", "q4_0", 128, 512, 1), ("q8_0", "q4_0", 64, 300, 4),
+         ("f32", "q8_0", 96, 700, 4), ("q4_0", "f16", 256, 300, 1), ("f16", "f32", 80, 130, 4), ("f32", "f32", 8, 130, 1),
+         ("f16", "f16", 64, 1030, 4), ("f16", "f16", 32, 257, 4)]
+INSTANCES = sorted({(attn_per_lane(hd), KV_TYPES[tk].code, KV_TYPES[tv].code) for tk, tv, hd, _, _ in CASES})
+
+
+def _device_source() -> str:
+    """The parts of kernels.cu attn_partial uses: the small helpers, the int8 output blocks, the KV rows."""
+    src = (REPO / "pyggml" / "cuda" / "kernels.cu").read_text()
+
+    def cut(a, b):
+        return src[src.index(a):src.index(b)]
+
+    return "".join([
+        cut("__device__ __forceinline__ float f16(u16 bits)", "// Bit k (k < 4) of t moves"),
+        cut("struct Arranged {", "// One launch = one product and its epilogue."),
+        cut("// ------------------------------------------------------------------------------ KV cache rows",
+            "// ---------------------------------------------------------------------- gathers and batches"),
+    ])
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    consts = generated_constants().replace("__device__ __constant__ __align__(16)", "alignas(16)")
+    cases = "\n".join(f"    case {per * 10000 + tk * 100 + tv}: run<{per}, {tk}, {tv}>(D, n_heads, n_ctx, hd, group, n, n_split); break;"
+                      for per, tk, tv in INSTANCES)
+    d = tmp_path_factory.mktemp("attn")
+    driver = DRIVER % {"SPLITS": ATT_SPLITS, "THREADS": ATT_THREADS, "CASES": cases}
+    (d / "emu.cpp").write_text('#include "cuda_threads.h"\n' + SHIM + consts + _device_source() + driver)
+    r = subprocess.run([GXX, "-std=c++20", "-O1", "-pthread", "-I", str(REPO / "tests" / "data"), "-o", str(d / "emu"),
+                        str(d / "emu.cpp")], capture_output=True, text=True)
+    if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
+        pytest.skip("this g++ has no C++20 <barrier>")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+@pytest.mark.parametrize("tk, tv, hd, n, n_split", CASES, ids=lambda v: str(v))
+def test_decode_attention_kernel_equals_reference(emulator, tk, tv, hd, n, n_split):
+    """The token at position n-1 attends to the n rows of its head's cache: rows before it as stored;
+    its own row in the cache too for f32/f16 (the QKV product stores those), else only in `staged` as
+    floats, which the kernel encodes (bit-exact against KVType.encode, stored by one block) and
+    attends to decoded."""
+    ktk, ktv = KV_TYPES[tk], KV_TYPES[tv]
+    rng = np.random.default_rng(n * 7 + hd)
+    n_heads, n_kv, n_ctx = 4, 2, n + 3
+    k, kf = stored(rng, tk, (n_kv, n_ctx, hd))
+    v, vf = stored(rng, tv, (n_kv, n_ctx, hd))
+    new = kv_rows(rng, (2, n_kv, hd))  # this token's key and value rows
+    for rows, full, t, x in ((k, kf, ktk, new[0]), (v, vf, ktv, new[1])):
+        enc = t.encode(x)
+        rows[:, n - 1] = enc if not t.quantized else 0  # quantized: the kernel must store it
+        full[:, n - 1] = t.decode(enc)
+    q = rng.standard_normal((1, n_heads, hd), dtype=np.float32)
+    for name, a in (("q", q), ("k", k), ("v", v), ("staged", new)):
+        np.ascontiguousarray(a).tofile(emulator / f"{name}.bin")
+    subprocess.run([str(emulator / "emu"), str(emulator), str(attn_per_lane(hd)), str(ktk.code), str(ktv.code), str(n_heads),
+                    str(n_ctx), str(hd), str(n_heads // n_kv), str(n), str(n_split)], check=True, timeout=600)
+    got = np.fromfile(emulator / "out.bin", np.float32).reshape(1, n_heads, hd)
+    want = reference.attention(q, kf, vf, n - 1)
+    # float32 sums of n products each, weights from exp2 of scores rounded to float32
+    assert np.max(np.abs(got - want)) <= 2e-5 * np.max(np.abs(vf)), np.max(np.abs(got - want))
+    for name, rows, t, x in (("k", k, ktk, new[0]), ("v", v, ktv, new[1])):
+        back = np.fromfile(emulator / f"{name}.bin", np.uint8).reshape(rows.view(np.uint8).shape)
+        np.testing.assert_array_equal(back[:, n - 1], t.encode(x).view(np.uint8).reshape(back[:, n - 1].shape))
+        np.testing.assert_array_equal(back[:, :n - 1], rows.view(np.uint8)[:, :n - 1])  # nothing else written
