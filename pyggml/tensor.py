@@ -9,7 +9,7 @@ from .gguf.constants import GGMLType
 from .quant import registry
 
 # The weight types the kernels compute with, and the small integers they dispatch on: the weight-type
-# registry's (quant/registry.py); kernels/cpu.py and cuda/kernels.cu both use these numbers.
+# registry's (quant/registry.py); kernels/cpu.py and the CUDA source (cuda/*.cu) both use these numbers.
 KERNEL_TYPE_CODES = registry.KERNEL_TYPE_CODES
 
 

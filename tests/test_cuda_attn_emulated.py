@@ -1,4 +1,4 @@
-"""kernels.cu's decode attention (attn_partial: key ranges, batches of keys, the range's end, position
+"""attention.cu's decode attention (attn_partial: key ranges, batches of keys, the range's end, position
 n-1 encoded from the staged floats for q8_0 / q4_0 caches and stored by one block, the warps' and the
 ranges' merges) compiled for the CPU with g++ and run whole on the threaded emulation of CUDA
 (tests/data/cuda_threads.h: a thread per CUDA thread, warp shuffles through a barrier, blocks in
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kvdata import kv_rows, stored
-from pyggml.cuda.module import ATT_SPLITS, ATT_THREADS, attn_per_lane, generated_constants
+from pyggml.cuda.module import ATT_SPLITS, ATT_THREADS, attn_per_lane, cuda_source, generated_constants
 from pyggml.kernels import reference
 from pyggml.model.kvtypes import KV_TYPES
 
@@ -81,8 +81,9 @@ INSTANCES = sorted({(attn_per_lane(hd), KV_TYPES[tk].code, KV_TYPES[tv].code) fo
 
 
 def _device_source() -> str:
-    """The parts of kernels.cu attn_partial uses: the small helpers, the int8 output blocks, the KV rows."""
-    src = (REPO / "pyggml" / "cuda" / "kernels.cu").read_text()
+    """The parts of the CUDA source attn_partial uses: the small helpers, the int8 output blocks, the KV rows,
+    then attention.cu up to the prompt attention."""
+    src = cuda_source()
 
     def cut(a, b):
         return src[src.index(a):src.index(b)]
@@ -91,7 +92,7 @@ def _device_source() -> str:
         cut("__device__ __forceinline__ float f16(u16 bits)", "// Bit k (k < 4) of t moves"),
         cut("struct Arranged {", "// One launch = one product and its epilogue."),
         cut("// ------------------------------------------------------------------------------ KV cache rows",
-            "// ---------------------------------------------------------------------- gathers and batches"),
+            "// Causal attention of a prompt batch"),
     ])
 
 

@@ -1,4 +1,4 @@
-"""kernels.cu's wide-path device functions (load_xw, load_ww, dot_ww: the decode products of Q4_1,
+"""matvec.cu's wide-path device functions (load_xw, load_ww, dot_ww: the decode products of Q4_1,
 Q5_1, Q2_K-Q6_K, IQ4_NL, IQ4_XS) compiled for the CPU with g++ through a small shim of CUDA's
 intrinsics (tests/data/cuda_shim.h), against the exact int8-activation reference over the `gguf`
 package's dequantization. It runs where no GPU is, so CI checks the device code's arithmetic; the
@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyggml.cuda.module import WIDE_UNROLL, generated_constants
-from pyggml.gguf.constants import GGMLType
+from pyggml.cuda.module import WIDE_UNROLL, cuda_source, generated_constants
 from pyggml.kernels import cpu, reference as ref
 from pyggml.quant.registry import KERNEL_TYPE_CODES
 
@@ -51,7 +50,7 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    src = (REPO / "pyggml" / "cuda" / "kernels.cu").read_text()
+    src = cuda_source()
     wide = src[src.index("// 4-bit indices (one per byte of q"):src.index("// The general path")]
     consts = generated_constants().replace("__device__ __constant__ __align__(16)", "alignas(16)")
     cases = "\n".join(f"    case T_{t.name}: run<T_{t.name}>(w, rows, cols, ld, x, o); break;" for t in WIDE_UNROLL)

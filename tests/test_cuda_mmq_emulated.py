@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyggml.cuda.module import MMQ_THREADS, MMQ_TYPES, generated_constants, mmq_fragment_layout, mmq_rows, mmq_tiles
+from pyggml.cuda.module import MMQ_THREADS, MMQ_TYPES, cuda_source, generated_constants, mmq_fragment_layout, mmq_rows, mmq_tiles
 from pyggml.kernels import reference as ref
 from pyggml.gguf.constants import GGMLType
 from pyggml.quant.registry import KERNEL_TYPE_CODES, TYPE_TRAITS
@@ -79,8 +79,8 @@ def random_rows(rng, t: GGMLType, rows: int, cols: int) -> np.ndarray:
 
 
 def _device_source() -> str:
-    """The parts of kernels.cu mmq.cu uses, then mmq.cu without its inline-PTX mma (the shim's instead)."""
-    src = (REPO / "pyggml" / "cuda" / "kernels.cu").read_text()
+    """The parts of the CUDA source mmq.cu uses, then mmq.cu without its inline-PTX mma (the shim's instead)."""
+    src = cuda_source()
     mmq = (REPO / "pyggml" / "cuda" / "mmq.cu").read_text()
 
     def cut(text, a, b):

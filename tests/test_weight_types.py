@@ -2,7 +2,6 @@
 geometry; every computable type has a codec, a CPU path and a CUDA branch; a file with a type pyggml
 cannot compute is inspected in full, and a model using one fails at load naming tensor and type."""
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from click.testing import CliRunner
 
 from pyggml import Llama
 from pyggml.cli import main
+from pyggml.cuda.module import cuda_source
 from pyggml.gguf import GGMLType, GGUFFile
 from pyggml.gguf.constants import TYPE_TRAITS, TensorNames
 from pyggml.gguf.writer import TensorPlan, write_gguf
@@ -18,7 +18,6 @@ from pyggml.quant import codecs, registry
 from pyggml.synthetic import Shape, llama_metadata, random_weight, synthetic_vocab, tensor_shapes
 
 SHAPE = Shape(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab=260, ctx=32)
-KERNELS_CU = Path(__file__).resolve().parent.parent / "pyggml" / "cuda" / "kernels.cu"
 
 
 def test_every_type_id_has_the_gguf_package_geometry():
@@ -30,14 +29,14 @@ def test_every_type_id_has_the_gguf_package_geometry():
 
 def test_every_computable_type_has_codec_cpu_and_gpu_paths():
     """Walk the registry: a numpy decoder, a CPU kernel code and a CUDA dequant branch for each type."""
-    src = KERNELS_CU.read_text()
+    src = cuda_source()
     assert "enum { T_" not in src  # the codes come from the registry, not a second table
     defines = registry.cuda_type_defines()
     for t in registry.COMPUTABLE_TYPES:
         code = registry.KERNEL_TYPE_CODES[t]
         assert f"#define T_{t.name} {code}\n" in defines
         assert t in cpu.SUPPORTED_TYPES
-        assert re.search(rf"T == T_{t.name}\b", src), f"kernels.cu has no branch for {t.name}"
+        assert re.search(rf"T == T_{t.name}\b", src), f"the CUDA source has no branch for {t.name}"
         tr = TYPE_TRAITS[t]
         raw = np.zeros((2, tr.type_size * (256 // tr.block_size)), np.uint8)
         assert codecs.dequantize(raw, t).shape == (2, 256)

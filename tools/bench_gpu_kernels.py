@@ -1,4 +1,4 @@
-"""Time the GPU decode product (mmv in pyggml/cuda/kernels.cu) alone on Llama-2-7B-sized matrices:
+"""Time the GPU decode product (mmv in pyggml/cuda/matvec.cu) alone on Llama-2-7B-sized matrices:
 achieved weight GB/s against two ceilings measured in the same run, per type and unroll factor:
 the device copy bandwidth (read + write) and the read ceiling, the best of a plain streaming read
 at a few occupancies. Needs cupy and an NVIDIA GPU.
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-from importlib import resources
 
 import cupy as cp
 import numpy as np
 
 from pyggml.bench import measure_device_copy_bandwidth
 from pyggml.cuda.module import (ADD_WARPS, CHUNK_TYPES, MODE_ADD, MODE_SILU, MODE_STORE, NO_FOLD, PATH_CHUNK, PATH_GROUP,
-                                TYPE_CODES, WARPS, Arranged)
+                                TYPE_CODES, WARPS, Arranged, cuda_source, generated_constants)
 from pyggml.gguf.constants import GGMLType
 from pyggml.synthetic import random_block_rows
 
@@ -68,7 +67,7 @@ def measure_read_ceiling(n_bytes: int = READ_BYTES) -> tuple[float, str]:
 
 
 def main() -> int:
-    src = resources.files("pyggml.cuda").joinpath("kernels.cu").read_text()
+    src = generated_constants() + cuda_source()
     variants = {t: [v for v in VARIANTS if v[0] == PATH_GROUP or t in CHUNK_TYPES] for t in TYPES}
     names = [f"mmv<{TYPE_CODES[t]}, {m}, {u}, {p}, {k}>" for t in TYPES for p, u, k in variants[t] for m in (MODE_STORE, MODE_ADD, MODE_SILU)]
     mod = cp.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
@@ -92,7 +91,7 @@ def main() -> int:
             nbytes = sum(w.nbytes for w in ws[0])
             for p, u, k in variants[t]:
                 fn = mod.get_function(f"mmv<{TYPE_CODES[t]}, {mode}, {u}, {p}, {k}>")
-                warps = ADD_WARPS if mode == MODE_ADD and k == 1 else WARPS  # as kernels.cu's mmv
+                warps = ADD_WARPS if mode == MODE_ADD and k == 1 else WARPS  # as matvec.cu's mmv
 
                 def launch(i: int) -> None:
                     w = ws[i % COPIES]

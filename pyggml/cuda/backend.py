@@ -1,12 +1,12 @@
 """CUDABackend: the Backend protocol on an NVIDIA GPU through cupy.
 
 - Weights are uploaded once, as the file's bytes (GGUF block layout), and never dequantized
-  into a float copy: decode products read the blocks directly (kernels.cu, `mmv`).
+  into a float copy: decode products read the blocks directly (matvec.cu, `mmv`).
 - One token (decode) runs as a CUDA graph: the layers of this backend (and the embedding lookup
   and output head when they are here too) are captured once per KV cache and replayed; the token
   and position travel in one 16-byte copy, the logits (or the hidden state) come back in one.
   On compute capability 9.0+ the kernels of the graph are launched programmatically (each may
-  start while the one before it finishes; kernels.cu's pdl_wait keeps the order of their data).
+  start while the one before it finishes; common.cu's pdl_wait keeps the order of their data).
 - A batch of tokens (a prompt, or the decode steps of several sequences) multiplies the quantized
   types on the int8 tensor cores straight from the blocks (mmq.cu, compute capability 8.0+); the
   float types (and older GPUs) dequantize one weight matrix at a time into a reused fp16 scratch
@@ -50,7 +50,7 @@ class _Workspace:
     """Fixed buffers of the decode graph (their addresses are baked into it).
 
     Two sets of int8 inputs take turns, because an ADD product that folds the next RMSNorm (Fold in
-    kernels.cu) writes the next product's int8 input while its other blocks still read theirs:
+    matvec.cu) writes the next product's int8 input while its other blocks still read theirs:
     `a` is the attention output's and the SwiGLU output's, `b` the normed residual's."""
 
     def __init__(self, cp, cfg):
@@ -222,7 +222,7 @@ class CUDABackend(BatchProducts, BatchedDecode):
              w2=None, n1: int = 0, rb: int = 0, re: int = 0, kc=None, vc=None, io=None, inv_freq=None, head_dim: int = 0,
              n_rot: int = 0, n_ctx: int = 0, kv_codes: int = 0, staged=None, bias=None, raw_qk=None, nss=None,
              eps: float = 0.0, fold: tuple = NO_FOLD):
-        """Launch the decode product `mmv` (see kernels.cu) for one weight type. nss: the input is a
+        """Launch the decode product `mmv` (see matvec.cu) for one weight type. nss: the input is a
         deferred RMSNorm's (its sums of squares, eps); fold: the next RMSNorm an ADD product folds (_fold);
         QKV: bias, the [q; k; v] biases to add, raw_qk, where q and k go unrotated (qk_norm_rope follows)."""
         t = w.ggml_type
@@ -387,7 +387,7 @@ class CUDABackend(BatchProducts, BatchedDecode):
             return (x.q, x.d) if x else (None, None)
 
         tk, tv = cache.types
-        kv_codes = tk.code | tv.code << 8  # the QKV epilogue's (kernels.cu, Epilogue)
+        kv_codes = tk.code | tv.code << 8  # the QKV epilogue's (matvec.cu, Epilogue)
         attn = self._attn_fn("attn_partial", attn_per_lane(hd), tk, tv)[0]
         for i, li in enumerate(layer_ids):
             L = model.layers[li]

@@ -1,6 +1,6 @@
 // Products of a batch of tokens on the int8 tensor cores (mma.sync m16n8k32, s8 x s8 -> s32), straight
 // from the weights' blocks: the decode steps of several sequences at once, and prompts of up to 64 tokens.
-// Compiled after kernels.cu, in the same module (it uses its decoders' helpers: f16, ld32, spread4,
+// Compiled last, in the same module (module.py, CUDA_SOURCES; it uses the decoders' helpers: f16, ld32, spread4,
 // iq4_values, scale_min_k4); backend.py's _mmq launches it.
 //
 // The activations are int8 blocks of 32 (quantize_q8s: the decode products' rounding) with their

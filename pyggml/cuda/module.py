@@ -1,4 +1,4 @@
-"""kernels.cu as Python sees it: which template instances are compiled (per weight type, KV type pair
+"""The CUDA source (CUDA_SOURCES) as Python sees it: which template instances are compiled (per weight type, KV type pair
 and product path), the launch geometry the kernels were built for, and the helpers that launch them
 (int8 inputs and their arranged copies, programmatic dependent launch)."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..model.kvtypes import cuda_defines as kv_cuda_defines
 from ..quant.registry import cuda_type_defines
 from ..tensor import KERNEL_TYPE_CODES
 
-TYPE_CODES = KERNEL_TYPE_CODES  # the T of kernels.cu's templates
+TYPE_CODES = KERNEL_TYPE_CODES  # the T of the CUDA templates
 SUPPORTED_TYPES = frozenset(TYPE_CODES)
 INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q2_K,
                               GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL,
@@ -25,10 +25,10 @@ CHUNK_TYPES = {GGMLType.Q4_0: 18, GGMLType.Q8_0: 34}  # 16-byte loads over activ
 MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
 PATH_GROUP, PATH_CHUNK, PATH_ANY, PATH_WIDE = 0, 1, 2, 3
 UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
-# The wide path (kernels.cu, dot_rows_wide): units of 32 weights a lane, this many in flight.
+# The wide path (matvec.cu, dot_rows_wide): units of 32 weights a lane, this many in flight.
 WIDE_UNROLL = {t: 2 for t in INT8_INPUT_TYPES - {GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0}}
 CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
-# ADD products run one 16-warp block per SM (kernels.cu), so registers cost them no occupancy: Q4_0's
+# ADD products run one 16-warp block per SM (matvec.cu), so registers cost them no occupancy: Q4_0's
 # take 3 chunks in flight (7B q4_0 graph replay 1767 -> 1746 us per token; 4: 1748)
 ADD_CHUNK_UNROLL = {GGMLType.Q4_0: 3, GGMLType.Q8_0: 3}
 
@@ -51,11 +51,11 @@ def k_split(path: int, pairs: int) -> int:
         return 4
     return 1
 WARPS = 8  # warps (row pairs) per block of the matvec ...
-ADD_WARPS = 16  # ... but 16 for an ADD product with one warp per pair (kernels.cu): one 32-row group
-ATT_SPLITS = 16  # decode attention: at most this many key ranges per head (kernels.cu, attn_partial)
-ATT_THREADS = 512  # attn_partial's block (kernels.cu, ATT_WARPS)
-ATT_MAX_HEAD_DIM = 256  # attn_partial's and attn_seqs' per-warp outputs in shared memory (kernels.cu, sacc)
-PROMPT_QUERIES, PROMPT_KEYS, PROMPT_THREADS = 32, 32, 128  # attn_prompt's tile (kernels.cu, PQ_*)
+ADD_WARPS = 16  # ... but 16 for an ADD product with one warp per pair (matvec.cu): one 32-row group
+ATT_SPLITS = 16  # decode attention: at most this many key ranges per head (attention.cu, attn_partial)
+ATT_THREADS = 512  # attn_partial's block (attention.cu, ATT_WARPS)
+ATT_MAX_HEAD_DIM = 256  # attn_partial's and attn_seqs' per-warp outputs in shared memory (attention.cu, sacc)
+PROMPT_QUERIES, PROMPT_KEYS, PROMPT_THREADS = 32, 32, 128  # attn_prompt's tile (attention.cu, PQ_*)
 MMQ_TYPES = INT8_INPUT_TYPES  # the batch products on the int8 tensor cores (mmq.cu: mq_load)
 MMQ_THREADS = 128  # mmq's block: MQ_WARPS warps of 16 rows, or of 32 (mq_shape: NT >= 4)
 MMQ_TILES = (1, 2, 4, 8)  # its NT: tiles of 8 tokens a block (64 at most; more go to grid z)
@@ -102,7 +102,7 @@ def mmq_splits(row_tiles: int, groups: int, sms: int, n_tok: int, row_bytes: int
 
 def attn_splits(n_heads: int, sms: int) -> int:
     """Key ranges per head the decode attention may cut the keys into: at most ATT_SPLITS (its
-    grid's y), and few enough that the blocks in use (one per SM) run in one wave (kernels.cu,
+    grid's y), and few enough that the blocks in use (one per SM) run in one wave (attention.cu,
     attn_ranges)."""
     return max(1, min(ATT_SPLITS, sms // n_heads))
 
@@ -142,7 +142,7 @@ def attn_kernel_names(tk: KVType, tv: KVType) -> list[str]:
 
 
 def generated_constants() -> str:
-    """What kernels.cu takes from Python: the weight and KV type codes and the IQ4_NL value table."""
+    """What the CUDA source takes from Python: the weight and KV type codes and the IQ4_NL value table."""
     from ..quant.kquants import IQ4NL_VALUES
 
     table = ", ".join(str(int(v)) for v in IQ4NL_VALUES)
@@ -150,15 +150,23 @@ def generated_constants() -> str:
             + f"__device__ __constant__ __align__(16) signed char IQ4NL_VALUES[16] = {{{table}}};\n")
 
 
+# The CUDA source: these files in this order make one module (each uses what the ones before define).
+CUDA_SOURCES = ("common.cu", "decoders.cu", "matvec.cu", "ops.cu", "kvcache.cu", "attention.cu", "mmq.cu")
+
+
+def cuda_source() -> str:
+    """The module's source as compiled, without the generated constants."""
+    return "".join(resources.files(__package__).joinpath(f).read_text() for f in CUDA_SOURCES)
+
+
 def _compile(names: list[str]):
     import cupy as cp
 
-    src = "".join(resources.files(__package__).joinpath(f).read_text() for f in ("kernels.cu", "mmq.cu"))
-    return cp.RawModule(code=generated_constants() + src, options=("-std=c++17",), name_expressions=names)
+    return cp.RawModule(code=generated_constants() + cuda_source(), options=("-std=c++17",), name_expressions=names)
 
 
 def compiled_module():
-    """kernels.cu compiled for this GPU (cupy keeps the binary in its on-disk kernel cache)."""
+    """The CUDA source compiled for this GPU (cupy keeps the binary in its on-disk kernel cache)."""
     global _MODULE
     if _MODULE is None:
         _MODULE = _compile(kernel_names())
@@ -169,7 +177,7 @@ _ATTN_MODULES: dict[tuple[int, int], object] = {}
 
 
 def attn_module(tk: KVType, tv: KVType):
-    """kernels.cu compiled with the attention kernels of one (key type, value type) pair only: 16 pairs
+    """The CUDA source compiled with the attention kernels of one (key type, value type) pair only: 16 pairs
     times 3 kernels times 4 head sizes would make every first start compile 192 kernels."""
     key = (tk.code, tv.code)
     if key not in _ATTN_MODULES:
@@ -183,7 +191,7 @@ def dev_ptr(a) -> np.uint64:
 
 class Arranged:
     """An input's int8 values laid out like Q4_0 (two planes) and Q8_0 weight rows, zero under the
-    scales: what the chunked products read (kernels.cu, dot_rows_chunk). Zeroed once; producers
+    scales: what the chunked products read (decoders.cu, dot_rows_chunk). Zeroed once; producers
     write only the value positions."""
 
     def __init__(self, cp, width: int):
@@ -220,7 +228,7 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 class ProgrammaticLauncher:
     """Launches a kernel through the driver's cuLaunchKernelEx with programmatic stream
     serialization: it may start while the kernel before it on the stream still runs, and waits for
-    that kernel's results itself (pdl_wait in kernels.cu). Captured into a graph, this becomes a
+    that kernel's results itself (pdl_wait in common.cu). Captured into a graph, this becomes a
     programmatic edge, which hides most of the gap between the decode step's ~290 small kernels."""
 
     def __init__(self):

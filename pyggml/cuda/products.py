@@ -2,7 +2,7 @@
 the int8 weight types on the int8 tensor cores straight from their blocks (mmq.cu, compute capability
 8.0+, up to MMQ_MAX_TOKENS tokens; consecutive weights of one type in one launch), the float types (and
 older GPUs, and larger batches) dequantized one matrix at a time to an fp16 scratch tile for cuBLAS.
-One token takes the decode product (mmv in kernels.cu). A mixin of CUDABackend (backend.py), which
+One token takes the decode product (mmv in matvec.cu). A mixin of CUDABackend (backend.py), which
 owns the kernels (fn, _call), the stream and the scratch tile."""
 from __future__ import annotations
 

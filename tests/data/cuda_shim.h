@@ -1,5 +1,5 @@
 // Just enough of CUDA's device vocabulary (one thread, x86 semantics of __dp4a, __vsub4, __byte_perm)
-// to compile kernels.cu's wide-path device functions with g++: tests/test_cuda_emulated.py.
+// to compile matvec.cu's wide-path device functions with g++: tests/test_cuda_emulated.py.
 #include <cstdint>
 #include <cstring>
 #include <cstdio>
