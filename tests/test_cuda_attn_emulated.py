@@ -58,10 +58,29 @@ template <int PER, int TK, int TV> void run(const std::string& D, int n_heads, i
   wr(D + "/k.bin", k.data(), k.size());
   wr(D + "/v.bin", v.data(), v.size());
 }
+template <int PER, int TK, int TV> void run_seqs(const std::string& D, int n_tok, int n_heads, int n_kv, int n_ctx, int hd) {
+  auto q = rd(D + "/q.bin"), k = rd(D + "/k.bin"), v = rd(D + "/v.bin"), seq = rd(D + "/seq.bin"), pos = rd(D + "/pos.bin");
+  std::vector<float> out((size_t)n_tok * n_heads * hd);
+  blocks_in_reverse = false;
+  launch({(unsigned)n_heads, (unsigned)n_tok, 1}, {32 * SEQ_WARPS, 1, 1}, [&] {
+    attn_seqs<PER, TK, TV>((const float*)q.data(), k.data(), v.data(), (const i64*)seq.data(), (const i64*)pos.data(), n_heads, n_kv,
+                           n_ctx, hd, 1.f / sqrtf((float)hd), out.data());
+  });
+  wr(D + "/out.bin", out.data(), 4 * out.size());
+}
 int main(int argc, char** argv) {
   const std::string D = argv[1];
-  const int per = atoi(argv[2]), tk = atoi(argv[3]), tv = atoi(argv[4]), n_heads = atoi(argv[5]), n_ctx = atoi(argv[6]);
-  const int hd = atoi(argv[7]), group = atoi(argv[8]), n = atoi(argv[9]), n_split = atoi(argv[10]);
+  if (std::string(argv[2]) == "seqs") {
+    const int per = atoi(argv[3]), tk = atoi(argv[4]), tv = atoi(argv[5]), n_tok = atoi(argv[6]), n_heads = atoi(argv[7]);
+    const int n_kv = atoi(argv[8]), n_ctx = atoi(argv[9]), hd = atoi(argv[10]);
+    switch (per * 10000 + tk * 100 + tv) {
+%(SEQ_CASES)s
+      default: fprintf(stderr, "no instance\n"); return 2;
+    }
+    return 0;
+  }
+  const int per = atoi(argv[3]), tk = atoi(argv[4]), tv = atoi(argv[5]), n_heads = atoi(argv[6]), n_ctx = atoi(argv[7]);
+  const int hd = atoi(argv[8]), group = atoi(argv[9]), n = atoi(argv[10]), n_split = atoi(argv[11]);
   switch (per * 10000 + tk * 100 + tv) {
 %(CASES)s
     default: fprintf(stderr, "no instance\n"); return 2;
@@ -78,11 +97,17 @@ CASES = [("f16", "f16", 128, 1, 4), ("f16", "f16", 128, 600, 4), ("f16", "f16", 
          ("f32", "q8_0", 96, 700, 4), ("q4_0", "f16", 256, 300, 1), ("f16", "f32", 80, 130, 4), ("f32", "f32", 8, 130, 1),
          ("f16", "f16", 64, 1030, 4), ("f16", "f16", 32, 257, 4)]
 INSTANCES = sorted({(attn_per_lane(hd), KV_TYPES[tk].code, KV_TYPES[tv].code) for tk, tv, hd, _, _ in CASES})
+# (key type, value type, head_dim, each token's position): tokens of 3 sequences, one of them twice (two
+# consecutive positions); positions from the first to past two batches of keys
+SEQ_CASES = [("f16", "f16", 128, (0, 5, 6, 300, 700)), ("q8_0", "q8_0", 128, (1, 64, 65, 257, 520)),
+             ("q4_0", "f16", 64, (0, 3, 4, 129, 600)), ("f32", "q8_0", 96, (2, 31, 32, 100, 401)),
+             ("f16", "f32", 80, (0, 17, 18, 90, 333)), ("f32", "f32", 8, (0, 1, 2, 40, 130))]
+SEQ_INSTANCES = sorted({(attn_per_lane(hd), KV_TYPES[tk].code, KV_TYPES[tv].code) for tk, tv, hd, _ in SEQ_CASES})
 
 
 def _device_source() -> str:
-    """The parts of the CUDA source attn_partial uses: the small helpers, the int8 output blocks, the KV rows,
-    then attention.cu up to the prompt attention."""
+    """The parts of the CUDA source the decode attention uses: the small helpers, the int8 output blocks, the
+    KV rows, then attention.cu but for the prompt attention."""
     src = cuda_source()
 
     def cut(a, b):
@@ -93,6 +118,7 @@ def _device_source() -> str:
         cut("struct Arranged {", "// One launch = one product and its epilogue."),
         cut("// ------------------------------------------------------------------------------ KV cache rows",
             "// Causal attention of a prompt batch"),
+        cut("// Attention of a batch of tokens of several sequences", "// Products of a batch of tokens on the int8 tensor cores"),
     ])
 
 
@@ -102,7 +128,9 @@ def emulator(tmp_path_factory):
     cases = "\n".join(f"    case {per * 10000 + tk * 100 + tv}: run<{per}, {tk}, {tv}>(D, n_heads, n_ctx, hd, group, n, n_split); break;"
                       for per, tk, tv in INSTANCES)
     d = tmp_path_factory.mktemp("attn")
-    driver = DRIVER % {"SPLITS": ATT_SPLITS, "THREADS": ATT_THREADS, "CASES": cases}
+    seq_cases = "\n".join(f"      case {per * 10000 + tk * 100 + tv}: run_seqs<{per}, {tk}, {tv}>(D, n_tok, n_heads, n_kv, n_ctx, hd); break;"
+                          for per, tk, tv in SEQ_INSTANCES)
+    driver = DRIVER % {"SPLITS": ATT_SPLITS, "THREADS": ATT_THREADS, "CASES": cases, "SEQ_CASES": seq_cases}
     (d / "emu.cpp").write_text('#include "cuda_threads.h"\n' + SHIM + consts + _device_source() + driver)
     r = subprocess.run([GXX, "-std=c++20", "-O1", "-pthread", "-I", str(REPO / "tests" / "data"), "-o", str(d / "emu"),
                         str(d / "emu.cpp")], capture_output=True, text=True)
@@ -131,7 +159,7 @@ def test_decode_attention_kernel_equals_reference(emulator, tk, tv, hd, n, n_spl
     q = rng.standard_normal((1, n_heads, hd), dtype=np.float32)
     for name, a in (("q", q), ("k", k), ("v", v), ("staged", new)):
         np.ascontiguousarray(a).tofile(emulator / f"{name}.bin")
-    subprocess.run([str(emulator / "emu"), str(emulator), str(attn_per_lane(hd)), str(ktk.code), str(ktv.code), str(n_heads),
+    subprocess.run([str(emulator / "emu"), str(emulator), "one", str(attn_per_lane(hd)), str(ktk.code), str(ktv.code), str(n_heads),
                     str(n_ctx), str(hd), str(n_heads // n_kv), str(n), str(n_split)], check=True, timeout=600)
     got = np.fromfile(emulator / "out.bin", np.float32).reshape(1, n_heads, hd)
     want = reference.attention(q, kf, vf, n - 1)
@@ -141,3 +169,22 @@ def test_decode_attention_kernel_equals_reference(emulator, tk, tv, hd, n, n_spl
         back = np.fromfile(emulator / f"{name}.bin", np.uint8).reshape(rows.view(np.uint8).shape)
         np.testing.assert_array_equal(back[:, n - 1], t.encode(x).view(np.uint8).reshape(back[:, n - 1].shape))
         np.testing.assert_array_equal(back[:, :n - 1], rows.view(np.uint8)[:, :n - 1])  # nothing else written
+
+
+@pytest.mark.parametrize("tk, tv, hd, positions", SEQ_CASES, ids=lambda v: str(v))
+def test_attention_of_several_sequences_equals_reference(emulator, tk, tv, hd, positions):
+    """attn_seqs, a server's decode step: token i attends to positions 0..positions[i] of its slot."""
+    ktk, ktv = KV_TYPES[tk], KV_TYPES[tv]
+    rng = np.random.default_rng(hd + positions[-1])
+    n_seq, n_heads, n_kv, n_ctx = 3, 4, 2, max(positions) + 4
+    seqs = np.array([2, 0, 0, 1, 2][:len(positions)], np.int64)  # slot 0's two tokens at consecutive positions
+    k, kf = stored(rng, tk, (n_seq, n_kv, n_ctx, hd))
+    v, vf = stored(rng, tv, (n_seq, n_kv, n_ctx, hd))
+    q = rng.standard_normal((len(positions), n_heads, hd), dtype=np.float32)
+    for name, a in (("q", q), ("k", k), ("v", v), ("seq", seqs), ("pos", np.array(positions, np.int64))):
+        np.ascontiguousarray(a).tofile(emulator / f"{name}.bin")
+    subprocess.run([str(emulator / "emu"), str(emulator), "seqs", str(attn_per_lane(hd)), str(ktk.code), str(ktv.code),
+                    str(len(positions)), str(n_heads), str(n_kv), str(n_ctx), str(hd)], check=True, timeout=600)
+    got = np.fromfile(emulator / "out.bin", np.float32).reshape(q.shape)
+    want = np.concatenate([reference.attention(q[i:i + 1], kf[s], vf[s], p) for i, (s, p) in enumerate(zip(seqs, positions))])
+    assert np.max(np.abs(got - want)) <= 2e-5 * np.max(np.abs(vf)), np.max(np.abs(got - want))
