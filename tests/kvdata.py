@@ -23,3 +23,18 @@ def stored(rng, t, shape) -> tuple[np.ndarray, np.ndarray]:
     """(rows as stored, their decoded floats) for rows of `shape` (..., head_dim)."""
     rows = KV_TYPES[t].encode(kv_rows(rng, shape))
     return rows, KV_TYPES[t].decode(rows)
+
+
+def decode_step_cache(rng, tk: str, tv: str, n_kv: int, n_ctx: int, hd: int, n: int):
+    """The cache a decode step at position n-1 reads, and this token's rows: (k, kf, v, vf, new), k and v
+    as stored with kf and vf their decoded floats, new (2, n_kv, hd) the token's key and value rows as
+    the QKV product leaves them. Row n-1 is stored for f32/f16 (the product stores those) and zero for
+    q8_0/q4_0 (the attention kernel must encode and store it); kf / vf hold it decoded either way."""
+    k, kf = stored(rng, tk, (n_kv, n_ctx, hd))
+    v, vf = stored(rng, tv, (n_kv, n_ctx, hd))
+    new = kv_rows(rng, (2, n_kv, hd))
+    for rows, full, t, x in ((k, kf, KV_TYPES[tk], new[0]), (v, vf, KV_TYPES[tv], new[1])):
+        enc = t.encode(x)
+        rows[:, n - 1] = enc if not t.quantized else 0
+        full[:, n - 1] = t.decode(enc)
+    return k, kf, v, vf, new

@@ -323,7 +323,7 @@ def test_stories_greedy_unchanged_on_gpu(stories_dir, tmp_path):
 # rows and matches reference.attention over KVType.decode of them within 1e-4 of the largest output
 # (float summation order and expf; the decoded values are the same floats).
 from pyggml.model.kvtypes import KV_TYPES  # noqa: E402
-from kvdata import kv_rows, stored  # noqa: E402
+from kvdata import decode_step_cache, kv_rows, stored  # noqa: E402
 
 KV_NAMES = tuple(KV_TYPES)
 KV_PAIRS = [(t, t) for t in KV_NAMES] + [("f16", "q8_0"), ("q4_0", "f32"), ("q8_0", "q4_0")]
@@ -398,13 +398,7 @@ def test_decode_attention_kernel_reads_stored_rows(gpu, tk, tv, hd, n, one_range
     ktk, ktv = KV_TYPES[tk], KV_TYPES[tv]
     rng = np.random.default_rng(n)
     n_heads, n_kv, n_ctx = 8, 2, n + 5
-    k, kf = stored(rng, tk, (n_kv, n_ctx, hd))
-    v, vf = stored(rng, tv, (n_kv, n_ctx, hd))
-    new = kv_rows(rng, (2, n_kv, hd))  # this token's key and value rows
-    for rows, full, t, x in ((k, kf, ktk, new[0]), (v, vf, ktv, new[1])):
-        enc = t.encode(x)
-        rows[:, n - 1] = enc if not t.quantized else 0  # quantized: the kernel must store it
-        full[:, n - 1] = t.decode(enc)
+    k, kf, v, vf, new = decode_step_cache(rng, tk, tv, n_kv, n_ctx, hd, n)
     q = rng.standard_normal((1, n_heads, hd), dtype=np.float32)
     kd, vd = cp.asarray(k), cp.asarray(v)
     out = cp.zeros(n_heads * hd, np.float32)

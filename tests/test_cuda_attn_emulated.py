@@ -6,21 +6,18 @@ reverse order here), against the float64 reference over the decoded cache. It ru
 so CI checks the kernel's index arithmetic and a rewrite can be proven before a GPU run;
 test_cuda.py's test_decode_attention_kernel_reads_stored_rows checks the real thing. Skipped without
 g++ 11+ (C++20 barriers)."""
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kvdata import kv_rows, stored
+from cuda_emulation import GXX, build
+from kvdata import decode_step_cache, stored
 from pyggml.cuda.module import ATT_SPLITS, ATT_THREADS, attn_per_lane, cuda_source, generated_constants
 from pyggml.kernels import reference
 from pyggml.model.kvtypes import KV_TYPES
 
-GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="no g++ to compile the device code for the CPU")
-REPO = Path(__file__).resolve().parent.parent
 
 # What cuda_threads.h leaves out and attn_partial uses: -inf, the vector types, bit casts, halves.
 SHIM = r"""
@@ -131,12 +128,7 @@ def emulator(tmp_path_factory):
     seq_cases = "\n".join(f"      case {per * 10000 + tk * 100 + tv}: run_seqs<{per}, {tk}, {tv}>(D, n_tok, n_heads, n_kv, n_ctx, hd); break;"
                           for per, tk, tv in SEQ_INSTANCES)
     driver = DRIVER % {"SPLITS": ATT_SPLITS, "THREADS": ATT_THREADS, "CASES": cases, "SEQ_CASES": seq_cases}
-    (d / "emu.cpp").write_text('#include "cuda_threads.h"\n' + SHIM + consts + _device_source() + driver)
-    r = subprocess.run([GXX, "-std=c++20", "-O1", "-pthread", "-I", str(REPO / "tests" / "data"), "-o", str(d / "emu"),
-                        str(d / "emu.cpp")], capture_output=True, text=True)
-    if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
-        pytest.skip("this g++ has no C++20 <barrier>")
-    assert r.returncode == 0, r.stderr[-3000:]
+    build(d, SHIM + consts + _device_source() + driver)
     return d
 
 
@@ -149,13 +141,7 @@ def test_decode_attention_kernel_equals_reference(emulator, tk, tv, hd, n, n_spl
     ktk, ktv = KV_TYPES[tk], KV_TYPES[tv]
     rng = np.random.default_rng(n * 7 + hd)
     n_heads, n_kv, n_ctx = 4, 2, n + 3
-    k, kf = stored(rng, tk, (n_kv, n_ctx, hd))
-    v, vf = stored(rng, tv, (n_kv, n_ctx, hd))
-    new = kv_rows(rng, (2, n_kv, hd))  # this token's key and value rows
-    for rows, full, t, x in ((k, kf, ktk, new[0]), (v, vf, ktv, new[1])):
-        enc = t.encode(x)
-        rows[:, n - 1] = enc if not t.quantized else 0  # quantized: the kernel must store it
-        full[:, n - 1] = t.decode(enc)
+    k, kf, v, vf, new = decode_step_cache(rng, tk, tv, n_kv, n_ctx, hd, n)
     q = rng.standard_normal((1, n_heads, hd), dtype=np.float32)
     for name, a in (("q", q), ("k", k), ("v", v), ("staged", new)):
         np.ascontiguousarray(a).tofile(emulator / f"{name}.bin")

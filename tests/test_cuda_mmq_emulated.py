@@ -4,7 +4,6 @@ ISA's fragment layouts), against the exact int8-activation reference over the `g
 dequantization: every weight type mmq computes, batches that fill some tiles of 8 tokens and more than
 one chunk of 64, one and several ranges of K (mmq_reduce), rows that end inside a warp's 16. The GPU
 tests (test_cuda.py) check the real thing. Skipped without g++ 11+ (C++20 barriers)."""
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,10 +15,10 @@ from pyggml.kernels import reference as ref
 from pyggml.gguf.constants import GGMLType
 from pyggml.quant.registry import KERNEL_TYPE_CODES, TYPE_TRAITS
 
+from cuda_emulation import GXX, build
 from test_kpack import F16_FIELDS, random_rows as kpack_random_rows
 
 gguf_quants = pytest.importorskip("gguf.quants")
-GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="no g++ to compile the device code for the CPU")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,12 +101,7 @@ def emulator(tmp_path_factory):
                       for t in MMQ_TYPES for nt in (1, 2, 4, 8))
     d = tmp_path_factory.mktemp("mmq")
     driver = DRIVER % {"ROWS1": mmq_rows(1), "ROWS4": mmq_rows(4), "THREADS": MMQ_THREADS, "CASES": cases}
-    (d / "emu.cpp").write_text('#include "cuda_threads.h"\n' + consts + _device_source() + driver)
-    r = subprocess.run([GXX, "-std=c++20", "-O1", "-pthread", "-I", str(REPO / "tests" / "data"), "-o", str(d / "emu"),
-                        str(d / "emu.cpp")], capture_output=True, text=True)
-    if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
-        pytest.skip("this g++ has no C++20 <barrier>")
-    assert r.returncode == 0, r.stderr[-3000:]
+    build(d, consts + _device_source() + driver)
     return d
 
 
