@@ -128,7 +128,7 @@ def emulator(tmp_path_factory):
     seq_cases = "\n".join(f"      case {per * 10000 + tk * 100 + tv}: run_seqs<{per}, {tk}, {tv}>(D, n_tok, n_heads, n_kv, n_ctx, hd); break;"
                           for per, tk, tv in SEQ_INSTANCES)
     driver = DRIVER % {"SPLITS": ATT_SPLITS, "THREADS": ATT_THREADS, "CASES": cases, "SEQ_CASES": seq_cases}
-    build(d, SHIM + consts + _device_source() + driver)
+    build(d, SHIM + consts + _device_source() + driver, check_alignment=True)
     return d
 
 
