@@ -35,11 +35,11 @@ from ..model.kvtypes import KV_TYPES, KVType, kv_type
 from ..tensor import QWeight
 from .batch import BatchedDecode
 from .products import BatchProducts
-from .module import (MMQ_MIN_CC, ADD_WARPS, ATT_MAX_HEAD_DIM, ATT_SPLITS, ATT_THREADS, CHUNK_TYPES, FLOAT_VECTOR_TYPES, INT8_INPUT_TYPES,
-                     MODE_ADD, MODE_QKV, MODE_SILU, MODE_STORE, NO_ARRANGED, NO_FOLD, NO_INT8, PATH_ANY, PATH_CHUNK, PATH_GROUP,
-                     PATH_WIDE, PROMPT_KEYS, PROMPT_QUERIES, PROMPT_THREADS, SUPPORTED_TYPES, TYPE_CODES, UNROLL, WARPS,
-                     WIDE_UNROLL, Arranged, Int8Input, ProgrammaticLauncher, attn_kernel_names, attn_module, kernel_names,
-                     compiled_module, dev_ptr, attn_per_lane, attn_splits, chunk_unroll, k_split)
+from .module import (MMQ_MIN_CC, ATT_MAX_HEAD_DIM, ATT_SPLITS, ATT_THREADS, INT8_INPUT_TYPES, MODE_ADD, MODE_QKV, MODE_SILU,
+                     MODE_STORE, NO_ARRANGED, NO_FOLD, NO_INT8, PATH_ANY, PATH_CHUNK, PROMPT_KEYS, PROMPT_QUERIES,
+                     PROMPT_THREADS, SUPPORTED_TYPES, TYPE_CODES, WARPS, Arranged, Int8Input, ProgrammaticLauncher,
+                     attn_kernel_names, attn_module, kernel_names, compiled_module, dev_ptr, attn_per_lane, attn_splits,
+                     mmv_launch)
 
 log = logging.getLogger(__name__)
 
@@ -227,27 +227,14 @@ class CUDABackend(BatchProducts, BatchedDecode):
         QKV: bias, the [q; k; v] biases to add, raw_qk, where q and k go unrotated (qk_norm_rope follows)."""
         t = w.ggml_type
         ld = w.raw.shape[1] * w.raw.itemsize
-        if t in CHUNK_TYPES and ld % 16 == 0 and xa is not None and xq is not None:
-            path, unroll = PATH_CHUNK, chunk_unroll(t, mode)
-        elif t in WIDE_UNROLL and xq is not None:
-            path, unroll = PATH_WIDE, WIDE_UNROLL[t]
-        elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and xq is None):
-            path, unroll = PATH_ANY, 1
-            if xf is None:
-                raise ValueError(f"{w.name}: the general product needs the float input")
-        else:
-            path, unroll = PATH_GROUP, UNROLL[t]
         pairs = n0 if mode == MODE_SILU else ((re - rb) // 2 if mode == MODE_QKV else (n0 + 1) // 2)
-        if mode == MODE_ADD:  # one warp per pair: blocks of whole 32-row groups, which fold the next norm
-            ks, warps = 1, ADD_WARPS
-        else:
-            ks, warps = k_split(path, pairs), WARPS
-        name = f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>"
-        per_block = warps // ks
-        self._call(name, ((pairs + per_block - 1) // per_block,), (32 * warps,),
+        launch = mmv_launch(t, mode, ld, cols, pairs, xq is not None, xa is not None)
+        if launch.path == PATH_ANY and xf is None:
+            raise ValueError(f"{w.name}: the general product needs the float input")
+        self._call(launch.name, (launch.blocks,), (launch.threads,),
                    (dev_ptr(w.raw), dev_ptr(w1.raw if w1 is not None else None), dev_ptr(w2.raw if w2 is not None else None),
                     np.int64(ld), np.int32(n0), np.int32(n1), np.int32(cols), np.int32(rb), np.int32(re),
-                    dev_ptr(xq), dev_ptr(xd), dev_ptr(xf), *(xa.args_for(t) if path == PATH_CHUNK else NO_ARRANGED[:2]),
+                    dev_ptr(xq), dev_ptr(xd), dev_ptr(xf), *(xa.args_for(t) if launch.path == PATH_CHUNK else NO_ARRANGED[:2]),
                     dev_ptr(nss), np.float32(eps), dev_ptr(out), dev_ptr(kc), dev_ptr(vc), dev_ptr(io), dev_ptr(inv_freq),
                     np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx), np.int32(kv_codes), dev_ptr(staged),
                     dev_ptr(bias), dev_ptr(raw_qk), *fold))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import math
 from importlib import resources
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,6 +53,34 @@ def k_split(path: int, pairs: int) -> int:
     return 1
 WARPS = 8  # warps (row pairs) per block of the matvec ...
 ADD_WARPS = 16  # ... but 16 for an ADD product with one warp per pair (matvec.cu): one 32-row group
+
+
+class MmvLaunch(NamedTuple):
+    name: str  # the instance: mmv<type, mode, unroll, path, warps a pair>
+    path: int
+    blocks: int
+    threads: int
+
+
+def mmv_launch(t: GGMLType, mode: int, ld: int, cols: int, pairs: int, int8: bool, arranged: bool) -> MmvLaunch:
+    """The decode product for a weight of type t (rows of ld bytes, cols columns) in `mode` over `pairs` row pairs:
+    (kernel name, blocks, threads a block). int8: the input's int8 blocks are given; arranged: also laid
+    out like the blocks (Arranged). The chunked path for Q4_0 / Q8_0 rows of whole 16-byte runs, the
+    wide path for the other int8 types, the group path for the types with one, else the general one."""
+    if t in CHUNK_TYPES and ld % 16 == 0 and arranged and int8:
+        path, unroll = PATH_CHUNK, chunk_unroll(t, mode)
+    elif t in WIDE_UNROLL and int8:
+        path, unroll = PATH_WIDE, WIDE_UNROLL[t]
+    elif t not in UNROLL or (t in FLOAT_VECTOR_TYPES and cols % 8) or (t in INT8_INPUT_TYPES and not int8):
+        path, unroll = PATH_ANY, 1
+    else:
+        path, unroll = PATH_GROUP, UNROLL[t]
+    if mode == MODE_ADD:  # one warp per pair: blocks of whole 32-row groups, which fold the next norm
+        ks, warps = 1, ADD_WARPS
+    else:
+        ks, warps = k_split(path, pairs), WARPS
+    per_block = warps // ks
+    return MmvLaunch(f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>", path, (pairs + per_block - 1) // per_block, 32 * warps)
 ATT_SPLITS = 16  # decode attention: at most this many key ranges per head (attention.cu, attn_partial)
 ATT_THREADS = 512  # attn_partial's block (attention.cu, ATT_WARPS)
 ATT_MAX_HEAD_DIM = 256  # attn_partial's and attn_seqs' per-warp outputs in shared memory (attention.cu, sacc)
