@@ -112,11 +112,12 @@ int main(int argc, char** argv) {
 
 # (key type, value type, head_dim, keys, key ranges a head may use): a single key; ranges of a few
 # hundred keys; ranges over 256 keys; one range of 512 (whole batches of 256 keys, position n-1 in the
-# last) and one of 600; head sizes that are not powers of two (80, 96); GQA groups of 2 throughout.
+# last) and one of 600; head sizes that are not powers of two (80, 96); ranges of several whole batches
+# (4100 keys in 4, 2100 in 8); GQA groups of 2 throughout.
 CASES = [("f16", "f16", 128, 1, 4), ("f16", "f16", 128, 600, 4), ("f16", "f16", 128, 1100, 4), ("f16", "f16", 128, 512, 1),
          ("q8_0", "q8_0", 128, 600, 1), ("q8_0", "q8_0", 128, 1100, 4), ("q4_0", "q4_0", 128, 512, 1), ("q8_0", "q4_0", 64, 300, 4),
          ("f32", "q8_0", 96, 700, 4), ("q4_0", "f16", 256, 300, 1), ("f16", "f32", 80, 130, 4), ("f32", "f32", 8, 130, 1),
-         ("f16", "f16", 64, 1030, 4), ("f16", "f16", 32, 257, 4)]
+         ("f16", "f16", 64, 1030, 4), ("f16", "f16", 32, 257, 4), ("f16", "f16", 128, 4100, 4), ("q8_0", "q8_0", 128, 2100, 8)]
 def rel_err(got, want) -> float:
     """The largest error against the largest output (float32 scores and sums; test_cuda.py's bound for the
     same kernels on the GPU is rel_err < 1e-4)."""
