@@ -21,17 +21,10 @@ from pyggml.model.kvtypes import KV_TYPES
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="no g++ to compile the device code for the CPU")
 
-# What cuda_threads.h leaves out and attn_partial uses: -inf, the vector types, bit casts, halves.
+# What cuda_threads.h leaves out and the attention kernels use: -inf, halves, funnel shifts, rounding modes.
 SHIM = r"""
 #define NEG_INF (-INFINITY)
-struct alignas(16) uint4 { u32 x, y, z, w; };
-struct alignas(8) uint2 { u32 x, y; };
-template <class A, class B> inline A bit_as(B b) { static_assert(sizeof(A) == sizeof(B)); A a; memcpy(&a, &b, sizeof a); return a; }
-inline float __uint_as_float(u32 u) { return bit_as<float>(u); }
-inline u32 __float_as_uint(float f) { return bit_as<u32>(f); }
-inline float __int_as_float(int i) { return bit_as<float>(i); }
 inline u16 __half_as_ushort(__half h) { return bit_as<u16>(h); }
-inline __half __float2half_rn(float f) { __half h; h.v = (_Float16)f; return h; }
 inline float2 h2f(u32 bits) { return {__half2float(__ushort_as_half((u16)bits)), __half2float(__ushort_as_half((u16)(bits >> 16)))}; }
 inline u32 __funnelshift_r(u32 lo, u32 hi, u32 sh) { sh &= 31; return sh ? (lo >> sh) | (hi << (32 - sh)) : lo; }
 inline float __fdiv_rn(float a, float b) { return a / b; }

@@ -24,15 +24,8 @@ pytestmark = pytest.mark.skipif(GXX is None, reason="no g++ to compile the devic
 
 SHIM = r"""
 #define NEG_INF (-INFINITY)
-struct alignas(16) uint4 { u32 x, y, z, w; };
-struct alignas(8) uint2 { u32 x, y; };
 struct alignas(16) int4 { int x, y, z, w; };
 struct alignas(4) __half2 { __half x, y; };
-template <class A, class B> inline A bit_as(B b) { static_assert(sizeof(A) == sizeof(B)); A a; memcpy(&a, &b, sizeof a); return a; }
-inline float __uint_as_float(u32 u) { return bit_as<float>(u); }
-inline u32 __float_as_uint(float f) { return bit_as<u32>(f); }
-inline float __int_as_float(int i) { return bit_as<float>(i); }
-inline __half __float2half_rn(float f) { __half h; h.v = (_Float16)f; return h; }
 inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
 inline int __dp4a(int a, int b, int c) { for (int i = 0; i < 4; i++) c += (int)(signed char)(a >> (8*i)) * (int)(signed char)(b >> (8*i)); return c; }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }

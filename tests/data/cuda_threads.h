@@ -32,6 +32,13 @@ Dim blockIdx, gridDim, blockDim;
 struct __half { _Float16 v; };
 inline float __half2float(__half h) { return (float)h.v; }
 inline __half __ushort_as_half(u16 u) { __half h; memcpy(&h, &u, 2); return h; }
+struct alignas(16) uint4 { u32 x, y, z, w; };
+struct alignas(8) uint2 { u32 x, y; };
+template <class A, class B> inline A bit_as(B b) { static_assert(sizeof(A) == sizeof(B)); A a; memcpy(&a, &b, sizeof a); return a; }
+inline float __uint_as_float(u32 u) { return bit_as<float>(u); }
+inline u32 __float_as_uint(float f) { return bit_as<u32>(f); }
+inline float __int_as_float(int i) { return bit_as<float>(i); }
+inline __half __float2half_rn(float f) { __half h; h.v = (_Float16)f; return h; }
 inline u32 __byte_perm(u32 x, u32 y, u32 s) { u8 b[8]; memcpy(b, &x, 4); memcpy(b + 4, &y, 4); u32 r = 0; for (int i = 0; i < 4; i++) r |= (u32)b[(s >> 4*i) & 7] << 8*i; return r; }
 inline u32 __vsub4(u32 a, u32 b) { u32 r = 0; for (int i = 0; i < 4; i++) r |= (u32)((u8)((a >> 8*i) - (b >> 8*i))) << 8*i; return r; }
 inline int min(int a, int b) { return a < b ? a : b; }
