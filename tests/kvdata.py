@@ -1,7 +1,12 @@
-"""KV cache rows for the attention tests of the GPU kernels and their CPU emulation."""
+"""KV cache rows, and the error measure, for the tests of the GPU kernels and of their CPU emulation."""
 import numpy as np
 
 from pyggml.model.kvtypes import KV_TYPES
+
+
+def rel_err(got, want) -> float:
+    """The largest error against the largest output."""
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
 def kv_rows(rng, shape) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import random_q6_k
+from kvdata import decode_step_cache, kv_rows, rel_err, stored
 from test_model import ARCH_SHAPES
 from pyggml import Llama
 from pyggml.gguf import GGMLType
@@ -62,10 +63,6 @@ def same_top(got, want) -> bool:
     near_tie = (top2[:, 1] - top2[:, 0]) <= 2 * np.abs(np.asarray(got, np.float64) - want).max()
     agree = got.argmax(1) == want.argmax(1)
     return bool(np.all(agree | near_tie)) and agree.mean() >= 0.5
-
-
-def rel_err(got, want) -> float:
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
 def random_weight(t: GGMLType, rows: int, cols: int, rng) -> np.ndarray:
@@ -323,7 +320,6 @@ def test_stories_greedy_unchanged_on_gpu(stories_dir, tmp_path):
 # rows and matches reference.attention over KVType.decode of them within 1e-4 of the largest output
 # (float summation order and expf; the decoded values are the same floats).
 from pyggml.model.kvtypes import KV_TYPES  # noqa: E402
-from kvdata import decode_step_cache, kv_rows, stored  # noqa: E402
 
 KV_NAMES = tuple(KV_TYPES)
 KV_PAIRS = [(t, t) for t in KV_NAMES] + [("f16", "q8_0"), ("q4_0", "f32"), ("q8_0", "q4_0")]

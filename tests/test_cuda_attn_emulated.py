@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cuda_emulation import GXX, build
-from kvdata import decode_step_cache, stored
+from kvdata import decode_step_cache, rel_err, stored
 from pyggml.cuda.module import (ATT_SPLITS, ATT_THREADS, PROMPT_KEYS, PROMPT_QUERIES, PROMPT_THREADS, attn_per_lane,
                                 cuda_source, generated_constants)
 from pyggml.kernels import reference
@@ -35,11 +35,9 @@ float* emu_dynamic_smem;  // a launch's dynamic shared memory (extern __shared__
 """
 
 DRIVER = r"""
-static std::vector<u8> rd(const std::string& p) {
-  FILE* f = fopen(p.c_str(), "rb"); std::vector<u8> v; int c; while ((c = fgetc(f)) != EOF) v.push_back((u8)c); fclose(f); return v; }
-static void wr(const std::string& p, const void* data, size_t n) { FILE* f = fopen(p.c_str(), "wb"); fwrite(data, 1, n, f); fclose(f); }
-template <int PER, int TK, int TV> void run(const std::string& D, int n_heads, int n_ctx, int hd, int group, int n, int n_split) {
-  auto q = rd(D + "/q.bin"), k = rd(D + "/k.bin"), v = rd(D + "/v.bin"), staged = rd(D + "/staged.bin");
+template <int PER, int TK, int TV> void run_partial(const std::string& D, char** a) {
+  const int n_heads = atoi(a[0]), n_ctx = atoi(a[1]), hd = atoi(a[2]), group = atoi(a[3]), n = atoi(a[4]), n_split = atoi(a[5]);
+  auto q = read_file(D + "/q.bin"), k = read_file(D + "/k.bin"), v = read_file(D + "/v.bin"), staged = read_file(D + "/staged.bin");
   const i64 io[2] = {0, n - 1};
   std::vector<float> part((size_t)n_heads * %(SPLITS)d * (hd + 2)), out((size_t)n_heads * hd);
   std::vector<int> cnt(n_heads);
@@ -48,58 +46,38 @@ template <int PER, int TK, int TV> void run(const std::string& D, int n_heads, i
     attn_partial<PER, TK, TV>((const float*)q.data(), k.data(), v.data(), (const float*)staged.data(), io, n_ctx, hd, group,
                               1.f / sqrtf((float)hd), part.data(), cnt.data(), out.data(), nullptr, nullptr, nullptr, 0, nullptr, n_split);
   });
-  wr(D + "/out.bin", out.data(), 4 * out.size());
-  wr(D + "/k.bin", k.data(), k.size());
-  wr(D + "/v.bin", v.data(), v.size());
+  write_file(D + "/out.bin", out.data(), 4 * out.size());
+  write_file(D + "/k.bin", k.data(), k.size());
+  write_file(D + "/v.bin", v.data(), v.size());
 }
-template <int PER, int TK, int TV> void run_seqs(const std::string& D, int n_tok, int n_heads, int n_kv, int n_ctx, int hd) {
-  auto q = rd(D + "/q.bin"), k = rd(D + "/k.bin"), v = rd(D + "/v.bin"), seq = rd(D + "/seq.bin"), pos = rd(D + "/pos.bin");
+template <int PER, int TK, int TV> void run_seqs(const std::string& D, char** a) {
+  const int n_tok = atoi(a[0]), n_heads = atoi(a[1]), n_kv = atoi(a[2]), n_ctx = atoi(a[3]), hd = atoi(a[4]);
+  auto q = read_file(D + "/q.bin"), k = read_file(D + "/k.bin"), v = read_file(D + "/v.bin");
+  auto seq = read_file(D + "/seq.bin"), pos = read_file(D + "/pos.bin");
   std::vector<float> out((size_t)n_tok * n_heads * hd);
-  blocks_in_reverse = false;
   launch({(unsigned)n_heads, (unsigned)n_tok, 1}, {32 * SEQ_WARPS, 1, 1}, [&] {
     attn_seqs<PER, TK, TV>((const float*)q.data(), k.data(), v.data(), (const i64*)seq.data(), (const i64*)pos.data(), n_heads, n_kv,
                            n_ctx, hd, 1.f / sqrtf((float)hd), out.data());
   });
-  wr(D + "/out.bin", out.data(), 4 * out.size());
+  write_file(D + "/out.bin", out.data(), 4 * out.size());
 }
-template <int PER, int TK, int TV> void run_prompt(const std::string& D, int n_tok, int start, int n_heads, int n_kv, int n_ctx, int hd) {
-  auto q = rd(D + "/q.bin"), k = rd(D + "/k.bin"), v = rd(D + "/v.bin");
+template <int PER, int TK, int TV> void run_prompt(const std::string& D, char** a) {
+  const int n_tok = atoi(a[0]), start = atoi(a[1]), n_heads = atoi(a[2]), n_kv = atoi(a[3]), n_ctx = atoi(a[4]), hd = atoi(a[5]);
+  auto q = read_file(D + "/q.bin"), k = read_file(D + "/k.bin"), v = read_file(D + "/v.bin");
   std::vector<float> out((size_t)n_tok * n_heads * hd, NAN), smem(%(PQ)d * hd + %(PK)d * (2 * hd + 1));
   emu_dynamic_smem = smem.data();
-  blocks_in_reverse = false;
   launch({(unsigned)((n_tok + %(PQ)d - 1) / %(PQ)d), (unsigned)n_heads, 1}, {%(PT)d, 1, 1}, [&] {
     attn_prompt<PER, TK, TV>((const float*)q.data(), k.data(), v.data(), n_tok, start, n_heads, n_kv, n_ctx, hd,
                              1.f / sqrtf((float)hd), out.data());
   });
-  wr(D + "/out.bin", out.data(), 4 * out.size());
+  write_file(D + "/out.bin", out.data(), 4 * out.size());
 }
-int main(int argc, char** argv) {
-  const std::string D = argv[1];
-  if (std::string(argv[2]) == "prompt") {
-    const int per = atoi(argv[3]), tk = atoi(argv[4]), tv = atoi(argv[5]), n_tok = atoi(argv[6]), start = atoi(argv[7]);
-    const int n_heads = atoi(argv[8]), n_kv = atoi(argv[9]), n_ctx = atoi(argv[10]), hd = atoi(argv[11]);
-    switch (per * 10000 + tk * 100 + tv) {
-%(PROMPT_CASES)s
-      default: fprintf(stderr, "no instance\n"); return 2;
-    }
-    return 0;
-  }
-  if (std::string(argv[2]) == "seqs") {
-    const int per = atoi(argv[3]), tk = atoi(argv[4]), tv = atoi(argv[5]), n_tok = atoi(argv[6]), n_heads = atoi(argv[7]);
-    const int n_kv = atoi(argv[8]), n_ctx = atoi(argv[9]), hd = atoi(argv[10]);
-    switch (per * 10000 + tk * 100 + tv) {
-%(SEQ_CASES)s
-      default: fprintf(stderr, "no instance\n"); return 2;
-    }
-    return 0;
-  }
-  const int per = atoi(argv[3]), tk = atoi(argv[4]), tv = atoi(argv[5]), n_heads = atoi(argv[6]), n_ctx = atoi(argv[7]);
-  const int hd = atoi(argv[8]), group = atoi(argv[9]), n = atoi(argv[10]), n_split = atoi(argv[11]);
-  switch (per * 10000 + tk * 100 + tv) {
+int main(int argc, char** argv) {  // emu DIR KERNEL PER TK TV ARGS...
+  const std::string D = argv[1], kernel = argv[2];
+  const int key = atoi(argv[3]) * 10000 + atoi(argv[4]) * 100 + atoi(argv[5]);
 %(CASES)s
-    default: fprintf(stderr, "no instance\n"); return 2;
-  }
-  return 0;
+  fprintf(stderr, "no instance\n");
+  return 2;
 }
 """
 
@@ -111,13 +89,6 @@ CASES = [("f16", "f16", 128, 1, 4), ("f16", "f16", 128, 600, 4), ("f16", "f16", 
          ("q8_0", "q8_0", 128, 600, 1), ("q8_0", "q8_0", 128, 1100, 4), ("q4_0", "q4_0", 128, 512, 1), ("q8_0", "q4_0", 64, 300, 4),
          ("f32", "q8_0", 96, 700, 4), ("q4_0", "f16", 256, 300, 1), ("f16", "f32", 80, 130, 4), ("f32", "f32", 8, 130, 1),
          ("f16", "f16", 64, 1030, 4), ("f16", "f16", 32, 257, 4), ("f16", "f16", 128, 4100, 4), ("q8_0", "q8_0", 128, 2100, 8)]
-def rel_err(got, want) -> float:
-    """The largest error against the largest output (float32 scores and sums; test_cuda.py's bound for the
-    same kernels on the GPU is rel_err < 1e-4)."""
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
-
-
-INSTANCES = sorted({(attn_per_lane(hd), KV_TYPES[tk].code, KV_TYPES[tv].code) for tk, tv, hd, _, _ in CASES})
 # (key type, value type, head_dim, each token's position): tokens of 3 sequences, one of them twice (two
 # consecutive positions); positions from the first to past two batches of keys
 SEQ_CASES = [("f16", "f16", 128, (0, 5, 6, 300, 700)), ("q8_0", "q8_0", 128, (1, 64, 65, 257, 520)),
@@ -126,9 +97,12 @@ SEQ_CASES = [("f16", "f16", 128, (0, 5, 6, 300, 700)), ("q8_0", "q8_0", 128, (1,
 # (key type, value type, head_dim, position of the first query, queries): one block of 32 queries or
 # several, the last partly past the end; keys from several tiles of 32 before the first query
 PROMPT_CASES = [("f16", "f16", 128, 0, 40), ("q8_0", "q8_0", 64, 100, 33), ("q4_0", "f32", 128, 31, 70),
-                ("f32", "f32", 8, 5, 9), ("f16", "q4_0", 96, 0, 1), ("q8_0", "f16", 80 + 16, 64, 64)]
-PROMPT_INSTANCES = sorted({(attn_per_lane(hd), KV_TYPES[tk].code, KV_TYPES[tv].code) for tk, tv, hd, _, _ in PROMPT_CASES})
-SEQ_INSTANCES = sorted({(attn_per_lane(hd), KV_TYPES[tk].code, KV_TYPES[tv].code) for tk, tv, hd, _ in SEQ_CASES})
+                ("f32", "f32", 8, 5, 9), ("f16", "q4_0", 96, 0, 1), ("q8_0", "f16", 96, 64, 64)]
+
+
+def instances(cases) -> list[tuple[int, int, int]]:
+    """The (PER, key type code, value type code) instances the cases (key type, value type, head_dim, ...) need."""
+    return sorted({(attn_per_lane(c[2]), KV_TYPES[c[0]].code, KV_TYPES[c[1]].code) for c in cases})
 
 
 def _device_source() -> str:
@@ -151,17 +125,25 @@ def _device_source() -> str:
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     consts = generated_constants().replace("__device__ __constant__ __align__(16)", "alignas(16)")
-    cases = "\n".join(f"    case {per * 10000 + tk * 100 + tv}: run<{per}, {tk}, {tv}>(D, n_heads, n_ctx, hd, group, n, n_split); break;"
-                      for per, tk, tv in INSTANCES)
+    cases = "\n".join(f'  if (kernel == "{kernel}" && key == {per * 10000 + tk * 100 + tv}) '
+                      f'{{ run_{kernel}<{per}, {tk}, {tv}>(D, argv + 6); return 0; }}'
+                      for kernel, cs in (("partial", CASES), ("seqs", SEQ_CASES), ("prompt", PROMPT_CASES))
+                      for per, tk, tv in instances(cs))
+    driver = DRIVER % {"SPLITS": ATT_SPLITS, "THREADS": ATT_THREADS, "CASES": cases, "PQ": PROMPT_QUERIES, "PK": PROMPT_KEYS,
+                       "PT": PROMPT_THREADS}
     d = tmp_path_factory.mktemp("attn")
-    seq_cases = "\n".join(f"      case {per * 10000 + tk * 100 + tv}: run_seqs<{per}, {tk}, {tv}>(D, n_tok, n_heads, n_kv, n_ctx, hd); break;"
-                          for per, tk, tv in SEQ_INSTANCES)
-    prompt_cases = "\n".join(f"      case {per * 10000 + tk * 100 + tv}: run_prompt<{per}, {tk}, {tv}>(D, n_tok, start, n_heads, n_kv, "
-                             f"n_ctx, hd); break;" for per, tk, tv in PROMPT_INSTANCES)
-    driver = DRIVER % {"SPLITS": ATT_SPLITS, "THREADS": ATT_THREADS, "CASES": cases, "SEQ_CASES": seq_cases,
-                       "PROMPT_CASES": prompt_cases, "PQ": PROMPT_QUERIES, "PK": PROMPT_KEYS, "PT": PROMPT_THREADS}
     build(d, SHIM + consts + _device_source() + driver, check_alignment=True)
     return d
+
+
+def emulate(emulator, kernel: str, tk: str, tv: str, hd: int, arrays: dict, *args: int) -> np.ndarray:
+    """Run `kernel` (partial, seqs, prompt) of the types tk, tv for heads of hd on the emulation with these
+    input arrays (written as DIR/NAME.bin) and launch arguments: its output, flat."""
+    for name, a in arrays.items():
+        np.ascontiguousarray(a).tofile(emulator / f"{name}.bin")
+    subprocess.run([str(emulator / "emu"), str(emulator), kernel, str(attn_per_lane(hd)), str(KV_TYPES[tk].code),
+                    str(KV_TYPES[tv].code), *(str(a) for a in args)], check=True, timeout=600)
+    return np.fromfile(emulator / "out.bin", np.float32)
 
 
 @pytest.mark.parametrize("tk, tv, hd, n, n_split", CASES, ids=lambda v: str(v))
@@ -175,11 +157,8 @@ def test_decode_attention_kernel_equals_reference(emulator, tk, tv, hd, n, n_spl
     n_heads, n_kv, n_ctx = 4, 2, n + 3
     k, kf, v, vf, new = decode_step_cache(rng, tk, tv, n_kv, n_ctx, hd, n)
     q = rng.standard_normal((1, n_heads, hd), dtype=np.float32)
-    for name, a in (("q", q), ("k", k), ("v", v), ("staged", new)):
-        np.ascontiguousarray(a).tofile(emulator / f"{name}.bin")
-    subprocess.run([str(emulator / "emu"), str(emulator), "one", str(attn_per_lane(hd)), str(ktk.code), str(ktv.code), str(n_heads),
-                    str(n_ctx), str(hd), str(n_heads // n_kv), str(n), str(n_split)], check=True, timeout=600)
-    got = np.fromfile(emulator / "out.bin", np.float32).reshape(1, n_heads, hd)
+    got = emulate(emulator, "partial", tk, tv, hd, {"q": q, "k": k, "v": v, "staged": new}, n_heads, n_ctx, hd, n_heads // n_kv, n,
+                  n_split).reshape(q.shape)
     want = reference.attention(q, kf, vf, n - 1)
     assert rel_err(got, want) < 1e-4
     for name, rows, t, x in (("k", k, ktk, new[0]), ("v", v, ktv, new[1])):
@@ -190,19 +169,16 @@ def test_decode_attention_kernel_equals_reference(emulator, tk, tv, hd, n, n_spl
 
 @pytest.mark.parametrize("tk, tv, hd, positions", SEQ_CASES, ids=lambda v: str(v))
 def test_attention_of_several_sequences_equals_reference(emulator, tk, tv, hd, positions):
-    """attn_seqs, a server's decode step: token i attends to positions 0..positions[i] of its slot."""
-    ktk, ktv = KV_TYPES[tk], KV_TYPES[tv]
+    """attn_seqs, a server's decode step: token i attends to positions 0..positions[i] of its slot (test_cuda.py's
+    bound for it on the GPU: rel_err < 1e-4)."""
     rng = np.random.default_rng(hd + positions[-1])
     n_seq, n_heads, n_kv, n_ctx = 3, 4, 2, max(positions) + 4
     seqs = np.array([2, 0, 0, 1, 2][:len(positions)], np.int64)  # slot 0's two tokens at consecutive positions
     k, kf = stored(rng, tk, (n_seq, n_kv, n_ctx, hd))
     v, vf = stored(rng, tv, (n_seq, n_kv, n_ctx, hd))
     q = rng.standard_normal((len(positions), n_heads, hd), dtype=np.float32)
-    for name, a in (("q", q), ("k", k), ("v", v), ("seq", seqs), ("pos", np.array(positions, np.int64))):
-        np.ascontiguousarray(a).tofile(emulator / f"{name}.bin")
-    subprocess.run([str(emulator / "emu"), str(emulator), "seqs", str(attn_per_lane(hd)), str(ktk.code), str(ktv.code),
-                    str(len(positions)), str(n_heads), str(n_kv), str(n_ctx), str(hd)], check=True, timeout=600)
-    got = np.fromfile(emulator / "out.bin", np.float32).reshape(q.shape)
+    got = emulate(emulator, "seqs", tk, tv, hd, {"q": q, "k": k, "v": v, "seq": seqs, "pos": np.array(positions, np.int64)},
+                  len(positions), n_heads, n_kv, n_ctx, hd).reshape(q.shape)
     want = np.concatenate([reference.attention(q[i:i + 1], kf[s], vf[s], p) for i, (s, p) in enumerate(zip(seqs, positions))])
     assert rel_err(got, want) < 1e-4
 
@@ -210,16 +186,11 @@ def test_attention_of_several_sequences_equals_reference(emulator, tk, tv, hd, p
 @pytest.mark.parametrize("tk, tv, hd, start, n_tok", PROMPT_CASES, ids=lambda v: str(v))
 def test_prompt_attention_equals_reference(emulator, tk, tv, hd, start, n_tok):
     """attn_prompt: n_tok queries at positions start.. of one sequence attend causally to its stored rows."""
-    ktk, ktv = KV_TYPES[tk], KV_TYPES[tv]
     rng = np.random.default_rng(hd * 1000 + start + n_tok)
     n_heads, n_kv, n_ctx = 4, 2, start + n_tok + 3
     k, kf = stored(rng, tk, (n_kv, n_ctx, hd))
     v, vf = stored(rng, tv, (n_kv, n_ctx, hd))
     q = rng.standard_normal((n_tok, n_heads, hd), dtype=np.float32)
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        np.ascontiguousarray(a).tofile(emulator / f"{name}.bin")
-    subprocess.run([str(emulator / "emu"), str(emulator), "prompt", str(attn_per_lane(hd)), str(ktk.code), str(ktv.code),
-                    str(n_tok), str(start), str(n_heads), str(n_kv), str(n_ctx), str(hd)], check=True, timeout=600)
-    got = np.fromfile(emulator / "out.bin", np.float32).reshape(q.shape)
+    got = emulate(emulator, "prompt", tk, tv, hd, {"q": q, "k": k, "v": v}, n_tok, start, n_heads, n_kv, n_ctx, hd).reshape(q.shape)
     want = reference.attention(q, kf, vf, start)
     assert rel_err(got, want) < 1e-4

@@ -23,10 +23,8 @@ pytestmark = pytest.mark.skipif(GXX is None, reason="no g++ to compile the devic
 REPO = Path(__file__).resolve().parent.parent
 
 DRIVER = r"""
-static std::vector<u8> rd(const std::string& p) {
-  FILE* f = fopen(p.c_str(), "rb"); std::vector<u8> v; int c; while ((c = fgetc(f)) != EOF) v.push_back((u8)c); fclose(f); return v; }
 template <int T, int NT, bool FRAG> void run(const std::string& D, int rows, int groups, long ld, int n, int npad, int splits, int e0, int e1) {
-  auto w = rd(D + "/w.bin"), q = rd(D + "/q.bin"), d = rd(D + "/d.bin"), s = rd(D + "/s.bin");
+  auto w = read_file(D + "/w.bin"), q = read_file(D + "/q.bin"), d = read_file(D + "/d.bin"), s = read_file(D + "/s.bin");
   std::vector<float> part((size_t)splits * n * rows), o0((size_t)n * e0), o1((size_t)n * (e1 - e0)), o2((size_t)n * (rows - e1));
   const u8* w1 = w.data() + (size_t)e0 * ld; const u8* w2 = w.data() + (size_t)e1 * ld;
   const int per = NT >= 4 ? %(ROWS4)d : %(ROWS1)d;
@@ -43,13 +41,13 @@ template <int T, int NT, bool FRAG> void run(const std::string& D, int rows, int
   fwrite(o0.data(), 4, o0.size(), f); fwrite(o1.data(), 4, o1.size(), f); fwrite(o2.data(), 4, o2.size(), f); fclose(f);
 }
 void quant(const std::string& D, int n, int cols, int frag, int npad) {
-  auto x = rd(D + "/x.bin");
+  auto x = read_file(D + "/x.bin");
   const size_t blocks = frag ? (size_t)cols / 32 * npad : n / 32;
   std::vector<signed char> q(n); std::vector<float> d(blocks); std::vector<float2> s(blocks);
   launch({(unsigned)((n + 255) / 256), 1, 1}, {256, 1, 1}, [&] { quantize_q8s((const float*)x.data(), n, cols, frag, npad, q.data(), d.data(), s.data()); });
-  FILE* f = fopen((D + "/q.bin").c_str(), "wb"); fwrite(q.data(), 1, n, f); fclose(f);
-  f = fopen((D + "/d.bin").c_str(), "wb"); fwrite(d.data(), 4, d.size(), f); fclose(f);
-  f = fopen((D + "/s.bin").c_str(), "wb"); fwrite(s.data(), 8, s.size(), f); fclose(f);
+  write_file(D + "/q.bin", q.data(), n);
+  write_file(D + "/d.bin", d.data(), 4 * d.size());
+  write_file(D + "/s.bin", s.data(), 8 * s.size());
 }
 int main(int argc, char** argv) {
   const std::string D = argv[1], what = argv[2];

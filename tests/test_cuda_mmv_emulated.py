@@ -13,8 +13,8 @@ import pytest
 
 from cuda_emulation import GXX, build
 from test_kpack import F16_FIELDS, random_rows
-from pyggml.cuda.module import (INT8_INPUT_TYPES, MODE_STORE, MmvLaunch, cuda_source, generated_constants, kernel_names,
-                                mmv_launch)
+from pyggml.cuda.module import (INT8_INPUT_TYPES, MODE_ADD, MODE_QKV, MODE_SILU, MODE_STORE, PATH_CHUNK, MmvLaunch,
+                                cuda_source, generated_constants, kernel_names, mmv_launch)
 from pyggml.gguf.constants import GGMLType
 from pyggml.kernels import reference as ref
 from pyggml.quant.registry import COMPUTABLE_TYPES, TYPE_TRAITS
@@ -32,10 +32,8 @@ inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 """
 
 DRIVER = r"""
-static std::vector<u8> rd(const std::string& p) {
-  FILE* f = fopen(p.c_str(), "rb"); std::vector<u8> v; int c; while ((c = fgetc(f)) != EOF) v.push_back((u8)c); fclose(f); return v; }
-template <int T, int U, int PATH, int KS> void run(const std::string& D, int rows, int cols, long ld, unsigned blocks, unsigned threads) {
-  auto w = rd(D + "/w.bin"), xb = rd(D + "/x.bin");
+template <int T, int MODE, int U, int PATH, int KS> void run(const std::string& D, int rows, int cols, long ld, unsigned blocks, unsigned threads) {
+  auto w = read_file(D + "/w.bin"), xb = read_file(D + "/x.bin");
   const float* x = (const float*)xb.data();
   const int nb = (cols + 31) / 32;
   const long plane = 16 * ((18L * nb + 15) / 16);
@@ -47,11 +45,11 @@ template <int T, int U, int PATH, int KS> void run(const std::string& D, int row
   const bool arranged = PATH == %(PATH_CHUNK)d;
   const u8* xa = arranged ? (T == T_Q4_0 ? a4.data() : a8.data()) : nullptr;
   launch({blocks, 1, 1}, {threads, 1, 1}, [&] {
-    mmv<T, %(MODE)d, U, PATH, KS>(w.data(), nullptr, nullptr, ld, rows, 0, cols, 0, 0, (const int*)q.data(), d.data(), x, xa,
+    mmv<T, MODE, U, PATH, KS>(w.data(), nullptr, nullptr, ld, rows, 0, cols, 0, 0, (const int*)q.data(), d.data(), x, xa,
                                   arranged ? plane : 0, nullptr, 0.f, out.data(), nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0,
                                   nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, nullptr, nullptr);
   });
-  FILE* f = fopen((D + "/out.bin").c_str(), "wb"); fwrite(out.data(), 4, out.size(), f); fclose(f);
+  write_file(D + "/out.bin", out.data(), 4 * out.size());
 }
 int main(int argc, char** argv) {
   const std::string D = argv[1], name = argv[2];
@@ -105,8 +103,6 @@ CASES = [(t, 512) for t in sorted(COMPUTABLE_TYPES, key=lambda t: t.value)] + [(
 
 def test_every_launch_is_a_compiled_instance():
     """mmv_launch picks only instances kernel_names compiles, for every type, mode and input form."""
-    from pyggml.cuda.module import MODE_ADD, MODE_QKV, MODE_SILU
-
     compiled = set(kernel_names())
     for t in COMPUTABLE_TYPES:
         tr = TYPE_TRAITS[t]
@@ -128,12 +124,9 @@ def emulator(tmp_path_factory):
     consts = generated_constants().replace("__device__ __constant__ __align__(16)", "alignas(16)")
     names = sorted({launch_for(t, cols).name for t, cols in CASES})
     cases = "\n".join(
-        f'  if (name == "{n}") {{ run<{", ".join(n[4:-1].split(", ")[i] for i in (0, 2, 3, 4))}>(D, rows, cols, ld, blocks, threads); return 0; }}'
-        for n in names)
-    from pyggml.cuda.module import PATH_CHUNK
-
+        f'  if (name == "{n}") {{ run<{n[len("mmv<"):-1]}>(D, rows, cols, ld, blocks, threads); return 0; }}' for n in names)
     d = tmp_path_factory.mktemp("mmv")
-    build(d, SHIM + consts + device + DRIVER % {"PATH_CHUNK": PATH_CHUNK, "MODE": MODE_STORE, "CASES": cases}, check_alignment=True)
+    build(d, SHIM + consts + device + DRIVER % {"PATH_CHUNK": PATH_CHUNK, "CASES": cases}, check_alignment=True)
     return d
 
 

@@ -98,6 +98,11 @@ inline void mma_k16(int (&c)[4], int a0, int a1, int b0) {
   warp_sync();
 }
 
+// The drivers' files: all the bytes of one, and bytes written to one.
+inline std::vector<u8> read_file(const std::string& p) {
+  FILE* f = fopen(p.c_str(), "rb"); std::vector<u8> v; int c; while ((c = fgetc(f)) != EOF) v.push_back((u8)c); fclose(f); return v; }
+inline void write_file(const std::string& p, const void* data, size_t n) { FILE* f = fopen(p.c_str(), "wb"); fwrite(data, 1, n, f); fclose(f); }
+
 // Blocks run one after another, in order or (blocks_in_reverse) the other way round: a kernel must
 // not depend on the order, and a test can show that it does not.
 bool blocks_in_reverse = false;
