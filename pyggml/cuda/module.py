@@ -1,6 +1,6 @@
-"""The CUDA source (CUDA_SOURCES) as Python sees it: which template instances are compiled (per weight type, KV type pair
-and product path), the launch geometry the kernels were built for, and the helpers that launch them
-(int8 inputs and their arranged copies, programmatic dependent launch)."""
+"""The CUDA source (CUDA_SOURCES) as Python sees it: which template instances are compiled (per weight
+type, KV type pair and product path), the launch geometry the kernels were built for, and the helpers
+that launch them (int8 inputs and their arranged copies, programmatic dependent launch)."""
 from __future__ import annotations
 
 import ctypes
@@ -53,6 +53,15 @@ def k_split(path: int, pairs: int) -> int:
     return 1
 WARPS = 8  # warps (row pairs) per block of the matvec ...
 ADD_WARPS = 16  # ... but 16 for an ADD product with one warp per pair (matvec.cu): one 32-row group
+ATT_SPLITS = 16  # decode attention: at most this many key ranges per head (attention.cu, attn_partial)
+ATT_THREADS = 512  # attn_partial's block (attention.cu, ATT_WARPS)
+ATT_MAX_HEAD_DIM = 256  # attn_partial's and attn_seqs' per-warp outputs in shared memory (attention.cu, sacc)
+PROMPT_QUERIES, PROMPT_KEYS, PROMPT_THREADS = 32, 32, 128  # attn_prompt's tile (attention.cu, PQ_*)
+MMQ_TYPES = INT8_INPUT_TYPES  # the batch products on the int8 tensor cores (mmq.cu: mq_load)
+MMQ_THREADS = 128  # mmq's block: MQ_WARPS warps of 16 rows, or of 32 (mq_shape: NT >= 4)
+MMQ_TILES = (1, 2, 4, 8)  # its NT: tiles of 8 tokens a block (64 at most; more go to grid z)
+MMQ_MIN_CC = 80  # mma.sync m16n8k32 on int8: compute capability 8.0+
+MMQ_MAX_TOKENS = 64  # larger batches (prompts) dequantize to fp16 for cuBLAS (faster from 128 tokens on, H100)
 
 
 class MmvLaunch(NamedTuple):
@@ -63,8 +72,8 @@ class MmvLaunch(NamedTuple):
 
 
 def mmv_launch(t: GGMLType, mode: int, ld: int, cols: int, pairs: int, int8: bool, arranged: bool) -> MmvLaunch:
-    """The decode product for a weight of type t (rows of ld bytes, cols columns) in `mode` over `pairs` row pairs:
-    (kernel name, blocks, threads a block). int8: the input's int8 blocks are given; arranged: also laid
+    """The decode product for a weight of type t (rows of ld bytes, cols columns) in `mode` over `pairs`
+    row pairs: its instance, path and grid. int8: the input's int8 blocks are given; arranged: also laid
     out like the blocks (Arranged). The chunked path for Q4_0 / Q8_0 rows of whole 16-byte runs, the
     wide path for the other int8 types, the group path for the types with one, else the general one."""
     if t in CHUNK_TYPES and ld % 16 == 0 and arranged and int8:
@@ -80,16 +89,8 @@ def mmv_launch(t: GGMLType, mode: int, ld: int, cols: int, pairs: int, int8: boo
     else:
         ks, warps = k_split(path, pairs), WARPS
     per_block = warps // ks
-    return MmvLaunch(f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>", path, (pairs + per_block - 1) // per_block, 32 * warps)
-ATT_SPLITS = 16  # decode attention: at most this many key ranges per head (attention.cu, attn_partial)
-ATT_THREADS = 512  # attn_partial's block (attention.cu, ATT_WARPS)
-ATT_MAX_HEAD_DIM = 256  # attn_partial's and attn_seqs' per-warp outputs in shared memory (attention.cu, sacc)
-PROMPT_QUERIES, PROMPT_KEYS, PROMPT_THREADS = 32, 32, 128  # attn_prompt's tile (attention.cu, PQ_*)
-MMQ_TYPES = INT8_INPUT_TYPES  # the batch products on the int8 tensor cores (mmq.cu: mq_load)
-MMQ_THREADS = 128  # mmq's block: MQ_WARPS warps of 16 rows, or of 32 (mq_shape: NT >= 4)
-MMQ_TILES = (1, 2, 4, 8)  # its NT: tiles of 8 tokens a block (64 at most; more go to grid z)
-MMQ_MIN_CC = 80  # mma.sync m16n8k32 on int8: compute capability 8.0+
-MMQ_MAX_TOKENS = 64  # larger batches (prompts) dequantize to fp16 for cuBLAS (faster from 128 tokens on, H100)
+    name = f"mmv<{TYPE_CODES[t]}, {mode}, {unroll}, {path}, {ks}>"
+    return MmvLaunch(name, path, (pairs + per_block - 1) // per_block, 32 * warps)
 
 
 def mmq_tiles(n_tok: int) -> int:
