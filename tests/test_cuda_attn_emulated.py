@@ -44,7 +44,7 @@ template <int PER, int TK, int TV> void run_partial(const std::string& D, char**
   blocks_in_reverse = true;  // the heads that read position n-1 before the KV group's first head stores it
   launch({(unsigned)n_heads, %(SPLITS)d, 1}, {%(THREADS)d, 1, 1}, [&] {
     attn_partial<PER, TK, TV>((const float*)q.data(), k.data(), v.data(), (const float*)staged.data(), io, n_ctx, hd, group,
-                              1.f / sqrtf((float)hd), part.data(), cnt.data(), out.data(), nullptr, nullptr, nullptr, 0, nullptr, n_split);
+                              1.f / sqrtf((float)hd), part.data(), cnt.data(), out.data(), nullptr, nullptr, n_split);
   });
   write_file(D + "/out.bin", out.data(), 4 * out.size());
   write_file(D + "/k.bin", k.data(), k.size());
@@ -115,7 +115,7 @@ def _device_source() -> str:
 
     return "".join([
         cut("__device__ __forceinline__ float f16(u16 bits)", "// Bit k (k < 4) of t moves"),
-        cut("struct Arranged {", "// One launch = one product and its epilogue."),
+        cut("// x (n) -> int8 blocks of 32", "// One launch = one product and its epilogue."),
         cut("// ------------------------------------------------------------------------------ KV cache rows",
             "// Products of a batch of tokens on the int8 tensor cores").replace(
                 "extern __shared__ float smem[];", "float* smem = emu_dynamic_smem;"),

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pyggml.cuda.layout import to_gpu_layout
 from pyggml.cuda.module import MMQ_THREADS, MMQ_TYPES, cuda_source, generated_constants, mmq_fragment_layout, mmq_rows, mmq_tiles
 from pyggml.kernels import reference as ref
 from pyggml.gguf.constants import GGMLType
@@ -155,10 +156,11 @@ def test_mmq_equals_int8_reference(emulator, t, n, rows, cols, splits, starts):
     x = rng.standard_normal((n, cols)).astype(np.float32)
     nt = mmq_tiles(n)
     q, d, s = emulated_quantize(emulator, x, mmq_fragment_layout(nt))
-    raw.tofile(emulator / "w.bin")
+    gpu = to_gpu_layout(np, t, raw.view(np.uint8).reshape(rows, -1))  # the rows as the GPU keeps them
+    gpu.tofile(emulator / "w.bin")
     q.tofile(emulator / "q.bin"), d.tofile(emulator / "d.bin"), s.tofile(emulator / "s.bin")
     subprocess.run([str(emulator / "emu"), str(emulator), "mmq", str(KERNEL_TYPE_CODES[t]), str(nt), str(rows), str(cols // 32),
-                    str(raw.shape[1]), str(n), str(splits), *(str(e) for e in (list(starts) + [rows, rows])[:2]),
+                    str(gpu.shape[1]), str(n), str(splits), *(str(e) for e in (list(starts) + [rows, rows])[:2]),
                     str(-(-n // 8) * 8)], check=True)
     flat = np.fromfile(emulator / "out.bin", np.float32)
     bounds = [0, *starts, rows] + [rows] * (2 - len(starts))

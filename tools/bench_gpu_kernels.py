@@ -14,14 +14,15 @@ import cupy as cp
 import numpy as np
 
 from pyggml.bench import measure_device_copy_bandwidth
+from pyggml.cuda.layout import to_gpu_layout
 from pyggml.cuda.module import (ADD_WARPS, CHUNK_TYPES, MODE_ADD, MODE_SILU, MODE_STORE, NO_FOLD, PATH_CHUNK, PATH_GROUP,
-                                TYPE_CODES, WARPS, Arranged, cuda_source, generated_constants)
+                                TYPE_CODES, UNROLL, WARPS, cuda_source, generated_constants)
 from pyggml.gguf.constants import GGMLType
 from pyggml.synthetic import random_block_rows
 
 TYPES = (GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F16)
-VARIANTS = [(PATH_GROUP, 4, 1), (PATH_GROUP, 4, 4), (PATH_CHUNK, 2, 1), (PATH_CHUNK, 2, 2), (PATH_CHUNK, 2, 4),
-            (PATH_CHUNK, 4, 4)]  # (path, unroll, warps per row pair)
+VARIANTS = [(PATH_GROUP, 4, 1), (PATH_GROUP, 4, 4), (PATH_CHUNK, 1, 1), (PATH_CHUNK, 2, 1), (PATH_CHUNK, 3, 1),
+            (PATH_CHUNK, 4, 1), (PATH_CHUNK, 2, 2)]  # (path, unroll, warps per row pair)
 # (label, rows, cols, mode): the matrices of one 7B layer and the output head
 MATRICES = [("wq 4096x4096", 4096, 4096, MODE_STORE), ("gate+up 2x11008x4096", 11008, 4096, MODE_SILU),
             ("down 4096x11008", 4096, 11008, MODE_ADD), ("output 32000x4096", 32000, 4096, MODE_STORE)]
@@ -68,7 +69,7 @@ def measure_read_ceiling(n_bytes: int = READ_BYTES) -> tuple[float, str]:
 
 def main() -> int:
     src = generated_constants() + cuda_source()
-    variants = {t: [v for v in VARIANTS if v[0] == PATH_GROUP or t in CHUNK_TYPES] for t in TYPES}
+    variants = {t: [v for v in VARIANTS if (t in UNROLL if v[0] == PATH_GROUP else t in CHUNK_TYPES)] for t in TYPES}
     names = [f"mmv<{TYPE_CODES[t]}, {m}, {u}, {p}, {k}>" for t in TYPES for p, u, k in variants[t] for m in (MODE_STORE, MODE_ADD, MODE_SILU)]
     mod = cp.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
     copy_bw = measure_device_copy_bandwidth()
@@ -79,13 +80,11 @@ def main() -> int:
     for t in TYPES:
         for label, rows, cols, mode in MATRICES:
             n_mat = 2 if mode == MODE_SILU else 1
-            ws = [[cp.asarray(random_block_rows(t, rows, cols, COPIES * m + c)) for m in range(n_mat)] for c in range(COPIES)]
+            ws = [[to_gpu_layout(cp, t, cp.asarray(random_block_rows(t, rows, cols, COPIES * m + c))) for m in range(n_mat)]
+                  for c in range(COPIES)]
             xf = cp.random.standard_normal(cols, dtype=cp.float32)
             xq = cp.random.randint(-127, 128, cols, dtype=cp.int8)
             xd = cp.full(cols // 32, 0.01, cp.float32)
-            xa = Arranged(cp, cols)
-            xa.a4[...] = cp.random.randint(-127, 128, xa.a4.size, dtype=cp.int8).view(cp.uint8)
-            xa.a8[...] = cp.random.randint(-127, 128, xa.a8.size, dtype=cp.int8).view(cp.uint8)
             out = cp.zeros(rows, cp.float32)
             pairs = rows if mode == MODE_SILU else rows // 2
             nbytes = sum(w.nbytes for w in ws[0])
@@ -98,7 +97,7 @@ def main() -> int:
                     w1 = w[1] if n_mat == 2 else w[0]
                     fn(((pairs + warps // k - 1) // (warps // k),), (32 * warps,),
                        (w[0], w1, w1, np.int64(w[0].shape[1]), np.int32(rows), np.int32(0), np.int32(cols),
-                        np.int32(0), np.int32(0), xq, xd, xf, *xa.args_for(t), np.uint64(0), np.float32(0), out,
+                        np.int32(0), np.int32(0), xq, xd, xf, np.uint64(0), np.float32(0), out,
                         np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0), np.int32(0), np.int32(0), np.int32(0), *NO_FOLD))
 
                 stream = cp.cuda.Stream(non_blocking=True)

@@ -88,7 +88,7 @@ __device__ __forceinline__ void new_row(u8* __restrict__ row, const float* __res
 // blocks wrote them): the first warp turns each range's (max, sum) into one weight, then thread d
 // forms output dimension d (blockDim >= head_dim) and, with q != nullptr, its int8 blocks.
 __device__ __forceinline__ void merge_ranges(const float* p, int n_active, int head_dim, float* __restrict__ out,
-                                             signed char* __restrict__ q, float* __restrict__ d, int base, Arranged ar) {
+                                             signed char* __restrict__ q, float* __restrict__ d, int base) {
     __shared__ float weight[32];
     const int stride = head_dim + 2, tid = threadIdx.x;
     if (tid < 32) {
@@ -104,7 +104,7 @@ __device__ __forceinline__ void merge_ranges(const float* p, int n_active, int h
 #pragma unroll 4
     for (int s = 0; s < n_active; s++) v += weight[s] * __ldcg(p + s * stride + 2 + tid);
     out[tid] = v;
-    if (q != nullptr) quantize_block(v, base + tid, q, d, ar);
+    if (q != nullptr) quantize_block(v, base + tid, q, d);
 }
 
 // kc, vc: the layer's cache of this slot (n_kv, n_ctx, row) as the KV types TK, TV; staged: the QKV
@@ -114,7 +114,7 @@ template <int PER, int TK, int TV>
 __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __restrict__ q, u8* __restrict__ kc,
         u8* __restrict__ vc, const float* __restrict__ staged, const i64* __restrict__ io, int n_ctx, int head_dim, int group,
         float scale, float* __restrict__ part, int* __restrict__ cnt, float* __restrict__ out, signed char* __restrict__ oq,
-        float* __restrict__ od, u8* a4, i64 plane, u8* a8, int n_split) {
+        float* __restrict__ od, int n_split) {
     // keys a warp loads at once: as many raw rows as ~64 registers hold (48 with blocks: their
     // encoding and decoding need more), at most 16 (hd <= 32); past that they spill
     constexpr int RR = RawRow<TK, PER>::N + RawRow<TV, PER>::N + (TK >= KV_Q8_0) + (TV >= KV_Q8_0);
@@ -218,12 +218,11 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
         L += sl[w] * f;
         if (tid < head_dim) val += sacc[w][tid] * f;
     }
-    const Arranged ar{a4, plane, a8};
     if (n_active == 1) {
         if (tid >= head_dim) return;  // whole warps when head_dim % 32 == 0
         val /= L;
         out[h * head_dim + tid] = val;
-        if (oq != nullptr) quantize_block(val, h * head_dim + tid, oq, od, ar);
+        if (oq != nullptr) quantize_block(val, h * head_dim + tid, oq, od);
         return;
     }
     const int stride = head_dim + 2;
@@ -238,7 +237,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
     if (!last) return;
     if (tid == 0) cnt[h] = 0;  // for the next step
     __threadfence();
-    merge_ranges(ph, n_active, head_dim, out + h * head_dim, oq, od, h * head_dim, ar);
+    merge_ranges(ph, n_active, head_dim, out + h * head_dim, oq, od, h * head_dim);
 }
 
 // Causal attention of a prompt batch: n_tok queries (q: (n_tok, n_heads, head_dim)) at positions

@@ -34,10 +34,11 @@ from ..model.archs import BLOCK_EXTRAS
 from ..model.kvtypes import KV_TYPES, KVType, kv_type
 from ..tensor import QWeight
 from .batch import BatchedDecode
+from .layout import to_gpu_layout
 from .products import BatchProducts
 from .module import (MMQ_MIN_CC, ATT_MAX_HEAD_DIM, ATT_SPLITS, ATT_THREADS, INT8_INPUT_TYPES, MODE_ADD, MODE_QKV, MODE_SILU,
-                     MODE_STORE, NO_ARRANGED, NO_FOLD, NO_INT8, PATH_ANY, PATH_CHUNK, PROMPT_KEYS, PROMPT_QUERIES,
-                     PROMPT_THREADS, SUPPORTED_TYPES, TYPE_CODES, WARPS, Arranged, Int8Input, ProgrammaticLauncher,
+                     MODE_STORE, NO_FOLD, NO_INT8, PATH_ANY, PROMPT_KEYS, PROMPT_QUERIES,
+                     PROMPT_THREADS, SUPPORTED_TYPES, TYPE_CODES, WARPS, Int8Input, ProgrammaticLauncher,
                      attn_kernel_names, attn_module, kernel_names, compiled_module, dev_ptr, attn_per_lane, attn_splits,
                      mmv_launch)
 
@@ -136,7 +137,7 @@ class CUDABackend(BatchProducts, BatchedDecode):
         if w.ggml_type not in SUPPORTED_TYPES:
             raise NotImplementedError(f"{w.name}: the CUDA backend cannot compute with {w.ggml_type.name} weights")
         raw = np.ascontiguousarray(w.raw).view(np.uint8).reshape(w.rows, -1)
-        dev = self.cp.asarray(raw)
+        dev = to_gpu_layout(self.cp, w.ggml_type, self.cp.asarray(raw))
         self._progress(raw.nbytes)
         return QWeight(w.name, dev, w.ggml_type, w.shape)
 
@@ -218,7 +219,7 @@ class CUDABackend(BatchProducts, BatchedDecode):
             self._programmatic = True
         self.fn[name](grid, block, args)
 
-    def _mmv(self, mode: int, w: QWeight, n0: int, cols: int, xq, xd, xf, out, *, xa: Arranged | None = None, w1=None,
+    def _mmv(self, mode: int, w: QWeight, n0: int, cols: int, xq, xd, xf, out, *, w1=None,
              w2=None, n1: int = 0, rb: int = 0, re: int = 0, kc=None, vc=None, io=None, inv_freq=None, head_dim: int = 0,
              n_rot: int = 0, n_ctx: int = 0, kv_codes: int = 0, staged=None, bias=None, raw_qk=None, nss=None,
              eps: float = 0.0, fold: tuple = NO_FOLD):
@@ -228,13 +229,13 @@ class CUDABackend(BatchProducts, BatchedDecode):
         t = w.ggml_type
         ld = w.raw.shape[1] * w.raw.itemsize
         pairs = n0 if mode == MODE_SILU else ((re - rb) // 2 if mode == MODE_QKV else (n0 + 1) // 2)
-        launch = mmv_launch(t, mode, ld, cols, pairs, xq is not None, xa is not None)
+        launch = mmv_launch(t, mode, cols, pairs, xq is not None)
         if launch.path == PATH_ANY and xf is None:
             raise ValueError(f"{w.name}: the general product needs the float input")
         self._call(launch.name, (launch.blocks,), (launch.threads,),
                    (dev_ptr(w.raw), dev_ptr(w1.raw if w1 is not None else None), dev_ptr(w2.raw if w2 is not None else None),
                     np.int64(ld), np.int32(n0), np.int32(n1), np.int32(cols), np.int32(rb), np.int32(re),
-                    dev_ptr(xq), dev_ptr(xd), dev_ptr(xf), *(xa.args_for(t) if launch.path == PATH_CHUNK else NO_ARRANGED[:2]),
+                    dev_ptr(xq), dev_ptr(xd), dev_ptr(xf),
                     dev_ptr(nss), np.float32(eps), dev_ptr(out), dev_ptr(kc), dev_ptr(vc), dev_ptr(io), dev_ptr(inv_freq),
                     np.int32(head_dim), np.int32(n_rot), np.int32(n_ctx), np.int32(kv_codes), dev_ptr(staged),
                     dev_ptr(bias), dev_ptr(raw_qk), *fold))
@@ -245,20 +246,19 @@ class CUDABackend(BatchProducts, BatchedDecode):
         and ws.ss, and with `into` its int8 blocks."""
         return (dev_ptr(norm), dev_ptr(ws.h), *(into.args() if into else NO_INT8), dev_ptr(ws.ss))
 
-    def _quantize(self, x, q, d, xa: Arranged | None = None) -> None:
+    def _quantize(self, x, q, d) -> None:
         n = x.size
-        self._call("quantize_q8", ((n + 255) // 256,), (256,), (x, np.int32(n), q, d, *(xa.args() if xa else NO_ARRANGED)))
+        self._call("quantize_q8", ((n + 255) // 256,), (256,), (x, np.int32(n), q, d))
 
-    def _rmsnorm(self, x, w, eps: float, out, q=None, d=None, xa: Arranged | None = None) -> None:
-        """RMSNorm of each row; for one row with q given, also its int8 blocks (and arranged copies)."""
+    def _rmsnorm(self, x, w, eps: float, out, q=None, d=None) -> None:
+        """RMSNorm of each row; for one row with q given, also its int8 blocks."""
         rows, n = (1, x.size) if x.ndim == 1 else x.shape
         if rows > 1:
             self._call("rmsnorm", (rows,), (min(1024, 32 * ((n + 31) // 32)),), (x, w, np.float32(eps), np.int32(n), out))
             return
         quant = q is not None and n % 32 == 0
         self._call("rmsnorm_row", ((n + 255) // 256,), (256,),
-                   (x, w, np.float32(eps), np.int32(n), out, dev_ptr(q if quant else None), dev_ptr(d if quant else None),
-                    *(xa.args() if quant and xa else NO_ARRANGED)))
+                   (x, w, np.float32(eps), np.int32(n), out, dev_ptr(q if quant else None), dev_ptr(d if quant else None)))
 
     def _inv_freq_dev(self, inv_freq: np.ndarray):
         key = np.asarray(inv_freq, np.float64).tobytes()
@@ -367,7 +367,7 @@ class CUDABackend(BatchProducts, BatchedDecode):
             b = ws.int8_for(ws.b, *consumers)
             if folded:
                 return b, ws.ss
-            self._rmsnorm(ws.x, weight, eps, ws.h, *((b.q, b.d, b.arranged) if b else ()))
+            self._rmsnorm(ws.x, weight, eps, ws.h, *((b.q, b.d) if b else ()))
             return b, None
 
         def operands(x: Int8Input | None) -> tuple:
@@ -387,7 +387,7 @@ class CUDABackend(BatchProducts, BatchedDecode):
             raw_qk = ws.raw_qk if L.q_norm is not None else None
             for rb, re in segments:
                 w = L.wq if rb == 0 else (L.wk if rb == qd else L.wv)
-                self._mmv(MODE_QKV, w, qd, cfg.dim, *operands(b), ws.h, ws.q, xa=b and b.arranged, w1=L.wk, w2=L.wv,
+                self._mmv(MODE_QKV, w, qd, cfg.dim, *operands(b), ws.h, ws.q, w1=L.wk, w2=L.wv,
                           n1=cfg.kv_dim, rb=rb, re=re, kc=kc, vc=vc, io=ws.io, inv_freq=inv_freq, head_dim=hd,
                           n_rot=cfg.rope_dim, n_ctx=cache.n_ctx, kv_codes=kv_codes, staged=ws.staged,
                           bias=self._qkv_biases[id(L.bq)][1] if L.bq is not None else None, raw_qk=raw_qk, nss=nss, eps=eps)
@@ -403,34 +403,33 @@ class CUDABackend(BatchProducts, BatchedDecode):
                        (ws.q, kc, vc, ws.staged, ws.io, np.int32(cache.n_ctx), np.int32(hd), np.int32(cfg.n_heads // cfg.n_kv_heads),
                         np.float32(1.0 / math.sqrt(hd)), ws.part, ws.att_cnt, ws.att, *(a.args() if fused_q else NO_INT8), splits))
             if a is not None and not fused_q:
-                self._quantize(ws.att, a.q, a.d, a.arranged)
+                self._quantize(ws.att, a.q, a.d)
             b = ws.int8_for(ws.b, L.w_gate, L.w_up)
-            self._mmv(MODE_ADD, L.wo, cfg.dim, qd, *operands(a), ws.att, ws.x, xa=a and a.arranged,
+            self._mmv(MODE_ADD, L.wo, cfg.dim, qd, *operands(a), ws.att, ws.x,
                       fold=self._fold(ws, L.ffn_norm, b))
             nss = ws.ss  # the FFN's RMSNorm, deferred by that fold into ws.h (and b)
             if L.w_gate.ggml_type == L.w_up.ggml_type:
-                self._mmv(MODE_SILU, L.w_gate, cfg.ffn_dim, cfg.dim, *operands(b), ws.h, ws.act, w1=L.w_up,
-                          xa=b and b.arranged, nss=nss, eps=eps)
+                self._mmv(MODE_SILU, L.w_gate, cfg.ffn_dim, cfg.dim, *operands(b), ws.h, ws.act, w1=L.w_up, nss=nss, eps=eps)
             else:  # two products, then SwiGLU
-                self._mmv(MODE_STORE, L.w_gate, cfg.ffn_dim, cfg.dim, *operands(b), ws.h, ws.act, xa=b and b.arranged,
+                self._mmv(MODE_STORE, L.w_gate, cfg.ffn_dim, cfg.dim, *operands(b), ws.h, ws.act,
                           nss=nss, eps=eps)
-                self._mmv(MODE_STORE, L.w_up, cfg.ffn_dim, cfg.dim, *operands(b), ws.h, ws.up, xa=b and b.arranged,
+                self._mmv(MODE_STORE, L.w_up, cfg.ffn_dim, cfg.dim, *operands(b), ws.h, ws.up,
                           nss=nss, eps=eps)
                 self._call("silu_mul", ((cfg.ffn_dim + 255) // 256,), (256,), (ws.act, ws.up, np.int64(cfg.ffn_dim), ws.act))
             a = ws.int8_for(ws.a, L.w_down)
             if a is not None:
-                self._quantize(ws.act, a.q, a.d, a.arranged)
+                self._quantize(ws.act, a.q, a.d)
             if i + 1 < len(layer_ids):  # the down projection folds the next RMSNorm: the next layer's ...
                 N = model.layers[layer_ids[i + 1]]
                 nxt = (N.attn_norm, (N.wq, N.wk, N.wv))
             else:  # ... the output's, or none when the hidden state leaves the GPU here
                 nxt = (model.output_norm, (model.output,)) if head else (None, ())
             folded = nxt[0] is not None
-            self._mmv(MODE_ADD, L.w_down, cfg.dim, cfg.ffn_dim, *operands(a), ws.act, ws.x, xa=a and a.arranged,
+            self._mmv(MODE_ADD, L.w_down, cfg.dim, cfg.ffn_dim, *operands(a), ws.act, ws.x,
                       fold=self._fold(ws, nxt[0], ws.int8_for(ws.b, *nxt[1])) if folded else NO_FOLD)
         if head:
             b, nss = normed(model.output_norm, (model.output,))
-            self._mmv(MODE_STORE, model.output, cfg.n_vocab, cfg.dim, *operands(b), ws.h, ws.logits, xa=b and b.arranged,
+            self._mmv(MODE_STORE, model.output, cfg.n_vocab, cfg.dim, *operands(b), ws.h, ws.logits,
                       nss=nss, eps=eps)
 
     def _graph(self, model, layer_ids: Sequence[int], cache, seq: int, embed: bool, head: bool):

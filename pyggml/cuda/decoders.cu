@@ -1,5 +1,5 @@
 // Weight decoders and the decode products' inner loops: one weight of any type (dequant), the
-// groups of 8 int8 or float products a lane takes per step, and the chunked path's layouts.
+// groups of 8 int8 or float products a lane takes per step, and the chunked path's whole blocks.
 // Compiled after common.cu, as one module (module.py, CUDA_SOURCES).
 
 // ------------------------------------------------------------------------------------- decode
@@ -16,6 +16,22 @@ __device__ __forceinline__ void scale_min_k4(int j, const u8* __restrict__ q, in
     }
 }
 
+// Q4_0 and Q8_0 rows as the GPU keeps them (layout.py, to_gpu_layout): blocks in groups of
+// GROUP_BLOCKS, each group the 8 blocks' fp16 scales (16 bytes), then their codes (16 or 32 bytes
+// a block), so that every block's codes are 16-byte aligned.
+template <int T> struct Grouped {
+    static_assert(T == T_Q4_0 || T == T_Q8_0, "Grouped: only Q4_0 and Q8_0 rows are regrouped");
+    static constexpr int CODES = T == T_Q4_0 ? 16 : 32, BYTES = GROUP_BLOCKS * (2 + CODES);
+};
+template <int T>
+__device__ __forceinline__ u16 block_scale(const u8* __restrict__ row, int b) {
+    return *(const u16*)(row + (b / GROUP_BLOCKS) * Grouped<T>::BYTES + 2 * (b % GROUP_BLOCKS));
+}
+template <int T>
+__device__ __forceinline__ const u8* block_codes(const u8* __restrict__ row, int b) {
+    return row + (b / GROUP_BLOCKS) * Grouped<T>::BYTES + 2 * GROUP_BLOCKS + Grouped<T>::CODES * (b % GROUP_BLOCKS);
+}
+
 // One weight of row `row` at column i, any computable type (the slow, general path). Every type
 // code has its branch; a code without one does not compile.
 template <int T>
@@ -23,13 +39,16 @@ __device__ __forceinline__ float dequant(const u8* __restrict__ row, int i) {
     if constexpr (T == T_F32) return ((const float*)row)[i];
     else if constexpr (T == T_F16) return f16(((const u16*)row)[i]);
     else if constexpr (T == T_BF16) return __uint_as_float((u32)((const u16*)row)[i] << 16);
-    else if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == T_IQ4_NL) {  // d, [m], qs[16]
+    else if constexpr (T == T_Q4_0) {
+        const int b = i / QK, j = i % QK;
+        const u8 c = block_codes<T>(row, b)[j & 15];
+        return f16(block_scale<T>(row, b)) * (float)((j < 16 ? (c & 15) : (c >> 4)) - 8);
+    } else if constexpr (T == T_Q4_1 || T == T_IQ4_NL) {  // d, [m], qs[16]
         const int b = i / QK, j = i % QK;
         const u8* blk = row + b * (T == T_Q4_1 ? 20 : 18);
         const u8* qs = blk + (T == T_Q4_1 ? 4 : 2);
         const int q = j < 16 ? (qs[j] & 15) : (qs[j - 16] >> 4);
-        if constexpr (T == T_Q4_0) return f16(ld16(blk)) * (float)(q - 8);
-        else if constexpr (T == T_Q4_1) return f16(ld16(blk)) * (float)q + f16(ld16(blk + 2));
+        if constexpr (T == T_Q4_1) return f16(ld16(blk)) * (float)q + f16(ld16(blk + 2));
         else return f16(ld16(blk)) * (float)IQ4NL_VALUES[q];
     } else if constexpr (T == T_Q5_0 || T == T_Q5_1) {  // d, [m], qh, qs[16]
         const int b = i / QK, j = i % QK, lead = T == T_Q5_1 ? 4 : 2;
@@ -40,8 +59,7 @@ __device__ __forceinline__ float dequant(const u8* __restrict__ row, int i) {
         if constexpr (T == T_Q5_0) return f16(ld16(blk)) * (float)(n - 16);
         else return f16(ld16(blk)) * (float)n + f16(ld16(blk + 2));
     } else if constexpr (T == T_Q8_0) {
-        const u8* blk = row + (i / QK) * 34;
-        return f16(ld16(blk)) * (float)(signed char)blk[2 + i % QK];
+        return f16(block_scale<T>(row, i / QK)) * (float)(signed char)block_codes<T>(row, i / QK)[i % QK];
     } else if constexpr (T == T_Q6_K) {
         // super-blocks of 256: ql[128] qh[64] scales[16] d; two halves of 128, each 4 groups of 32
         const u8* blk = row + (i / QK_K) * 210;
@@ -105,22 +123,17 @@ struct Input {
 struct XQ { int a, b, ones; float d; };   // activations of one group, int8
 struct XF { float4 a, b; };               // activations of one group, float
 
-// Quantized types: a lane's share of one block, fetched raw, then combined with its activations.
+// Q5_0 (the quantized type of the group path): a lane's share of one block, fetched raw, then
+// combined with its activations (the nibble layout: weights 4j..4j+3 in the low nibbles, 16+4j..16+4j+3
+// in the high ones).
 template <int T> struct WQ;
-template <> struct WQ<T_Q4_0> { u32 v; u16 d; };
 template <> struct WQ<T_Q5_0> { u32 v, qh; u16 d; };
-template <> struct WQ<T_Q8_0> { u32 v0, v1; u16 d; };
 template <int T>
 __device__ __forceinline__ XQ load_xq(const Input& in, int g) {
     const int b = g >> 2, j = g & 3;
     XQ x;
-    if (T == T_Q8_0) {  // weights 8j..8j+7 of the block
-        x.a = in.q[b * 8 + 2 * j];
-        x.b = in.q[b * 8 + 2 * j + 1];
-    } else {            // nibble layout: weights 4j..4j+3 (low nibbles) and 16+4j..16+4j+3 (high)
-        x.a = in.q[b * 8 + j];
-        x.b = in.q[b * 8 + 4 + j];
-    }
+    x.a = in.q[b * 8 + j];
+    x.b = in.q[b * 8 + 4 + j];
     x.d = in.d[b];
     x.ones = __dp4a(x.a, 0x01010101, __dp4a(x.b, 0x01010101, 0));  // sum of the 8 int8 values
     return x;
@@ -130,20 +143,11 @@ template <int T>
 __device__ __forceinline__ WQ<T> load_wq(const u8* __restrict__ row, int g) {
     const int b = g >> 2, j = g & 3;
     WQ<T> w;
-    if constexpr (T == T_Q4_0) {
-        const u8* blk = row + b * 18;
-        w.d = ld16(blk);
-        w.v = ld32(blk + 2 + 4 * j);
-    } else if constexpr (T == T_Q5_0) {
+    if constexpr (T == T_Q5_0) {
         const u8* blk = row + b * 22;
         w.d = ld16(blk);
         w.qh = ld32(blk + 2);
         w.v = ld32(blk + 6 + 4 * j);
-    } else if constexpr (T == T_Q8_0) {
-        const u8* blk = row + b * 34;
-        w.d = ld16(blk);
-        w.v0 = ld32(blk + 2 + 8 * j);
-        w.v1 = ld32(blk + 6 + 8 * j);
     } else {
         static_assert(no_decoder<T>::value, "load_wq: no int8 path for this weight type code");
     }
@@ -153,15 +157,11 @@ __device__ __forceinline__ WQ<T> load_wq(const u8* __restrict__ row, int g) {
 template <int T>
 __device__ __forceinline__ float dot_q(const WQ<T>& w, const XQ& x, int g) {
     int s;
-    if constexpr (T == T_Q4_0) {
-        s = __dp4a((int)(w.v & 0x0F0F0F0Fu), x.a, __dp4a((int)((w.v >> 4) & 0x0F0F0F0Fu), x.b, 0)) - 8 * x.ones;
-    } else if constexpr (T == T_Q5_0) {
+    if constexpr (T == T_Q5_0) {
         const int j = g & 3;
         const u32 lo = (w.v & 0x0F0F0F0Fu) | (spread4((w.qh >> (4 * j)) & 15) << 4);
         const u32 hi = ((w.v >> 4) & 0x0F0F0F0Fu) | (spread4((w.qh >> (16 + 4 * j)) & 15) << 4);
         s = __dp4a((int)lo, x.a, __dp4a((int)hi, x.b, 0)) - 16 * x.ones;
-    } else if constexpr (T == T_Q8_0) {
-        s = __dp4a((int)w.v0, x.a, __dp4a((int)w.v1, x.b, 0));
     } else {
         static_assert(no_decoder<T>::value, "dot_q: no int8 path for this weight type code");
     }
@@ -287,69 +287,74 @@ __device__ __forceinline__ float2 dot_rows(const u8* __restrict__ r0, const u8* 
     return make_float2(a0, a1);
 }
 
-// Q4_0 and Q8_0 rows whose length is a multiple of 16 bytes: each lane loads 16 bytes of the row at
-// a time (one coalesced 128-bit load, however the 18- or 34-byte blocks fall) and multiplies them
-// with activations laid out like the weight bytes: `xa` holds, at the byte position of every weight
-// byte, the int8 activation that byte multiplies (for Q4_0 two planes, `plane` bytes apart: the low
-// nibble's and the high nibble's), and zero under the scale bytes, so a 4-byte word of any chunk is
-// one __dp4a. A 16-byte chunk touches at most two blocks; each word belongs to the block its first
-// byte is in (a word that starts on a scale holds that block's qs, one that ends on a scale the
-// previous block's), so a lane keeps two integer sums per row and applies the two blocks' scales.
+// Q4_0 and Q8_0 rows, grouped (block_scale, block_codes): a lane takes whole blocks, their codes in
+// one (Q4_0) or two (Q8_0) aligned 16-byte loads, and the block's 32 int8 activations in two. The
+// blocks of a row are spread over the lanes (b = lane, lane + 32, ...), so that a warp's loads of
+// codes are 8 consecutive blocks' codes: whole 128- or 256-byte runs, the scales' 16 bytes between them.
+// A Q4_0 nibble q goes into a byte's top half with the top bit flipped: the int8 16 * (q - 8) (one
+// LOP3), so the offset 8 is in the weights and the sum is 16 times the block's (exact: below 2^24).
+__device__ __forceinline__ int nibbles_x16(u32 w) {
+#ifdef __CUDA_ARCH__  // (a & b) ^ c in one LOP3, the mask in a register: written plainly, ptxas makes two
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0x6A;" : "=r"(r) : "r"(w), "r"(0xF0F0F0F0u), "r"(0x80808080u));
+    return (int)r;
+#else
+    return (int)((w & 0xF0F0F0F0u) ^ 0x80808080u);
+#endif
+}
+
+template <int T>
+__device__ __forceinline__ int dot_block(const uint4* c, const int4& xl, const int4& xh) {
+    const int xs[8] = {xl.x, xl.y, xl.z, xl.w, xh.x, xh.y, xh.z, xh.w};
+    int s = 0;
+    if constexpr (T == T_Q4_0) {  // low nibbles: activations 0-15, high nibbles: 16-31
+        const u32 w[4] = {c[0].x, c[0].y, c[0].z, c[0].w};
+#pragma unroll
+        for (int m = 0; m < 4; m++) s = __dp4a(nibbles_x16(w[m] << 4), xs[m], __dp4a(nibbles_x16(w[m]), xs[4 + m], s));
+    } else {
+        const u32 w[8] = {c[0].x, c[0].y, c[0].z, c[0].w, c[1].x, c[1].y, c[1].z, c[1].w};
+#pragma unroll
+        for (int m = 0; m < 8; m++) s = __dp4a((int)w[m], xs[m], s);
+    }
+    return s;
+}
+
 template <int T, int U, int KS>
-__device__ __forceinline__ float2 dot_rows_chunk(const u8* __restrict__ r0, const u8* __restrict__ r1, const u8* __restrict__ xa,
-                                                 i64 plane, const float* __restrict__ xd, int row_bytes, int ks) {
-    constexpr int BS = T == T_Q4_0 ? 18 : 34;
+__device__ __forceinline__ float2 dot_rows_chunk(const u8* __restrict__ r0, const u8* __restrict__ r1, const Input& in, int cols, int ks) {
+    constexpr int NC = Grouped<T>::CODES / 16;  // 16-byte loads of a block's codes
     const int lane = threadIdx.x & 31;
-    const int nc = row_bytes / 16;
+    const int nb = cols / QK;
+    const int4* __restrict__ xq = (const int4*)in.q;
     float a0 = 0.f, a1 = 0.f;
-    for (int c0 = lane + 32 * U * ks; c0 < nc; c0 += 32 * U * KS) {
-        uint4 w0[U], w1[U], xl[U], xh[U];
-        u16 d0f[U], d0l[U], d1f[U], d1l[U];
-        float dxf[U], dxl[U];
+    for (int b0 = lane + 32 * U * ks; b0 < nb; b0 += 32 * U * KS) {
+        uint4 c0[U][NC], c1[U][NC];
+        int4 xl[U], xh[U];
+        u16 d0[U], d1[U];
+        float dx[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int c = c0 + 32 * u;
-            if (c < nc) {
-                const int bf = 16 * c / BS, bl = (16 * c + 12) / BS;
-                w0[u] = *(const uint4*)(r0 + 16 * c);
-                w1[u] = *(const uint4*)(r1 + 16 * c);
-                xl[u] = *(const uint4*)(xa + 16 * c);
-                if (T == T_Q4_0) xh[u] = *(const uint4*)(xa + plane + 16 * c);
-                d0f[u] = ld16(r0 + bf * BS);
-                d0l[u] = ld16(r0 + bl * BS);
-                d1f[u] = ld16(r1 + bf * BS);
-                d1l[u] = ld16(r1 + bl * BS);
-                dxf[u] = xd[bf];
-                dxl[u] = xd[bl];
+            const int b = b0 + 32 * u;
+            if (b < nb) {
+                const uint4* p0 = (const uint4*)block_codes<T>(r0, b);
+                const uint4* p1 = (const uint4*)block_codes<T>(r1, b);
+#pragma unroll
+                for (int k = 0; k < NC; k++) { c0[u][k] = p0[k]; c1[u][k] = p1[k]; }
+                d0[u] = block_scale<T>(r0, b);
+                d1[u] = block_scale<T>(r1, b);
+                xl[u] = xq[2 * b];
+                xh[u] = xq[2 * b + 1];
+                dx[u] = in.d[b];
             }
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int c = c0 + 32 * u;
-            if (c >= nc) continue;
-            const int bf = 16 * c / BS;
-            const u32 wa[4] = {w0[u].x, w0[u].y, w0[u].z, w0[u].w}, wb[4] = {w1[u].x, w1[u].y, w1[u].z, w1[u].w};
-            const u32 xs[4] = {xl[u].x, xl[u].y, xl[u].z, xl[u].w};
-            int s0f = 0, s0l = 0, s1f = 0, s1l = 0;
-#pragma unroll
-            for (int m = 0; m < 4; m++) {
-                int t0, t1;
-                if (T == T_Q4_0) {
-                    const u32 xhi = m == 0 ? xh[u].x : (m == 1 ? xh[u].y : (m == 2 ? xh[u].z : xh[u].w));
-                    const int ones = __dp4a((int)xs[m], 0x01010101, __dp4a((int)xhi, 0x01010101, 0));
-                    t0 = __dp4a((int)(wa[m] & 0x0F0F0F0Fu), (int)xs[m], __dp4a((int)((wa[m] >> 4) & 0x0F0F0F0Fu), (int)xhi, 0)) - 8 * ones;
-                    t1 = __dp4a((int)(wb[m] & 0x0F0F0F0Fu), (int)xs[m], __dp4a((int)((wb[m] >> 4) & 0x0F0F0F0Fu), (int)xhi, 0)) - 8 * ones;
-                } else {
-                    t0 = __dp4a((int)wa[m], (int)xs[m], 0);
-                    t1 = __dp4a((int)wb[m], (int)xs[m], 0);
-                }
-                if ((16 * c + 4 * m) / BS == bf) { s0f += t0; s1f += t1; } else { s0l += t0; s1l += t1; }
-            }
-            a0 += f16(d0f[u]) * dxf[u] * (float)s0f + f16(d0l[u]) * dxl[u] * (float)s0l;
-            a1 += f16(d1f[u]) * dxf[u] * (float)s1f + f16(d1l[u]) * dxl[u] * (float)s1l;
+            if (b0 + 32 * u >= nb) continue;
+            a0 += f16(d0[u]) * dx[u] * (float)dot_block<T>(c0[u], xl[u], xh[u]);
+            a1 += f16(d1[u]) * dx[u] * (float)dot_block<T>(c1[u], xl[u], xh[u]);
         }
     }
-    return make_float2(a0, a1);
+    constexpr float unit = T == T_Q4_0 ? 1.f / 16 : 1.f;
+    return make_float2(a0 * unit, a1 * unit);
 }
 
 // 4-bit indices (one per byte of q, each < 16) -> the IQ4_NL values they name, as 4 int8s.

@@ -238,21 +238,14 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, int dd, i64 pos, c
 }
 
 // x (n) -> int8 blocks of 32: d = amax/127, q = round-half-away(x/d). One warp per block.
-// Element i of the input also goes where the chunked products read it (dot_rows_chunk): a4 (Q4_0:
-// two planes, `plane` bytes apart) and a8 (Q8_0); the scale positions there stay zero.
-struct Arranged { u8* a4; i64 plane; u8* a8; };
-
-__device__ __forceinline__ void quantize_block(float v, int i, signed char* __restrict__ q, float* __restrict__ d, Arranged ar) {
+__device__ __forceinline__ void quantize_block(float v, int i, signed char* __restrict__ q, float* __restrict__ d) {
     const float amax = warp_max(fabsf(v));
     const float dd = amax / 127.f;
     const float inv = dd == 0.f ? 0.f : 1.f / dd;
     const float t = v * inv;
     const signed char qi = (signed char)copysignf(floorf(fabsf(t) + 0.5f), t);
-    const int b = i / QK, j = i % QK;
     q[i] = qi;
-    if ((threadIdx.x & 31) == 0) d[b] = dd;
-    if (ar.a4 != nullptr) ar.a4[(j < 16 ? 0 : ar.plane) + b * 18 + 2 + (j & 15)] = (u8)qi;
-    if (ar.a8 != nullptr) ar.a8[b * 34 + 2 + j] = (u8)qi;
+    if ((threadIdx.x & 31) == 0) d[i / QK] = dd;
 }
 
 // One launch = one product and its epilogue. Each warp owns a "pair" p:
@@ -302,7 +295,7 @@ __device__ __forceinline__ void store_kv_pair(const Epilogue& ep, bool is_k, int
 //   ss[group] = sum of squares of the group's new residual rows;
 //   y = residual * nw, not yet divided by the rms: the next product scales its dot products by
 //   rsqrt(mean square + eps) (mmv's nss), the same thing since a product is linear;
-//   with q != nullptr, y's int8 blocks (and arranged copies) for an int8 product.
+//   with q != nullptr, y's int8 blocks for an int8 product.
 // (Folding SwiGLU's int8 quantization too, whose 32-row groups come from four blocks, through a
 // global counter per group: 100 us per 7B token slower than its own kernel.)
 struct Fold {
@@ -310,9 +303,6 @@ struct Fold {
     float* y;
     signed char* q;
     float* d;
-    u8* a4;
-    i64 plane;
-    u8* a8;
     float* ss;
 };
 
@@ -325,7 +315,7 @@ __device__ __forceinline__ void fold_group(const Fold& f, float v, int g, int n)
         v *= f.nw[i];
         f.y[i] = v;
     }
-    if (f.q != nullptr) quantize_block(v, i, f.q, f.d, Arranged{f.a4, f.plane, f.a8});
+    if (f.q != nullptr) quantize_block(v, i, f.q, f.d);
 }
 
 enum { PATH_GROUP = 0, PATH_CHUNK = 1, PATH_ANY = 2, PATH_WIDE = 3 };
@@ -337,9 +327,9 @@ enum { PATH_GROUP = 0, PATH_CHUNK = 1, PATH_ANY = 2, PATH_WIDE = 3 };
 
 template <int T, int MODE, int U, int PATH, int KS>
 __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS : 256) mmv(const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
-        i64 ld, int n0, int n1, int cols, int rb, int re, const int* xq, const float* xd, const float* xf, const u8* xa, i64 plane,
+        i64 ld, int n0, int n1, int cols, int rb, int re, const int* xq, const float* xd, const float* xf,
         const float* nss, float eps, float* out, u8* kc, u8* vc, const i64* io, const double* inv_freq, int head_dim,
-        int n_rot, int n_ctx, int kv_codes, float* stage, const float* bias, float* raw_qk, const float* fnw, float* fy, signed char* fq, float* fd, u8* fa4, i64 fplane, u8* fa8, float* fss) {
+        int n_rot, int n_ctx, int kv_codes, float* stage, const float* bias, float* raw_qk, const float* fnw, float* fy, signed char* fq, float* fd, float* fss) {
     const Input in{xq, xd, xf};
     const Epilogue ep{out, kc, vc, io, inv_freq, head_dim, n_rot, n_ctx, kv_codes, stage, bias, raw_qk};
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -389,7 +379,7 @@ __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS :
     float2 s = make_float2(0.f, 0.f);
     if (valid) {
         if constexpr (PATH == PATH_ANY) s = dot_rows_any<T>(r0, r1, in.f, cols);
-        else if constexpr (PATH == PATH_CHUNK && (T == T_Q4_0 || T == T_Q8_0)) s = dot_rows_chunk<T, U, KS>(r0, r1, xa, plane, in.d, (int)ld, ks);
+        else if constexpr (PATH == PATH_CHUNK && (T == T_Q4_0 || T == T_Q8_0)) s = dot_rows_chunk<T, U, KS>(r0, r1, in, cols, ks);
         else if constexpr (PATH == PATH_WIDE) s = dot_rows_wide<T, U, KS>(r0, r1, in, cols, ks);
         else s = dot_rows<T, U, KS, EARLY>(r0, r1, in, cols, ks, w0s, w1s);
     }
@@ -410,7 +400,7 @@ __global__ void __launch_bounds__(MODE == MODE_ADD && KS == 1 ? 32 * ADD_WARPS :
         s.x *= scale;
         s.y *= scale;
     }
-    const Fold fold{fnw, fy, fq, fd, fa4, fplane, fa8, fss};
+    const Fold fold{fnw, fy, fq, fd, fss};
     __shared__ float vals[MODE == MODE_ADD ? 2 * W : 1];  // ADD: the block's new residual rows
     if (valid && ks == 0 && lane == 0) {
         if (MODE == MODE_STORE) {

@@ -35,12 +35,14 @@ __device__ __forceinline__ MQW mq_same(int lo, int hi, float d, float m) { retur
 // its branch; a code without one does not compile.
 template <int T>
 __device__ __forceinline__ MQW mq_load(const u8* __restrict__ row, int kb, int c) {
-    if constexpr (T == T_Q4_0 || T == T_IQ4_NL) {
+    if constexpr (T == T_Q4_0) {
+        const u32 v = *(const u32*)(block_codes<T>(row, kb) + 4 * c);
+        const u32 lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
+        return mq_same(__vsub4(lo, 0x08080808u), __vsub4(hi, 0x08080808u), f16(block_scale<T>(row, kb)), 0.f);
+    } else if constexpr (T == T_IQ4_NL) {
         const u8* blk = row + kb * 18;
         const u32 v = ld32(blk + 2 + 4 * c);
-        const u32 lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
-        if constexpr (T == T_Q4_0) return mq_same(__vsub4(lo, 0x08080808u), __vsub4(hi, 0x08080808u), f16(ld16(blk)), 0.f);
-        else return mq_same(iq4_values(lo), iq4_values(hi), f16(ld16(blk)), 0.f);
+        return mq_same(iq4_values(v & 0x0F0F0F0Fu), iq4_values((v >> 4) & 0x0F0F0F0Fu), f16(ld16(blk)), 0.f);
     } else if constexpr (T == T_Q4_1) {
         const u8* blk = row + kb * 20;
         const u32 v = ld32(blk + 4 + 4 * c);
@@ -54,8 +56,8 @@ __device__ __forceinline__ MQW mq_load(const u8* __restrict__ row, int kb, int c
         if constexpr (T == T_Q5_0) return mq_same(__vsub4(lo, 0x10101010u), __vsub4(hi, 0x10101010u), f16(ld16(blk)), 0.f);
         else return mq_same(lo, hi, f16(ld16(blk)), f16(ld16(blk + 2)));
     } else if constexpr (T == T_Q8_0) {
-        const u8* blk = row + kb * 34;
-        return mq_same(ld32(blk + 2 + 4 * c), ld32(blk + 18 + 4 * c), f16(ld16(blk)), 0.f);
+        const u8* codes = block_codes<T>(row, kb);
+        return mq_same(*(const u32*)(codes + 4 * c), *(const u32*)(codes + 16 + 4 * c), f16(block_scale<T>(row, kb)), 0.f);
     } else if constexpr (T == T_Q4_K || T == T_Q5_K) {
         // group j of the super-block: the low (j even) or high nibbles of 32 bytes; Q5_K's bit j of qh
         const u8* blk = row + (kb >> 3) * (T == T_Q4_K ? 144 : 176);

@@ -1,6 +1,6 @@
 """The CUDA source (CUDA_SOURCES) as Python sees it: which template instances are compiled (per weight
 type, KV type pair and product path), the launch geometry the kernels were built for, and the helpers
-that launch them (int8 inputs and their arranged copies, programmatic dependent launch)."""
+that launch them (int8 inputs, programmatic dependent launch)."""
 from __future__ import annotations
 
 import ctypes
@@ -15,6 +15,7 @@ from ..model.kvtypes import KV_TYPES, KVType
 from ..model.kvtypes import cuda_defines as kv_cuda_defines
 from ..quant.registry import cuda_type_defines
 from ..tensor import KERNEL_TYPE_CODES
+from .layout import GROUP_BLOCKS, GROUPED_TYPES
 
 TYPE_CODES = KERNEL_TYPE_CODES  # the T of the CUDA templates
 SUPPORTED_TYPES = frozenset(TYPE_CODES)
@@ -22,10 +23,10 @@ INT8_INPUT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLT
                               GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL,
                               GGMLType.IQ4_XS})  # multiply int8 activations
 FLOAT_VECTOR_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # 8-wide loads when cols % 8 == 0
-CHUNK_TYPES = {GGMLType.Q4_0: 18, GGMLType.Q8_0: 34}  # 16-byte loads over activations laid out like the blocks
+CHUNK_TYPES = GROUPED_TYPES  # whole blocks a lane, their codes in aligned 16-byte loads (decoders.cu, dot_rows_chunk)
 MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
 PATH_GROUP, PATH_CHUNK, PATH_ANY, PATH_WIDE = 0, 1, 2, 3
-UNROLL = {GGMLType.Q4_0: 4, GGMLType.Q5_0: 4, GGMLType.Q8_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}
+UNROLL = {GGMLType.Q5_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}  # the group path's types
 # The wide path (matvec.cu, dot_rows_wide): units of 32 weights a lane, this many in flight.
 WIDE_UNROLL = {t: 2 for t in INT8_INPUT_TYPES - {GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0}}
 CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
@@ -71,12 +72,12 @@ class MmvLaunch(NamedTuple):
     threads: int
 
 
-def mmv_launch(t: GGMLType, mode: int, ld: int, cols: int, pairs: int, int8: bool, arranged: bool) -> MmvLaunch:
-    """The decode product for a weight of type t (rows of ld bytes, cols columns) in `mode` over `pairs`
-    row pairs: its instance, path and grid. int8: the input's int8 blocks are given; arranged: also laid
-    out like the blocks (Arranged). The chunked path for Q4_0 / Q8_0 rows of whole 16-byte runs, the
-    wide path for the other int8 types, the group path for the types with one, else the general one."""
-    if t in CHUNK_TYPES and ld % 16 == 0 and arranged and int8:
+def mmv_launch(t: GGMLType, mode: int, cols: int, pairs: int, int8: bool) -> MmvLaunch:
+    """The decode product for a weight of type t (cols columns) in `mode` over `pairs` row pairs: its
+    instance, path and grid. int8: the input's int8 blocks are given. The chunked path for Q4_0 / Q8_0
+    (grouped rows: layout.py), the wide path for the other int8 types, the group path for the types with
+    one, else the general one."""
+    if t in CHUNK_TYPES and int8:
         path, unroll = PATH_CHUNK, chunk_unroll(t, mode)
     elif t in WIDE_UNROLL and int8:
         path, unroll = PATH_WIDE, WIDE_UNROLL[t]
@@ -172,11 +173,12 @@ def attn_kernel_names(tk: KVType, tv: KVType) -> list[str]:
 
 
 def generated_constants() -> str:
-    """What the CUDA source takes from Python: the weight and KV type codes and the IQ4_NL value table."""
+    """What the CUDA source takes from Python: the weight and KV type codes, the blocks of a group of a
+    regrouped row (layout.py) and the IQ4_NL value table."""
     from ..quant.kquants import IQ4NL_VALUES
 
     table = ", ".join(str(int(v)) for v in IQ4NL_VALUES)
-    return (cuda_type_defines() + kv_cuda_defines()
+    return (cuda_type_defines() + kv_cuda_defines() + f"#define GROUP_BLOCKS {GROUP_BLOCKS}\n"
             + f"__device__ __constant__ __align__(16) signed char IQ4NL_VALUES[16] = {{{table}}};\n")
 
 
@@ -219,29 +221,6 @@ def dev_ptr(a) -> np.uint64:
     return np.uint64(0 if a is None else a.data.ptr)
 
 
-class Arranged:
-    """An input's int8 values laid out like Q4_0 (two planes) and Q8_0 weight rows, zero under the
-    scales: what the chunked products read (decoders.cu, dot_rows_chunk). Zeroed once; producers
-    write only the value positions."""
-
-    def __init__(self, cp, width: int):
-        blocks = (width + 31) // 32
-        self.plane = 16 * ((18 * blocks + 15) // 16)
-        self.a4 = cp.zeros(2 * self.plane, np.uint8)
-        self.a8 = cp.zeros(16 * ((34 * blocks + 15) // 16), np.uint8)
-
-    def args(self) -> tuple:
-        """What the producers take: both layouts."""
-        return (dev_ptr(self.a4), np.int64(self.plane), dev_ptr(self.a8))
-
-    def args_for(self, t: GGMLType) -> tuple:
-        """What a chunked product of type t reads: its layout and the plane stride."""
-        return (dev_ptr(self.a4), np.int64(self.plane)) if t is GGMLType.Q4_0 else (dev_ptr(self.a8), np.int64(0))
-
-
-NO_ARRANGED = (np.uint64(0), np.int64(0), np.uint64(0))
-
-
 # ------------------------------------------------------------- programmatic dependent launch
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
@@ -282,17 +261,16 @@ class ProgrammaticLauncher:
 
 
 class Int8Input:
-    """An input's int8 blocks for the next product: values, scales, and the arranged copies."""
+    """An input's int8 blocks for the next product: values and scales."""
 
     def __init__(self, cp, width: int):
         self.q = cp.zeros(width, np.int8)
         self.d = cp.zeros(width // 32 + 1, np.float32)
-        self.arranged = Arranged(cp, width)
 
     def args(self) -> tuple:
-        """What a producer writes: q, d and both arranged layouts."""
-        return (dev_ptr(self.q), dev_ptr(self.d), *self.arranged.args())
+        """What a producer writes: q and d."""
+        return (dev_ptr(self.q), dev_ptr(self.d))
 
 
-NO_INT8 = (np.uint64(0), np.uint64(0), *NO_ARRANGED)
+NO_INT8 = (np.uint64(0), np.uint64(0))
 NO_FOLD = (np.uint64(0), np.uint64(0), *NO_INT8, np.uint64(0))

@@ -3,13 +3,12 @@
 // Compiled after matvec.cu (module.py, CUDA_SOURCES).
 
 // ------------------------------------------------------------------------- small decode ops
-extern "C" __global__ void quantize_q8(const float* __restrict__ x, int n, signed char* __restrict__ q, float* __restrict__ d,
-                                       u8* a4, i64 plane, u8* a8) {
+extern "C" __global__ void quantize_q8(const float* __restrict__ x, int n, signed char* __restrict__ q, float* __restrict__ d) {
     pdl_trigger();
     pdl_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i - (threadIdx.x & 31) >= n) return;  // whole warps only: n % 32 == 0
-    quantize_block(x[i], i, q, d, Arranged{a4, plane, a8});
+    quantize_block(x[i], i, q, d);
 }
 
 // The rest of a decode step's QKV product when q and k have per-head RMSNorms (qwen3): warp h of the
@@ -68,7 +67,7 @@ extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __r
 // whole row (16 KB at most, from L2), then normalises its own 256 elements and, with q != nullptr
 // (n % 32 == 0), quantizes them to int8 blocks for the next product.
 extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __restrict__ x, const float* __restrict__ w, float eps,
-        int n, float* __restrict__ out, signed char* __restrict__ q, float* __restrict__ d, u8* a4, i64 plane, u8* a8) {
+        int n, float* __restrict__ out, signed char* __restrict__ q, float* __restrict__ d) {
     __shared__ float part[8];
     pdl_trigger();
     const int i = blockIdx.x * 256 + threadIdx.x;
@@ -94,7 +93,7 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_row(const float* __res
     for (int k = 0; k < 8; k++) total += part[k];
     const float v = i < n ? x[i] * rsqrtf(total / n + eps) * wi : 0.f;
     if (i < n) out[i] = v;
-    if (q != nullptr && i - (int)(threadIdx.x & 31) < n) quantize_block(v, i, q, d, Arranged{a4, plane, a8});
+    if (q != nullptr && i - (int)(threadIdx.x & 31) < n) quantize_block(v, i, q, d);
 }
 
 // ---------------------------------------------------------------------- gathers and batches

@@ -10,6 +10,7 @@ import numpy as np
 from ..backends import BackendUnavailableError
 from ..gguf.constants import TensorNames
 from ..model.kvtypes import KVType, kv_type
+from .layout import gpu_nbytes
 from .module import ATT_SPLITS
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,12 @@ def plan_offload(gguf, config, n_gpu: int, n_ctx: int, n_batch: int,
     tk, tv = (kv_type(None), kv_type(None)) if kv_types is None else (kv_type(kv_types[0]), kv_type(kv_types[1]))
     head = n_gpu == cfg.n_layers
     on_gpu = tuple(f"blk.{i}." for i in range(cfg.n_layers - n_gpu, cfg.n_layers))
-    weights = sum(info.nbytes for name, info in gguf.tensors.items() if name.startswith(on_gpu))
+    weights = sum(gpu_nbytes(info) for name, info in gguf.tensors.items() if name.startswith(on_gpu))
     matrices = [info for name, info in gguf.tensors.items() if name.startswith(f"blk.{cfg.n_layers - 1}.") and len(info.shape) == 2]
     if head:
         for name in (TensorNames.TOKEN_EMBD, TensorNames.OUTPUT, TensorNames.OUTPUT_NORM):
             if name in gguf.tensors:
-                weights += gguf.tensors[name].nbytes
+                weights += gpu_nbytes(gguf.tensors[name])
                 if name != TensorNames.OUTPUT_NORM:
                     matrices.append(gguf.tensors[name])
     kv = n_gpu * n_ctx * cfg.n_kv_heads * (tk.row_bytes(cfg.head_dim) + tv.row_bytes(cfg.head_dim))

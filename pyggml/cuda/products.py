@@ -12,8 +12,8 @@ import numpy as np
 
 from ..gguf.constants import GGMLType
 from ..tensor import QWeight
-from .module import (CHUNK_TYPES, INT8_INPUT_TYPES, MMQ_MAX_TOKENS, MMQ_THREADS, MMQ_TYPES, MODE_STORE, TYPE_CODES, Arranged,
-                     dev_ptr, mmq_fragment_layout, mmq_kernel_name, mmq_rows, mmq_splits, mmq_tiles)
+from .module import (INT8_INPUT_TYPES, MMQ_MAX_TOKENS, MMQ_THREADS, MMQ_TYPES, MODE_STORE, TYPE_CODES, dev_ptr,
+                     mmq_fragment_layout, mmq_kernel_name, mmq_rows, mmq_splits, mmq_tiles)
 
 CUBLAS_COMPUTE_32F, CUDA_R_16F, CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT = 68, 2, 0, 0, 1, -1
 
@@ -51,12 +51,11 @@ class BatchProducts:
         """One token: a matrix-vector product straight from the blocks."""
         cp = self.cp
         xf = cp.ascontiguousarray(x[0])
-        xq = xd = xa = None
+        xq = xd = None
         if w.ggml_type in INT8_INPUT_TYPES:
             xq, xd = cp.empty(w.cols, np.int8), cp.empty(w.cols // 32, np.float32)
-            xa = Arranged(cp, w.cols) if w.ggml_type in CHUNK_TYPES else None
-            self._quantize(xf, xq, xd, xa)
-        self._mmv(MODE_STORE, w, w.rows, w.cols, xq, xd, xf, out, xa=xa)
+            self._quantize(xf, xq, xd)
+        self._mmv(MODE_STORE, w, w.rows, w.cols, xq, xd, xf, out)
 
     def _quantize_batch(self, x) -> tuple:
         """x (n_tok, cols), cols % 32 == 0 -> int8 blocks (n_tok, cols), scales and half-block sums, laid
