@@ -20,13 +20,19 @@
 #define ATT_WARPS 16
 #define ATT_RANGE 128  // keys per range when attn_ranges counts the ranges
 
-// How attn_partial shares a key among lanes, from PER = attn_per_lane(head_dim) (head_dim / 32
-// rounded up to a power of two): KP dimensions a lane, G lanes a key, KW keys a warp at once.
-template <int PER> struct AttShare {
+// How the decode attention shares a key among lanes, from PER = attn_per_lane(head_dim) (head_dim / 32
+// rounded up to a power of two): KP dimensions a lane, G lanes a key, KW keys a warp at once; KB keys
+// a group loads at once, as many raw rows as ~64 registers hold (48 with blocks: their encoding and
+// decoding need more), at most 8.
+template <int PER, int TK, int TV> struct AttShare {
     static constexpr int P2 = 32 * PER;
     static constexpr int KP = P2 <= 128 ? P2 / 8 : 16;
     static constexpr int G = P2 / KP;
     static constexpr int KW = 32 / G;
+    static constexpr bool BLOCKS = TK >= KV_Q8_0 || TV >= KV_Q8_0;
+    static constexpr int RR = RawRow<TK, KP>::N + RawRow<TV, KP>::N + (TK >= KV_Q8_0) + (TV >= KV_Q8_0);
+    static constexpr int KB_REGS = (BLOCKS ? 48 : 64) / RR;
+    static constexpr int KB = KB_REGS < 1 ? 1 : (KB_REGS > 8 ? 8 : KB_REGS);
 };
 
 // One range up to 2 * ATT_RANGE keys (a warp's second batch costs less than merging ranges), else
@@ -154,6 +160,41 @@ __device__ __forceinline__ void merge_groups(float& m, float& l, float (&acc)[KP
     }
 }
 
+// Keys t0 .. t1-1 of one head (K, V: its rows) for warp `warp` of WARPS: group g of the warp takes keys
+// t0 + warp*KW + g, then every STRIDE = WARPS*KW, KB of them a batch, whole batches without the
+// range-end checks, then the last one masked. Ends with the warp's (m, l, acc) in every group (scores in
+// log2 units: q pre-scaled by log2 e). With NEW, the row of position `last` (when in range) is nk / nv,
+// not what the cache held when it was loaded (q8_0 / q4_0 rows encoded by attn_partial itself).
+template <int PER, int WARPS, bool NEW, int TK, int TV>
+__device__ __forceinline__ void attend_keys(const u8* __restrict__ K, const u8* __restrict__ V, int rbk, int rbv, int t0, int t1,
+                                            int warp, int lane, int head_dim, const float (&qv)[AttShare<PER, TK, TV>::KP],
+                                            const RawRow<TK, AttShare<PER, TK, TV>::KP>& nk,
+                                            const RawRow<TV, AttShare<PER, TK, TV>::KP>& nv, int last, float& m, float& l,
+                                            float (&acc)[AttShare<PER, TK, TV>::KP]) {
+    using S = AttShare<PER, TK, TV>;
+    constexpr int KP = S::KP, G = S::G, KB = S::KB, STRIDE = WARPS * S::KW, SPAN = STRIDE * KB;
+    const int gl = lane % G, d0 = gl * KP, first = warp * S::KW + lane / G;  // the group's first key of a batch
+    const bool whole = d0 + KP <= head_dim && head_dim % KP == 0;
+    RawRow<TK, KP> k[KB];
+    RawRow<TV, KP> v[KB];
+#pragma unroll
+    for (int e = 0; e < KP; e++) acc[e] = 0.f;
+    m = NEG_INF;
+    l = 0.f;
+    int tb = t0;
+    for (; tb + SPAN <= t1; tb += SPAN) {  // whole batches
+        load_batch<KP, KB, STRIDE, false, TK, TV>(K, V, rbk, rbv, tb + first, t1, d0, whole, head_dim, k, v);
+        if (NEW && last >= tb && last < tb + SPAN) put_new_row<KP, KB, STRIDE, TK, TV>(k, v, nk, nv, tb + first, last);
+        fold_batch<KP, KB, G, STRIDE, false, TK, TV>(k, v, qv, d0, tb + first, t1, m, l, acc);
+    }
+    if (tb < t1) {  // the range's last keys
+        load_batch<KP, KB, STRIDE, true, TK, TV>(K, V, rbk, rbv, tb + first, t1, d0, whole, head_dim, k, v);
+        if (NEW && last >= tb) put_new_row<KP, KB, STRIDE, TK, TV>(k, v, nk, nv, tb + first, last);
+        fold_batch<KP, KB, G, STRIDE, true, TK, TV>(k, v, qv, d0, tb + first, t1, m, l, acc);
+    }
+    merge_groups<KP, G>(m, l, acc);
+}
+
 // The last block of a head merges its n_active ranges (<= 32) from `part` (read from L2: the other
 // blocks wrote them; their maxima in log2 units): the first warp turns each range's (max, sum) into
 // one weight, then thread d forms output dimension d (blockDim >= head_dim) and, with q != nullptr,
@@ -205,14 +246,8 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
         u8* __restrict__ vc, const float* __restrict__ staged, const i64* __restrict__ io, int n_ctx, int head_dim, int group,
         float scale, float* __restrict__ part, int* __restrict__ cnt, float* __restrict__ out, signed char* __restrict__ oq,
         float* __restrict__ od, u8* a4, i64 plane, u8* a8, int n_split) {
-    constexpr int KP = AttShare<PER>::KP, G = AttShare<PER>::G, KW = AttShare<PER>::KW;
-    // keys a group loads at once: as many raw rows as ~64 registers hold (48 with blocks: their
-    // encoding and decoding need more), at most 8
-    constexpr int RR = RawRow<TK, KP>::N + RawRow<TV, KP>::N + (TK >= KV_Q8_0) + (TV >= KV_Q8_0);
-    constexpr int KB_REGS = (TK >= KV_Q8_0 || TV >= KV_Q8_0 ? 48 : 64) / RR;
-    constexpr int KB = KB_REGS < 1 ? 1 : (KB_REGS > 8 ? 8 : KB_REGS);
-    constexpr int STRIDE = ATT_WARPS * KW, SPAN = STRIDE * KB;  // between a group's keys; a block's batch
-    constexpr bool BLOCKS = TK >= KV_Q8_0 || TV >= KV_Q8_0;
+    using S = AttShare<PER, TK, TV>;
+    constexpr int KP = S::KP, G = S::G;
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS], sacc[ATT_WARPS][256];
     pdl_trigger();
     const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -222,37 +257,26 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
     const int chunk = (n + n_active - 1) / n_active;
     const int t0 = s * chunk, t1 = min(n, t0 + chunk);
     const int kvh = h / group, rbk = kv_row_bytes<TK>(head_dim), rbv = kv_row_bytes<TV>(head_dim);
-    const int gl = lane % G, d0 = gl * KP, first = warp * KW + lane / G;  // this group's first key of a batch
-    const bool whole = d0 + KP <= head_dim && head_dim % KP == 0, last_range = s == n_active - 1;
+    const int gl = lane % G, d0 = gl * KP;
+    const bool last_range = s == n_active - 1;
     u8* K = kc + (i64)kvh * n_ctx * rbk;
     u8* V = vc + (i64)kvh * n_ctx * rbv;
     // The rows are loaded after the wait: loading before it (all but position n-1, which the product
     // before this kernel writes) gave wrong f16 rows at head_dim 8 on an H200 under programmatic
     // launch (session 15: 0.8 of the largest logit at the second step; f32 and head_dim 64 unaffected).
-    RawRow<TK, KP> k[KB], nk;
-    RawRow<TV, KP> v[KB], nv;
+    RawRow<TK, KP> nk;
+    RawRow<TV, KP> nv;
     pdl_wait();
-    if (BLOCKS && last_range)  // the same for the whole block
+    if (S::BLOCKS && last_range)  // the same for the whole block
         encode_new_rows<KP, TK, TV>(K + (i64)(n - 1) * rbk, V + (i64)(n - 1) * rbv, staged, gridDim.x / group, kvh,
                                     h % group == 0 && warp == 0 && lane < G, gl, head_dim, nk, nv);
-    float qv[KP], acc[KP];
+    float qv[KP], acc[KP], m, l;
     load_dims<KP>(q + h * head_dim, gl, head_dim, qv);
     const float qs = scale * 1.4426950408889634f;  // log2 e: scores in log2 units
 #pragma unroll
-    for (int e = 0; e < KP; e++) { qv[e] *= qs; acc[e] = 0.f; }
-    float m = NEG_INF, l = 0.f;
-    int tb = t0;
-    for (; tb + SPAN <= t1; tb += SPAN) {  // whole batches
-        load_batch<KP, KB, STRIDE, false, TK, TV>(K, V, rbk, rbv, tb + first, t1, d0, whole, head_dim, k, v);
-        if (BLOCKS && last_range && tb + SPAN == t1) put_new_row<KP, KB, STRIDE, TK, TV>(k, v, nk, nv, tb + first, n - 1);
-        fold_batch<KP, KB, G, STRIDE, false, TK, TV>(k, v, qv, d0, tb + first, t1, m, l, acc);
-    }
-    if (tb < t1) {  // the range's last keys
-        load_batch<KP, KB, STRIDE, true, TK, TV>(K, V, rbk, rbv, tb + first, t1, d0, whole, head_dim, k, v);
-        if (BLOCKS && last_range) put_new_row<KP, KB, STRIDE, TK, TV>(k, v, nk, nv, tb + first, n - 1);
-        fold_batch<KP, KB, G, STRIDE, true, TK, TV>(k, v, qv, d0, tb + first, t1, m, l, acc);
-    }
-    merge_groups<KP, G>(m, l, acc);
+    for (int e = 0; e < KP; e++) qv[e] *= qs;
+    attend_keys<PER, ATT_WARPS, S::BLOCKS, TK, TV>(K, V, rbk, rbv, t0, t1, warp, lane, head_dim, qv, nk, nv,
+                                                   last_range ? n - 1 : -1, m, l, acc);
     // merge the warps
     if (lane == 0) { sm[warp] = m; sl[warp] = l; }
     if (lane < G) {
@@ -394,54 +418,43 @@ __global__ void __launch_bounds__(32 * PQ_WARPS) attn_prompt(const float* __rest
 
 // Attention of a batch of tokens of several sequences (a server's decode step): token t = blockIdx.y,
 // head h = blockIdx.x attends to positions 0..pos[t] of slot seq[t] of k, v (n_seq, n_kv, n_ctx, row),
-// stored as TK, TV. Each of the block's SEQ_WARPS warps takes every SEQ_WARPS-th key with an online
-// softmax (lane l holds dimensions l*PER.., as attn_partial; head_dim <= 256), then the warps' partial
-// results are merged in shared memory.
+// stored as TK, TV (kv_write has stored this step's rows). The block's SEQ_WARPS warps share the keys
+// as attn_partial's do (attend_keys: groups of lanes per key, batches), then their partial results are
+// merged in shared memory. head_dim <= 256.
 #define SEQ_WARPS 4
 template <int PER, int TK, int TV>
 __global__ void __launch_bounds__(32 * SEQ_WARPS) attn_seqs(const float* __restrict__ q,
         const u8* __restrict__ kc, const u8* __restrict__ vc, const i64* __restrict__ seq,
         const i64* __restrict__ pos, int n_heads, int n_kv, int n_ctx, int head_dim, float scale, float* __restrict__ out) {
+    using S = AttShare<PER, TK, TV>;
+    constexpr int KP = S::KP, G = S::G;
     __shared__ float sm[SEQ_WARPS], sl[SEQ_WARPS], sacc[SEQ_WARPS][256];
     const int h = blockIdx.x, t = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int n = (int)pos[t] + 1;
+    const int n = (int)pos[t] + 1, gl = lane % G, d0 = gl * KP;
     const i64 slot = (seq[t] * n_kv + h / (n_heads / n_kv)) * (i64)n_ctx;
     const int rbk = kv_row_bytes<TK>(head_dim), rbv = kv_row_bytes<TV>(head_dim);
     const u8* K = kc + slot * rbk;
     const u8* V = vc + slot * rbv;
-    float qv[PER], acc[PER];
-    load_dims<PER>(q + ((i64)t * n_heads + h) * head_dim, lane, head_dim, qv);
+    float qv[KP], acc[KP], m, l;
+    load_dims<KP>(q + ((i64)t * n_heads + h) * head_dim, gl, head_dim, qv);
+    const float qs = scale * 1.4426950408889634f;  // log2 e: scores in log2 units
 #pragma unroll
-    for (int e = 0; e < PER; e++) {
-        qv[e] *= scale;
-        acc[e] = 0.f;
-    }
-    float m = NEG_INF, l = 0.f;
-    for (int p = warp; p < n; p += SEQ_WARPS) {
-        float kr[PER], vr[PER];
-        load_row<TK, PER>(K + (i64)p * rbk, lane, head_dim, kr);
-        load_row<TV, PER>(V + (i64)p * rbv, lane, head_dim, vr);
-        float s = 0.f;
-#pragma unroll
-        for (int e = 0; e < PER; e++) s += qv[e] * kr[e];
-        s = warp_sum(s);
-        const float mn = fmaxf(m, s);
-        const float c = expf(m - mn), w = expf(s - mn);  // c = 0 on the first key (m = -inf)
-        l = l * c + w;
-#pragma unroll
-        for (int e = 0; e < PER; e++) acc[e] = acc[e] * c + w * vr[e];
-        m = mn;
-    }
+    for (int e = 0; e < KP; e++) qv[e] *= qs;
+    RawRow<TK, KP> nk;  // no row of this step to put in: kv_write stored them
+    RawRow<TV, KP> nv;
+    attend_keys<PER, SEQ_WARPS, false, TK, TV>(K, V, rbk, rbv, 0, n, warp, lane, head_dim, qv, nk, nv, -1, m, l, acc);
     if (lane == 0) { sm[warp] = m; sl[warp] = l; }
+    if (lane < G) {
 #pragma unroll
-    for (int e = 0; e < PER; e++) if (lane * PER + e < head_dim) sacc[warp][lane * PER + e] = acc[e];
+        for (int e = 0; e < KP; e++) if (d0 + e < head_dim) sacc[warp][d0 + e] = acc[e];
+    }
     __syncthreads();
     if (warp != 0) return;
     float M = NEG_INF;
     for (int w = 0; w < SEQ_WARPS; w++) M = fmaxf(M, sm[w]);
     float L = 0.f, f[SEQ_WARPS];
     for (int w = 0; w < SEQ_WARPS; w++) {
-        f[w] = sm[w] == NEG_INF ? 0.f : expf(sm[w] - M);  // a warp with no keys (n < SEQ_WARPS) adds nothing
+        f[w] = sm[w] == NEG_INF ? 0.f : exp2f(sm[w] - M);  // a warp with no keys (n < its first) adds nothing
         L += sl[w] * f[w];
     }
     for (int d = lane; d < head_dim; d += 32) {
