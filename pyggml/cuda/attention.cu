@@ -4,38 +4,56 @@
 
 // Decode attention for the n = io[1]+1 keys in the cache. The keys are cut into n_active ranges
 // (attn_ranges), one block of ATT_WARPS warps per (head, range); blocks past n_active return at
-// once. Lane l holds dimensions l*PER .. l*PER+PER-1 of the head (PER = head_dim / 32 rounded up to
-// a power of two). Warp w takes keys w, w+ATT_WARPS, ... of the range, KB at a time: it loads their
-// K and V rows together, raw (one memory latency per batch, not per key; KB is as many as ~64
-// registers hold: 32/PER f32 rows, twice as many f16 ones), decodes each as it uses it, reduces the
-// KB scores across the lanes at once and folds them into its running (max, sum, output); then the
-// warps merge. With n_active == 1 the block writes the normalised output (and its
-// int8 blocks) itself. Otherwise each block leaves its (max, sum, unnormalised output) in `part` and
-// counts itself in cnt[head]; the last block of the head merges the ranges (merge_ranges).
-// head_dim <= 256. 16 warps, not 8: a 7B head's range of up to 128 keys is one batch per warp
-// (graph replay at 66 keys 3556 -> 3541 us per f16 token).
+// once. A key is read by a group of G lanes, each holding KP neighbouring dimensions of it (AttShare:
+// 8 lanes, 16 for heads over 128), so that one load of a warp covers 32 / G neighbouring rows, a
+// score is summed over log2(G) shuffles and its softmax step is taken once for 32 / G keys. (Before,
+// one key a warp, 4 dimensions a lane: 87 warp instructions per (head, key) at 7B f16, issue-bound at
+// 1.80 TB/s and 38.7 us a layer at 4096 keys, session 22's ncu on an H200.) Group g of warp w takes
+// keys w*KW+g, then STRIDE = ATT_WARPS*KW further, ..., KB of them a batch: their K and V rows are
+// loaded raw before any is used (one memory latency per batch; KB as many as ~64 registers hold) and
+// decoded as they are used; only a range's last batch checks the range's end. Scores are in log2
+// units (q pre-scaled by log2 e, exp2 after). Each group keeps its running (max, sum, output); the
+// groups of a warp merge by shuffles, then the warps in shared memory. With n_active == 1 the block
+// writes the normalised output (and its int8 blocks) itself. Otherwise each block leaves its (max,
+// sum, unnormalised output) in `part` and counts itself in cnt[head]; the last block of the head
+// merges the ranges (merge_ranges). head_dim <= 256.
 #define ATT_WARPS 16
 #define ATT_RANGE 128  // keys per range when attn_ranges counts the ranges
+
+// How the decode attention shares a key among lanes, from PER = attn_per_lane(head_dim) (head_dim / 32
+// rounded up to a power of two): KP dimensions a lane, G lanes a key, KW keys a warp at once; KB keys
+// a group loads at once, as many raw rows as ~64 registers hold (48 with blocks: their encoding and
+// decoding need more), at most 8.
+template <int PER, int TK, int TV> struct AttShare {
+    static constexpr int P2 = 32 * PER;
+    static constexpr int KP = P2 <= 128 ? P2 / 8 : 16;
+    static constexpr int G = P2 / KP;
+    static constexpr int KW = 32 / G;
+    static constexpr bool BLOCKS = TK >= KV_Q8_0 || TV >= KV_Q8_0;
+    static constexpr int RR = RawRow<TK, KP>::N + RawRow<TV, KP>::N + (TK >= KV_Q8_0) + (TV >= KV_Q8_0);
+    static constexpr int KB_REGS = (BLOCKS ? 48 : 64) / RR;
+    static constexpr int KB = KB_REGS < 1 ? 1 : (KB_REGS > 8 ? 8 : KB_REGS);
+};
 
 // One range up to 2 * ATT_RANGE keys (a warp's second batch costs less than merging ranges), else
 // min(n_split, ceil(n / ATT_RANGE)). backend.py (attn_splits) keeps n_split at most SMs / heads, so
 // the blocks in use run in one wave. 7B graph replay, us per token, before (ranges of 128, up to 16
 // a head) -> after: q4_0 at n = 129: 1791 -> 1734, 256: 1831 -> 1791, 513: 1991 -> 1906,
 // 1025: 2198 -> 2042, 2048: 2521 -> 2267, 4096: 2923 -> 2753; f16 at 129: 3560 -> 3517,
-// 1025: 3956 -> 3805, 4096: 4689 -> 4477; equal up to 128 and from 257 to 512 keys. The grid keeps
-// ATT_SPLITS blocks a head (gridDim.y), the ones past n_active returning at once: with only n_split
-// a head, the next product launched earlier and its first loads slowed the step down (f16 at
-// n = 65: 3457 -> 3491).
+// 1025: 3956 -> 3805, 4096: 4689 -> 4477; equal up to 128 and from 257 to 512 keys (measured with
+// one key a warp). The grid keeps ATT_SPLITS blocks a head (gridDim.y), the ones past n_active
+// returning at once: with only n_split a head, the next product launched earlier and its first loads
+// slowed the step down (f16 at n = 65: 3457 -> 3491).
 __device__ __forceinline__ int attn_ranges(int n, int n_split) {
     return n <= 2 * ATT_RANGE ? 1 : min(n_split, (n + ATT_RANGE - 1) / ATT_RANGE);
 }
 
-// A lane's raw share of row t (fetch_row), also where its dimensions straddle the end of an odd
-// head size: f32 and f16 values then come one by one (a float read from f16 storage is a half again).
+// A lane's raw share (dimensions d0 ..) of a row (fetch_row); where they straddle the end of an odd
+// head size (not `whole`), f32 and f16 values come one by one (a float read from f16 storage is a
+// half again).
 template <int KV, int PER>
-__device__ __forceinline__ void fetch_any(const u8* __restrict__ row, int lane, int head_dim, RawRow<KV, PER>& r) {
-    const int d0 = lane * PER;
-    if (d0 + PER <= head_dim && head_dim % PER == 0) {
+__device__ __forceinline__ void fetch_any(const u8* __restrict__ row, int d0, bool whole, int head_dim, RawRow<KV, PER>& r) {
+    if (whole) {
         fetch_row<KV, PER>(row, d0, r);
     } else if constexpr (KV == KV_F32 || KV == KV_F16) {
         zero_raw(r);
@@ -50,17 +68,17 @@ __device__ __forceinline__ void fetch_any(const u8* __restrict__ row, int lane, 
     }
 }
 
-// Keys and values tb, tb + ATT_WARPS, ... (KB of them) below t1, but for `skip`, raw (zero past t1):
-// every load of the batch is issued before any is used.
-template <int PER, int KB, int TK, int TV>
-__device__ __forceinline__ void load_keys(const u8* __restrict__ K, const u8* __restrict__ V, int rbk, int rbv, int tb, int t1,
-                                          int skip, int lane, int head_dim, RawRow<TK, PER> (&k)[KB], RawRow<TV, PER> (&v)[KB]) {
+// A group's keys t, t + STRIDE, ... (KB of them), raw; with MASK, zero from t1 on. Every load of
+// the batch is issued before any is used.
+template <int KP, int KB, int STRIDE, bool MASK, int TK, int TV>
+__device__ __forceinline__ void load_batch(const u8* __restrict__ K, const u8* __restrict__ V, int rbk, int rbv, int t, int t1,
+                                           int d0, bool whole, int head_dim, RawRow<TK, KP> (&k)[KB], RawRow<TV, KP> (&v)[KB]) {
 #pragma unroll
     for (int j = 0; j < KB; j++) {
-        const int t = tb + ATT_WARPS * j;
-        if (t < t1 && t != skip) {
-            fetch_any<TK, PER>(K + (i64)t * rbk, lane, head_dim, k[j]);
-            fetch_any<TV, PER>(V + (i64)t * rbv, lane, head_dim, v[j]);
+        const int tj = t + STRIDE * j;
+        if (!MASK || tj < t1) {
+            fetch_any<TK, KP>(K + (i64)tj * rbk, d0, whole, head_dim, k[j]);
+            fetch_any<TV, KP>(V + (i64)tj * rbv, d0, whole, head_dim, v[j]);
         } else {
             zero_raw(k[j]);
             zero_raw(v[j]);
@@ -68,25 +86,119 @@ __device__ __forceinline__ void load_keys(const u8* __restrict__ K, const u8* __
     }
 }
 
-// The row of this step's token (position n-1) that the QKV product just formed, raw: f32 and f16
-// rows it stored in the cache; q8_0 and q4_0 rows it left as floats in `staged`, which are encoded
-// here (the attention uses the codes, as any later read does) and, by the one block that `store`s,
-// written to the cache.
-template <int KV, int PER>
-__device__ __forceinline__ void new_row(u8* __restrict__ row, const float* __restrict__ staged, bool store, int lane, int head_dim,
-                                        RawRow<KV, PER>& r) {
-    if constexpr (KV == KV_Q8_0 || KV == KV_Q4_0) {
-        float x[PER];
-        load_dims<PER>(staged, lane, head_dim, x);
-        encode_row<KV, PER>(x, row, store, lane, head_dim, &r);
-    } else {
-        fetch_any<KV, PER>(row, lane, head_dim, r);
+// Position n-1 in a batch: for the q8_0 / q4_0 types its row as this kernel encoded it (nk, nv), in
+// place of what the cache held when it was loaded.
+template <int KP, int KB, int STRIDE, int TK, int TV>
+__device__ __forceinline__ void put_new_row(RawRow<TK, KP> (&k)[KB], RawRow<TV, KP> (&v)[KB], const RawRow<TK, KP>& nk,
+                                            const RawRow<TV, KP>& nv, int t, int last) {
+#pragma unroll
+    for (int j = 0; j < KB; j++) {
+        if (t + STRIDE * j == last) {
+            if constexpr (TK >= KV_Q8_0) k[j] = nk;
+            if constexpr (TV >= KV_Q8_0) v[j] = nv;
+        }
     }
 }
 
+// A batch of a group's keys (t, t + STRIDE, ...) folded into its running (m, l, acc): each score
+// summed over the group's G lanes; with MASK, keys from t1 on weigh nothing (a group with no key yet
+// keeps m = -inf). Scores and m are in log2 units.
+template <int KP, int KB, int G, int STRIDE, bool MASK, int TK, int TV>
+__device__ __forceinline__ void fold_batch(const RawRow<TK, KP> (&k)[KB], const RawRow<TV, KP> (&v)[KB], const float (&qv)[KP],
+                                           int d0, int t, int t1, float& m, float& l, float (&acc)[KP]) {
+    float sc[KB];
+#pragma unroll
+    for (int j = 0; j < KB; j++) {
+        float kf[KP];
+        const float dk = decode_codes<TK, KP>(k[j], d0, kf);  // a block's scale once, not per value
+        float a = 0.f;
+#pragma unroll
+        for (int e = 0; e < KP; e++) a = fmaf(qv[e], kf[e], a);
+        sc[j] = a * dk;
+    }
+#pragma unroll
+    for (int o = G / 2; o > 0; o >>= 1) {
+#pragma unroll
+        for (int j = 0; j < KB; j++) sc[j] += __shfl_xor_sync(0xffffffffu, sc[j], o);
+    }
+    float mb = m;
+#pragma unroll
+    for (int j = 0; j < KB; j++) {
+        if (MASK && t + STRIDE * j >= t1) sc[j] = NEG_INF;
+        mb = fmaxf(mb, sc[j]);
+    }
+    if (MASK && mb == NEG_INF) return;  // none of this group's keys yet
+    const float c = exp2f(m - mb);  // 0 while m = -inf
+    l *= c;
+#pragma unroll
+    for (int e = 0; e < KP; e++) acc[e] *= c;
+#pragma unroll
+    for (int j = 0; j < KB; j++) {
+        const float p = exp2f(sc[j] - mb);  // 0 for a masked key (its row is zero)
+        l += p;
+        float vf[KP];
+        const float pv = p * decode_codes<TV, KP>(v[j], d0, vf);
+#pragma unroll
+        for (int e = 0; e < KP; e++) acc[e] = fmaf(pv, vf[e], acc[e]);
+    }
+    m = mb;
+}
+
+// The groups of a warp merged (shuffles over the lanes G, 2G, ... apart): afterwards every group
+// holds the warp's (m, l, acc).
+template <int KP, int G>
+__device__ __forceinline__ void merge_groups(float& m, float& l, float (&acc)[KP]) {
+#pragma unroll
+    for (int o = G; o < 32; o <<= 1) {
+        const float om = __shfl_xor_sync(0xffffffffu, m, o), ol = __shfl_xor_sync(0xffffffffu, l, o);
+        const float M = fmaxf(m, om);
+        const float f = m == NEG_INF ? 0.f : exp2f(m - M), of = om == NEG_INF ? 0.f : exp2f(om - M);
+        l = l * f + ol * of;
+#pragma unroll
+        for (int e = 0; e < KP; e++) acc[e] = acc[e] * f + __shfl_xor_sync(0xffffffffu, acc[e], o) * of;
+        m = M;
+    }
+}
+
+// Keys t0 .. t1-1 of one head (K, V: its rows) for warp `warp` of WARPS: group g of the warp takes keys
+// t0 + warp*KW + g, then every STRIDE = WARPS*KW, KB of them a batch, whole batches without the
+// range-end checks, then the last one masked. Ends with the warp's (m, l, acc) in every group (scores in
+// log2 units: q pre-scaled by log2 e). With NEW, the row of position `last` (when in range) is nk / nv,
+// not what the cache held when it was loaded (q8_0 / q4_0 rows encoded by attn_partial itself).
+template <int PER, int WARPS, bool NEW, int TK, int TV>
+__device__ __forceinline__ void attend_keys(const u8* __restrict__ K, const u8* __restrict__ V, int rbk, int rbv, int t0, int t1,
+                                            int warp, int lane, int head_dim, const float (&qv)[AttShare<PER, TK, TV>::KP],
+                                            const RawRow<TK, AttShare<PER, TK, TV>::KP>& nk,
+                                            const RawRow<TV, AttShare<PER, TK, TV>::KP>& nv, int last, float& m, float& l,
+                                            float (&acc)[AttShare<PER, TK, TV>::KP]) {
+    using S = AttShare<PER, TK, TV>;
+    constexpr int KP = S::KP, G = S::G, KB = S::KB, STRIDE = WARPS * S::KW, SPAN = STRIDE * KB;
+    const int gl = lane % G, d0 = gl * KP, first = warp * S::KW + lane / G;  // the group's first key of a batch
+    const bool whole = d0 + KP <= head_dim && head_dim % KP == 0;
+    RawRow<TK, KP> k[KB];
+    RawRow<TV, KP> v[KB];
+#pragma unroll
+    for (int e = 0; e < KP; e++) acc[e] = 0.f;
+    m = NEG_INF;
+    l = 0.f;
+    int tb = t0;
+    for (; tb + SPAN <= t1; tb += SPAN) {  // whole batches
+        load_batch<KP, KB, STRIDE, false, TK, TV>(K, V, rbk, rbv, tb + first, t1, d0, whole, head_dim, k, v);
+        if (NEW && last >= tb && last < tb + SPAN) put_new_row<KP, KB, STRIDE, TK, TV>(k, v, nk, nv, tb + first, last);
+        fold_batch<KP, KB, G, STRIDE, false, TK, TV>(k, v, qv, d0, tb + first, t1, m, l, acc);
+    }
+    if (tb < t1) {  // the range's last keys
+        load_batch<KP, KB, STRIDE, true, TK, TV>(K, V, rbk, rbv, tb + first, t1, d0, whole, head_dim, k, v);
+        if (NEW && last >= tb) put_new_row<KP, KB, STRIDE, TK, TV>(k, v, nk, nv, tb + first, last);
+        fold_batch<KP, KB, G, STRIDE, true, TK, TV>(k, v, qv, d0, tb + first, t1, m, l, acc);
+    }
+    merge_groups<KP, G>(m, l, acc);
+}
+
 // The last block of a head merges its n_active ranges (<= 32) from `part` (read from L2: the other
-// blocks wrote them): the first warp turns each range's (max, sum) into one weight, then thread d
-// forms output dimension d (blockDim >= head_dim) and, with q != nullptr, its int8 blocks.
+// blocks wrote them; their maxima in log2 units): the first warp turns each range's (max, sum) into
+// one weight, then thread d forms output dimension d (blockDim >= head_dim) and, with q != nullptr,
+// its int8 blocks.
 __device__ __forceinline__ void merge_ranges(const float* p, int n_active, int head_dim, float* __restrict__ out,
                                              signed char* __restrict__ q, float* __restrict__ d, int base) {
     __shared__ float weight[32];
@@ -94,7 +206,7 @@ __device__ __forceinline__ void merge_ranges(const float* p, int n_active, int h
     if (tid < 32) {
         const float m = tid < n_active ? __ldcg(p + tid * stride) : NEG_INF;
         const float M = warp_max(m);
-        const float e = tid < n_active ? expf(m - M) : 0.f;
+        const float e = tid < n_active ? exp2f(m - M) : 0.f;
         const float L = warp_sum(e * (tid < n_active ? __ldcg(p + tid * stride + 1) : 0.f));
         weight[tid] = e / L;
     }
@@ -107,19 +219,35 @@ __device__ __forceinline__ void merge_ranges(const float* p, int n_active, int h
     if (q != nullptr) quantize_block(v, base + tid, q, d);
 }
 
+// Position n-1's rows for a q8_0 / q4_0 cache: the QKV product left them in `staged` as floats ((2,
+// n_kv, head_dim): keys, then values); each warp of the last range's blocks encodes this lane's share
+// (nk, nv: what a later read of the cache gives), and the first group of the first warp of the KV
+// group's first head stores the rows. f32 / f16 rows the product stored in the cache itself.
+template <int KP, int TK, int TV>
+__device__ __forceinline__ void encode_new_rows(u8* __restrict__ krow, u8* __restrict__ vrow, const float* __restrict__ staged,
+                                                int n_kv, int kvh, bool store, int gl, int head_dim, RawRow<TK, KP>& nk,
+                                                RawRow<TV, KP>& nv) {
+    if constexpr (TK >= KV_Q8_0) {
+        float x[KP];
+        load_dims<KP>(staged + (i64)kvh * head_dim, gl, head_dim, x);
+        encode_row<TK, KP>(x, krow, store, gl, head_dim, &nk);
+    }
+    if constexpr (TV >= KV_Q8_0) {
+        float x[KP];
+        load_dims<KP>(staged + (i64)(n_kv + kvh) * head_dim, gl, head_dim, x);
+        encode_row<TV, KP>(x, vrow, store, gl, head_dim, &nv);
+    }
+}
+
 // kc, vc: the layer's cache of this slot (n_kv, n_ctx, row) as the KV types TK, TV; staged: the QKV
-// product's q8_0 / q4_0 rows of this token as floats ((2, n_kv, head_dim): keys, then values), which
-// the first head of each KV group's block with position n-1 stores (new_row).
+// product's q8_0 / q4_0 rows of this token as floats (encode_new_rows).
 template <int PER, int TK, int TV>
 __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __restrict__ q, u8* __restrict__ kc,
         u8* __restrict__ vc, const float* __restrict__ staged, const i64* __restrict__ io, int n_ctx, int head_dim, int group,
         float scale, float* __restrict__ part, int* __restrict__ cnt, float* __restrict__ out, signed char* __restrict__ oq,
         float* __restrict__ od, int n_split) {
-    // keys a warp loads at once: as many raw rows as ~64 registers hold (48 with blocks: their
-    // encoding and decoding need more), at most 16 (hd <= 32); past that they spill
-    constexpr int RR = RawRow<TK, PER>::N + RawRow<TV, PER>::N + (TK >= KV_Q8_0) + (TV >= KV_Q8_0);
-    constexpr int KB_REGS = (TK >= KV_Q8_0 || TV >= KV_Q8_0 ? 48 : 64) / RR, KB_MAX = PER == 1 ? 16 : 24;
-    constexpr int KB = KB_REGS < KB_MAX ? KB_REGS : KB_MAX;
+    using S = AttShare<PER, TK, TV>;
+    constexpr int KP = S::KP, G = S::G;
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS], sacc[ATT_WARPS][256];
     pdl_trigger();
     const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -128,84 +256,33 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
     if (s >= n_active) return;
     const int chunk = (n + n_active - 1) / n_active;
     const int t0 = s * chunk, t1 = min(n, t0 + chunk);
-    const int kvh = h / group, rbk = kv_row_bytes<TK>(head_dim), rbv = kv_row_bytes<TV>(head_dim), d0 = lane * PER;
+    const int kvh = h / group, rbk = kv_row_bytes<TK>(head_dim), rbv = kv_row_bytes<TV>(head_dim);
+    const int gl = lane % G, d0 = gl * KP;
+    const bool last_range = s == n_active - 1;
     u8* K = kc + (i64)kvh * n_ctx * rbk;
     u8* V = vc + (i64)kvh * n_ctx * rbv;
-    // The rows stay raw in registers (halves, codes) and are decoded as they are used. The first
-    // batch is loaded after the wait: loading it before (all but position n-1, which the product
+    // The rows are loaded after the wait: loading before it (all but position n-1, which the product
     // before this kernel writes) gave wrong f16 rows at head_dim 8 on an H200 under programmatic
     // launch (session 15: 0.8 of the largest logit at the second step; f32 and head_dim 64 unaffected).
-    RawRow<TK, PER> k[KB];
-    RawRow<TV, PER> v[KB];
+    RawRow<TK, KP> nk;
+    RawRow<TV, KP> nv;
     pdl_wait();
-    load_keys<PER, KB, TK, TV>(K, V, rbk, rbv, t0 + warp, t1, n - 1, lane, head_dim, k, v);
-    // position n-1, in whichever of the warp's batches holds it
-    auto new_key = [&](int tb) {
+    if (S::BLOCKS && last_range)  // the same for the whole block
+        encode_new_rows<KP, TK, TV>(K + (i64)(n - 1) * rbk, V + (i64)(n - 1) * rbv, staged, gridDim.x / group, kvh,
+                                    h % group == 0 && warp == 0 && lane < G, gl, head_dim, nk, nv);
+    float qv[KP], acc[KP], m, l;
+    load_dims<KP>(q + h * head_dim, gl, head_dim, qv);
+    const float qs = scale * 1.4426950408889634f;  // log2 e: scores in log2 units
 #pragma unroll
-        for (int j = 0; j < KB; j++) {
-            const int t = tb + ATT_WARPS * j;
-            if (t == n - 1 && t < t1) {  // the same for the whole warp
-                const float* sk = staged + (i64)kvh * head_dim;
-                new_row<TK, PER>(K + (i64)t * rbk, sk, h % group == 0, lane, head_dim, k[j]);
-                new_row<TV, PER>(V + (i64)t * rbv, sk + (i64)gridDim.x / group * head_dim, h % group == 0, lane, head_dim, v[j]);
-            }
-        }
-    };
-    new_key(t0 + warp);
-    float qv[PER], acc[PER];
-    load_dims<PER>(q + h * head_dim, lane, head_dim, qv);
-#pragma unroll
-    for (int e = 0; e < PER; e++) { qv[e] *= scale; acc[e] = 0.f; }
-    float m = NEG_INF, l = 0.f;
-    for (int tb = t0 + warp; tb < t1; tb += ATT_WARPS * KB) {
-        float sc[KB];
-        if (tb != t0 + warp) {
-            load_keys<PER, KB, TK, TV>(K, V, rbk, rbv, tb, t1, n - 1, lane, head_dim, k, v);
-            if (tb + ATT_WARPS * KB > n - 1) new_key(tb);
-        }
-        // the KB sums interleaved, the keys past the range masked after: a warp_sum per key under
-        // its condition ran one after another (7B f16 at 66 keys: graph replay 3574 -> 3556 us)
-        float mb = m;
-#pragma unroll
-        for (int j = 0; j < KB; j++) {
-            float kf[PER];
-            decode_raw<TK, PER>(k[j], d0, kf);
-            float a = 0.f;
-#pragma unroll
-            for (int e = 0; e < PER; e++) a += qv[e] * kf[e];
-            sc[j] = a;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-            for (int j = 0; j < KB; j++) sc[j] += __shfl_xor_sync(0xffffffffu, sc[j], o);
-        }
-#pragma unroll
-        for (int j = 0; j < KB; j++) {
-            if (tb + ATT_WARPS * j >= t1) sc[j] = NEG_INF;
-            mb = fmaxf(mb, sc[j]);
-        }
-        const float c = expf(m - mb);  // 0 on the first batch (m = -inf)
-        l *= c;
-#pragma unroll
-        for (int e = 0; e < PER; e++) acc[e] *= c;
-#pragma unroll
-        for (int j = 0; j < KB; j++) {
-            if (tb + ATT_WARPS * j < t1) {
-                const float p = expf(sc[j] - mb);
-                l += p;
-                float vf[PER];
-                decode_raw<TV, PER>(v[j], d0, vf);
-#pragma unroll
-                for (int e = 0; e < PER; e++) acc[e] += p * vf[e];
-            }
-        }
-        m = mb;
-    }
+    for (int e = 0; e < KP; e++) qv[e] *= qs;
+    attend_keys<PER, ATT_WARPS, S::BLOCKS, TK, TV>(K, V, rbk, rbv, t0, t1, warp, lane, head_dim, qv, nk, nv,
+                                                   last_range ? n - 1 : -1, m, l, acc);
     // merge the warps
     if (lane == 0) { sm[warp] = m; sl[warp] = l; }
+    if (lane < G) {
 #pragma unroll
-    for (int e = 0; e < PER; e++) if (lane * PER + e < head_dim) sacc[warp][lane * PER + e] = acc[e];
+        for (int e = 0; e < KP; e++) if (d0 + e < head_dim) sacc[warp][d0 + e] = acc[e];
+    }
     __syncthreads();
     const int tid = threadIdx.x;  // one thread per output dimension from here
     float M = NEG_INF;
@@ -214,7 +291,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS) attn_partial(const float* __re
     float L = 0.f, val = 0.f;
 #pragma unroll
     for (int w = 0; w < ATT_WARPS; w++) {
-        const float f = sm[w] > NEG_INF ? expf(sm[w] - M) : 0.f;  // a warp with no keys has m = -inf
+        const float f = sm[w] > NEG_INF ? exp2f(sm[w] - M) : 0.f;  // a warp with no keys has m = -inf
         L += sl[w] * f;
         if (tid < head_dim) val += sacc[w][tid] * f;
     }
@@ -340,54 +417,43 @@ __global__ void __launch_bounds__(32 * PQ_WARPS) attn_prompt(const float* __rest
 
 // Attention of a batch of tokens of several sequences (a server's decode step): token t = blockIdx.y,
 // head h = blockIdx.x attends to positions 0..pos[t] of slot seq[t] of k, v (n_seq, n_kv, n_ctx, row),
-// stored as TK, TV. Each of the block's SEQ_WARPS warps takes every SEQ_WARPS-th key with an online
-// softmax (lane l holds dimensions l*PER.., as attn_partial; head_dim <= 256), then the warps' partial
-// results are merged in shared memory.
+// stored as TK, TV (kv_write has stored this step's rows). The block's SEQ_WARPS warps share the keys
+// as attn_partial's do (attend_keys: groups of lanes per key, batches), then their partial results are
+// merged in shared memory. head_dim <= 256.
 #define SEQ_WARPS 4
 template <int PER, int TK, int TV>
 __global__ void __launch_bounds__(32 * SEQ_WARPS) attn_seqs(const float* __restrict__ q,
         const u8* __restrict__ kc, const u8* __restrict__ vc, const i64* __restrict__ seq,
         const i64* __restrict__ pos, int n_heads, int n_kv, int n_ctx, int head_dim, float scale, float* __restrict__ out) {
+    using S = AttShare<PER, TK, TV>;
+    constexpr int KP = S::KP, G = S::G;
     __shared__ float sm[SEQ_WARPS], sl[SEQ_WARPS], sacc[SEQ_WARPS][256];
     const int h = blockIdx.x, t = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int n = (int)pos[t] + 1;
+    const int n = (int)pos[t] + 1, gl = lane % G, d0 = gl * KP;
     const i64 slot = (seq[t] * n_kv + h / (n_heads / n_kv)) * (i64)n_ctx;
     const int rbk = kv_row_bytes<TK>(head_dim), rbv = kv_row_bytes<TV>(head_dim);
     const u8* K = kc + slot * rbk;
     const u8* V = vc + slot * rbv;
-    float qv[PER], acc[PER];
-    load_dims<PER>(q + ((i64)t * n_heads + h) * head_dim, lane, head_dim, qv);
+    float qv[KP], acc[KP], m, l;
+    load_dims<KP>(q + ((i64)t * n_heads + h) * head_dim, gl, head_dim, qv);
+    const float qs = scale * 1.4426950408889634f;  // log2 e: scores in log2 units
 #pragma unroll
-    for (int e = 0; e < PER; e++) {
-        qv[e] *= scale;
-        acc[e] = 0.f;
-    }
-    float m = NEG_INF, l = 0.f;
-    for (int p = warp; p < n; p += SEQ_WARPS) {
-        float kr[PER], vr[PER];
-        load_row<TK, PER>(K + (i64)p * rbk, lane, head_dim, kr);
-        load_row<TV, PER>(V + (i64)p * rbv, lane, head_dim, vr);
-        float s = 0.f;
-#pragma unroll
-        for (int e = 0; e < PER; e++) s += qv[e] * kr[e];
-        s = warp_sum(s);
-        const float mn = fmaxf(m, s);
-        const float c = expf(m - mn), w = expf(s - mn);  // c = 0 on the first key (m = -inf)
-        l = l * c + w;
-#pragma unroll
-        for (int e = 0; e < PER; e++) acc[e] = acc[e] * c + w * vr[e];
-        m = mn;
-    }
+    for (int e = 0; e < KP; e++) qv[e] *= qs;
+    RawRow<TK, KP> nk;  // no row of this step to put in: kv_write stored them
+    RawRow<TV, KP> nv;
+    attend_keys<PER, SEQ_WARPS, false, TK, TV>(K, V, rbk, rbv, 0, n, warp, lane, head_dim, qv, nk, nv, -1, m, l, acc);
     if (lane == 0) { sm[warp] = m; sl[warp] = l; }
+    if (lane < G) {
 #pragma unroll
-    for (int e = 0; e < PER; e++) if (lane * PER + e < head_dim) sacc[warp][lane * PER + e] = acc[e];
+        for (int e = 0; e < KP; e++) if (d0 + e < head_dim) sacc[warp][d0 + e] = acc[e];
+    }
     __syncthreads();
     if (warp != 0) return;
     float M = NEG_INF;
     for (int w = 0; w < SEQ_WARPS; w++) M = fmaxf(M, sm[w]);
     float L = 0.f, f[SEQ_WARPS];
     for (int w = 0; w < SEQ_WARPS; w++) {
-        f[w] = sm[w] == NEG_INF ? 0.f : expf(sm[w] - M);  // a warp with no keys (n < SEQ_WARPS) adds nothing
+        f[w] = sm[w] == NEG_INF ? 0.f : exp2f(sm[w] - M);  // a warp with no keys (n < its first) adds nothing
         L += sl[w] * f[w];
     }
     for (int d = lane; d < head_dim; d += 32) {

@@ -44,12 +44,12 @@ template <int PER>
 __device__ __forceinline__ void load_dims(const float* __restrict__ row, int lane, int head_dim, float (&x)[PER]) {
     const int d0 = lane * PER;
     if (d0 + PER <= head_dim && head_dim % PER == 0) {
-        if constexpr (PER == 8) {
-            const float4 a = ((const float4*)(row + d0))[0], b = ((const float4*)(row + d0))[1];
-            x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
-        } else if constexpr (PER == 4) {
-            const float4 a = *(const float4*)(row + d0);
-            x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+        if constexpr (PER >= 4) {
+#pragma unroll
+            for (int c = 0; c < PER / 4; c++) {
+                const float4 a = ((const float4*)(row + d0))[c];
+                x[4 * c] = a.x; x[4 * c + 1] = a.y; x[4 * c + 2] = a.z; x[4 * c + 3] = a.w;
+            }
         } else if constexpr (PER == 2) {
             const float2 a = *(const float2*)(row + d0);
             x[0] = a.x; x[1] = a.y;
@@ -83,29 +83,19 @@ __device__ __forceinline__ void zero_raw(RawRow<KV, PER>& r) {
 // f16 rows in one load of 4*PER or 2*PER bytes, the blocks in one of PER code bytes and one of the scale.
 template <int KV, int PER>
 __device__ __forceinline__ void fetch_row(const u8* __restrict__ row, int d0, RawRow<KV, PER>& r) {
-    if constexpr (KV == KV_F32) {
-        const float* p = (const float*)row + d0;
-        if constexpr (PER == 8) {
-            const uint4 a = ((const uint4*)p)[0], b = ((const uint4*)p)[1];
-            r.w[0] = a.x; r.w[1] = a.y; r.w[2] = a.z; r.w[3] = a.w; r.w[4] = b.x; r.w[5] = b.y; r.w[6] = b.z; r.w[7] = b.w;
-        } else if constexpr (PER == 4) {
-            const uint4 a = *(const uint4*)p;
-            r.w[0] = a.x; r.w[1] = a.y; r.w[2] = a.z; r.w[3] = a.w;
-        } else if constexpr (PER == 2) {
+    if constexpr (KV == KV_F32 || KV == KV_F16) {
+        constexpr int BYTES = (KV == KV_F32 ? 4 : 2) * PER;  // one lane's share
+        const u8* p = row + (KV == KV_F32 ? 4 : 2) * d0;
+        if constexpr (BYTES >= 16) {
+#pragma unroll
+            for (int c = 0; c < BYTES / 16; c++) {
+                const uint4 a = ((const uint4*)p)[c];
+                r.w[4 * c] = a.x; r.w[4 * c + 1] = a.y; r.w[4 * c + 2] = a.z; r.w[4 * c + 3] = a.w;
+            }
+        } else if constexpr (BYTES == 8) {
             const uint2 a = *(const uint2*)p;
             r.w[0] = a.x; r.w[1] = a.y;
-        } else {
-            r.w[0] = *(const u32*)p;
-        }
-    } else if constexpr (KV == KV_F16) {
-        const u8* p = row + 2 * d0;
-        if constexpr (PER == 8) {
-            const uint4 a = *(const uint4*)p;
-            r.w[0] = a.x; r.w[1] = a.y; r.w[2] = a.z; r.w[3] = a.w;
-        } else if constexpr (PER == 4) {
-            const uint2 a = *(const uint2*)p;
-            r.w[0] = a.x; r.w[1] = a.y;
-        } else if constexpr (PER == 2) {
+        } else if constexpr (BYTES == 4) {
             r.w[0] = *(const u32*)p;
         } else {
             r.w[0] = *(const u16*)p;
@@ -115,10 +105,23 @@ __device__ __forceinline__ void fetch_row(const u8* __restrict__ row, int d0, Ra
         const u8* blk = row + (d0 / QK) * BS;
         const u8* qs = blk + 2 + (KV == KV_Q8_0 ? d0 % QK : (d0 % QK) & 15);  // 2-byte aligned
         r.d = ld16(blk);
-        if constexpr (PER >= 4) r.w[0] = ld32(qs);
-        if constexpr (PER == 8) r.w[1] = ld32(qs + 4);
-        if constexpr (PER == 2) r.w[0] = ld16(qs);
-        if constexpr (PER == 1) r.w[0] = qs[0];
+        if constexpr (PER >= 8) {  // aligned words, shifted into place: one load a word, not two
+            constexpr int N = RawRow<KV, PER>::N;
+            const u32* a = (const u32*)((unsigned long long)qs & ~3ull);
+            const int sh = 8 * (int)((unsigned long long)qs & 3);  // 0 or 16
+            u32 w[N + 1];
+#pragma unroll
+            for (int i = 0; i < N; i++) w[i] = a[i];
+            w[N] = sh ? a[N] : 0u;  // the word holding the last two bytes (within the allocation: aligned)
+#pragma unroll
+            for (int i = 0; i < N; i++) r.w[i] = __funnelshift_r(w[i], w[i + 1], sh);
+        } else if constexpr (PER == 4) {
+            r.w[0] = ld32(qs);
+        } else if constexpr (PER == 2) {
+            r.w[0] = ld16(qs);
+        } else {
+            r.w[0] = qs[0];
+        }
     } else {
         static_assert(no_kv_type<KV>::value, "fetch_row: no KV type of this code");
     }
@@ -131,12 +134,14 @@ __device__ __forceinline__ float byte_value(u32 w, int k, float bias) {
     return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 | k)) - bias;
 }
 
-// The floats of a raw share (a zeroed one gives zeros).
+// The values of a raw share before its block's scale, which is returned (1 for f32 / f16 rows): a
+// sum over the share can take the scale once (a zeroed share gives zeros).
 template <int KV, int PER>
-__device__ __forceinline__ void decode_raw(const RawRow<KV, PER>& r, int d0, float (&x)[PER]) {
+__device__ __forceinline__ float decode_codes(const RawRow<KV, PER>& r, int d0, float (&x)[PER]) {
     if constexpr (KV == KV_F32) {
 #pragma unroll
         for (int e = 0; e < PER; e++) x[e] = __uint_as_float(r.w[e]);
+        return 1.f;
     } else if constexpr (KV == KV_F16) {
         if constexpr (PER == 1) {
             x[0] = f16((u16)r.w[0]);
@@ -148,15 +153,26 @@ __device__ __forceinline__ void decode_raw(const RawRow<KV, PER>& r, int d0, flo
                 x[2 * e + 1] = f.y;
             }
         }
+        return 1.f;
     } else if constexpr (KV == KV_Q8_0) {
-        const float d = f16((u16)r.d);
 #pragma unroll
-        for (int e = 0; e < PER; e++) x[e] = byte_value(r.w[e / 4] ^ 0x80808080u, e % 4, 8388736.f) * d;  // q + 128 - 128
+        for (int e = 0; e < PER; e++) x[e] = byte_value(r.w[e / 4] ^ 0x80808080u, e % 4, 8388736.f);  // q + 128 - 128
+        return f16((u16)r.d);
     } else {
-        const float d = f16((u16)r.d);
         const int sh = d0 % QK < 16 ? 0 : 4;  // elements 16..31 of a block are the high nibbles
 #pragma unroll
-        for (int e = 0; e < PER; e++) x[e] = byte_value((r.w[e / 4] >> sh) & 0x0F0F0F0Fu, e % 4, 8388616.f) * d;  // q - 8
+        for (int e = 0; e < PER; e++) x[e] = byte_value((r.w[e / 4] >> sh) & 0x0F0F0F0Fu, e % 4, 8388616.f);  // q - 8
+        return f16((u16)r.d);
+    }
+}
+
+// The floats of a raw share (a zeroed one gives zeros).
+template <int KV, int PER>
+__device__ __forceinline__ void decode_raw(const RawRow<KV, PER>& r, int d0, float (&x)[PER]) {
+    const float d = decode_codes<KV, PER>(r, d0, x);
+    if constexpr (KV == KV_Q8_0 || KV == KV_Q4_0) {
+#pragma unroll
+        for (int e = 0; e < PER; e++) x[e] *= d;
     }
 }
 
