@@ -1,7 +1,8 @@
 """CUDABackend: the Backend protocol on an NVIDIA GPU through cupy.
 
-- Weights are uploaded once, as the file's bytes (GGUF block layout), and never dequantized
-  into a float copy: decode products read the blocks directly (matvec.cu, `mmv`).
+- Weights are uploaded once, as the file's blocks, and never dequantized into a float copy: decode
+  products read the blocks directly (matvec.cu, `mmv`). Q4_0 and Q8_0 rows are regrouped on the way
+  (layout.py: blocks in groups of 8, scales first, so that every block's codes are aligned).
 - One token (decode) runs as a CUDA graph: the layers of this backend (and the embedding lookup
   and output head when they are here too) are captured once per KV cache and replayed; the token
   and position travel in one 16-byte copy, the logits (or the hidden state) come back in one.
