@@ -28,15 +28,17 @@ MODE_STORE, MODE_ADD, MODE_SILU, MODE_QKV = 0, 1, 2, 3
 PATH_GROUP, PATH_CHUNK, PATH_ANY, PATH_WIDE = 0, 1, 2, 3
 UNROLL = {GGMLType.Q5_0: 4, GGMLType.F32: 4, GGMLType.F16: 4, GGMLType.BF16: 4}  # the group path's types
 # The wide path (matvec.cu, dot_rows_wide): units of 32 weights a lane, this many in flight.
-WIDE_UNROLL = {t: 2 for t in INT8_INPUT_TYPES - {GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0}}
-CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}  # measured on an H200, whole decode steps
-# ADD products run one 16-warp block per SM (matvec.cu), so registers cost them no occupancy: Q4_0's
-# take 3 chunks in flight (7B q4_0 graph replay 1767 -> 1746 us per token; 4: 1748)
+WIDE_UNROLL = {t: 2 for t in INT8_INPUT_TYPES - CHUNK_TYPES - UNROLL.keys()}  # the int8 types of no other path
+# The chunked path: blocks a lane has in flight. These were measured (H200, whole decode steps) for the
+# loop before the regrouping, over 16-byte runs of the file's blocks, and kept for the whole-block loop
+# without a new sweep. ADD products run one 16-warp block per SM (matvec.cu), so registers cost them no
+# occupancy: Q4_0's took 3 runs in flight then (7B q4_0 graph replay 1767 -> 1746 us per token; 4: 1748).
+CHUNK_UNROLL = {GGMLType.Q4_0: 2, GGMLType.Q8_0: 3}
 ADD_CHUNK_UNROLL = {GGMLType.Q4_0: 3, GGMLType.Q8_0: 3}
 
 
 def chunk_unroll(t: GGMLType, mode: int) -> int:
-    """Chunks in flight per lane of a chunked product: what kernel_names compiles and _mmv launches."""
+    """Blocks in flight per lane of a chunked product: what kernel_names compiles and _mmv launches."""
     return (ADD_CHUNK_UNROLL if mode == MODE_ADD else CHUNK_UNROLL)[t]
 
 
